@@ -1,0 +1,105 @@
+"""The plugin base class: small override points on top of hook plumbing owned by the session.
+
+A plugin is a config dataclass plus a class that overrides one or two of the methods below; the
+session wires each overridden method to the right transformers extension point when attached and
+removes it on detach. Every override point has a do-nothing default.
+
+Override points:
+    - :meth:`Plugin.transform_visual` - the visual tokens as they leave the projector;
+    - :meth:`Plugin.make_cache` - the KV cache a prefill starts with;
+    - :meth:`Plugin.generate` - the decoding loop behind ``model.generate``;
+    - :meth:`Plugin.setup` - anything else, through the session's :class:`~vtoken.patch.Patcher`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from torch import Tensor
+from transformers import Cache
+
+from vtoken.config import PluginConfig
+from vtoken.errors import ConfigError, UnsupportedModelError
+from vtoken.families import ModelParts
+from vtoken.state import RunState
+
+if TYPE_CHECKING:
+    from vtoken.session import Session
+
+
+class Plugin:
+    """Base class of all vtoken plugins.
+
+    Class attributes:
+        name: registry name (``"token_pruning"``).
+        config_class: the plugin's :class:`PluginConfig` dataclass.
+        families: family names the plugin supports; ``None`` means all of vtoken's families.
+        supports_static_cache: whether the plugin is exact with a pre-allocated ``StaticCache``.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type[PluginConfig]] = PluginConfig
+    families: ClassVar[tuple[str, ...] | None] = None
+    supports_static_cache: ClassVar[bool] = False
+
+    def __init__(self, config: PluginConfig | None = None, /, **overrides: Any) -> None:
+        if config is None:
+            config = self.config_class.from_dict(overrides)
+        elif not isinstance(config, self.config_class):
+            raise ConfigError(
+                f"{type(self).__name__} takes a {self.config_class.__name__}, "
+                f"got {type(config).__name__}."
+            )
+        elif overrides:
+            config = config.replace(**overrides)
+        self.config = config
+        self.session: Session | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config!r})"
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def check_model(self, parts: ModelParts) -> None:
+        """Raise :class:`UnsupportedModelError` if this plugin cannot run on the model."""
+        if self.families is not None and parts.spec.name not in self.families:
+            raise UnsupportedModelError(
+                f"Plugin {self.name!r} does not support the {parts.spec.name} family; "
+                f"it supports: {', '.join(self.families)}."
+            )
+
+    def setup(self, session: Session) -> None:
+        """Called once when attached, after the override points are wired."""
+
+    def teardown(self) -> None:
+        """Called once when detached, before the session undoes its changes."""
+
+    def reset(self, state: RunState) -> None:
+        """Called at every prefill, before any hook of that forward: drop per-prompt state."""
+
+    # -- override points -------------------------------------------------------------------------
+    def transform_visual(self, features: Tensor, state: RunState) -> Tensor:
+        """Rewrite the visual tokens leaving the projector.
+
+        Args:
+            features: the projector's output, ``(..., N, D)`` in the family's own layout
+                (LLaVA: ``(num_images, N, D)``; Qwen2-VL: ``(N_total, D)``).
+            state: the call in flight (``state.layout`` tells where the tokens will sit).
+
+        Returns:
+            A tensor of the same shape.
+        """
+        return features
+
+    def make_cache(self, state: RunState) -> Cache | None:
+        """Return the cache a prefill should start with, or ``None`` to keep transformers' own."""
+        return None
+
+    def generate(self, base_generate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Replace the decoding loop of ``model.generate``; call ``base_generate`` to delegate."""
+        return base_generate(*args, **kwargs)
+
+    # -- helpers for the session -----------------------------------------------------------------
+    def overrides(self, method: str) -> bool:
+        """Whether this plugin's class overrides the override point ``method``."""
+        return getattr(type(self), method) is not getattr(Plugin, method)

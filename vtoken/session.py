@@ -1,0 +1,244 @@
+"""Attach plugins to an unmodified transformers VLM, and detach them bit for bit.
+
+Example:
+    >>> import vtoken
+    >>> with vtoken.attach(model, "token_pruning") as session:   # doctest: +SKIP
+    ...     out = model.generate(**inputs, max_new_tokens=32)   # the user's own call, unchanged
+    ...     print(session.report())
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from vtoken.config import PluginConfig
+from vtoken.errors import AlreadyAttachedError, UnsupportedInputError, UnsupportedModelError
+from vtoken.families import ModelParts, locate_parts
+from vtoken.layout import VisualLayout
+from vtoken.metrics import Recorder, Report
+from vtoken.patch import Patcher
+from vtoken.plugin import Plugin
+from vtoken.registry import create_plugins
+from vtoken.state import RunState
+
+PluginLike = str | Path | Plugin | PluginConfig
+
+_SESSIONS: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
+
+
+def attach(model: nn.Module, plugins: PluginLike | Sequence[PluginLike] = ()) -> Session:
+    """Attach ``plugins`` to ``model`` and return the :class:`Session` that owns them.
+
+    Args:
+        model: a supported ``*ForConditionalGeneration`` model (see ``vtoken info``).
+        plugins: plugin names (``"token_pruning"``), plugin or config objects, YAML config file
+            paths, or a list of these; they hook in the given order.
+
+    Raises:
+        UnsupportedModelError: the model's family is unsupported, or it was ``torch.compile``d.
+        AlreadyAttachedError: another session is attached to this model.
+    """
+    return Session(model, plugins)
+
+
+def active_session(model: nn.Module) -> Session | None:
+    """The session attached to ``model``, if any."""
+    return _SESSIONS.get(model)
+
+
+class Session:
+    """Plugins attached to one model. Use as a context manager or call :meth:`detach`."""
+
+    def __init__(self, model: nn.Module, plugins: PluginLike | Sequence[PluginLike] = ()) -> None:
+        _check_attachable(model)
+        self.model = model
+        self.parts: ModelParts = locate_parts(model)
+        self.plugins: list[Plugin] = create_plugins(plugins)
+        self.state = RunState()
+        self.patcher = Patcher()
+        self.recorder = Recorder(self.parts)
+        self._prompt_started = False
+        self._forward_params = list(inspect.signature(model.forward).parameters)
+        for plugin in self.plugins:
+            plugin.check_model(self.parts)
+        self._check_static_default()
+        try:
+            self._wire()
+        except BaseException:
+            self.patcher.undo_all()
+            raise
+        _SESSIONS[model] = self
+
+    # -- public API ------------------------------------------------------------------------------
+    @property
+    def attached(self) -> bool:
+        return _SESSIONS.get(self.model) is self
+
+    def detach(self) -> None:
+        """Remove every hook and restore every attribute and attention implementation."""
+        if not self.attached:
+            return
+        try:
+            for plugin in reversed(self.plugins):
+                plugin.teardown()
+                plugin.session = None
+        finally:
+            self.patcher.undo_all()
+            del _SESSIONS[self.model]
+            self.state = RunState()
+
+    def report(self) -> Report:
+        """Efficiency report of the last generation (or forward) run while attached."""
+        return self.recorder.report()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def __repr__(self) -> str:
+        names = ", ".join(p.name or type(p).__name__ for p in self.plugins)
+        return f"Session({self.parts.spec.name}, plugins=[{names}], attached={self.attached})"
+
+    # -- wiring ----------------------------------------------------------------------------------
+    def _wire(self) -> None:
+        self.patcher.pre_hook(self.model, self._on_forward_start)
+        self.patcher.post_hook(self.model, self._on_forward_end, always=True)
+        self.recorder.attach(self.patcher, self.state)
+        transforms = [p for p in self.plugins if p.overrides("transform_visual")]
+        if transforms:
+            self.patcher.post_hook(self.parts.projector, self._transform_visual)
+        decoders = [p for p in self.plugins if p.overrides("generate")]
+        self.patcher.set_attr(self.model, "generate", self._chain_generate(decoders))
+        for plugin in self.plugins:
+            plugin.session = self
+            plugin.setup(self)
+
+    def _chain_generate(self, decoders: list[Plugin]) -> Callable[..., Any]:
+        """``model.generate`` while attached: starts the prompt, then the plugins' loops."""
+        base = self.model.generate
+        for plugin in decoders:
+            base = functools.partial(plugin.generate, base)
+
+        @functools.wraps(base)
+        def generate(*args: Any, **kwargs: Any) -> Any:
+            # transformers encodes images before the prefill forward: the prompt must be known first
+            ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
+            self._start_prompt(ids)
+            try:
+                return base(*args, **kwargs)
+            finally:
+                self.state.phase = "idle"
+                self._prompt_started = False
+
+        return generate
+
+    def _check_static_default(self) -> None:
+        if getattr(self.model.generation_config, "cache_implementation", None) == "static":
+            self._refuse_static("the model's generation_config.cache_implementation is 'static'")
+
+    def _refuse_static(self, where: str) -> None:
+        blocking = [p.name for p in self.plugins if not p.supports_static_cache]
+        if blocking:
+            raise UnsupportedInputError(
+                f"{where}, but plugin(s) {', '.join(blocking)} change per-layer cache lengths and "
+                "need a dynamic cache. Use generate(..., cache_implementation='dynamic') or set "
+                "model.generation_config.cache_implementation = None."
+            )
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+        if args:  # bind positional arguments so every hook sees them by name
+            kwargs = {**dict(zip(self._forward_params, args)), **kwargs}
+        cache = kwargs.get("past_key_values")
+        if cache is not None and getattr(cache, "is_compileable", False):
+            self._refuse_static(f"a {type(cache).__name__} was passed")
+        past = cache.get_seq_length() if cache is not None else 0
+        ids = kwargs.get("input_ids")
+        self.state.query_length = _query_length(kwargs)
+        self.state.past_length = past
+        if past == 0:
+            if not self._prompt_started:
+                self._start_prompt(ids)
+            self._prompt_started = False
+            self.state.phase = "prefill"
+            self._swap_cache(kwargs)
+        else:
+            self.state.phase = "decode"
+        self.recorder.on_forward_start()
+        return (), kwargs
+
+    def _start_prompt(self, ids: torch.Tensor | None) -> None:
+        """A new prompt: find its visual tokens and let plugins drop per-prompt state."""
+        layout = None
+        if ids is not None:
+            layout = VisualLayout.from_input_ids(
+                ids, self.parts.image_token_ids, self.parts.tokens_per_image
+            )
+        self.state.start_prompt(ids, layout)
+        self._prompt_started = True
+        self.recorder.on_prompt_start()
+        for plugin in self.plugins:
+            plugin.reset(self.state)
+
+    def _swap_cache(self, kwargs: dict) -> None:
+        if kwargs.get("use_cache", True) is False:
+            return
+        cache = kwargs.get("past_key_values")
+        if cache is None or type(cache) is DynamicCache:  # transformers' default: ours may replace it
+            for plugin in self.plugins:
+                made = plugin.make_cache(self.state)
+                if made is not None:
+                    kwargs["past_key_values"] = made
+
+    def _on_forward_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        self.recorder.on_forward_end()
+        if self.state.phase == "decode":
+            self.state.decode_steps += 1
+        self.state.phase = "idle"
+
+    def _transform_visual(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        features = output
+        for plugin in self.plugins:
+            if plugin.overrides("transform_visual"):
+                new = plugin.transform_visual(features, self.state)
+                if new.shape != features.shape:
+                    raise UnsupportedInputError(
+                        f"{plugin.name}.transform_visual changed the visual tokens' shape from "
+                        f"{tuple(features.shape)} to {tuple(new.shape)}; it must keep it."
+                    )
+                features = new
+        return features
+
+
+def _query_length(kwargs: dict) -> int:
+    ids = kwargs.get("input_ids")
+    if ids is not None:
+        return ids.shape[-1]
+    embeds = kwargs.get("inputs_embeds")
+    return embeds.shape[1] if embeds is not None else 0
+
+
+def _check_attachable(model: nn.Module) -> None:
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule) or getattr(
+        model, "_compiled_call_impl", None
+    ):
+        raise UnsupportedModelError(
+            "vtoken cannot attach to a torch.compile'd model: compiled graphs skip or freeze the "
+            "hooks plugins rely on. Attach to the original model (compiled.`_orig_mod`) instead."
+        )
+    if model in _SESSIONS:
+        raise AlreadyAttachedError(
+            f"Plugins are already attached to this model ({_SESSIONS[model]!r}). Detach that "
+            "session first (session.detach()), or pass all plugins to one attach() call."
+        )

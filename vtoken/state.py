@@ -1,0 +1,44 @@
+"""Per-call state that the session keeps for its plugins."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import Tensor
+
+from vtoken.layout import VisualLayout
+
+Phase = Literal["idle", "prefill", "decode"]
+
+
+@dataclass
+class RunState:
+    """What the session knows about the forward call in flight and the generation it belongs to.
+
+    A prefill (a forward whose cache is empty) starts a new generation: the prompt's layout is
+    computed there and kept for the decode steps that follow.
+
+    Attributes:
+        phase: ``"prefill"`` or ``"decode"`` inside a forward call, ``"idle"`` between calls.
+        prompt_ids: ``(B, L)`` input ids of the last prefill.
+        layout: where the prompt's visual tokens sit (``None`` before the first prefill).
+        query_length: tokens fed to the model in the call in flight.
+        past_length: tokens already in the cache when the call started (logical count).
+        decode_steps: decode forwards since the last prefill.
+        extras: scratch space for plugins, cleared at every prefill.
+    """
+
+    phase: Phase = "idle"
+    prompt_ids: Tensor | None = None
+    layout: VisualLayout | None = None
+    query_length: int = 0
+    past_length: int = 0
+    decode_steps: int = 0
+    extras: dict[str, object] = field(default_factory=dict)
+
+    def start_prompt(self, prompt_ids: Tensor | None, layout: VisualLayout | None) -> None:
+        """A new prompt begins (before its images are encoded and its prefill runs)."""
+        self.prompt_ids, self.layout = prompt_ids, layout
+        self.decode_steps = 0
+        self.extras.clear()
