@@ -1,0 +1,89 @@
+"""Processor, batching and offline loading of the tiny LLaVA (random weights, tiny sizes)."""
+
+import numpy as np
+import torch
+
+from vtoken.zoo import build_prompt, load
+from vtoken.zoo.data import IGNORE_INDEX, encode, make_item, train_items
+from vtoken.zoo.export import export_split, save_model_folder
+from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
+from vtoken.zoo.questions import sample
+
+TINY = ZooModelConfig(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2)
+
+
+def _tiny():
+    torch.manual_seed(0)
+    processor = build_processor(TINY)
+    return build_model(TINY, processor.tokenizer), processor
+
+
+def test_processor_expands_one_and_two_images():
+    _, processor = _tiny()
+    scene, qa = sample(5, "label")
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    for n in (1, 2):
+        out = processor(text=[build_prompt(qa.question, n)], images=[[scene.image] * n], return_tensors="pt")
+        assert int((out["input_ids"] == image_id).sum()) == 144 * n
+        assert out["pixel_values"].shape == (n, 3, 96, 96)
+        tokens = processor.tokenizer.convert_ids_to_tokens(out["input_ids"][0])
+        assert tokens[:2] == ["<s>", "what"] and tokens[-2:] == ["answer", ":"]
+
+
+def test_chat_template_matches_build_prompt():
+    _, processor = _tiny()
+    content = [{"type": "text", "text": "describe the scene ."}, {"type": "image"}, {"type": "image"}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    assert text == build_prompt("describe the scene .", 2)
+
+
+def test_labels_cover_only_the_answer():
+    _, processor = _tiny()
+    items = train_items(step=3, batch_size=4, crop_prob=0.0)
+    batch = encode(processor, items, with_answers=True)
+    tok = processor.tokenizer
+    for i, item in enumerate(items):
+        answer_ids = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX].tolist()
+        assert tok.decode(answer_ids) == f"{item.answer} </s>"
+    assert batch["pixel_values"].shape[0] == 4
+
+
+def test_train_batches_are_deterministic_and_crop_adds_an_image():
+    a, b = train_items(7, 3, 1.0), train_items(7, 3, 1.0)
+    assert all(len(x.images) == 2 for x in a)
+    assert all(np.array_equal(x.images[1], y.images[1]) and x.question == y.question for x, y in zip(a, b))
+
+
+def test_model_trains_on_two_image_batch():
+    model, processor = _tiny()
+    batch = encode(processor, train_items(1, 2, 1.0), with_answers=True)
+    loss = model(**batch).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+
+
+def test_loader_works_offline_from_saved_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, processor = _tiny()
+    save_model_folder(model, processor, tmp_path / "m")
+    loaded, proc = load(str(tmp_path / "m"))
+    scene, qa = sample(11, "colour")
+    item = make_item(scene, qa, with_crop=True, rng=np.random.default_rng(0))
+    batch = encode(proc, [item], with_answers=False)
+    with torch.no_grad():
+        ref = model(**encode(processor, [item], with_answers=False)).logits
+        got = loaded(**batch).logits
+    torch.testing.assert_close(got, ref)
+    out = loaded.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] <= batch["input_ids"].shape[1] + 3
+
+
+def test_export_split_writes_jsonl_with_images(tmp_path):
+    import json
+
+    path = export_split(tmp_path / "test.jsonl", "test", per_family=1)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == 7 and {"image", "question", "answer", "family"} <= set(rows[0])
+    assert all((tmp_path / r["image"]).is_file() for r in rows)
+    label = next(r for r in rows if r["family"] == "label")
+    assert len(label["bbox"]) == 4

@@ -1,0 +1,73 @@
+"""Synthetic scene and question generator: determinism, split disjointness, answer sanity."""
+
+import numpy as np
+import pytest
+
+from vtoken.zoo.questions import FAMILIES, describe, parse_description, sample, vocabulary
+from vtoken.zoo.scenes import SOURCE_SIZE, SPLIT_SEEDS, SPLIT_SIZE, crop_box, make_scene, split_seed
+
+
+def test_same_seed_gives_identical_scene_and_questions():
+    for seed in (0, 17, 3_000_000_005):
+        a, qa_a = sample(seed)
+        b, qa_b = sample(seed)
+        assert a.image.tobytes() == b.image.tobytes()
+        assert a.objects == b.objects and qa_a == qa_b
+
+
+def test_different_seeds_differ():
+    assert make_scene(1).image.tobytes() != make_scene(2).image.tobytes()
+
+
+def test_split_seed_ranges_are_disjoint():
+    ranges = sorted((start, start + SPLIT_SIZE) for start in SPLIT_SEEDS.values())
+    assert all(hi <= lo for (_, hi), (lo, _) in zip(ranges, ranges[1:]))
+    assert split_seed("test", 0) == SPLIT_SEEDS["test"]
+    with pytest.raises(ValueError):
+        split_seed("train", SPLIT_SIZE)
+    with pytest.raises(ValueError):
+        split_seed("dev", 0)
+
+
+def test_scene_invariants():
+    for seed in range(50):
+        scene = make_scene(seed)
+        shapes = [o.shape for o in scene.objects]
+        assert len(set(shapes)) == len(shapes)
+        assert sum(o.label is not None for o in scene.objects) == 1
+        assert scene.image.shape == (SOURCE_SIZE, SOURCE_SIZE, 3)
+        for o in scene.objects:
+            assert 0 <= o.box[0] < o.box[2] <= SOURCE_SIZE and 0 <= o.box[1] < o.box[3] <= SOURCE_SIZE
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_uses_the_closed_vocabulary(family):
+    words = set(vocabulary())
+    for seed in range(30):
+        _, qa = sample(seed, family)
+        assert qa.family == family
+        assert set(qa.question.split()) <= words and set(qa.answer.split()) <= words
+
+
+def test_descriptions_are_long_and_parse_back():
+    for seed in range(30):
+        scene, qa = sample(seed, "describe")
+        assert 20 <= len(qa.answer.split()) <= 60
+        parsed = parse_description(qa.answer)
+        assert parsed == {(o.size, o.colour, o.shape, o.position) for o in scene.objects}
+    assert describe(make_scene(3).objects) == sample(3, "describe")[1].answer
+
+
+def test_count_answers_match_scene():
+    for seed in range(30):
+        scene, qa = sample(seed, "count")
+        colour = qa.question.split()[2]
+        assert int(qa.answer) == sum(o.colour == colour for o in scene.objects)
+
+
+def test_crop_box_is_square_inside_and_covers_object():
+    for box in [(0, 0, 40, 40), (300, 320, 384, 384), (100, 100, 208, 208)]:
+        x0, y0, x1, y1 = crop_box(box)
+        assert x1 - x0 == y1 - y0 and 0 <= x0 and x1 <= SOURCE_SIZE and 0 <= y0 and y1 <= SOURCE_SIZE
+        assert x0 <= box[0] and y0 <= box[1] and box[2] <= x1 and box[3] <= y1
+    assert np.isclose(crop_box((100, 100, 208, 208))[2] - crop_box((100, 100, 208, 208))[0], 135)

@@ -1,0 +1,112 @@
+"""Turn scenes and questions into model batches (prompt, images, answer-only labels)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from transformers import LlavaProcessor
+
+from vtoken.tokenizer import EOS
+from vtoken.zoo.model import build_prompt
+from vtoken.zoo.questions import QA, sample
+from vtoken.zoo.scenes import SOURCE_SIZE, Scene, crop_box, split_seed
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Item:
+    """One question with its images, ready to encode.
+
+    Args:
+        images: one or two ``(H, W, 3)`` uint8 arrays: the scene, then optionally a crop of it.
+        question: question text.
+        answer: expected answer text.
+        family: question family.
+    """
+
+    images: tuple[np.ndarray, ...]
+    question: str
+    answer: str
+    family: str
+
+
+def crop_image(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """The ``crop_box`` region of ``image`` around ``box`` (both in ``image`` pixels)."""
+    x0, y0, x1, y1 = crop_box(box, image.shape[0])
+    return image[y0:y1, x0:x1]
+
+
+def make_item(scene: Scene, qa: QA, with_crop: bool, rng: np.random.Generator) -> Item:
+    """Item for ``qa``; with a crop, use the asked object's region or a random one if it has none."""
+    images: tuple[np.ndarray, ...] = (scene.image,)
+    if with_crop:
+        box = qa.box
+        if box is None:  # whole-scene question: an arbitrary (uninformative) region
+            x, y = (int(v) for v in rng.integers(0, SOURCE_SIZE - 96, size=2))
+            box = (x, y, x + 96, y + 96)
+        images = (scene.image, crop_image(scene.image, box))
+    return Item(images, qa.question, qa.answer, qa.family)
+
+
+def train_items(step: int, batch_size: int, crop_prob: float) -> list[Item]:
+    """Fresh training items for ``step``: deterministic in ``step`` alone (resume-safe).
+
+    A whole batch either has crops or not, so that sequences in a batch have equal image counts and
+    padding stays small.
+    """
+    rng = np.random.default_rng([step, 7])
+    with_crop = bool(rng.random() < crop_prob)
+    items = []
+    for j in range(batch_size):
+        scene, qa = sample(split_seed("train", step * batch_size + j))
+        items.append(make_item(scene, qa, with_crop, rng))
+    return items
+
+
+def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> dict[str, torch.Tensor]:
+    """Tokenise ``items``; with answers, right-pad and label only answer tokens (+ ``</s>``).
+
+    Returns:
+        ``input_ids``, ``attention_mask`` ``(B, T)``, ``pixel_values`` ``(N_images, 3, S, S)`` and,
+        with answers, ``labels`` ``(B, T)`` (``-100`` outside answers). Without answers the batch is
+        left-padded for generation.
+    """
+    prompts = [build_prompt(it.question, len(it.images)) for it in items]
+    images = [img for it in items for img in it.images]
+    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    if not with_answers:
+        batch = processor(text=prompts, images=images, return_tensors="pt", padding=True)
+        return dict(batch)
+    tok = processor.tokenizer
+    expanded = processor(text=prompts, images=images, padding=False)["input_ids"]
+    answers = tok([f"{it.answer} {EOS}" for it in items], add_special_tokens=False)["input_ids"]
+    length = max(len(p) + len(a) for p, a in zip(expanded, answers))
+    ids = torch.full((len(items), length), tok.pad_token_id, dtype=torch.long)
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    mask = torch.zeros_like(ids)
+    for i, (p, a) in enumerate(zip(expanded, answers)):
+        n = len(p) + len(a)
+        ids[i, :n] = torch.tensor(p + a)
+        labels[i, len(p) : n] = torch.tensor(a)
+        mask[i, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Encoded training batches for steps ``start, start + 1, ...`` (use with one worker)."""
+
+    def __init__(self, processor: LlavaProcessor, start: int, batch_size: int, crop_prob: float):
+        super().__init__()
+        self.processor, self.start = processor, start
+        self.batch_size, self.crop_prob = batch_size, crop_prob
+
+    def __iter__(self):
+        torch.set_num_threads(1)
+        step = self.start
+        while True:
+            items = train_items(step, self.batch_size, self.crop_prob)
+            yield encode(self.processor, items, with_answers=True)
+            step += 1

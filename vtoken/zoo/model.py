@@ -1,0 +1,151 @@
+"""Tiny LLaVA (CLIP-style vision tower + LLaMA-style decoder) and its processor, built locally.
+
+Prompt layout (the one place it is defined; the processor's chat template renders the same text)::
+
+    <s> {question} <image> [<image>] answer :
+
+The question comes first so that image tokens can attend to it inside the decoder, and the last
+prompt token (":") comes after the image(s) so that attention-based pruning (FastV-style) can read
+its attention over the visual tokens. An optional second image is a crop of the source around the
+object asked about. The model answers with words followed by ``</s>``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+from vtoken.tokenizer import BOS, EOS, PAD, build_word_tokenizer
+from vtoken.zoo.questions import vocabulary
+from vtoken.zoo.scenes import BASE_SIZE
+
+IMAGE_TOKEN = "<image>"
+ANSWER_CUE = "answer :"
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages if message['role'] == 'user' %}"
+    "{% for item in message['content'] if item['type'] == 'text' %} {{ item['text'] }}{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'image' %} <image>{% endfor %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %} answer :{% endif %}"
+)
+
+
+def build_prompt(question: str, num_images: int = 1) -> str:
+    """Prompt text for ``question`` with ``num_images`` image placeholders (1 or 2)."""
+    if num_images not in (1, 2):
+        raise ValueError(f"num_images must be 1 or 2, got {num_images}")
+    images = " ".join([IMAGE_TOKEN] * num_images)
+    return f"{BOS} {question} {images} {ANSWER_CUE}"
+
+
+@dataclass
+class ZooModelConfig:
+    """Sizes of the tiny LLaVA.
+
+    Args:
+        image_size: model input side in pixels.
+        patch_size: vision patch side; ``(image_size // patch_size) ** 2`` visual tokens per image.
+        vision_hidden: vision tower width.
+        vision_layers: vision tower depth.
+        vision_heads: vision attention heads.
+        text_hidden: decoder width.
+        text_layers: decoder depth.
+        text_heads: decoder attention heads (also key/value heads).
+        mlp_ratio: MLP width as a multiple of the hidden size, both towers.
+    """
+
+    image_size: int = BASE_SIZE
+    patch_size: int = 8
+    vision_hidden: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    text_hidden: int = 128
+    text_layers: int = 4
+    text_heads: int = 4
+    mlp_ratio: int = 4
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} not divisible by {self.patch_size}")
+        for name in ("vision_hidden", "text_hidden"):
+            heads = getattr(self, name.replace("hidden", "heads"))
+            if getattr(self, name) % heads:
+                raise ValueError(f"{name} must be divisible by its number of heads ({heads})")
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Visual tokens per image."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over the closed scene vocabulary; ``<image>`` has id 4."""
+    tok = build_word_tokenizer(vocabulary(), special_tokens=[IMAGE_TOKEN])
+    tok.padding_side = "left"  # batched generation appends after the prompt
+    return tok
+
+
+def build_processor(config: ZooModelConfig) -> LlavaProcessor:
+    """LlavaProcessor that resizes any image to the model input and expands ``<image>``."""
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": config.image_size},
+        crop_size={"height": config.image_size, "width": config.image_size},
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=build_tokenizer(),
+        patch_size=config.patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # CLIP's class token, dropped by the "default" strategy
+    )
+
+
+def build_model(config: ZooModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
+    """Randomly initialised LLaVA whose vocabulary matches ``tokenizer``."""
+    vision = CLIPVisionConfig(
+        hidden_size=config.vision_hidden,
+        intermediate_size=config.mlp_ratio * config.vision_hidden,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_heads,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.text_hidden,
+        intermediate_size=config.mlp_ratio * config.text_hidden,
+        num_hidden_layers=config.text_layers,
+        num_attention_heads=config.text_heads,
+        num_key_value_heads=config.text_heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
+        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
+        eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
+    )
+    llava = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=config.num_image_tokens,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+        tie_word_embeddings=True,
+    )
+    model = LlavaForConditionalGeneration(llava)
+    model.generation_config.pad_token_id = text.pad_token_id
+    model.generation_config.eos_token_id = text.eos_token_id
+    model.generation_config.bos_token_id = text.bos_token_id
+    return model

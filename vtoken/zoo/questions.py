@@ -1,0 +1,162 @@
+"""Question families over synthetic scenes; every answer depends on where the model looks.
+
+Families (``FAMILIES``):
+    colour: "what colour is the star ?" -> "red".
+    shape: "what shape is at the top left ?" -> "circle".
+    count: "how many red objects are there ?" -> "2".
+    relation: "is the star left or right of the circle ?" -> "left" (or above/below).
+    exists: "is there a red star ?" -> "yes" / "no".
+    label: "what number is on the star ?" -> "7" (fine-grained: the digit is ~3.5 px tall at the
+        model input, readable only in a crop of the object).
+    describe: "describe the scene ." -> "there are 3 objects : large red star at top left , ..."
+        (20-50 tokens, objects listed in reading order of their grid cells).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES, Scene, SceneObject, make_scene
+
+FAMILIES = ("colour", "shape", "count", "relation", "exists", "label", "describe")
+FINE_GRAINED = ("label",)
+TRAIN_WEIGHTS = {
+    "colour": 0.17, "shape": 0.15, "count": 0.1, "relation": 0.12,
+    "exists": 0.12, "label": 0.14, "describe": 0.2,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class QA:
+    """One question about a scene.
+
+    Args:
+        question: question text (words of ``vocabulary()`` separated by spaces).
+        answer: expected answer text.
+        family: one of ``FAMILIES``.
+        box: ``(x0, y0, x1, y1)`` source-pixel box of the object asked about, or ``None`` when the
+            question is about the whole scene.
+    """
+
+    question: str
+    answer: str
+    family: str
+    box: tuple[int, int, int, int] | None
+
+
+def vocabulary() -> list[str]:
+    """Every word that appears in questions, answers and the prompt format."""
+    words = set(SHAPES) | set(COLOURS) | {w for p in POSITIONS for w in p.split()}
+    words |= {str(d) for d in range(10)} | {"small", "large", "yes", "no", "above", "below"}
+    for text in (
+        "what colour is the shape at how many objects are there",
+        "is left or right of there a number on describe scene answer",
+        "? : , .",
+    ):
+        words |= set(text.split())
+    return sorted(words)
+
+
+def make_qa(scene: Scene, family: str, rng: np.random.Generator) -> QA:
+    """Ask one question of ``family`` about ``scene``, choosing its subject with ``rng``."""
+    if family not in _ASKERS:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    return _ASKERS[family](scene, rng)
+
+
+def sample(seed: int, family: str | None = None) -> tuple[Scene, QA]:
+    """Scene and question for ``seed``; the family is drawn from ``TRAIN_WEIGHTS`` if not given."""
+    scene = make_scene(seed)
+    rng = np.random.default_rng([seed, 1])
+    if family is None:
+        names, weights = zip(*TRAIN_WEIGHTS.items())
+        family = names[int(rng.choice(len(names), p=np.array(weights) / sum(weights)))]
+    return scene, make_qa(scene, family, rng)
+
+
+def describe(objects: tuple[SceneObject, ...]) -> str:
+    """Deterministic listing of ``objects`` (reading order), the answer of the describe family."""
+    parts = [f"{o.size} {o.colour} {o.shape} at {o.position}" for o in objects]
+    return f"there are {len(objects)} objects : " + " , ".join(parts) + " ."
+
+
+def parse_description(text: str) -> set[tuple[str, str, str, str]]:
+    """Objects ``(size, colour, shape, position)`` listed in a description; malformed parts skipped."""
+    body = text.split(":", 1)[-1].strip().rstrip(".").strip()
+    found = set()
+    for part in body.split(","):
+        words = part.split()
+        if len(words) >= 5 and words[3] == "at":
+            found.add((words[0], words[1], words[2], " ".join(words[4:])))
+    return found
+
+
+def _pick(scene: Scene, rng: np.random.Generator) -> SceneObject:
+    return scene.objects[int(rng.integers(len(scene.objects)))]
+
+
+def _ask_colour(scene: Scene, rng: np.random.Generator) -> QA:
+    obj = _pick(scene, rng)
+    return QA(f"what colour is the {obj.shape} ?", obj.colour, "colour", obj.box)
+
+
+def _ask_shape(scene: Scene, rng: np.random.Generator) -> QA:
+    obj = _pick(scene, rng)
+    return QA(f"what shape is at the {obj.position} ?", obj.shape, "shape", obj.box)
+
+
+def _ask_count(scene: Scene, rng: np.random.Generator) -> QA:
+    present = [o.colour for o in scene.objects]
+    colour = present[int(rng.integers(len(present)))] if rng.random() < 0.7 else None
+    colour = colour or list(COLOURS)[int(rng.integers(len(COLOURS)))]
+    count = present.count(colour)
+    return QA(f"how many {colour} objects are there ?", str(count), "count", None)
+
+
+def _ask_relation(scene: Scene, rng: np.random.Generator) -> QA:
+    objs = scene.objects
+    i, j = (int(k) for k in rng.choice(len(objs), size=2, replace=False))
+    a, b = objs[i], objs[j]
+    (ra, ca), (rb, cb) = divmod(a.cell, 3), divmod(b.cell, 3)
+    if ca != cb and (ra == rb or rng.random() < 0.5):
+        answer, pair = ("left" if ca < cb else "right"), "left or right of"
+    else:
+        answer, pair = ("above" if ra < rb else "below"), "above or below"
+    return QA(f"is the {a.shape} {pair} the {b.shape} ?", answer, "relation", a.box)
+
+
+def _ask_exists(scene: Scene, rng: np.random.Generator) -> QA:
+    if rng.random() < 0.5:
+        obj = _pick(scene, rng)
+        return QA(f"is there a {obj.colour} {obj.shape} ?", "yes", "exists", obj.box)
+    present = {(o.colour, o.shape) for o in scene.objects}
+    absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+    # Half of the negatives use a shape that is in the scene with another colour (binding test).
+    shapes_here = {o.shape for o in scene.objects}
+    hard = [p for p in absent if p[1] in shapes_here]
+    pool = hard if hard and rng.random() < 0.5 else absent
+    colour, shape = pool[int(rng.integers(len(pool)))]
+    return QA(f"is there a {colour} {shape} ?", "no", "exists", None)
+
+
+def _ask_label(scene: Scene, rng: np.random.Generator) -> QA:
+    obj = next(o for o in scene.objects if o.label is not None)
+    return QA(f"what number is on the {obj.shape} ?", str(obj.label), "label", obj.box)
+
+
+def _ask_describe(scene: Scene, rng: np.random.Generator) -> QA:
+    return QA("describe the scene .", describe(scene.objects), "describe", None)
+
+
+_ASKERS: dict[str, Callable[[Scene, np.random.Generator], QA]] = {
+    "colour": _ask_colour,
+    "shape": _ask_shape,
+    "count": _ask_count,
+    "relation": _ask_relation,
+    "exists": _ask_exists,
+    "label": _ask_label,
+    "describe": _ask_describe,
+}

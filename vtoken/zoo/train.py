@@ -1,0 +1,150 @@
+"""Seeded, resumable training of the bundled tiny LLaVA on fresh synthetic samples.
+
+Every step draws new scenes (the batch of step ``s`` depends on ``s`` only), so resuming from a
+checkpoint replays exactly the same data stream. Checkpoints hold model, optimizer, step and RNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from vtoken.zoo.data import TrainStream
+from vtoken.zoo.evaluate import predict, score, split_items
+from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
+
+
+@dataclass
+class TrainConfig:
+    """Training recipe.
+
+    Args:
+        run_dir: where checkpoints (``last.pt``) and ``log.jsonl`` go (keep it out of git).
+        steps: total optimizer steps (the learning-rate schedule spans them).
+        batch_size: questions per step.
+        lr: peak AdamW learning rate.
+        warmup: linear warm-up steps.
+        min_lr_ratio: final learning rate as a fraction of ``lr`` (cosine decay).
+        weight_decay: AdamW weight decay.
+        crop_prob: fraction of steps whose items all carry a second (cropped) image.
+        seed: initialisation seed.
+        checkpoint_minutes: wall-clock minutes between checkpoints.
+        eval_every: steps between quick validation runs.
+        eval_per_family: validation questions per family.
+        bf16: run forward/backward under CPU bfloat16 autocast.
+        threads: torch intra-op threads for the training process.
+        model: model sizes.
+    """
+
+    run_dir: str = "runs/zoo"
+    steps: int = 6000
+    batch_size: int = 64
+    lr: float = 1e-3
+    warmup: int = 300
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.05
+    crop_prob: float = 0.2
+    seed: int = 0
+    checkpoint_minutes: float = 5.0
+    eval_every: int = 500
+    eval_per_family: int = 30
+    bf16: bool = False
+    threads: int = 2
+    model: ZooModelConfig = field(default_factory=ZooModelConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, dict):
+            self.model = ZooModelConfig(**self.model)
+        if not 0.0 <= self.crop_prob <= 1.0:
+            raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
+        if self.steps <= 0 or self.batch_size <= 0:
+            raise ValueError("steps and batch_size must be positive")
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig) -> None:
+    """Atomically write model, optimizer, step, RNG state and config to ``path``."""
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "rng": torch.get_rng_state(),
+        "config": asdict(cfg),
+    }
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Train (or resume) according to ``cfg``; returns the path of the last checkpoint."""
+    torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    ckpt = run / "last.pt"
+    torch.manual_seed(cfg.seed)
+    processor = build_processor(cfg.model)
+    model = build_model(cfg.model, processor.tokenizer)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start = 0
+    if resume and ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start = state["step"]
+    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    _loop(cfg, model, processor, optimizer, start, ckpt)
+    return ckpt
+
+
+def _loop(cfg: TrainConfig, model, processor, optimizer, start: int, ckpt: Path) -> None:
+    stream = TrainStream(processor, start, cfg.batch_size, cfg.crop_prob)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
+    val_items = split_items("val", cfg.eval_per_family)
+    log = (Path(cfg.run_dir) / "log.jsonl").open("a")
+    last_save, ema = time.time(), None
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="zoo train")
+    for step, batch in zip(bar, loader):
+        loss = _train_step(model, optimizer, batch, lr_factor(step, cfg) * cfg.lr, cfg.bf16)
+        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
+        bar.set_postfix(loss=f"{ema:.3f}")
+        done = step + 1
+        record = {"step": done, "loss": round(ema, 4), "time": round(time.time(), 1)}
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            model.eval()
+            record["val"] = score(val_items, predict(model, processor, val_items))
+            model.train()
+            bar.write(json.dumps(record))
+        if done % 50 == 0 or "val" in record:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if time.time() - last_save > 60 * cfg.checkpoint_minutes or done == cfg.steps:
+            save_checkpoint(ckpt, model, optimizer, done, cfg)
+            last_save = time.time()
+
+
+def _train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float, bf16: bool) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = model(**batch).loss
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    return loss.item()
