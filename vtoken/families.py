@@ -30,7 +30,9 @@ class FamilySpec:
             tokens in ``input_ids`` (several: images and video frames).
         image_size_attr: dotted config attribute giving the number of tokens of one image, used to
             split a run of placeholders into images when several images sit side by side; ``None``
-            when each contiguous run is one image (or, for Idefics3, one tile of an image).
+            when each contiguous run is one image (or, for Idefics3, one tile of an image). LLaVA-NeXT
+            images vary in size, so two of them must be separated by some text (chat templates put a
+            newline) to be told apart.
         rope: ``"1d"`` (one position id per token) or ``"mrope"`` (Qwen's 3-axis multimodal RoPE).
         mask: ``"causal"`` or ``"prefix"`` (PaliGemma: bidirectional over image + prompt).
     """

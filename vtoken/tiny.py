@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import transformers as tf
 
+from vtoken.errors import UnsupportedModelError
 from vtoken.tokenizer import build_word_tokenizer
 
 WORDS = (
@@ -226,7 +227,8 @@ def build_tiny(
         attn_implementation: ``"sdpa"`` or ``"eager"`` for the whole model.
     """
     if family not in _BUILDERS:
-        raise ValueError(f"Unknown tiny family {family!r}; choose one of {', '.join(TINY_FAMILIES)}.")
+        choices = ", ".join(TINY_FAMILIES)
+        raise UnsupportedModelError(f"Unknown tiny family {family!r}; choose one of {choices}.")
     torch.manual_seed(seed)
     model, processor = _BUILDERS[family]()
     model.set_attn_implementation(attn_implementation)
@@ -238,4 +240,5 @@ def tiny_prompt(family: str, question: str = "what colour is the circle ?", n_im
     mark = _IMAGE_MARK.get(family, "<image>")
     if family == "paligemma":  # the processor adds BOS after the image tokens and "\n" after the text
         return mark * n_images + question
-    return " ".join([mark] * n_images) + " " + question + " answer :"
+    # images separated by text, as chat templates do (LLaVA-NeXT cannot tell touching images apart)
+    return " , ".join([mark] * n_images) + " " + question + " answer :"

@@ -1,0 +1,55 @@
+"""The ``vtoken`` command line."""
+
+from __future__ import annotations
+
+import pytest
+
+from vtoken.cli import main
+
+
+def test_info_lists_plugins_and_families(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "passthrough" in out and "LlavaForConditionalGeneration" in out and "transformers" in out
+
+
+def test_run_prints_both_answers_and_reports(capsys):
+    code = main(["run", "--model", "tiny:qwen2_vl", "--plugin", "passthrough",
+                 "--set", "passthrough.scale=1.0", "--max-new-tokens", "3"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "[baseline: no plugins]" in out and "[plugged: passthrough]" in out
+    assert out.count("visual tokens") == 2 and out.count("answer:") == 2
+
+
+def test_run_with_a_saved_model_directory(tmp_path, capsys):
+    from vtoken.tiny import build_tiny
+
+    model, processor = build_tiny("paligemma")
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert main(["run", "--model", str(tmp_path), "--max-new-tokens", "2"]) == 0
+    assert "(paligemma)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--image", "/does/not/exist.png"], "does not exist"),
+        (["--plugin", "nope"], "Unknown plugin 'nope'"),
+        (["--model", "/no/such/dir"], "never downloads"),
+        (["--model", "tiny:gpt"], "Unknown tiny family"),
+        (["--question", "  "], "question is empty"),
+        (["--set", "passthrough.scale=-1", "--plugin", "passthrough"], "passthrough.scale must be in"),
+    ],
+)
+def test_run_bad_inputs_give_one_line_errors(argv, message, capsys):
+    assert main(["run", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_rejects_a_file_that_is_not_an_image(tmp_path, capsys):
+    bogus = tmp_path / "notes.png"
+    bogus.write_text("not an image")
+    assert main(["run", "--image", str(bogus)]) == 2
+    assert "not an image file" in capsys.readouterr().err

@@ -1,0 +1,91 @@
+"""The ``vtoken`` command: ``vtoken info`` and ``vtoken run``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib.metadata import version
+
+import torch
+from tqdm.auto import tqdm
+
+from vtoken.errors import VTokenError
+from vtoken.loading import SAMPLE_IMAGE, SAMPLE_QUESTION, build_prompt, load_image, load_model
+
+DEFAULT_MODEL = "tiny:llava"
+
+
+def _info(args: argparse.Namespace) -> int:
+    from vtoken.families import FAMILIES
+    from vtoken.registry import available_plugins
+
+    print("vtoken", version("vtoken"))
+    for pkg in ("torch", "transformers"):
+        print(f"{pkg:<13}{version(pkg)}")
+    print("\nPlugins:")
+    for name, target in available_plugins().items() or {"(none installed)": ""}.items():
+        print(f"  {name:<22}{target}")
+    print("\nModel families:")
+    for spec in FAMILIES.values():
+        print(f"  {spec.name:<12}{', '.join(spec.architectures)}  [rope={spec.rope}, mask={spec.mask}]")
+    return 0
+
+
+def _generate(model, processor, inputs: dict, max_new_tokens: int) -> str:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1] :]
+    return processor.batch_decode(new, skip_special_tokens=True)[0].strip()
+
+
+def _run(args: argparse.Namespace) -> int:
+    import vtoken
+
+    model, processor = load_model(args.model)
+    family = vtoken.resolve_family(model).name
+    image = load_image(args.image)
+    prompt = build_prompt(processor, family, args.question)
+    inputs = dict(processor(images=[[image]], text=[prompt], return_tensors="pt"))
+    plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
+    runs = {"baseline": []} if not plugins else {"baseline": [], "plugged": plugins}
+    results = {}
+    for label in tqdm(runs, desc="generating", disable=not sys.stderr.isatty()):
+        with vtoken.attach(model, runs[label]) as session:
+            answer = _generate(model, processor, inputs, args.max_new_tokens)
+            results[label] = (answer, session.report())
+    print(f"model:    {args.model} ({family})\nquestion: {args.question}")
+    for label, (answer, report) in results.items():
+        names = ", ".join(p.name for p in runs[label]) or "no plugins"
+        print(f"\n[{label}: {names}]\nanswer:   {answer}\n{report.format()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtoken", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="list plugins, model families and versions").set_defaults(fn=_info)
+    run = sub.add_parser("run", help="answer one question about one image, with and without plugins")
+    run.add_argument("--model", default=DEFAULT_MODEL, help="local model directory or tiny:<family>")
+    run.add_argument("--image", default=str(SAMPLE_IMAGE), help="image file (default: a sample scene)")
+    run.add_argument("--question", default=SAMPLE_QUESTION)
+    run.add_argument("--plugin", action="append", default=[], help="plugin name (repeatable)")
+    run.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    run.add_argument("--set", action="append", default=[], metavar="PLUGIN.FIELD=VALUE",
+                     help="override one config field (repeatable)")
+    run.add_argument("--max-new-tokens", type=int, default=32)
+    run.set_defaults(fn=_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except VTokenError as exc:
+        print(f"vtoken: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
