@@ -5,6 +5,8 @@ session wires each overridden method to the right transformers extension point w
 removes it on detach. Every override point has a do-nothing default.
 
 Override points:
+    - :meth:`Plugin.prune_layers` + :meth:`Plugin.select` - which visual tokens to keep at a layer;
+    - :meth:`Plugin.probes` - attention rows to capture for scoring (see :mod:`vtoken.probe`);
     - :meth:`Plugin.transform_visual` - the visual tokens as they leave the projector;
     - :meth:`Plugin.make_cache` - the KV cache a prefill starts with;
     - :meth:`Plugin.generate` - the decoding loop behind ``model.generate``;
@@ -22,9 +24,11 @@ from transformers import Cache
 from vtoken.config import PluginConfig
 from vtoken.errors import ConfigError, UnsupportedModelError
 from vtoken.families import ModelParts
+from vtoken.probe import ProbeSpec
 from vtoken.state import RunState
 
 if TYPE_CHECKING:
+    from vtoken.runtime import PruneView
     from vtoken.session import Session
 
 
@@ -78,6 +82,27 @@ class Plugin:
         """Called at every prefill, before any hook of that forward: drop per-prompt state."""
 
     # -- override points -------------------------------------------------------------------------
+    def prune_layers(self) -> tuple[int, ...]:
+        """Decoder layers at whose input this plugin chooses visual tokens (0 = before layer 0)."""
+        return ()
+
+    def select(self, layer_idx: int, view: PruneView) -> Tensor | None:
+        """Choose the visual tokens to keep at ``layer_idx`` (prefill).
+
+        Args:
+            layer_idx: one of :meth:`prune_layers`.
+            view: hidden states, positions and the visual tokens still present.
+
+        Returns:
+            ``(B, N)`` bool over ``view.visual`` (True = keep), or ``None`` to keep all.
+        """
+        return None
+
+    def probes(self) -> dict[int, ProbeSpec]:
+        """Attention rows to capture in prefill, by layer; read them in :meth:`select` from
+        ``view.state.probes[(layer, spec)]`` (a :class:`~vtoken.probe.Probe`)."""
+        return {}
+
     def transform_visual(self, features: Tensor, state: RunState) -> Tensor:
         """Rewrite the visual tokens leaving the projector.
 
@@ -100,6 +125,11 @@ class Plugin:
         return base_generate(*args, **kwargs)
 
     # -- helpers for the session -----------------------------------------------------------------
+    @property
+    def prunes(self) -> bool:
+        """Whether this plugin drops tokens (and so needs the token runtime)."""
+        return bool(self.prune_layers())
+
     def overrides(self, method: str) -> bool:
         """Whether this plugin's class overrides the override point ``method``."""
         return getattr(type(self), method) is not getattr(Plugin, method)

@@ -23,11 +23,14 @@ from transformers import DynamicCache
 from vtoken.config import PluginConfig
 from vtoken.errors import AlreadyAttachedError, UnsupportedInputError, UnsupportedModelError
 from vtoken.families import ModelParts, locate_parts
+from vtoken.cache import VTokenCache
 from vtoken.layout import VisualLayout
 from vtoken.metrics import Recorder, Report
-from vtoken.patch import Patcher
+from vtoken.patch import Patcher, attention_functions
 from vtoken.plugin import Plugin
+from vtoken.probe import Probe, ProbeSpec, attention_rows, select_rows
 from vtoken.registry import create_plugins
+from vtoken.runtime import TokenRuntime
 from vtoken.state import RunState
 
 PluginLike = str | Path | Plugin | PluginConfig
@@ -66,6 +69,7 @@ class Session:
         self.state = RunState()
         self.patcher = Patcher()
         self.recorder = Recorder(self.parts)
+        self.runtime: TokenRuntime | None = None
         self._prompt_started = False
         self._forward_params = list(inspect.signature(model.forward).parameters)
         for plugin in self.plugins:
@@ -115,6 +119,11 @@ class Session:
         self.patcher.pre_hook(self.model, self._on_forward_start)
         self.patcher.post_hook(self.model, self._on_forward_end, always=True)
         self.recorder.attach(self.patcher, self.state)
+        pruners = [p for p in self.plugins if p.prunes]
+        self.runtime = TokenRuntime(self, pruners) if pruners else None
+        specs = {key: None for p in self.plugins for key in p.probes().items()}
+        if specs:
+            self._wire_probes(list(specs))
         transforms = [p for p in self.plugins if p.overrides("transform_visual")]
         if transforms:
             self.patcher.post_hook(self.parts.projector, self._transform_visual)
@@ -123,6 +132,34 @@ class Session:
         for plugin in self.plugins:
             plugin.session = self
             plugin.setup(self)
+
+    def _wire_probes(self, requests: list[tuple[int, ProbeSpec]]) -> None:
+        """Wrap the language model's attention to capture the requested rows in prefill."""
+        impl = self.model.config.get_text_config()._attn_implementation
+        base, base_mask = attention_functions(self.parts.attention(0), impl)
+        by_layer: dict[int, list[ProbeSpec]] = {}
+        for layer, spec in requests:
+            by_layer.setdefault(layer, []).append(spec)
+
+        def attention(module, query, key, value, attention_mask=None, **kwargs):
+            specs = by_layer.get(getattr(module, "layer_idx", None))
+            if specs and self.state.phase == "prefill":
+                for spec in specs:
+                    self._capture(module.layer_idx, spec, query, key, attention_mask, kwargs)
+            return base(module, query, key, value, attention_mask, **kwargs)
+
+        self.patcher.use_attention(self.model, f"vtoken_probe_{id(self)}", attention, base_mask)
+
+    def _capture(self, layer: int, spec: ProbeSpec, query, key, mask, kwargs: dict) -> None:
+        positions = self.state.seq_positions
+        if positions is None:
+            length = query.shape[2]
+            positions = torch.arange(length, device=query.device).expand(query.shape[0], length)
+        rows, row_pad = select_rows(spec, self.state, positions)
+        weights = attention_rows(query, key, mask, rows, kwargs["scaling"], kwargs.get("softcap"))
+        if not spec.per_head:
+            weights = weights.mean(1, keepdim=True)
+        self.state.probes[(layer, spec)] = Probe(weights, rows, row_pad)
 
     def _chain_generate(self, decoders: list[Plugin]) -> Callable[..., Any]:
         """``model.generate`` while attached: starts the prompt, then the plugins' loops."""
@@ -172,9 +209,11 @@ class Session:
                 self._start_prompt(ids)
             self._prompt_started = False
             self.state.phase = "prefill"
+            self.state.prompt_mask = kwargs.get("attention_mask")
             self._swap_cache(kwargs)
         else:
             self.state.phase = "decode"
+        self.state.cache = kwargs.get("past_key_values")
         self.recorder.on_forward_start()
         return (), kwargs
 
@@ -196,6 +235,8 @@ class Session:
             return
         cache = kwargs.get("past_key_values")
         if cache is None or type(cache) is DynamicCache:  # transformers' default: ours may replace it
+            if self.runtime is not None:
+                kwargs["past_key_values"] = VTokenCache(self.model.config)
             for plugin in self.plugins:
                 made = plugin.make_cache(self.state)
                 if made is not None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -26,6 +26,12 @@ class RunState:
         query_length: tokens fed to the model in the call in flight.
         past_length: tokens already in the cache when the call started (logical count).
         decode_steps: decode forwards since the last prefill.
+        cache: the cache of the call in flight (``None`` without one).
+        prompt_mask: ``(B, L)`` 2-D attention mask of the last prefill (1 = real token).
+        seq_positions: ``(B, T)`` original positions of the prefill sequence after the latest
+            token drop (``PAD`` on padding slots); ``None`` while nothing was dropped.
+        layer_tokens: tokens each decoder layer processed in the last prefill (longest row).
+        probes: attention rows captured in the last prefill, by layer (see ``vtoken.probe``).
         extras: scratch space for plugins, cleared at every prefill.
     """
 
@@ -35,10 +41,17 @@ class RunState:
     query_length: int = 0
     past_length: int = 0
     decode_steps: int = 0
+    cache: Any = None
+    prompt_mask: Tensor | None = None
+    seq_positions: Tensor | None = None
+    layer_tokens: dict[int, int] = field(default_factory=dict)
+    probes: dict[int, Any] = field(default_factory=dict)
     extras: dict[str, object] = field(default_factory=dict)
 
     def start_prompt(self, prompt_ids: Tensor | None, layout: VisualLayout | None) -> None:
         """A new prompt begins (before its images are encoded and its prefill runs)."""
         self.prompt_ids, self.layout = prompt_ids, layout
         self.decode_steps = 0
-        self.extras.clear()
+        self.seq_positions = None
+        for table in (self.layer_tokens, self.probes, self.extras):
+            table.clear()

@@ -1,0 +1,148 @@
+"""The vtoken KV cache: per-layer storage that knows which logical positions it holds.
+
+Token dropping leaves each decoder layer with a different number of cached tokens. transformers
+sizes masks and positions from the cache's *logical* length (as if nothing were dropped), while
+attention sees the *physical* entries. :class:`VTokenCache` keeps both: every layer stores the logical
+position of each entry, so the runtime can re-index masks per layer, rollback (``crop``) works in
+logical units for assisted / speculative decoding, and tokens can be evicted during decode.
+
+Custom storage (e.g. quantized KV) plugs in by subclassing :class:`PrunableLayer` and passing
+``layer_class`` to :class:`VTokenCache`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import Cache, PreTrainedConfig
+from transformers.cache_utils import DynamicLayer
+
+from vtoken.indexing import gather_tokens, left_pack
+
+PAD = -1  # logical position of a padding slot (rows of a batch holding fewer entries)
+
+
+class PrunableLayer(DynamicLayer):
+    """One layer's keys/values plus the logical position of every entry.
+
+    Attributes:
+        keys, values: ``(B, H_kv, T, d)`` physical entries.
+        positions: ``(B, T)`` long, logical position of each entry; ``PAD`` on padding slots, which
+            sit at the start of a row (left padding) and must be masked out as keys.
+        logical_length: tokens seen so far, dropped ones included.
+    """
+
+    def __init__(self, **kwargs: object) -> None:
+        super().__init__(**kwargs)
+        self.positions: Tensor | None = None
+        self.logical_length = 0
+        self._incoming: tuple[Tensor, int] | None = None
+
+    def expect(self, positions: Tensor, logical_added: int) -> None:
+        """Declare the logical positions ``(B, n)`` of the next ``update``'s ``n`` entries, and how
+        many logical tokens that step covers (the prompt length, in a pruned prefill)."""
+        self._incoming = (positions, logical_added)
+
+    def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        """Append ``(B, H_kv, n, d)`` keys/values; return everything held."""
+        n = key_states.shape[-2]
+        if self._incoming is not None:
+            positions, added = self._incoming
+            self._incoming = None
+        else:
+            start = torch.arange(n, device=key_states.device) + self.logical_length
+            positions, added = start.expand(key_states.shape[0], n), n
+        keys, values = super().update(key_states, value_states)
+        positions = positions.to(key_states.device)
+        self.positions = positions if self.positions is None else torch.cat([self.positions, positions], -1)
+        self.logical_length += added
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self.logical_length
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.logical_length + query_length, 0
+
+    @property
+    def physical_length(self) -> int:
+        return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the last ``-tokens_to_remove`` *logical* tokens (transformers' rollback)."""
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative count of logical tokens to remove.")
+        if tokens_to_remove == 0 or self.positions is None:
+            return
+        target = self.logical_length + tokens_to_remove
+        self.evict(self.positions < target)
+        self.logical_length = target
+
+    def evict(self, keep: Tensor) -> None:
+        """Keep only the entries where ``keep`` ``(B, T)`` is True (padding slots are dropped first).
+
+        Rows keeping different counts are left-padded with ``PAD`` slots to the longest row.
+        """
+        index, pad = left_pack(keep & (self.positions != PAD))
+        self.keys = gather_tokens(self.keys, index, dim=2)
+        self.values = gather_tokens(self.values, index, dim=2)
+        self.positions = self.positions.gather(-1, index).masked_fill(pad, PAD)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.positions is not None:
+            self.positions = self.positions.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.positions is not None:
+            self.positions = self.positions[indices]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.positions is not None:
+            self.positions = self.positions.index_select(0, beam_idx.to(self.positions.device))
+
+    def reset(self) -> None:
+        super().reset()
+        self.positions, self.logical_length, self._incoming = None, 0, None
+
+    def nbytes(self) -> int:
+        """Bytes of the key and value tensors held."""
+        if self.keys is None or not self.is_initialized:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+
+class VTokenCache(Cache):
+    """A ``transformers.Cache`` of :class:`PrunableLayer` s (or a subclass), one per decoder layer.
+
+    Args:
+        config: the model (or text) config, to size the layer list.
+        layer_class: storage class of every layer.
+    """
+
+    def __init__(self, config: PreTrainedConfig, layer_class: type[PrunableLayer] = PrunableLayer) -> None:
+        num_layers = config.get_text_config(decoder=True).num_hidden_layers
+        super().__init__(layers=[layer_class() for _ in range(num_layers)])
+
+    def held_positions(self, layer_idx: int) -> Tensor | None:
+        """``(B, T)`` logical positions held by layer ``layer_idx`` (``None`` before the prefill)."""
+        return self.layers[layer_idx].positions
+
+    def expect(self, layer_idx: int, positions: Tensor, logical_added: int) -> None:
+        self.layers[layer_idx].expect(positions, logical_added)
+
+    def evict(self, layer_idx: int, keep: Tensor) -> None:
+        """Drop entries of one layer during decode; ``keep`` is ``(B, T)`` bool."""
+        self.layers[layer_idx].evict(keep)
+
+    def dropped(self, layer_idx: int) -> Tensor:
+        """``(B,)`` logical tokens no longer held by layer ``layer_idx``."""
+        layer = self.layers[layer_idx]
+        held = (layer.positions != PAD).sum(-1)
+        return layer.logical_length - held
+
+    def nbytes(self) -> int:
+        """Bytes of all key and value tensors really held."""
+        return sum(layer.nbytes() for layer in self.layers)

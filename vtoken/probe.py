@@ -1,0 +1,120 @@
+"""Attention probes: the few attention rows a plugin needs, computed from the layer's own q and k.
+
+Pruning criteria read attention *from* a few query tokens (the last prompt token for FastV, the
+text tokens for SparseVLM) *to* the visual tokens. Asking the whole model for ``output_attentions``
+would force eager attention everywhere and materialise every layer's full matrix. Instead, the
+session wraps the language model's attention function (through transformers' ``AttentionInterface``;
+the wrapped sdpa or eager call still does the real work) and, at the requested layers in prefill,
+computes ``softmax(q_rows k^T * scaling + mask)`` for the requested rows only. Queries and keys
+arrive already rotated (1-D RoPE or M-RoPE) and GQA key heads are repeated to match query heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from vtoken.cache import PAD
+from vtoken.indexing import gather_tokens, left_pack
+from vtoken.state import RunState
+
+Rows = Literal["last", "text", "all"]
+
+
+@dataclass(frozen=True)
+class ProbeSpec:
+    """Which attention rows to capture at one layer.
+
+    Args:
+        rows: ``"last"`` - the last prompt token; ``"text"`` - every text token of the prompt
+            (not visual, not padding); ``"all"`` - every query row.
+        per_head: keep one row per head instead of the head average.
+    """
+
+    rows: Rows = "last"
+    per_head: bool = False
+
+
+@dataclass
+class Probe:
+    """Captured attention rows of one layer (prefill).
+
+    Attributes:
+        weights: ``(B, H or 1, R, T)`` softmax probabilities over the layer's ``T`` keys.
+        rows: ``(B, R)`` index of each captured query in the layer's sequence.
+        row_pad: ``(B, R)`` True on padding rows (rows of a batch with fewer such queries).
+    """
+
+    weights: Tensor
+    rows: Tensor
+    row_pad: Tensor
+
+    def mean_over_rows(self) -> Tensor:
+        """``(B, H or 1, T)`` attention averaged over the real captured rows."""
+        valid = (~self.row_pad).to(self.weights.dtype)[:, None, :, None]
+        return (self.weights * valid).sum(2) / valid.sum(2).clamp(min=1)
+
+
+def select_rows(spec: ProbeSpec, state: RunState, seq_positions: Tensor) -> tuple[Tensor, Tensor]:
+    """Query rows ``(B, R)`` and their padding flags for ``spec`` over the current sequence.
+
+    Args:
+        seq_positions: ``(B, T)`` original prompt position of each current token (``PAD`` slots).
+    """
+    batch, length = seq_positions.shape
+    if spec.rows == "last":
+        rows = torch.full((batch, 1), length - 1, device=seq_positions.device)
+        return rows, torch.zeros_like(rows, dtype=torch.bool)
+    wanted = seq_positions != PAD
+    if spec.rows == "text":
+        visual = state.layout.positions[state.layout.mask].to(seq_positions.device)
+        wanted &= ~torch.isin(seq_positions, visual)
+        if state.prompt_mask is not None:
+            real = state.prompt_mask.to(seq_positions.device).bool()
+            wanted &= real.gather(-1, seq_positions.clamp(min=0))
+    return left_pack(wanted)
+
+
+def attention_rows(
+    query: Tensor, key: Tensor, mask: Tensor | None, rows: Tensor, scaling: float, softcap: float | None = None
+) -> Tensor:
+    """Attention probabilities of selected query rows, exactly as eager attention computes them.
+
+    Args:
+        query: ``(B, H, q, d)`` rotated queries.
+        key: ``(B, H_kv, T, d)`` rotated keys (cache included).
+        mask: ``(B, 1, q, T)`` bool (True = attend) or additive float mask; ``None`` = causal.
+        rows: ``(B, R)`` indices into ``q``.
+        scaling: the softmax scale (``1/sqrt(d)`` usually).
+        softcap: logit soft-capping value (Gemma 2), if any.
+
+    Returns:
+        ``(B, H, R, T)`` float32 probabilities.
+    """
+    heads, kv_heads = query.shape[1], key.shape[1]
+    key = key.repeat_interleave(heads // kv_heads, dim=1)  # (B, H, T, d)
+    q_rows = gather_tokens(query, rows, dim=2)  # (B, H, R, d)
+    logits = torch.matmul(q_rows, key.transpose(2, 3)) * scaling  # (B, H, R, T)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits + _additive_rows(mask, rows, query.shape[2], key.shape[2], logits.dtype)
+    return torch.softmax(logits, dim=-1, dtype=torch.float32)
+
+
+def _additive_rows(mask: Tensor | None, rows: Tensor, q: int, kv: int, dtype: torch.dtype) -> Tensor:
+    """``(B, 1, R, T)`` additive mask rows (0 = attend, dtype min = blocked)."""
+    if mask is None:  # causal, queries aligned to the end of the keys
+        query_pos = rows + (kv - q)
+        allowed = torch.arange(kv, device=rows.device)[None, None, :] <= query_pos[:, :, None]
+        allowed = allowed[:, None]
+    else:
+        picked = gather_tokens(mask, rows, dim=2)
+        if picked.dtype != torch.bool:
+            return picked.to(dtype)
+        allowed = picked
+    return torch.zeros(allowed.shape, dtype=dtype, device=rows.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )

@@ -1,0 +1,222 @@
+"""The token runtime: drop visual tokens at any decoder layer, entirely through hooks.
+
+At a *decision layer* K (K = 0 drops before the first decoder layer, i.e. the language model never
+sees the tokens), the runtime asks each pruning plugin which of the visual tokens still present to
+keep, then gathers the hidden states. Every layer from K on gets its inputs fixed in a forward
+pre-hook so that the dropped tokens simply do not exist there:
+
+- ``position_embeddings`` (rotary cos/sin, 1-D or M-RoPE) and ``position_ids`` are gathered, so kept
+  tokens keep their original positions;
+- the 4-D attention mask is gathered on both axes in prefill, and its key columns are re-indexed
+  in decode / extend / verify steps to the entries that layer's cache really holds;
+- the :class:`~vtoken.cache.VTokenCache` is told which logical positions it stores.
+
+Rows of a batch may keep different counts: shorter rows are left-padded with slots that are masked
+out as keys and attend only to themselves (so they never produce NaNs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from vtoken.cache import PAD, VTokenCache
+from vtoken.errors import UnsupportedInputError
+from vtoken.indexing import gather_tokens, left_pack
+from vtoken.state import RunState
+
+if TYPE_CHECKING:
+    from vtoken.plugin import Plugin
+    from vtoken.session import Session
+
+SUPPORTED_ATTENTION = ("sdpa", "eager")
+
+
+@dataclass
+class PruneView:
+    """What a pruning plugin sees at a decision layer (prefill only).
+
+    Attributes:
+        layer_idx: the decision layer; tokens dropped here are absent from it on.
+        hidden: ``(B, T, D)`` hidden states entering the layer.
+        positions: ``(B, T)`` original prompt position of each current token (``PAD`` on slots).
+        visual: ``(B, N)`` index into T of the visual tokens still present, in order.
+        visual_pad: ``(B, N)`` True where a row holds fewer than N visual tokens.
+        state: the run state (layout, probes captured at earlier layers, ...).
+    """
+
+    layer_idx: int
+    hidden: Tensor
+    positions: Tensor
+    visual: Tensor
+    visual_pad: Tensor
+    state: RunState
+
+    @property
+    def visual_positions(self) -> Tensor:
+        """``(B, N)`` original positions of the visual tokens present (``PAD`` on slots)."""
+        return self.positions.gather(-1, self.visual).masked_fill(self.visual_pad, PAD)
+
+    @property
+    def num_visual(self) -> Tensor:
+        """``(B,)`` visual tokens present per row."""
+        return (~self.visual_pad).sum(-1)
+
+
+class TokenRuntime:
+    """Installs the per-layer hooks of a session whose plugins drop tokens."""
+
+    def __init__(self, session: Session, pruners: list[Plugin]) -> None:
+        self.session, self.state, self.pruners = session, session.state, pruners
+        self.decisions: dict[int, list[Plugin]] = {}
+        for plugin in pruners:
+            for layer in plugin.prune_layers():
+                if not 0 <= layer < session.parts.num_layers:
+                    raise UnsupportedInputError(
+                        f"{plugin.name} prunes at layer {layer}, but the model has "
+                        f"{session.parts.num_layers} decoder layers (valid: 0..{session.parts.num_layers - 1})."
+                    )
+                self.decisions.setdefault(layer, []).append(plugin)
+        impl = session.model.config.get_text_config()._attn_implementation
+        if impl not in SUPPORTED_ATTENTION:
+            raise UnsupportedInputError(
+                f"Token dropping supports attention implementations {SUPPORTED_ATTENTION}; the model uses "
+                f"{impl!r} (flash-attention reads pruned position ids as packed sequences). Call "
+                "model.set_attn_implementation('sdpa') before attaching."
+            )
+        self.eager = impl == "eager"
+        for idx, layer in enumerate(session.parts.layers):
+            session.patcher.pre_hook(layer, self._layer_hook(idx))
+
+    # -- hooks -----------------------------------------------------------------------------------
+    def _layer_hook(self, layer_idx: int):
+        def hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
+            if self.state.phase == "prefill":
+                return self._prefill(layer_idx, args, kwargs)
+            if self.state.phase == "decode":
+                self._decode(layer_idx, kwargs)
+                return args, kwargs
+            return None
+
+        return hook
+
+    def _prefill(self, layer_idx: int, args: tuple, kwargs: dict) -> tuple:
+        hidden = args[0]
+        if layer_idx in self.decisions and self.state.layout is not None:
+            hidden = self._decide(layer_idx, hidden)
+        positions = self.state.seq_positions
+        self.state.layer_tokens[layer_idx] = (
+            hidden.shape[1] if positions is None else int((positions != PAD).sum(-1).max())
+        )
+        if positions is not None:
+            self._fix_prefill_inputs(layer_idx, positions, kwargs)
+        return (hidden, *args[1:]), kwargs
+
+    def _decide(self, layer_idx: int, hidden: Tensor) -> Tensor:
+        """Ask the plugins deciding at this layer; gather the kept tokens."""
+        positions = self._current_positions(hidden)
+        is_visual = torch.isin(positions, self._visual_positions(positions.device))
+        visual, visual_pad = left_pack(is_visual)
+        view = PruneView(layer_idx, hidden, positions, visual, visual_pad, self.state)
+        keep_visual = ~visual_pad
+        for plugin in self.decisions[layer_idx]:
+            keep = plugin.select(layer_idx, view)
+            if keep is not None:
+                keep_visual = keep_visual & keep.to(keep_visual.device)
+        drop = torch.zeros_like(is_visual).scatter(1, visual, ~keep_visual & ~visual_pad)
+        if not drop.any():
+            return hidden
+        index, pad = left_pack((positions != PAD) & ~drop)
+        self.state.seq_positions = positions.gather(-1, index).masked_fill(pad, PAD)
+        return gather_tokens(hidden, index, dim=1)
+
+    def _current_positions(self, hidden: Tensor) -> Tensor:
+        if self.state.seq_positions is not None:
+            return self.state.seq_positions
+        length = hidden.shape[1]
+        return torch.arange(length, device=hidden.device).expand(hidden.shape[0], length)
+
+    def _visual_positions(self, device: torch.device) -> Tensor:
+        layout = self.state.layout
+        return layout.positions[layout.mask].unique().to(device) if layout.num_visual else torch.empty(
+            0, dtype=torch.long, device=device
+        )
+
+    def _fix_prefill_inputs(self, layer_idx: int, positions: Tensor, kwargs: dict) -> None:
+        index, pad = positions.clamp(min=0), positions == PAD
+        cos, sin = kwargs["position_embeddings"]
+        batch_dim = 1 if cos.ndim == 4 else 0  # M-RoPE tables may be (3, B, T, d)
+        kwargs["position_embeddings"] = tuple(gather_tokens(t, index, -2, batch_dim) for t in (cos, sin))
+        if kwargs.get("position_ids") is not None:
+            ids = kwargs["position_ids"]
+            kwargs["position_ids"] = gather_tokens(ids, index, -1, 1 if ids.ndim == 3 else 0)
+        kwargs["attention_mask"] = self._prefill_mask(kwargs.get("attention_mask"), index, pad, cos.dtype)
+        cache = self.state.cache
+        if cache is not None:
+            _require_vtoken_cache(cache)
+            cache.expect(layer_idx, positions, self.state.query_length)
+
+    def _prefill_mask(self, mask: Tensor | None, index: Tensor, pad: Tensor, dtype: torch.dtype) -> Tensor | None:
+        if mask is None and not pad.any():
+            return None  # still a plain causal mask over the (ordered) kept tokens
+        if mask is None:
+            allowed = index[:, None, :, None] >= index[:, None, None, :]
+        else:
+            mask = gather_tokens(gather_tokens(mask, index, dim=2), index, dim=3)
+            allowed = mask if mask.dtype == torch.bool else mask == 0
+        allowed = allowed & ~pad[:, None, None, :]
+        eye = torch.eye(index.shape[1], dtype=torch.bool, device=index.device)
+        allowed = allowed | (pad[:, None, :, None] & eye)  # padding slots attend to themselves
+        return self._as_mask(allowed, mask, dtype)
+
+    def _decode(self, layer_idx: int, kwargs: dict) -> None:
+        cache = self.state.cache
+        if cache is None or not isinstance(cache, VTokenCache):
+            return
+        held = cache.held_positions(layer_idx)
+        if held is None or _is_dense(held, cache.layers[layer_idx].logical_length):
+            return
+        past, q = cache.layers[layer_idx].logical_length, self.state.query_length
+        new = torch.arange(past, past + q, device=held.device).expand(held.shape[0], q)
+        columns = torch.cat([held, new], dim=-1)  # (B, T_held + q) logical key positions
+        dtype = kwargs["position_embeddings"][0].dtype
+        kwargs["attention_mask"] = self._decode_mask(kwargs.get("attention_mask"), columns, new, dtype)
+
+    def _decode_mask(
+        self, mask: Tensor | None, columns: Tensor, rows: Tensor, dtype: torch.dtype
+    ) -> Tensor | None:
+        pad = columns == PAD
+        if mask is None and not pad.any():
+            return None
+        if mask is None:
+            allowed = columns[:, None, None, :] <= rows[:, None, :, None]
+        else:
+            mask = gather_tokens(mask, columns.clamp(min=0), dim=3)
+            allowed = mask if mask.dtype == torch.bool else mask == 0
+        return self._as_mask(allowed & ~pad[:, None, None, :], mask, dtype)
+
+    def _as_mask(self, allowed: Tensor, like: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """Return ``allowed`` in the mask format of ``like`` (else of the attention implementation:
+        additive floats of the model's dtype for eager, booleans for sdpa)."""
+        dtype = like.dtype if like is not None else (dtype if self.eager else torch.bool)
+        if dtype == torch.bool:
+            return allowed
+        zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def _is_dense(held: Tensor, logical_length: int) -> bool:
+    return held.shape[-1] == logical_length and bool(
+        (held == torch.arange(logical_length, device=held.device)).all()
+    )
+
+
+def _require_vtoken_cache(cache: Any) -> None:
+    if not isinstance(cache, VTokenCache):
+        raise UnsupportedInputError(
+            f"Dropping tokens needs vtoken's per-layer cache, but a {type(cache).__name__} was passed. "
+            "Let vtoken create the cache (pass no past_key_values) or pass vtoken.VTokenCache(model.config)."
+        )
