@@ -30,7 +30,7 @@ def attention_share(model, processor, items: list[Item], boxes: list[tuple], lay
     image_id = model.config.image_token_id
     masses, areas = [], []
     previous = model.config.text_config._attn_implementation
-    model.language_model.set_attn_implementation("eager")
+    model.model.language_model.set_attn_implementation("eager")
     try:
         for item, box in zip(items, boxes):
             batch = encode(processor, [item], with_answers=False)
@@ -42,7 +42,7 @@ def attention_share(model, processor, items: list[Item], boxes: list[tuple], lay
             masses.append(float(visual[inside].sum()))
             areas.append(float(inside.mean()))
     finally:
-        model.language_model.set_attn_implementation(previous)
+        model.model.language_model.set_attn_implementation(previous)
     mass, area = float(np.mean(masses)), float(np.mean(areas))
     return {"mass": mass, "area": area, "ratio": mass / area}
 
