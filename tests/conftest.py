@@ -50,3 +50,7 @@ def make_inputs(family: str, processor, batch: bool) -> dict[str, torch.Tensor]:
 @pytest.fixture(params=TINY_FAMILIES)
 def family(request) -> str:
     return request.param
+
+
+# Tiny models run fastest on one thread, and tests then leave the other core to other work.
+torch.set_num_threads(1)

@@ -65,15 +65,16 @@ def key_masks(schedule: dict[int, torch.Tensor], num_layers: int) -> list[torch.
 
 
 @contextlib.contextmanager
-def masked_reference(model, schedule: dict[int, torch.Tensor]):
-    """Within the block, ``model`` runs eager attention with the scheduled keys masked out."""
+def masked_reference(model, schedule: dict[int, torch.Tensor], decode_only: bool = False):
+    """Within the block, ``model`` runs eager attention with the scheduled keys masked out (in
+    decode steps only, with ``decode_only``: that is what evicting them after the prefill means)."""
     parts = vtoken.locate_parts(model)
     masks = key_masks(schedule, parts.num_layers)
     eager, eager_mask = attention_functions(parts.attention(0), "eager")
 
     def attention(module, query, key, value, attention_mask=None, **kwargs):
         dropped = masks[module.layer_idx]
-        if dropped is not None:
+        if dropped is not None and not (decode_only and query.shape[2] > 1):
             extra = torch.zeros(key.shape[0], key.shape[2], dtype=query.dtype)
             extra[:, : dropped.shape[1]] = extra[:, : dropped.shape[1]].masked_fill(dropped, float("-inf"))
             attention_mask = extra[:, None, None, :] if attention_mask is None else attention_mask + extra[:, None, None, :]

@@ -8,6 +8,7 @@ Attach plugins to an unmodified transformers VLM in one line; detach to get the 
         print(session.report().format())
 """
 
+from vtoken.cache import PrunableLayer, VTokenCache
 from vtoken.config import PluginConfig, check_choice, check_range
 from vtoken.errors import (
     AlreadyAttachedError,
@@ -21,6 +22,8 @@ from vtoken.families import FAMILIES, FamilySpec, ModelParts, locate_parts, reso
 from vtoken.layout import VisualLayout
 from vtoken.metrics import Report
 from vtoken.plugin import Plugin
+from vtoken.probe import Probe, ProbeSpec
+from vtoken.runtime import PruneView
 from vtoken.registry import available_plugins, create_plugin, create_plugins, register_plugin
 from vtoken.session import Session, active_session, attach
 from vtoken.state import RunState
@@ -35,12 +38,17 @@ __all__ = [
     "ModelParts",
     "Plugin",
     "PluginConfig",
+    "Probe",
+    "ProbeSpec",
+    "PrunableLayer",
+    "PruneView",
     "PluginNotFoundError",
     "Report",
     "RunState",
     "Session",
     "UnsupportedInputError",
     "UnsupportedModelError",
+    "VTokenCache",
     "VTokenError",
     "VisualLayout",
     "active_session",

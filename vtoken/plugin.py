@@ -40,12 +40,15 @@ class Plugin:
         config_class: the plugin's :class:`PluginConfig` dataclass.
         families: family names the plugin supports; ``None`` means all of vtoken's families.
         supports_static_cache: whether the plugin is exact with a pre-allocated ``StaticCache``.
+        evicts_cache: set when the plugin removes cache entries itself (decode-time eviction through
+            :meth:`vtoken.VTokenCache.evict`), so the session installs the token runtime.
     """
 
     name: ClassVar[str] = ""
     config_class: ClassVar[type[PluginConfig]] = PluginConfig
     families: ClassVar[tuple[str, ...] | None] = None
     supports_static_cache: ClassVar[bool] = False
+    evicts_cache: ClassVar[bool] = False
 
     def __init__(self, config: PluginConfig | None = None, /, **overrides: Any) -> None:
         if config is None:
@@ -128,7 +131,7 @@ class Plugin:
     @property
     def prunes(self) -> bool:
         """Whether this plugin drops tokens (and so needs the token runtime)."""
-        return bool(self.prune_layers())
+        return self.evicts_cache or bool(self.prune_layers())
 
     def overrides(self, method: str) -> bool:
         """Whether this plugin's class overrides the override point ``method``."""

@@ -171,7 +171,9 @@ class Session:
         def generate(*args: Any, **kwargs: Any) -> Any:
             # transformers encodes images before the prefill forward: the prompt must be known first
             ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
-            self._start_prompt(ids)
+            cache = kwargs.get("past_key_values")
+            if cache is None or cache.get_seq_length() == 0:  # else: continuing (assistant drafts)
+                self._start_prompt(ids)
             try:
                 return base(*args, **kwargs)
             finally:

@@ -47,6 +47,7 @@ def _text_kwargs(vocab_size: int, **extra: Any) -> dict[str, Any]:
         pad_token_id=0,
         bos_token_id=2,
         eos_token_id=3,
+        initializer_range=0.3,  # peaked random logits: varied greedy outputs make tests sharper
         **extra,
     )
 
