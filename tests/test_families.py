@@ -65,3 +65,9 @@ def test_every_table_entry_is_a_transformers_class():
 
     for arch in supported_architectures():
         assert hasattr(transformers, arch), arch
+
+
+def test_is_visual_marks_each_rows_own_positions():
+    ids = torch.tensor([[9, 9, 5, 6], [5, 6, 9, 9]])
+    layout = VisualLayout.from_input_ids(ids, (9,))
+    assert layout.is_visual(4).tolist() == [[True, True, False, False], [False, False, True, True]]

@@ -145,3 +145,26 @@ def test_bad_prune_layer_and_attention_are_refused():
     fa_model.config.get_text_config()._attn_implementation_internal = "flash_attention_2"
     with pytest.raises(vtoken.UnsupportedInputError, match="set_attn_implementation\\('sdpa'\\)"):
         vtoken.attach(fa_model, FixedDrop(_schedule(fa_model, inputs, (2,))))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
+def test_dropping_every_visual_token_keeps_exactly_the_text(family):
+    class DropAll(vtoken.Plugin):
+        name = "drop_all"
+
+        def prune_layers(self):
+            return (1,)
+
+        def select(self, layer_idx, view):
+            return torch.zeros_like(view.visual_pad)
+
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, batch=True)
+    with vtoken.attach(model, DropAll()) as session, torch.no_grad():
+        model(**inputs)
+        positions, layout = session.state.seq_positions, session.state.layout
+        tokens = dict(session.state.layer_tokens)
+    visual = layout.is_visual(inputs["input_ids"].shape[1])
+    for b in range(positions.shape[0]):
+        assert torch.equal(positions[b][positions[b] != -1], (~visual[b]).nonzero().flatten())
+    assert tokens[0] == inputs["input_ids"].shape[1] and tokens[1] == int((~visual).sum(-1).max())

@@ -44,6 +44,12 @@ class VisualLayout:
         """``(B,)`` number of images (segments) per row."""
         return self.segments.max(-1).values + 1 if self.num_visual else self.counts
 
+    def is_visual(self, length: int) -> Tensor:
+        """``(B, length)`` bool, True at the prompt positions that hold visual tokens."""
+        flags = torch.zeros(self.positions.shape[0], length + 1, dtype=torch.bool, device=self.positions.device)
+        flags.scatter_(1, self.positions.masked_fill(~self.mask, length), True)
+        return flags[:, :length]
+
     @classmethod
     def from_input_ids(
         cls,

@@ -70,8 +70,8 @@ def select_rows(spec: ProbeSpec, state: RunState, seq_positions: Tensor) -> tupl
         return rows, torch.zeros_like(rows, dtype=torch.bool)
     wanted = seq_positions != PAD
     if spec.rows == "text":
-        visual = state.layout.positions[state.layout.mask].to(seq_positions.device)
-        wanted &= ~torch.isin(seq_positions, visual)
+        visual = state.layout.is_visual(state.query_length).to(seq_positions.device)
+        wanted &= ~visual.gather(-1, seq_positions.clamp(min=0))
         if state.prompt_mask is not None:
             real = state.prompt_mask.to(seq_positions.device).bool()
             wanted &= real.gather(-1, seq_positions.clamp(min=0))

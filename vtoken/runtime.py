@@ -118,7 +118,8 @@ class TokenRuntime:
     def _decide(self, layer_idx: int, hidden: Tensor) -> Tensor:
         """Ask the plugins deciding at this layer; gather the kept tokens."""
         positions = self._current_positions(hidden)
-        is_visual = torch.isin(positions, self._visual_positions(positions.device))
+        prompt_visual = self.state.layout.is_visual(self.state.query_length).to(positions.device)
+        is_visual = prompt_visual.gather(-1, positions.clamp(min=0)) & (positions != PAD)
         visual, visual_pad = left_pack(is_visual)
         view = PruneView(layer_idx, hidden, positions, visual, visual_pad, self.state)
         keep_visual = ~visual_pad
@@ -138,12 +139,6 @@ class TokenRuntime:
             return self.state.seq_positions
         length = hidden.shape[1]
         return torch.arange(length, device=hidden.device).expand(hidden.shape[0], length)
-
-    def _visual_positions(self, device: torch.device) -> Tensor:
-        layout = self.state.layout
-        return layout.positions[layout.mask].unique().to(device) if layout.num_visual else torch.empty(
-            0, dtype=torch.long, device=device
-        )
 
     def _fix_prefill_inputs(self, layer_idx: int, positions: Tensor, kwargs: dict) -> None:
         index, pad = positions.clamp(min=0), positions == PAD

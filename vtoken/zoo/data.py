@@ -14,6 +14,7 @@ from vtoken.zoo.questions import QA, sample
 from vtoken.zoo.scenes import SOURCE_SIZE, Scene, crop_box, split_seed
 
 IGNORE_INDEX = -100
+CROP_LABEL_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -55,13 +56,15 @@ def train_items(step: int, batch_size: int, crop_prob: float) -> list[Item]:
     """Fresh training items for ``step``: deterministic in ``step`` alone (resume-safe).
 
     A whole batch either has crops or not, so that sequences in a batch have equal image counts and
-    padding stays small.
+    padding stays small. Crop batches ask the fine-grained ``label`` family more often (a share
+    ``CROP_LABEL_SHARE`` on top of its usual weight): reading the digit is what the crop is for.
     """
     rng = np.random.default_rng([step, 7])
     with_crop = bool(rng.random() < crop_prob)
     items = []
     for j in range(batch_size):
-        scene, qa = sample(split_seed("train", step * batch_size + j))
+        family = "label" if with_crop and rng.random() < CROP_LABEL_SHARE else None
+        scene, qa = sample(split_seed("train", step * batch_size + j), family)
         items.append(make_item(scene, qa, with_crop, rng))
     return items
 
