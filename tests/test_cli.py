@@ -18,8 +18,8 @@ def test_run_prints_both_answers_and_reports(capsys):
                  "--set", "passthrough.scale=1.0", "--max-new-tokens", "3"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "[baseline: no plugins]" in out and "[plugged: passthrough]" in out
-    assert out.count("visual tokens") == 2 and out.count("answer:") == 2
+    assert "baseline:" in out and "[no plugins]" in out and "plugged:" in out and "[passthrough]" in out
+    assert "metric" in out and "prefill GFLOPs" in out and "KV cache" in out
 
 
 def test_run_with_a_saved_model_directory(tmp_path, capsys):

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from vtoken.errors import VTokenError
 from vtoken.loading import SAMPLE_IMAGE, SAMPLE_QUESTION, build_prompt, load_image, load_model
+from vtoken.metrics import compare
 
 DEFAULT_MODEL = "tiny:llava"
 
@@ -55,9 +56,11 @@ def _run(args: argparse.Namespace) -> int:
             answer = _generate(model, processor, inputs, args.max_new_tokens)
             results[label] = (answer, session.report())
     print(f"model:    {args.model} ({family})\nquestion: {args.question}")
-    for label, (answer, report) in results.items():
+    for label, (answer, _) in results.items():
         names = ", ".join(p.name for p in runs[label]) or "no plugins"
-        print(f"\n[{label}: {names}]\nanswer:   {answer}\n{report.format()}")
+        print(f"{label + ':':<10}{answer}   [{names}]")
+    print()
+    print(compare({label: report for label, (_, report) in results.items()}))
     return 0
 
 

@@ -1,4 +1,10 @@
-"""Efficiency measurements of an attached model: token counts and wall time per phase."""
+"""Efficiency measurements of an attached model, per generation (a prefill and its decode steps).
+
+- visual tokens present at every decoder layer in prefill;
+- analytic FLOPs from the real per-layer token counts (:mod:`vtoken.flops` states the convention);
+- KV-cache bytes really held (the key and value tensors of every layer);
+- wall time of vision encoding, prefill (vision included) and decode.
+"""
 
 from __future__ import annotations
 
@@ -9,22 +15,27 @@ from typing import Any
 from torch import nn
 
 from vtoken.families import ModelParts
+from vtoken.flops import FlopsBreakdown, decoder_layer_flops, lm_head_flops, vision_flops
 from vtoken.patch import Patcher
 from vtoken.state import RunState
 
 
 @dataclass
 class Report:
-    """Measurements of the last generation (a prefill and the decode steps after it).
+    """Measurements of the last generation run while attached.
 
     Attributes:
         family: model family name.
         batch_size: rows in the prompt batch.
         prompt_tokens: prompt length ``L`` (padding included).
-        visual_tokens: visual tokens in the prompt, summed over the batch.
+        visual_tokens: visual tokens in the prompt, summed over rows.
+        visual_per_layer: visual tokens present at each decoder layer in prefill, summed over rows.
         decode_steps: decode forwards after the prefill.
-        vision_s: wall time of the vision tower (and projector), seconds.
-        prefill_s: wall time of the prefill forward, vision encoding included.
+        prefill_flops: FLOPs of the prefill, vision tower and projector included.
+        decode_flops: FLOPs of all decode forwards.
+        kv_bytes: bytes of the key/value tensors held by the cache at the end.
+        vision_s: wall time of the vision tower and projector, seconds.
+        prefill_s: wall time of the prefill, vision encoding included.
         decode_s: wall time of all decode forwards.
     """
 
@@ -32,7 +43,11 @@ class Report:
     batch_size: int = 0
     prompt_tokens: int = 0
     visual_tokens: int = 0
+    visual_per_layer: list[int] = field(default_factory=list)
     decode_steps: int = 0
+    prefill_flops: FlopsBreakdown = field(default_factory=FlopsBreakdown)
+    decode_flops: FlopsBreakdown = field(default_factory=FlopsBreakdown)
+    kv_bytes: int = 0
     vision_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -40,80 +55,139 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def format(self) -> str:
-        """A short human-readable table."""
-        rows = [
-            ("family", self.family),
+    def rows(self) -> list[tuple[str, str]]:
+        """``(metric, value)`` pairs for display."""
+        kept = self.visual_per_layer
+        return [
             ("prompt tokens (batch x length)", f"{self.batch_size} x {self.prompt_tokens}"),
-            ("visual tokens", f"{self.visual_tokens}"),
+            ("visual tokens in prompt", f"{self.visual_tokens}"),
+            ("visual tokens at last layer", f"{kept[-1] if kept else self.visual_tokens}"),
             ("decode steps", f"{self.decode_steps}"),
+            ("prefill GFLOPs", f"{self.prefill_flops.total / 1e9:.4g}"),
+            ("decode GFLOPs", f"{self.decode_flops.total / 1e9:.4g}"),
+            ("KV cache", f"{self.kv_bytes / 2**20:.3f} MiB"),
             ("vision encoding", f"{self.vision_s * 1e3:.1f} ms"),
             ("prefill (incl. vision)", f"{self.prefill_s * 1e3:.1f} ms"),
             ("decode", f"{self.decode_s * 1e3:.1f} ms"),
         ]
+
+    def format(self) -> str:
+        """A short human-readable table."""
+        rows = self.rows()
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
 
+def compare(reports: dict[str, Report]) -> str:
+    """Side-by-side table of several reports (e.g. ``{"baseline": ..., "plugged": ...}``)."""
+    labels = list(reports)
+    table = [("metric", *labels)]
+    columns = [dict(r.rows()) for r in reports.values()]
+    for metric in columns[0]:
+        table.append((metric, *(c[metric] for c in columns)))
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) for row in table)
+
+
 @dataclass
 class Recorder:
-    """Collects a :class:`Report` through hooks on the model and its vision tower."""
+    """Collects a :class:`Report` through the session's hooks."""
 
+    model: nn.Module
     parts: ModelParts
+    state: RunState
     _report: Report | None = None
     _t0: dict[str, float] = field(default_factory=dict)
 
-    def attach(self, patcher: Patcher, state: RunState) -> None:
+    def attach(self, patcher: Patcher) -> None:
         """Time the vision tower through the projector; the session reports forward boundaries."""
-        self._state = state
-        patcher.pre_hook(self.parts.vision_tower, self._start("vision"))
-        patcher.post_hook(self.parts.projector, self._stop("vision"), always=True)
+        patcher.pre_hook(self.parts.vision_tower, self._start_vision)
+        patcher.post_hook(self.parts.projector, self._stop_vision, always=True)
 
-    def on_prompt_start(self) -> None:
+    def on_prompt_start(self, inputs: dict[str, Any]) -> None:
         """A new prompt: start a fresh report (vision encoding may run before its prefill)."""
-        ids, layout = self._state.prompt_ids, self._state.layout
+        ids, layout = self.state.prompt_ids, self.state.layout
+        vision, projector = vision_flops(self.model, inputs)
         self._report = Report(
             family=self.parts.spec.name,
             batch_size=ids.shape[0] if ids is not None else 0,
             prompt_tokens=ids.shape[-1] if ids is not None else 0,
             visual_tokens=int(layout.counts.sum()) if layout is not None else 0,
+            prefill_flops=FlopsBreakdown(vision=vision, projector=projector),
         )
 
     def on_forward_start(self) -> None:
         """Called by the session at the start of every model forward."""
         self._t0["forward"] = time.perf_counter()
 
-    def on_forward_end(self) -> None:
+    def on_forward_end(self, output: Any) -> None:
         """Called by the session at the end of every model forward (also after an error)."""
         start = self._t0.pop("forward", None)
-        if self._report is None or start is None:
+        report = self._report
+        if report is None or start is None or output is None:
             return
         elapsed = time.perf_counter() - start
-        if self._state.phase == "prefill":
-            self._report.prefill_s += elapsed
-        elif self._state.phase == "decode":
-            self._report.decode_s += elapsed
-            self._report.decode_steps += 1
+        flops = self._forward_flops(output)
+        if self.state.phase == "prefill":
+            report.prefill_s += elapsed
+            report.prefill_flops = report.prefill_flops + flops
+            report.visual_per_layer = self._visual_per_layer()
+        elif self.state.phase == "decode":
+            report.decode_s += elapsed
+            report.decode_steps += 1
+            report.decode_flops = report.decode_flops + flops
+        report.kv_bytes = _cache_bytes(self.state.cache)
 
     def report(self) -> Report:
         if self._report is None:
             return Report(family=self.parts.spec.name)
-        return Report(**self._report.to_dict())
+        return Report(**{**vars(self._report), "visual_per_layer": list(self._report.visual_per_layer)})
 
-    def _start(self, key: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-            self._t0.setdefault(key, time.perf_counter())
+    # -- internals -------------------------------------------------------------------------------
+    def _forward_flops(self, output: Any) -> FlopsBreakdown:
+        """Decoder and LM-head FLOPs of the forward that just ran, from what each layer held."""
+        config = self.model.config.get_text_config()
+        batch, query = self._report.batch_size or 1, self.state.query_length
+        layers = []
+        for idx in range(self.parts.num_layers):
+            width = self.state.layer_tokens.get(idx, query) if self.state.phase == "prefill" else query
+            n_kv = _held(self.state.cache, idx, default=width + self.state.past_length)
+            layers.append(batch * decoder_layer_flops(config, width, n_kv))
+        logits = getattr(output, "logits", None)
+        n_logits = logits.shape[1] if logits is not None else 0
+        return FlopsBreakdown(layers=layers, lm_head=batch * lm_head_flops(config, n_logits))
 
-        return hook
+    def _visual_per_layer(self) -> list[int]:
+        total = self._report.visual_tokens
+        return [self.state.layer_visual.get(i, total) for i in range(self.parts.num_layers)]
 
-    def _stop(self, key: str):
-        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            start = self._t0.pop(key, None)
-            if start is None or self._report is None:
-                return
-            elapsed = time.perf_counter() - start
-            self._report.vision_s += elapsed
-            if "forward" not in self._t0:  # encoded ahead of the prefill (as generate() does)
-                self._report.prefill_s += elapsed
+    def _start_vision(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._t0.setdefault("vision", time.perf_counter())
 
-        return hook
+    def _stop_vision(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        start = self._t0.pop("vision", None)
+        if start is None or self._report is None:
+            return
+        elapsed = time.perf_counter() - start
+        self._report.vision_s += elapsed
+        if "forward" not in self._t0:  # encoded ahead of the prefill (as generate() does)
+            self._report.prefill_s += elapsed
+
+
+def _held(cache: Any, layer_idx: int, default: int) -> int:
+    """Physical entries of one cache layer (what attention really read), else ``default``."""
+    layers = getattr(cache, "layers", None)
+    if not layers or layer_idx >= len(layers) or getattr(layers[layer_idx], "keys", None) is None:
+        return default
+    return layers[layer_idx].keys.shape[-2]
+
+
+def _cache_bytes(cache: Any) -> int:
+    """Bytes of every key/value tensor a cache holds (any layer storage that has ``nbytes``)."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if hasattr(layer, "nbytes"):
+            total += layer.nbytes()
+        elif getattr(layer, "keys", None) is not None:
+            total += layer.keys.nbytes + layer.values.nbytes
+    return total

@@ -108,9 +108,8 @@ class TokenRuntime:
         if layer_idx in self.decisions and self.state.layout is not None:
             hidden = self._decide(layer_idx, hidden)
         positions = self.state.seq_positions
-        self.state.layer_tokens[layer_idx] = (
-            hidden.shape[1] if positions is None else int((positions != PAD).sum(-1).max())
-        )
+        self.state.layer_tokens[layer_idx] = hidden.shape[1]
+        self.state.layer_visual[layer_idx] = self._visual_count(positions)
         if positions is not None:
             self._fix_prefill_inputs(layer_idx, positions, kwargs)
         return (hidden, *args[1:]), kwargs
@@ -133,6 +132,16 @@ class TokenRuntime:
         index, pad = left_pack((positions != PAD) & ~drop)
         self.state.seq_positions = positions.gather(-1, index).masked_fill(pad, PAD)
         return gather_tokens(hidden, index, dim=1)
+
+    def _visual_count(self, positions: Tensor | None) -> int:
+        """Visual tokens present, summed over rows."""
+        layout = self.state.layout
+        if layout is None:
+            return 0
+        if positions is None:
+            return int(layout.counts.sum())
+        visual = layout.is_visual(self.state.query_length).to(positions.device)
+        return int((visual.gather(-1, positions.clamp(min=0)) & (positions != PAD)).sum())
 
     def _current_positions(self, hidden: Tensor) -> Tensor:
         if self.state.seq_positions is not None:

@@ -68,7 +68,7 @@ class Session:
         self.plugins: list[Plugin] = create_plugins(plugins)
         self.state = RunState()
         self.patcher = Patcher()
-        self.recorder = Recorder(self.parts)
+        self.recorder = Recorder(model, self.parts, self.state)
         self.runtime: TokenRuntime | None = None
         self._prompt_started = False
         self._forward_params = list(inspect.signature(model.forward).parameters)
@@ -118,7 +118,7 @@ class Session:
     def _wire(self) -> None:
         self.patcher.pre_hook(self.model, self._on_forward_start)
         self.patcher.post_hook(self.model, self._on_forward_end, always=True)
-        self.recorder.attach(self.patcher, self.state)
+        self.recorder.attach(self.patcher)
         pruners = [p for p in self.plugins if p.prunes]
         self.runtime = TokenRuntime(self, pruners) if pruners else None
         specs = {key: None for p in self.plugins for key in p.probes().items()}
@@ -173,7 +173,7 @@ class Session:
             ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
             cache = kwargs.get("past_key_values")
             if cache is None or cache.get_seq_length() == 0:  # else: continuing (assistant drafts)
-                self._start_prompt(ids)
+                self._start_prompt(ids, kwargs)
             try:
                 return base(*args, **kwargs)
             finally:
@@ -208,7 +208,7 @@ class Session:
         self.state.past_length = past
         if past == 0:
             if not self._prompt_started:
-                self._start_prompt(ids)
+                self._start_prompt(ids, kwargs)
             self._prompt_started = False
             self.state.phase = "prefill"
             self.state.prompt_mask = kwargs.get("attention_mask")
@@ -219,7 +219,7 @@ class Session:
         self.recorder.on_forward_start()
         return (), kwargs
 
-    def _start_prompt(self, ids: torch.Tensor | None) -> None:
+    def _start_prompt(self, ids: torch.Tensor | None, inputs: dict[str, Any]) -> None:
         """A new prompt: find its visual tokens and let plugins drop per-prompt state."""
         layout = None
         if ids is not None:
@@ -228,7 +228,7 @@ class Session:
             )
         self.state.start_prompt(ids, layout)
         self._prompt_started = True
-        self.recorder.on_prompt_start()
+        self.recorder.on_prompt_start(inputs)
         for plugin in self.plugins:
             plugin.reset(self.state)
 
@@ -245,7 +245,7 @@ class Session:
                     kwargs["past_key_values"] = made
 
     def _on_forward_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self.recorder.on_forward_end()
+        self.recorder.on_forward_end(output)
         if self.state.phase == "decode":
             self.state.decode_steps += 1
         self.state.phase = "idle"

@@ -31,6 +31,7 @@ class RunState:
         seq_positions: ``(B, T)`` original positions of the prefill sequence after the latest
             token drop (``PAD`` on padding slots); ``None`` while nothing was dropped.
         layer_tokens: tokens each decoder layer processed in the last prefill (longest row).
+        layer_visual: visual tokens present at each decoder layer in the last prefill (all rows).
         probes: attention rows captured in the last prefill, by layer (see ``vtoken.probe``).
         extras: scratch space for plugins, cleared at every prefill.
     """
@@ -45,6 +46,7 @@ class RunState:
     prompt_mask: Tensor | None = None
     seq_positions: Tensor | None = None
     layer_tokens: dict[int, int] = field(default_factory=dict)
+    layer_visual: dict[int, int] = field(default_factory=dict)
     probes: dict[int, Any] = field(default_factory=dict)
     extras: dict[str, object] = field(default_factory=dict)
 
@@ -53,5 +55,5 @@ class RunState:
         self.prompt_ids, self.layout = prompt_ids, layout
         self.decode_steps = 0
         self.seq_positions = None
-        for table in (self.layer_tokens, self.probes, self.extras):
+        for table in (self.layer_tokens, self.layer_visual, self.probes, self.extras):
             table.clear()
