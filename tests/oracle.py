@@ -54,6 +54,14 @@ def random_schedule(layout: vtoken.VisualLayout, length: int, layers: tuple[int,
     return schedule
 
 
+def schedule_for(model, inputs: dict, layers: tuple[int, ...], seed: int = 0) -> dict[int, torch.Tensor]:
+    """A random drop schedule for the prompt in ``inputs`` (see :func:`random_schedule`)."""
+    parts = vtoken.locate_parts(model)
+    ids = inputs["input_ids"]
+    layout = vtoken.VisualLayout.from_input_ids(ids, parts.image_token_ids, parts.tokens_per_image)
+    return random_schedule(layout, ids.shape[1], layers, seed)
+
+
 def key_masks(schedule: dict[int, torch.Tensor], num_layers: int) -> list[torch.Tensor | None]:
     """Per layer, the ``(B, L)`` prompt positions dropped at or before it."""
     masks, dropped = [], None
@@ -77,7 +85,8 @@ def masked_reference(model, schedule: dict[int, torch.Tensor], decode_only: bool
         if dropped is not None and not (decode_only and query.shape[2] > 1):
             extra = torch.zeros(key.shape[0], key.shape[2], dtype=query.dtype)
             extra[:, : dropped.shape[1]] = extra[:, : dropped.shape[1]].masked_fill(dropped, float("-inf"))
-            attention_mask = extra[:, None, None, :] if attention_mask is None else attention_mask + extra[:, None, None, :]
+            extra = extra[:, None, None, :]
+            attention_mask = extra if attention_mask is None else attention_mask + extra
         return eager(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(ORACLE, attention)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_inputs, tiny
-from oracle import FixedDrop, random_schedule
+from oracle import FixedDrop, schedule_for
 from torch.utils.flop_counter import FlopCounterMode
 
 import vtoken
@@ -19,12 +19,6 @@ def _measured(model, inputs, plugins, **generate):
         with counter:
             out = model.generate(**inputs, **generate) if generate else model(**inputs)
         return session.report(), counter.get_total_flops(), out
-
-
-def _schedule(model, inputs, layers):
-    parts = vtoken.locate_parts(model)
-    layout = vtoken.VisualLayout.from_input_ids(inputs["input_ids"], parts.image_token_ids, parts.tokens_per_image)
-    return random_schedule(layout, inputs["input_ids"].shape[1], layers)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -44,7 +38,7 @@ def test_pruned_flops_match_torch_counter_and_shrink(family):
     model, processor = tiny(family, "eager")
     inputs = make_inputs(family, processor, batch=True)
     full, _, _ = _measured(model, inputs, [], max_new_tokens=4, do_sample=False)
-    schedule = _schedule(model, inputs, (2,))
+    schedule = schedule_for(model, inputs, (2,))
     pruned, counted, out = _measured(model, inputs, FixedDrop(schedule), max_new_tokens=4, do_sample=False)
     assert pruned.prefill_flops.total + pruned.decode_flops.total == pytest.approx(counted, rel=0.05)
     assert pruned.prefill_flops.layers[:2] == full.prefill_flops.layers[:2]
@@ -60,7 +54,7 @@ def test_pruned_flops_match_torch_counter_and_shrink(family):
 def test_kv_bytes_equal_the_cache_tensors():
     model, processor = tiny("qwen2_vl")
     inputs = make_inputs("qwen2_vl", processor, batch=True)
-    with vtoken.attach(model, FixedDrop(_schedule(model, inputs, (1,)))) as session:
+    with vtoken.attach(model, FixedDrop(schedule_for(model, inputs, (1,)))) as session:
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
         report = session.report()
     tensors = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_inputs, tiny
-from oracle import masked_reference, random_schedule
+from oracle import masked_reference, schedule_for
 
 import vtoken
 from vtoken import ProbeSpec
@@ -70,9 +70,7 @@ def test_probe_after_a_drop_equals_masked_reference(family):
     reference's attention (where dropped keys have probability 0) at those keys."""
     model, processor = tiny(family, "eager")
     inputs = make_inputs(family, processor, batch=True)
-    parts = vtoken.locate_parts(model)
-    layout = vtoken.VisualLayout.from_input_ids(inputs["input_ids"], parts.image_token_ids, parts.tokens_per_image)
-    schedule = random_schedule(layout, inputs["input_ids"].shape[1], (2,))
+    schedule = schedule_for(model, inputs, (2,))
     with masked_reference(model, schedule):
         reference = _eager_attentions(model, inputs)[3][:, :, -1, :].float()  # (B, H, L)
     with vtoken.attach(model, Recorder({3: LAST}, schedule)) as session, torch.no_grad():

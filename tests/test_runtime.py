@@ -5,21 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_inputs, tiny
-from oracle import FixedDrop, masked_reference, random_schedule
+from oracle import FixedDrop, masked_reference, schedule_for
 
 import vtoken
 from vtoken.tiny import TINY_FAMILIES, build_tiny
 
 GEN = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
 SCHEDULES = {"K=0": (0,), "K=2": (2,), "two-stage": (1, 3)}
-
-
-def _schedule(model, inputs, layers):
-    parts = vtoken.locate_parts(model)
-    layout = vtoken.VisualLayout.from_input_ids(
-        inputs["input_ids"], parts.image_token_ids, parts.tokens_per_image
-    )
-    return random_schedule(layout, inputs["input_ids"].shape[1], layers)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -29,7 +21,7 @@ def _schedule(model, inputs, layers):
 def test_dropping_matches_masked_dense_reference(family, stages, attn, batch):
     model, processor = tiny(family, attn)
     inputs = make_inputs(family, processor, batch)
-    schedule = _schedule(model, inputs, stages)
+    schedule = schedule_for(model, inputs, stages)
     with torch.no_grad():
         with masked_reference(model, schedule):
             ref_logits = model(**inputs).logits
@@ -64,7 +56,7 @@ def test_assisted_decoding_on_a_pruned_cache_equals_greedy(family, stages):
     draft.generation_config.num_assistant_tokens_schedule = "constant"
     draft.generation_config.num_assistant_tokens = 4
     inputs = make_inputs(family, processor, batch=False)
-    schedule = _schedule(model, inputs, stages)
+    schedule = schedule_for(model, inputs, stages)
     # random weights can emit image placeholders, which a verify forward would treat as images
     options = dict(max_new_tokens=16, do_sample=False, bad_words_ids=[[processor.image_token_id]])
     query_lengths = []
@@ -85,7 +77,7 @@ def test_assisted_decoding_on_a_pruned_cache_equals_greedy(family, stages):
 def test_cache_reports_bytes_positions_and_rollback():
     model, processor = tiny("llava")
     inputs = make_inputs("llava", processor, batch=True)
-    schedule = _schedule(model, inputs, (2,))
+    schedule = schedule_for(model, inputs, (2,))
     with vtoken.attach(model, FixedDrop(schedule)):
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
     cache = out.past_key_values
@@ -107,7 +99,7 @@ def test_decode_time_eviction_matches_masked_reference():
     """Evicting prompt entries after the prefill equals masking those keys in every decode step."""
     model, processor = tiny("llava", "eager")
     inputs = make_inputs("llava", processor, batch=True)
-    evict = _schedule(model, inputs, (0,))[0]
+    evict = schedule_for(model, inputs, (0,))[0]
 
     class Evict(vtoken.Plugin):
         name = "evict_after_prefill"
@@ -137,14 +129,14 @@ def test_decode_time_eviction_matches_masked_reference():
 def test_bad_prune_layer_and_attention_are_refused():
     model, processor = tiny("llava")
     inputs = make_inputs("llava", processor, batch=False)
-    schedule = _schedule(model, inputs, (9,))
+    schedule = schedule_for(model, inputs, (9,))
     with pytest.raises(vtoken.UnsupportedInputError, match="prunes at layer 9.*valid: 0..3"):
         vtoken.attach(model, FixedDrop(schedule))
     assert vtoken.active_session(model) is None
     fa_model, _ = build_tiny("llava")
     fa_model.config.get_text_config()._attn_implementation_internal = "flash_attention_2"
     with pytest.raises(vtoken.UnsupportedInputError, match="set_attn_implementation\\('sdpa'\\)"):
-        vtoken.attach(fa_model, FixedDrop(_schedule(fa_model, inputs, (2,))))
+        vtoken.attach(fa_model, FixedDrop(schedule_for(fa_model, inputs, (2,))))
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])

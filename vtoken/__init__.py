@@ -23,8 +23,8 @@ from vtoken.layout import VisualLayout
 from vtoken.metrics import Report
 from vtoken.plugin import Plugin
 from vtoken.probe import Probe, ProbeSpec
-from vtoken.runtime import PruneView
 from vtoken.registry import available_plugins, create_plugin, create_plugins, register_plugin
+from vtoken.runtime import PruneView
 from vtoken.session import Session, active_session, attach
 from vtoken.state import RunState
 

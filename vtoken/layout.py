@@ -46,7 +46,7 @@ class VisualLayout:
 
     def is_visual(self, length: int) -> Tensor:
         """``(B, length)`` bool, True at the prompt positions that hold visual tokens."""
-        flags = torch.zeros(self.positions.shape[0], length + 1, dtype=torch.bool, device=self.positions.device)
+        flags = self.positions.new_zeros((self.positions.shape[0], length + 1), dtype=torch.bool)
         flags.scatter_(1, self.positions.masked_fill(~self.mask, length), True)
         return flags[:, :length]
 

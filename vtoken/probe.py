@@ -79,7 +79,12 @@ def select_rows(spec: ProbeSpec, state: RunState, seq_positions: Tensor) -> tupl
 
 
 def attention_rows(
-    query: Tensor, key: Tensor, mask: Tensor | None, rows: Tensor, scaling: float, softcap: float | None = None
+    query: Tensor,
+    key: Tensor,
+    mask: Tensor | None,
+    rows: Tensor,
+    scaling: float,
+    softcap: float | None = None,
 ) -> Tensor:
     """Attention probabilities of selected query rows, exactly as eager attention computes them.
 

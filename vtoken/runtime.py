@@ -75,9 +75,10 @@ class TokenRuntime:
         for plugin in pruners:
             for layer in plugin.prune_layers():
                 if not 0 <= layer < session.parts.num_layers:
+                    n = session.parts.num_layers
                     raise UnsupportedInputError(
-                        f"{plugin.name} prunes at layer {layer}, but the model has "
-                        f"{session.parts.num_layers} decoder layers (valid: 0..{session.parts.num_layers - 1})."
+                        f"{plugin.name} prunes at layer {layer}, but the model has {n} decoder "
+                        f"layers (valid: 0..{n - 1})."
                     )
                 self.decisions.setdefault(layer, []).append(plugin)
         impl = session.model.config.get_text_config()._attn_implementation
@@ -163,7 +164,9 @@ class TokenRuntime:
             _require_vtoken_cache(cache)
             cache.expect(layer_idx, positions, self.state.query_length)
 
-    def _prefill_mask(self, mask: Tensor | None, index: Tensor, pad: Tensor, dtype: torch.dtype) -> Tensor | None:
+    def _prefill_mask(
+        self, mask: Tensor | None, index: Tensor, pad: Tensor, dtype: torch.dtype
+    ) -> Tensor | None:
         if mask is None and not pad.any():
             return None  # still a plain causal mask over the (ordered) kept tokens
         if mask is None:

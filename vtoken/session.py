@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from transformers import DynamicCache
 
+from vtoken.cache import VTokenCache
 from vtoken.config import PluginConfig
 from vtoken.errors import AlreadyAttachedError, UnsupportedInputError, UnsupportedModelError
 from vtoken.families import ModelParts, locate_parts
-from vtoken.cache import VTokenCache
 from vtoken.layout import VisualLayout
 from vtoken.metrics import Recorder, Report
 from vtoken.patch import Patcher, attention_functions
