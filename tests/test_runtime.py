@@ -160,3 +160,15 @@ def test_dropping_every_visual_token_keeps_exactly_the_text(family):
     for b in range(positions.shape[0]):
         assert torch.equal(positions[b][positions[b] != -1], (~visual[b]).nonzero().flatten())
     assert tokens[0] == inputs["input_ids"].shape[1] and tokens[1] == int((~visual).sum(-1).max())
+
+
+def test_text_only_prompts_and_embeddings_inputs():
+    model, processor = tiny("llava")
+    ids = processor.tokenizer(["what colour is the circle ?"], return_tensors="pt").input_ids
+    plugin = FixedDrop({2: torch.ones(1, ids.shape[1], dtype=torch.bool)})
+    reference = model.generate(ids, max_new_tokens=4, do_sample=False)
+    with vtoken.attach(model, plugin) as session:
+        assert torch.equal(model.generate(ids, max_new_tokens=4, do_sample=False), reference)
+        assert session.report().visual_tokens == 0
+        with pytest.raises(vtoken.UnsupportedInputError, match="pass input_ids"):
+            model(inputs_embeds=model.get_input_embeddings()(ids))

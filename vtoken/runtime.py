@@ -121,6 +121,8 @@ class TokenRuntime:
         prompt_visual = self.state.layout.is_visual(self.state.query_length).to(positions.device)
         is_visual = prompt_visual.gather(-1, positions.clamp(min=0)) & (positions != PAD)
         visual, visual_pad = left_pack(is_visual)
+        if visual.shape[1] == 0:  # text-only prompt: nothing to choose from
+            return hidden
         view = PruneView(layer_idx, hidden, positions, visual, visual_pad, self.state)
         keep_visual = ~visual_pad
         for plugin in self.decisions[layer_idx]:

@@ -222,6 +222,11 @@ class Session:
     def _start_prompt(self, ids: torch.Tensor | None, inputs: dict[str, Any]) -> None:
         """A new prompt: find its visual tokens and let plugins drop per-prompt state."""
         layout = None
+        if ids is None and self.runtime is not None:
+            raise UnsupportedInputError(
+                "Token dropping locates visual tokens by their placeholder ids: pass input_ids "
+                "(with pixel_values), not inputs_embeds."
+            )
         if ids is not None:
             layout = VisualLayout.from_input_ids(
                 ids, self.parts.image_token_ids, self.parts.tokens_per_image
