@@ -9,7 +9,9 @@ from vtoken.zoo.export import export_split, save_model_folder
 from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
 from vtoken.zoo.questions import sample
 
-TINY = ZooModelConfig(vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2)
+TINY = ZooModelConfig(
+    vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2
+)
 
 
 def _tiny():

@@ -7,7 +7,9 @@ import torch
 from vtoken.zoo.model import ZooModelConfig
 from vtoken.zoo.train import TrainConfig, lr_factor, train
 
-TINY = ZooModelConfig(vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=16, text_layers=1, text_heads=2)
+TINY = ZooModelConfig(
+    vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=16, text_layers=1, text_heads=2
+)
 
 
 def _cfg(run_dir, steps):

@@ -11,7 +11,8 @@ import torch
 
 from vtoken.zoo.data import Item, encode
 from vtoken.zoo.evaluate import predict, score, split_items
-from vtoken.zoo.scenes import BASE_SIZE, SOURCE_SIZE
+from vtoken.zoo.questions import sample
+from vtoken.zoo.scenes import BASE_SIZE, SOURCE_SIZE, split_seed
 
 
 @torch.no_grad()
@@ -62,9 +63,6 @@ def measure(model, processor, per_family: int) -> dict:
     results = {"full_view": score(items, predict(model, processor, items))}
     cropped = [it for it in split_items("test", per_family, with_crop=True) if it.family == "label"]
     results["label_with_crop"] = score(cropped, predict(model, processor, cropped))["label"]
-    from vtoken.zoo.questions import sample
-    from vtoken.zoo.scenes import split_seed
-
     probe = [(it, sample(split_seed("test", k), it.family)[1].box) for k, it in enumerate(items)]
     probe = [(it, box) for it, box in probe if it.family in ("colour", "label")][:200]
     layer = model.config.text_config.num_hidden_layers // 2

@@ -14,7 +14,6 @@ from vtoken.zoo.questions import FAMILIES, sample
 from vtoken.zoo.scenes import split_seed
 
 
-
 def save_model_folder(model, processor, out: str | Path) -> Path:
     """Save weights (safetensors), config, generation config, tokenizer and processor to ``out``."""
     out = Path(out)
