@@ -64,56 +64,30 @@ def _clip_vision(image_size: int = 32) -> tf.CLIPVisionConfig:
     )
 
 
-def _clip_image_processor(size: int = 32) -> tf.CLIPImageProcessor:
-    return tf.CLIPImageProcessor(
-        size={"shortest_edge": size}, crop_size={"height": size, "width": size}
-    )
-
-
-def _llava() -> tuple[tf.PreTrainedModel, tf.ProcessorMixin]:
+def _llava(anyres: bool) -> tuple[tf.PreTrainedModel, tf.ProcessorMixin]:
+    """LLaVA-1.5, or LLaVA-NeXT (``anyres``: high-resolution crops on a grid of pinpoints)."""
     tok = build_word_tokenizer(WORDS, ["<image>"])
-    processor = tf.LlavaProcessor(
-        image_processor=_clip_image_processor(),
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
+    pinpoints = {"image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64]]} if anyres else {}
+    image_processor_cls = tf.LlavaNextImageProcessor if anyres else tf.CLIPImageProcessor
+    image_processor = image_processor_cls(
+        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, **pinpoints
     )
-    config = tf.LlavaConfig(
+    select = dict(vision_feature_select_strategy="default")
+    processor_cls = tf.LlavaNextProcessor if anyres else tf.LlavaProcessor
+    processor = processor_cls(
+        image_processor=image_processor, tokenizer=tok, patch_size=8, num_additional_image_tokens=1, **select
+    )
+    config_cls = tf.LlavaNextConfig if anyres else tf.LlavaConfig
+    config = config_cls(
         text_config=tf.LlamaConfig(**_text_kwargs(len(tok))),
         vision_config=_clip_vision(),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
-        image_seq_length=16,
-        vision_feature_select_strategy="default",
         vision_feature_layer=-1,
+        **select,
+        **(pinpoints or {"image_seq_length": 16}),
     )
-    return tf.LlavaForConditionalGeneration(config), processor
-
-
-def _llava_next() -> tuple[tf.PreTrainedModel, tf.ProcessorMixin]:
-    tok = build_word_tokenizer(WORDS, ["<image>"])
-    pinpoints = [[32, 32], [32, 64], [64, 32], [64, 64]]
-    image_processor = tf.LlavaNextImageProcessor(
-        size={"shortest_edge": 32},
-        crop_size={"height": 32, "width": 32},
-        image_grid_pinpoints=pinpoints,
-    )
-    processor = tf.LlavaNextProcessor(
-        image_processor=image_processor,
-        tokenizer=tok,
-        patch_size=8,
-        vision_feature_select_strategy="default",
-        num_additional_image_tokens=1,
-    )
-    config = tf.LlavaNextConfig(
-        text_config=tf.LlamaConfig(**_text_kwargs(len(tok))),
-        vision_config=_clip_vision(),
-        image_token_id=tok.convert_tokens_to_ids("<image>"),
-        image_grid_pinpoints=pinpoints,
-        vision_feature_select_strategy="default",
-        vision_feature_layer=-1,
-    )
-    return tf.LlavaNextForConditionalGeneration(config), processor
+    model_cls = tf.LlavaNextForConditionalGeneration if anyres else tf.LlavaForConditionalGeneration
+    return model_cls(config), processor
 
 
 def _qwen_vision(v25: bool) -> dict[str, Any]:
@@ -202,8 +176,8 @@ def _paligemma() -> tuple[tf.PreTrainedModel, tf.ProcessorMixin]:
 
 
 _BUILDERS: dict[str, Callable[[], tuple[tf.PreTrainedModel, tf.ProcessorMixin]]] = {
-    "llava": _llava,
-    "llava_next": _llava_next,
+    "llava": lambda: _llava(anyres=False),
+    "llava_next": lambda: _llava(anyres=True),
     "qwen2_vl": lambda: _qwen(v25=False),
     "qwen2_5_vl": lambda: _qwen(v25=True),
     "idefics3": lambda: _idefics(smol=False),
