@@ -30,7 +30,9 @@ ENTRY_POINT_GROUP = "vtoken.plugins"
 ALLOW_ENV = "VTOKEN_PLUGINS"
 
 #: Built-in plugins, imported only when used (``import vtoken`` never imports ``vtoken_plugins``).
-BUILTIN_PLUGINS: dict[str, str] = {}
+BUILTIN_PLUGINS: dict[str, str] = {
+    "token_pruning": "vtoken_plugins.token_pruning:TokenPruning",
+}
 
 _RUNTIME: dict[str, str | type[Plugin]] = {}
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")

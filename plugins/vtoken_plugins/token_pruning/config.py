@@ -1,0 +1,78 @@
+"""Configuration of the ``token_pruning`` plugin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vtoken import ConfigError, PluginConfig, check_range
+
+Scorer = Literal["fastv", "text_guided", "diversity", "random"]
+ATTENTION_SCORERS = ("fastv", "text_guided")
+
+
+@dataclass
+class TokenPruningConfig(PluginConfig):
+    """Which visual tokens to keep, where, and by which criterion.
+
+    Args:
+        scorer: the criterion ranking visual tokens at each stage:
+            ``"fastv"`` - attention from the last prompt token at the layer before the stage
+            (FastV, Chen et al. 2024); ``"text_guided"`` - attention from the prompt's text tokens,
+            averaged over them and the heads (SparseVLM-style, Zhang et al. 2024; SparseVLM rates only
+            the text tokens relevant to the image - we use all of them); ``"diversity"`` - DART's
+            duplication-aware selection (Wen et al. 2025): ``pivots`` tokens with the largest hidden
+            state norm (DART ranks by key norm; we read the hidden state entering the stage), then
+            the tokens least similar to any pivot; ``"random"`` - a seeded random subset (baseline).
+        keep_ratio: fraction of each row's visual tokens kept after the last stage, in (0, 1].
+            ``1.0`` is the do-nothing setting.
+        keep_tokens: keep exactly this many visual tokens per row after the last stage instead of a
+            ratio (rows with fewer keep all of theirs).
+        layers: decoder layers at whose input tokens are dropped, ascending (one per stage). The
+            attention scorers read the layer before each stage, so they need layers >= 1.
+        stage_ratios: fraction of the visual tokens present kept at each stage (PyramidDrop-style,
+            Xing et al. 2024); defaults to an even geometric schedule reaching ``keep_ratio``.
+        pivots: number of pivot tokens for ``"diversity"``.
+        seed: seed of the ``"random"`` scorer.
+    """
+
+    scorer: Scorer = "fastv"
+    keep_ratio: float = 0.25
+    keep_tokens: int | None = None
+    layers: tuple[int, ...] = (2,)
+    stage_ratios: tuple[float, ...] | None = None
+    pivots: int = 8
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("token_pruning.keep_ratio", self.keep_ratio, 0.0, 1.0, low_inclusive=False)
+        if self.keep_tokens is not None:
+            check_range("token_pruning.keep_tokens", self.keep_tokens, 1)
+        if not self.layers or list(self.layers) != sorted(set(self.layers)) or self.layers[0] < 0:
+            raise ConfigError(
+                f"token_pruning.layers must be distinct ascending layer indices >= 0, got {self.layers!r}."
+            )
+        if self.scorer in ATTENTION_SCORERS and self.layers[0] < 1:
+            raise ConfigError(
+                f"token_pruning.scorer={self.scorer!r} reads attention at the layer before each stage, "
+                "so token_pruning.layers must start at 1 or later (layer 0 has no earlier attention)."
+            )
+        if self.stage_ratios is not None:
+            if len(self.stage_ratios) != len(self.layers):
+                raise ConfigError(
+                    "token_pruning.stage_ratios needs one ratio per entry of token_pruning.layers "
+                    f"({len(self.layers)}), got {len(self.stage_ratios)}."
+                )
+            for ratio in self.stage_ratios:
+                check_range("token_pruning.stage_ratios[i]", ratio, 0.0, 1.0, low_inclusive=False)
+        check_range("token_pruning.pivots", self.pivots, 1)
+
+    def ratios(self) -> tuple[float, ...]:
+        """Fraction of the visual tokens present that each stage keeps."""
+        if self.stage_ratios is not None:
+            return self.stage_ratios
+        return (self.keep_ratio ** (1 / len(self.layers)),) * len(self.layers)
+
+    @property
+    def keeps_everything(self) -> bool:
+        return self.keep_tokens is None and self.keep_ratio == 1.0 and all(r == 1.0 for r in self.ratios())

@@ -1,0 +1,163 @@
+"""token_pruning: exact when keeping everything, runs everywhere, and keeps what its criterion says."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_inputs, tiny
+from oracle import masked_reference
+from vtoken_plugins.token_pruning import TokenPruning, TokenPruningConfig
+
+import vtoken
+from vtoken.tiny import TINY_FAMILIES
+
+GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
+SCORERS = ("fastv", "text_guided", "diversity", "random")
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_keeping_everything_is_exact(family):
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, batch=True)
+    with torch.no_grad():
+        reference = model(**inputs).logits, model.generate(**inputs, **GEN)
+        with vtoken.attach(model, TokenPruning(keep_ratio=1.0, layers=(1, 3))):
+            plugged = model(**inputs).logits, model.generate(**inputs, **GEN)
+    assert torch.equal(reference[0], plugged[0])
+    assert torch.equal(reference[1].sequences, plugged[1].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(reference[1].logits, plugged[1].logits, strict=True))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("scorer", SCORERS)
+@pytest.mark.parametrize("layers", [(2,), (1, 3)], ids=["single-stage", "two-stage"])
+def test_every_scorer_and_schedule_runs_everywhere(family, scorer, layers):
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, batch=True)
+    plugin = TokenPruning(scorer=scorer, keep_ratio=0.25, layers=layers)
+    with vtoken.attach(model, plugin) as session, torch.no_grad():
+        model(**inputs)
+        out = model.generate(**inputs, **GEN)
+        report, counts = session.report(), session.state.layout.counts.tolist()
+    assert report.decode_steps == 4 and len(out.logits) == 5
+    expected, ratio = [report.visual_tokens], 0.25 ** (1 / len(layers))
+    for _ in layers:  # each stage keeps ceil(ratio * present) of every row
+        counts = [math.ceil(n * ratio) for n in counts]
+        expected.append(sum(counts))
+    stages = [expected[sum(layer >= k for k in layers)] for layer in range(len(report.visual_per_layer))]
+    assert report.visual_per_layer == stages
+
+
+def _expected_fastv(attentions, layer, layout, length, k_of):
+    """Top-k visual positions per row by the last token's head-mean attention at ``layer``."""
+    scores = attentions[layer][:, :, -1, :].float().mean(1)  # (B, L)
+    kept = []
+    for b in range(scores.shape[0]):
+        pos = layout.positions[b][layout.mask[b]]
+        order = scores[b, pos].argsort(descending=True, stable=True)
+        kept.append(set(pos[order[: k_of(len(pos))]].tolist()))
+    return kept
+
+
+def _kept_visual(session, layout):
+    positions = session.state.seq_positions
+    visual = layout.is_visual(session.state.query_length)
+    return [set(p[(p != -1) & visual[b].gather(0, p.clamp(min=0))].tolist()) for b, p in enumerate(positions)]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_fastv_keeps_the_top_tokens_of_dense_eager_attention(family):
+    model, processor = tiny(family, "sdpa")
+    eager, _ = tiny(family, "eager")
+    inputs = make_inputs(family, processor, batch=True)
+    with torch.no_grad():
+        attentions = eager(**inputs, output_attentions=True).attentions
+    with vtoken.attach(model, TokenPruning(scorer="fastv", keep_ratio=0.3, layers=(2,))) as session:
+        with torch.no_grad():
+            model(**inputs)
+        layout = session.state.layout
+        kept = _kept_visual(session, layout)
+    expected = _expected_fastv(attentions, 1, layout, inputs["input_ids"].shape[1], lambda n: -(-n * 3 // 10))
+    assert kept == expected
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma", "idefics3"])
+def test_text_guided_keeps_the_top_tokens_of_dense_eager_attention(family):
+    model, processor = tiny(family, "eager")
+    inputs = make_inputs(family, processor, batch=True)
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    with vtoken.attach(model, TokenPruning(scorer="text_guided", keep_ratio=0.5, layers=(2,))) as session:
+        with torch.no_grad():
+            model(**inputs)
+        layout = session.state.layout
+        kept = _kept_visual(session, layout)
+    length = inputs["input_ids"].shape[1]
+    visual = layout.is_visual(length)
+    text = inputs["attention_mask"].bool() & ~visual
+    for b in range(len(kept)):
+        rows = attentions[1][b].float().mean(0)[text[b]]  # (n_text, L) head-mean
+        scores = rows.mean(0)
+        pos = layout.positions[b][layout.mask[b]]
+        order = scores[pos].argsort(descending=True, stable=True)
+        assert kept[b] == set(pos[order[: -(-len(pos) // 2)]].tolist())
+
+
+def test_second_stage_ranks_by_attention_after_the_first_drop():
+    """Stage 2 reads layer 2's attention, computed without the tokens stage 1 dropped."""
+    model, processor = tiny("llava", "eager")
+    inputs = make_inputs("llava", processor, batch=True)
+    plugin = TokenPruning(scorer="fastv", layers=(1, 3), stage_ratios=(0.5, 0.5))
+    with vtoken.attach(model, plugin) as session, torch.no_grad():
+        model(**inputs)
+        layout, final = session.state.layout, _kept_visual(session, session.state.layout)
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    length = inputs["input_ids"].shape[1]
+    first = _expected_fastv(attentions, 0, layout, length, lambda n: -(-n // 2))
+    dropped = torch.zeros(len(first), length, dtype=torch.bool)
+    for b, keep in enumerate(first):
+        pos = layout.positions[b][layout.mask[b]].tolist()
+        dropped[b, [p for p in pos if p not in keep]] = True
+    with masked_reference(model, {1: dropped}), torch.no_grad():
+        after = model(**inputs, output_attentions=True).attentions[2][:, :, -1, :].float().mean(1)
+    for b, keep in enumerate(first):
+        survivors = torch.tensor(sorted(keep))
+        order = after[b, survivors].argsort(descending=True, stable=True)
+        assert final[b] == set(survivors[order[: -(-len(survivors) // 2)]].tolist())
+
+
+def test_keep_tokens_budget_and_random_determinism():
+    model, processor = tiny("qwen2_vl")
+    inputs = make_inputs("qwen2_vl", processor, batch=True)
+    runs = []
+    for _ in range(2):
+        with vtoken.attach(model, TokenPruning(scorer="random", keep_tokens=10, layers=(1, 2))) as session:
+            model(**inputs)
+            runs.append(_kept_visual(session, session.state.layout))
+    assert runs[0] == runs[1] and [len(r) for r in runs[0]] == [10, 10]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"keep_ratio": 0.0}, "keep_ratio must be in"),
+        ({"keep_ratio": 1.5}, "keep_ratio must be in"),
+        ({"keep_tokens": 0}, "keep_tokens must be in"),
+        ({"layers": (3, 2)}, "distinct ascending"),
+        ({"layers": (0,), "scorer": "fastv"}, "must start at 1"),
+        ({"layers": (1, 2), "stage_ratios": (0.5,)}, "one ratio per entry"),
+        ({"scorer": "magic"}, "scorer must be one of"),
+    ],
+)
+def test_invalid_configs_name_the_field(fields, message):
+    with pytest.raises(vtoken.ConfigError, match=message):
+        TokenPruningConfig(**fields)
+
+
+def test_layer_beyond_the_model_is_refused():
+    model, _ = tiny("llava")
+    with pytest.raises(vtoken.UnsupportedInputError, match="prunes at layer 7"):
+        vtoken.attach(model, TokenPruning(layers=(7,)))
