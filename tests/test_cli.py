@@ -53,3 +53,21 @@ def test_run_rejects_a_file_that_is_not_an_image(tmp_path, capsys):
     bogus.write_text("not an image")
     assert main(["run", "--image", str(bogus)]) == 2
     assert "not an image file" in capsys.readouterr().err
+
+
+def test_bench_speed_quick_writes_ratios(tmp_path, capsys):
+    out = tmp_path / "speed.json"
+    code = main(["bench", "speed", "--plugin", "token_pruning", "--quick", "--repeats", "1",
+                 "--threads", "1", "--out", str(out)])
+    assert code == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["repeats"] == 1 and 0 < result["prefill_flops_ratio"] < 1
+    assert 0 < result["kv_bytes_ratio"] < 1 and result["prefill_ratio"] > 0
+    assert "FLOPs predict" in capsys.readouterr().out
+
+
+def test_bench_speed_needs_exactly_one_plugin(capsys):
+    assert main(["bench", "speed", "--quick"]) == 2
+    assert "one plugin" in capsys.readouterr().err

@@ -36,6 +36,8 @@ class PrunableLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.positions: Tensor | None = None
         self.logical_length = 0
+        self.is_dense = True  # holds exactly positions 0..logical_length-1 (nothing dropped)
+        self.has_padding = False  # some rows hold padding slots (ragged drops)
         self._incoming: tuple[Tensor, int] | None = None
 
     def expect(self, positions: Tensor, logical_added: int) -> None:
@@ -49,6 +51,8 @@ class PrunableLayer(DynamicLayer):
         if self._incoming is not None:
             positions, added = self._incoming
             self._incoming = None
+            self.is_dense = self.is_dense and _is_range(positions, self.logical_length, added)
+            self.has_padding = self.has_padding or bool((positions == PAD).any())
         else:
             start = torch.arange(n, device=key_states.device) + self.logical_length
             positions, added = start.expand(key_states.shape[0], n), n
@@ -87,6 +91,8 @@ class PrunableLayer(DynamicLayer):
         self.keys = gather_tokens(self.keys, index, dim=2)
         self.values = gather_tokens(self.values, index, dim=2)
         self.positions = self.positions.gather(-1, index).masked_fill(pad, PAD)
+        self.is_dense = _is_range(self.positions, 0, self.logical_length)
+        self.has_padding = bool(pad.any())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -106,12 +112,21 @@ class PrunableLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.positions, self.logical_length, self._incoming = None, 0, None
+        self.is_dense, self.has_padding = True, False
 
     def nbytes(self) -> int:
         """Bytes of the key and value tensors held."""
         if self.keys is None or not self.is_initialized:
             return 0
         return self.keys.nbytes + self.values.nbytes
+
+
+def _is_range(positions: Tensor, start: int, length: int) -> bool:
+    """Whether every row of ``positions`` ``(B, n)`` is exactly ``start, ..., start + length - 1``."""
+    if positions.shape[-1] != length:
+        return False
+    expected = torch.arange(start, start + length, device=positions.device)
+    return bool((positions == expected).all())
 
 
 class VTokenCache(Cache):

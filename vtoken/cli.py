@@ -64,6 +64,34 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_speed(args: argparse.Namespace) -> int:
+    import json
+    from dataclasses import asdict
+    from pathlib import Path
+
+    import vtoken
+    from vtoken.bench.speed import QUICK, SpeedShape, run_speed
+
+    plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
+    if len(plugins) != 1:
+        raise vtoken.ConfigError("vtoken bench speed times one plugin: give one --plugin or --config.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_speed(plugins[0], QUICK if args.quick else SpeedShape(), repeats=args.repeats)
+    print(result.format())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(asdict(result), indent=2))
+    return 0
+
+
+def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], help="plugin name (repeatable)")
+    parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
+    parser.add_argument("--set", action="append", default=[], metavar="PLUGIN.FIELD=VALUE",
+                        help="override one config field (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtoken", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -72,12 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--model", default=DEFAULT_MODEL, help="local model directory or tiny:<family>")
     run.add_argument("--image", default=str(SAMPLE_IMAGE), help="image file (default: a sample scene)")
     run.add_argument("--question", default=SAMPLE_QUESTION)
-    run.add_argument("--plugin", action="append", default=[], help="plugin name (repeatable)")
-    run.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
-    run.add_argument("--set", action="append", default=[], metavar="PLUGIN.FIELD=VALUE",
-                     help="override one config field (repeatable)")
+    _add_plugin_args(run)
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.set_defaults(fn=_run)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    speed = bench.add_parser("speed", help="prefill/decode time of a plugin vs the unplugged model "
+                             "(random-weight LLaVA-1.5 token shape, interleaved repetitions, medians)")
+    _add_plugin_args(speed)
+    speed.add_argument("--repeats", type=int, default=5)
+    speed.add_argument("--quick", action="store_true", help="a small model (seconds, not minutes)")
+    speed.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    speed.add_argument("--out", help="write the result as JSON here")
+    speed.set_defaults(fn=_bench_speed)
     return parser
 
 

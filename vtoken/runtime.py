@@ -185,14 +185,15 @@ class TokenRuntime:
         cache = self.state.cache
         if cache is None or not isinstance(cache, VTokenCache):
             return
-        held = cache.held_positions(layer_idx)
-        if held is None or _is_dense(held, cache.layers[layer_idx].logical_length):
-            return
-        past, q = cache.layers[layer_idx].logical_length, self.state.query_length
+        layer, mask = cache.layers[layer_idx], kwargs.get("attention_mask")
+        if layer.is_dense or layer.positions is None or (mask is None and not layer.has_padding):
+            return  # no mask to re-index: attending to every entry held is already right
+        held = layer.positions
+        past, q = layer.logical_length, self.state.query_length
         new = torch.arange(past, past + q, device=held.device).expand(held.shape[0], q)
         columns = torch.cat([held, new], dim=-1)  # (B, T_held + q) logical key positions
         dtype = kwargs["position_embeddings"][0].dtype
-        kwargs["attention_mask"] = self._decode_mask(kwargs.get("attention_mask"), columns, new, dtype)
+        kwargs["attention_mask"] = self._decode_mask(mask, columns, new, dtype)
 
     def _decode_mask(
         self, mask: Tensor | None, columns: Tensor, rows: Tensor, dtype: torch.dtype
@@ -215,12 +216,6 @@ class TokenRuntime:
             return allowed
         zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
-def _is_dense(held: Tensor, logical_length: int) -> bool:
-    return held.shape[-1] == logical_length and bool(
-        (held == torch.arange(logical_length, device=held.device)).all()
-    )
 
 
 def _require_vtoken_cache(cache: Any) -> None:

@@ -1,0 +1,1 @@
+"""Benchmarks: speed (this module) and accuracy of plugins against the unplugged model."""

@@ -1,0 +1,144 @@
+"""Speed benchmark: a plugin against the unplugged model, in the same run, interleaved.
+
+The model has LLaVA-1.5's token shape (a 336x336 image in 14x14 patches gives 576 visual tokens)
+with random weights and a language model sized for a fair CPU measurement. Each repetition runs
+the baseline and the plugged model back to back, alternating which goes first; ratios are taken
+per repetition and summarised by their median, next to the ratio the FLOPs counter predicts.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import transformers as tf
+from tqdm.auto import tqdm
+
+import vtoken
+
+
+@dataclass(frozen=True)
+class SpeedShape:
+    """Model and prompt shape of the benchmark (defaults: LLaVA-1.5 token shape, ~140M LM)."""
+
+    image_size: int = 336
+    patch_size: int = 14
+    vision_hidden: int = 256
+    vision_layers: int = 2
+    hidden: int = 768
+    layers: int = 16
+    heads: int = 12
+    kv_heads: int = 4
+    intermediate: int = 2048
+    vocab: int = 32000
+    text_tokens: int = 64
+    new_tokens: int = 32
+
+    @property
+    def visual_tokens(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+
+QUICK = SpeedShape(image_size=112, vision_hidden=64, hidden=256, layers=8, heads=4, kv_heads=2,
+                   intermediate=512, vocab=4000, text_tokens=16, new_tokens=8)
+
+
+def build_model(shape: SpeedShape, seed: int = 0) -> tf.LlavaForConditionalGeneration:
+    """A random-weight LLaVA of the given shape, eval mode, fp32, sdpa attention."""
+    torch.manual_seed(seed)
+    vision = tf.CLIPVisionConfig(
+        hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
+        num_hidden_layers=shape.vision_layers, num_attention_heads=4,
+        image_size=shape.image_size, patch_size=shape.patch_size,
+    )
+    text = tf.LlamaConfig(
+        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads, max_position_embeddings=4096,
+    )
+    config = tf.LlavaConfig(
+        text_config=text, vision_config=vision, image_token_id=shape.vocab - 1,
+        image_seq_length=shape.visual_tokens, vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+    )
+    model = tf.LlavaForConditionalGeneration(config).eval()
+    model.set_attn_implementation("sdpa")
+    return model
+
+
+def build_inputs(shape: SpeedShape, seed: int = 0) -> dict[str, torch.Tensor]:
+    """One prompt: a few text tokens, the image's placeholders, the question."""
+    generator = torch.Generator().manual_seed(seed)
+    before, after = shape.text_tokens // 4, shape.text_tokens - shape.text_tokens // 4
+    text = torch.randint(10, shape.vocab - 2, (1, shape.text_tokens), generator=generator)
+    image = torch.full((1, shape.visual_tokens), shape.vocab - 1)
+    ids = torch.cat([text[:, :before], image, text[:, before:before + after]], dim=1)
+    pixels = torch.randn(1, 3, shape.image_size, shape.image_size, generator=generator)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
+
+
+@dataclass
+class SpeedResult:
+    """Medians over repetitions; ``*_ratio`` is plugged / baseline."""
+
+    shape: dict[str, Any]
+    plugin: str
+    repeats: int
+    prefill_s: dict[str, float] = field(default_factory=dict)
+    decode_step_s: dict[str, float] = field(default_factory=dict)
+    prefill_ratio: float = 0.0
+    prefill_flops_ratio: float = 0.0
+    decode_step_ratio: float = 0.0
+    decode_flops_ratio: float = 0.0
+    kv_bytes_ratio: float = 0.0
+
+    def format(self) -> str:
+        return "\n".join([
+            f"plugin: {self.plugin}   ({self.repeats} interleaved repetitions, medians)",
+            f"prefill  baseline {self.prefill_s['baseline'] * 1e3:8.1f} ms   plugged "
+            f"{self.prefill_s['plugged'] * 1e3:8.1f} ms   ratio {self.prefill_ratio:.3f} "
+            f"(FLOPs predict {self.prefill_flops_ratio:.3f})",
+            f"decode   baseline {self.decode_step_s['baseline'] * 1e3:8.2f} ms/step   plugged "
+            f"{self.decode_step_s['plugged'] * 1e3:8.2f} ms/step   ratio {self.decode_step_ratio:.3f} "
+            f"(FLOPs predict {self.decode_flops_ratio:.3f})",
+            f"KV cache bytes ratio {self.kv_bytes_ratio:.3f}",
+        ])
+
+
+def _one_run(model, inputs, plugins, new_tokens: int) -> vtoken.Report:
+    with vtoken.attach(model, plugins) as session, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return session.report()
+
+
+def run_speed(
+    plugin: str | vtoken.Plugin, shape: SpeedShape = SpeedShape(), repeats: int = 5, warmup: int = 1
+) -> SpeedResult:
+    """Time ``plugin`` against the unplugged model on a model of ``shape``."""
+    model, inputs = build_model(shape), build_inputs(shape)
+    plugged = vtoken.create_plugin(plugin)
+    for _ in range(warmup):
+        _one_run(model, inputs, [], 2), _one_run(model, inputs, plugged, 2)
+    runs: dict[str, list[vtoken.Report]] = {"baseline": [], "plugged": []}
+    stacks = {"baseline": [], "plugged": plugged}
+    for rep in tqdm(range(repeats), desc="speed bench", leave=False):
+        order = ["baseline", "plugged"] if rep % 2 == 0 else ["plugged", "baseline"]
+        for label in order:
+            runs[label].append(_one_run(model, inputs, stacks[label], shape.new_tokens))
+    return _summarise(shape, plugged, runs)
+
+
+def _summarise(shape: SpeedShape, plugin: vtoken.Plugin, runs: dict[str, list[vtoken.Report]]) -> SpeedResult:
+    base, plug = runs["baseline"], runs["plugged"]
+    step = lambda r: r.decode_s / max(r.decode_steps, 1)  # noqa: E731
+    result = SpeedResult(shape=asdict(shape), plugin=repr(plugin), repeats=len(base))
+    result.prefill_s = {k: statistics.median(r.prefill_s for r in v) for k, v in runs.items()}
+    result.decode_step_s = {k: statistics.median(step(r) for r in v) for k, v in runs.items()}
+    result.prefill_ratio = statistics.median(p.prefill_s / b.prefill_s for b, p in zip(base, plug))
+    result.decode_step_ratio = statistics.median(step(p) / step(b) for b, p in zip(base, plug))
+    result.prefill_flops_ratio = plug[0].prefill_flops.total / base[0].prefill_flops.total
+    result.decode_flops_ratio = plug[0].decode_flops.total / base[0].decode_flops.total
+    result.kv_bytes_ratio = plug[0].kv_bytes / base[0].kv_bytes
+    return result
