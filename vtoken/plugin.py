@@ -8,6 +8,7 @@ Override points:
     - :meth:`Plugin.prune_layers` + :meth:`Plugin.select` - which visual tokens to keep at a layer;
     - :meth:`Plugin.probes` - attention rows to capture for scoring (see :mod:`vtoken.probe`);
     - :meth:`Plugin.transform_visual` - the visual tokens as they leave the projector;
+    - :meth:`Plugin.after_forward` - after every prefill / decode forward (e.g. cache eviction);
     - :meth:`Plugin.make_cache` - the KV cache a prefill starts with;
     - :meth:`Plugin.generate` - the decoding loop behind ``model.generate``;
     - :meth:`Plugin.setup` - anything else, through the session's :class:`~vtoken.patch.Patcher`.
@@ -118,6 +119,10 @@ class Plugin:
             A tensor of the same shape.
         """
         return features
+
+    def after_forward(self, state: RunState) -> None:
+        """Called after every forward (prefill or decode, ``state.phase`` tells) while the cache and
+        probes of that forward are still in ``state``: e.g. evict cache entries during decode."""
 
     def make_cache(self, state: RunState) -> Cache | None:
         """Return the cache a prefill should start with, or ``None`` to keep transformers' own."""

@@ -32,25 +32,29 @@ class ProbeSpec:
         rows: ``"last"`` - the last prompt token; ``"text"`` - every text token of the prompt
             (not visual, not padding); ``"all"`` - every query row.
         per_head: keep one row per head instead of the head average.
+        decode: also capture in decode steps, where the rows are the newest token's.
     """
 
     rows: Rows = "last"
     per_head: bool = False
+    decode: bool = False
 
 
 @dataclass
 class Probe:
-    """Captured attention rows of one layer (prefill).
+    """Captured attention rows of one layer in the latest forward.
 
     Attributes:
         weights: ``(B, H or 1, R, T)`` softmax probabilities over the layer's ``T`` keys.
         rows: ``(B, R)`` index of each captured query in the layer's sequence.
         row_pad: ``(B, R)`` True on padding rows (rows of a batch with fewer such queries).
+        key_positions: ``(B, T)`` logical position of each key (``PAD`` on padding slots).
     """
 
     weights: Tensor
     rows: Tensor
     row_pad: Tensor
+    key_positions: Tensor
 
     def mean_over_rows(self) -> Tensor:
         """``(B, H or 1, T)`` attention averaged over the real captured rows."""

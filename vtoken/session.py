@@ -142,24 +142,35 @@ class Session:
             by_layer.setdefault(layer, []).append(spec)
 
         def attention(module, query, key, value, attention_mask=None, **kwargs):
-            specs = by_layer.get(getattr(module, "layer_idx", None))
-            if specs and self.state.phase == "prefill":
-                for spec in specs:
+            phase = self.state.phase
+            for spec in by_layer.get(getattr(module, "layer_idx", None), ()):
+                if phase == "prefill" or (phase == "decode" and spec.decode):
                     self._capture(module.layer_idx, spec, query, key, attention_mask, kwargs)
             return base(module, query, key, value, attention_mask, **kwargs)
 
         self.patcher.use_attention(self.model, f"vtoken_probe_{id(self)}", attention, base_mask)
 
     def _capture(self, layer: int, spec: ProbeSpec, query, key, mask, kwargs: dict) -> None:
-        positions = self.state.seq_positions
-        if positions is None:
-            length = query.shape[2]
-            positions = torch.arange(length, device=query.device).expand(query.shape[0], length)
-        rows, row_pad = select_rows(spec, self.state, positions)
+        if self.state.phase == "decode":  # the newest token, over everything the layer holds
+            rows = torch.full((query.shape[0], 1), query.shape[2] - 1, device=query.device)
+            row_pad, keys = torch.zeros_like(rows, dtype=torch.bool), self._key_positions(layer, key)
+        else:
+            keys = self.state.seq_positions
+            if keys is None:
+                length = query.shape[2]
+                keys = torch.arange(length, device=query.device).expand(query.shape[0], length)
+            rows, row_pad = select_rows(spec, self.state, keys)
         weights = attention_rows(query, key, mask, rows, kwargs["scaling"], kwargs.get("softcap"))
         if not spec.per_head:
             weights = weights.mean(1, keepdim=True)
-        self.state.probes[(layer, spec)] = Probe(weights, rows, row_pad)
+        self.state.probes[(layer, spec)] = Probe(weights, rows, row_pad, keys)
+
+    def _key_positions(self, layer: int, key: torch.Tensor) -> torch.Tensor:
+        """``(B, T)`` logical positions of the keys attention sees at ``layer`` in decode."""
+        cache = self.state.cache
+        if isinstance(cache, VTokenCache) and cache.layers[layer].positions is not None:
+            return cache.layers[layer].positions
+        return torch.arange(key.shape[2], device=key.device).expand(key.shape[0], key.shape[2])
 
     def _chain_generate(self, decoders: list[Plugin]) -> Callable[..., Any]:
         """``model.generate`` while attached: starts the prompt, then the plugins' loops."""
@@ -250,10 +261,15 @@ class Session:
                     kwargs["past_key_values"] = made
 
     def _on_forward_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        self.recorder.on_forward_end(output)
-        if self.state.phase == "decode":
-            self.state.decode_steps += 1
-        self.state.phase = "idle"
+        try:
+            if output is not None and self.state.phase != "idle":  # None: the forward raised
+                for plugin in self.plugins:
+                    plugin.after_forward(self.state)
+            self.recorder.on_forward_end(output)
+        finally:
+            if self.state.phase == "decode":
+                self.state.decode_steps += 1
+            self.state.phase = "idle"
 
     def _transform_visual(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         features = output

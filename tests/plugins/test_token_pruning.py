@@ -161,3 +161,61 @@ def test_layer_beyond_the_model_is_refused():
     model, _ = tiny("llava")
     with pytest.raises(vtoken.UnsupportedInputError, match="prunes at layer 7"):
         vtoken.attach(model, TokenPruning(layers=(7,)))
+
+
+def test_accumulate_and_keep_mask_match_a_loop():
+    from vtoken_plugins.token_pruning import decode
+
+    gen = torch.Generator().manual_seed(0)
+    held = torch.tensor([[-1, 0, 2, 3, 5, 6], [0, 1, 2, 4, 5, 6]])
+    weights = torch.rand(2, 6, generator=gen)
+    importance = decode.accumulate(torch.ones(2, 5), weights, held, 7)
+    for b in range(2):
+        for t, pos in enumerate(held[b].tolist()):
+            if pos >= 0:
+                assert importance[b, pos] == pytest.approx((1.0 if pos < 5 else 0.0) + weights[b, t].item())
+    candidates = torch.zeros(2, 7, dtype=torch.bool)
+    candidates[:, 2:6] = True
+    keep = decode.keep_mask(held, importance, candidates, torch.tensor([1, 2]))
+    for b, k in enumerate([1, 2]):
+        cand = [t for t, p in enumerate(held[b].tolist()) if 2 <= p < 6]
+        best = sorted(cand, key=lambda t: -importance[b, held[b, t]].item())[:k]
+        expected = [(t not in cand) or (t in best) for t in range(6)]
+        assert keep[b].tolist() == expected
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_decode_thinning_holds_fewer_kv_bytes(family):
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, batch=True)
+    options = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, return_dict_in_generate=True)
+    thin = dict(decode_keep_ratio=0.5, decode_visual_ratio=0.5, decode_interval=4, decode_window=2)
+    with vtoken.attach(model, TokenPruning(layers=(2,))) as session:
+        plain = model.generate(**inputs, **options)
+        plain_bytes = session.report().kv_bytes
+    with vtoken.attach(model, TokenPruning(layers=(2,), **thin)) as session:
+        thinned = model.generate(**inputs, **options)
+        report = session.report()
+    cache = thinned.past_key_values
+    assert report.kv_bytes == cache.nbytes() < plain_bytes
+    assert [layer.physical_length for layer in cache.layers[:2]] == [cache.get_seq_length()] * 2
+    prompt = inputs["input_ids"].shape[1]
+    for layer in cache.layers[2:]:  # generated tokens held: at most the window, a half of the
+        generated = ((layer.positions >= prompt) & (layer.positions != -1)).sum(-1)  # rest, + new
+        assert (generated <= 2 + 8 + 4).all() and (generated < 15).all()
+
+
+def test_decode_thinning_off_is_exact():
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=True)
+    outputs = []
+    for plugin in (TokenPruning(), TokenPruning(decode_keep_ratio=1.0, decode_interval=2)):
+        with vtoken.attach(model, plugin):
+            outputs.append(model.generate(**inputs, **GEN))
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(outputs[0].logits, outputs[1].logits, strict=True))
+
+
+def test_decode_thinning_needs_an_earlier_layer():
+    with pytest.raises(vtoken.ConfigError, match="decode_\\*_ratio is below 1"):
+        TokenPruningConfig(scorer="random", layers=(0,), decode_keep_ratio=0.5)

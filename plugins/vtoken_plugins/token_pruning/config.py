@@ -34,6 +34,13 @@ class TokenPruningConfig(PluginConfig):
             Xing et al. 2024); defaults to an even geometric schedule reaching ``keep_ratio``.
         pivots: number of pivot tokens for ``"diversity"``.
         seed: seed of the ``"random"`` scorer.
+        decode_keep_ratio: share of the generated tokens whose K/V stays cached at layers >= the
+            first stage while decoding (``1.0``: all, the do-nothing setting). See
+            :mod:`vtoken_plugins.token_pruning.decode` for the attention-based rule.
+        decode_visual_ratio: share of the prompt's remaining visual K/V kept at those layers once
+            generation has run ``decode_interval`` steps (``1.0``: all).
+        decode_interval: decode steps between two evictions.
+        decode_window: the newest generated tokens, never evicted.
     """
 
     scorer: Scorer = "fastv"
@@ -43,6 +50,10 @@ class TokenPruningConfig(PluginConfig):
     stage_ratios: tuple[float, ...] | None = None
     pivots: int = 8
     seed: int = 0
+    decode_keep_ratio: float = 1.0
+    decode_visual_ratio: float = 1.0
+    decode_interval: int = 8
+    decode_window: int = 4
 
     def validate(self) -> None:
         check_range("token_pruning.keep_ratio", self.keep_ratio, 0.0, 1.0, low_inclusive=False)
@@ -66,12 +77,26 @@ class TokenPruningConfig(PluginConfig):
             for ratio in self.stage_ratios:
                 check_range("token_pruning.stage_ratios[i]", ratio, 0.0, 1.0, low_inclusive=False)
         check_range("token_pruning.pivots", self.pivots, 1)
+        for name in ("decode_keep_ratio", "decode_visual_ratio"):
+            check_range(f"token_pruning.{name}", getattr(self, name), 0.0, 1.0)
+        check_range("token_pruning.decode_interval", self.decode_interval, 1)
+        check_range("token_pruning.decode_window", self.decode_window, 0)
+        if self.thins_decode and self.layers[0] < 1:
+            raise ConfigError(
+                "Decode-time thinning reads attention at the layer before the first stage, so "
+                "token_pruning.layers must start at 1 or later when a decode_*_ratio is below 1."
+            )
 
     def ratios(self) -> tuple[float, ...]:
         """Fraction of the visual tokens present that each stage keeps."""
         if self.stage_ratios is not None:
             return self.stage_ratios
         return (self.keep_ratio ** (1 / len(self.layers)),) * len(self.layers)
+
+    @property
+    def thins_decode(self) -> bool:
+        """Whether cache entries are evicted while decoding."""
+        return self.decode_keep_ratio < 1.0 or self.decode_visual_ratio < 1.0
 
     @property
     def keeps_everything(self) -> bool:
