@@ -191,7 +191,7 @@ def test_decode_thinning_holds_fewer_kv_bytes(family):
     options = dict(max_new_tokens=16, min_new_tokens=16, do_sample=False, return_dict_in_generate=True)
     thin = dict(decode_keep_ratio=0.5, decode_visual_ratio=0.5, decode_interval=4, decode_window=2)
     with vtoken.attach(model, TokenPruning(layers=(2,))) as session:
-        plain = model.generate(**inputs, **options)
+        model.generate(**inputs, **options)
         plain_bytes = session.report().kv_bytes
     with vtoken.attach(model, TokenPruning(layers=(2,), **thin)) as session:
         thinned = model.generate(**inputs, **options)
