@@ -5,7 +5,8 @@ session wires each overridden method to the right transformers extension point w
 removes it on detach. Every override point has a do-nothing default.
 
 Override points:
-    - :meth:`Plugin.prune_layers` + :meth:`Plugin.select` - which visual tokens to keep at a layer;
+    - :meth:`Plugin.prune_layers` + :meth:`Plugin.select` - which visual tokens to keep at a layer,
+      and :meth:`Plugin.merge` - what the kept ones carry (e.g. the average of merged neighbours);
     - :meth:`Plugin.probes` - attention rows to capture for scoring (see :mod:`vtoken.probe`);
     - :meth:`Plugin.transform_visual` - the visual tokens as they leave the projector;
     - :meth:`Plugin.after_forward` - after every prefill / decode forward (e.g. cache eviction);
@@ -99,6 +100,20 @@ class Plugin:
 
         Returns:
             ``(B, N)`` bool over ``view.visual`` (True = keep), or ``None`` to keep all.
+        """
+        return None
+
+    def merge(self, layer_idx: int, view: PruneView, keep: Tensor) -> Tensor | None:
+        """Optionally rewrite the kept visual tokens, e.g. to fold dropped tokens into them.
+
+        Args:
+            layer_idx: the decision layer.
+            view: as in :meth:`select`.
+            keep: ``(B, N)`` the final keep mask over ``view.visual``.
+
+        Returns:
+            ``(B, N, D)`` new hidden states for ``view.visual`` (only kept entries matter), or
+            ``None`` to leave them as they are.
         """
         return None
 

@@ -61,6 +61,15 @@ class PruneView:
         return self.positions.gather(-1, self.visual).masked_fill(self.visual_pad, PAD)
 
     @property
+    def visual_segments(self) -> Tensor:
+        """``(B, N)`` image (segment) index of each visual token present (``PAD`` on slots)."""
+        layout, length = self.state.layout, self.state.query_length
+        table = torch.full((layout.positions.shape[0], length + 1), PAD, device=layout.positions.device)
+        table.scatter_(1, layout.positions.masked_fill(~layout.mask, length), layout.segments)
+        index = self.visual_positions.clamp(min=0).to(table.device)
+        return table.gather(1, index).masked_fill(self.visual_pad.to(table.device), PAD)
+
+    @property
     def num_visual(self) -> Tensor:
         """``(B,)`` visual tokens present per row."""
         return (~self.visual_pad).sum(-1)
@@ -132,9 +141,22 @@ class TokenRuntime:
         drop = torch.zeros_like(is_visual).scatter(1, visual, ~keep_visual & ~visual_pad)
         if not drop.any():
             return hidden
+        hidden = self._merge(layer_idx, view, keep_visual)
         index, pad = left_pack((positions != PAD) & ~drop)
         self.state.seq_positions = positions.gather(-1, index).masked_fill(pad, PAD)
         return gather_tokens(hidden, index, dim=1)
+
+    def _merge(self, layer_idx: int, view: PruneView, keep: Tensor) -> Tensor:
+        """Let plugins rewrite the kept visual tokens' hidden states (padding entries untouched)."""
+        hidden = view.hidden
+        index = view.visual[..., None].expand(-1, -1, hidden.shape[-1])  # (B, N, D)
+        for plugin in self.decisions[layer_idx]:
+            merged = plugin.merge(layer_idx, view, keep)
+            if merged is not None:
+                current = hidden.gather(1, index)
+                merged = torch.where(view.visual_pad[..., None], current, merged.to(hidden.dtype))
+                hidden = hidden.scatter(1, index, merged)
+        return hidden
 
     def _visual_count(self, positions: Tensor | None) -> int:
         """Visual tokens present, summed over rows."""

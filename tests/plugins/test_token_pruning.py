@@ -219,3 +219,45 @@ def test_decode_thinning_off_is_exact():
 def test_decode_thinning_needs_an_earlier_layer():
     with pytest.raises(vtoken.ConfigError, match="decode_\\*_ratio is below 1"):
         TokenPruningConfig(scorer="random", layers=(0,), decode_keep_ratio=0.5)
+
+
+def test_grid_cells_pool_squares_in_2d_and_other_shapes_in_runs():
+    from vtoken_plugins.token_pruning.scorers import _grid_cells
+
+    cells = _grid_cells(list(range(16)), 0.25)  # 4x4 grid -> 2x2 cells of 2x2 tokens
+    assert cells == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
+    runs = _grid_cells(list(range(10)), 0.3)  # not a square: 3 consecutive runs
+    assert runs == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+    assert len(_grid_cells(list(range(144)), 0.1)) == 16  # 12x12 grid at 10%: 4x4 cells
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_downsample_keeps_one_carrier_per_cell_holding_the_cell_mean(family):
+    from vtoken_plugins.token_pruning.scorers import _grid_cells
+
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, batch=True)
+    seen = {}
+    plugin = TokenPruning(scorer="downsample", keep_ratio=0.25, layers=(1,))
+    layers = vtoken.locate_parts(model).layers
+    dense = layers[0].register_forward_hook(lambda m, a, out: seen.__setitem__("dense", out.clone()))
+    try:
+        with vtoken.attach(model, plugin) as session, torch.no_grad():
+            # registered after the session's own hook, so it sees the pruned input of layer 1
+            pruned = layers[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("pruned", a[0].clone()))
+            model(**inputs)
+            pruned.remove()
+            layout, positions = session.state.layout, session.state.seq_positions
+            kept = session.report().visual_per_layer[1]
+    finally:
+        dense.remove()
+    expected = 0
+    for b in range(layout.positions.shape[0]):
+        for seg in layout.segments[b][layout.mask[b]].unique().tolist():
+            tokens = layout.positions[b][layout.segments[b] == seg].tolist()
+            for cell in _grid_cells(tokens, 0.25):
+                expected += 1
+                slot = (positions[b] == cell[0]).nonzero().item()
+                mean = seen["dense"][b, cell].mean(0)
+                assert torch.allclose(seen["pruned"][b, slot], mean, atol=1e-5)
+    assert kept == expected

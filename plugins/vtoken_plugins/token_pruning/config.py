@@ -7,7 +7,7 @@ from typing import Literal
 
 from vtoken import ConfigError, PluginConfig, check_range
 
-Scorer = Literal["fastv", "text_guided", "diversity", "random"]
+Scorer = Literal["fastv", "text_guided", "diversity", "random", "downsample"]
 ATTENTION_SCORERS = ("fastv", "text_guided")
 
 
@@ -23,7 +23,9 @@ class TokenPruningConfig(PluginConfig):
             the text tokens relevant to the image - we use all of them); ``"diversity"`` - DART's
             duplication-aware selection (Wen et al. 2025): ``pivots`` tokens with the largest hidden
             state norm (DART ranks by key norm; we read the hidden state entering the stage), then
-            the tokens least similar to any pivot; ``"random"`` - a seeded random subset (baseline).
+            the tokens least similar to any pivot; ``"random"`` - a seeded random subset (baseline);
+            ``"downsample"`` - each image's token grid average-pooled to the budget (baseline; one
+            stage only, budget from ``keep_ratio``).
         keep_ratio: fraction of each row's visual tokens kept after the last stage, in (0, 1].
             ``1.0`` is the do-nothing setting.
         keep_tokens: keep exactly this many visual tokens per row after the last stage instead of a
@@ -77,6 +79,11 @@ class TokenPruningConfig(PluginConfig):
             for ratio in self.stage_ratios:
                 check_range("token_pruning.stage_ratios[i]", ratio, 0.0, 1.0, low_inclusive=False)
         check_range("token_pruning.pivots", self.pivots, 1)
+        if self.scorer == "downsample" and (len(self.layers) > 1 or self.keep_tokens is not None):
+            raise ConfigError(
+                "token_pruning.scorer='downsample' pools each image's full token grid: use a single "
+                "stage (one entry in token_pruning.layers) and keep_ratio, not keep_tokens."
+            )
         for name in ("decode_keep_ratio", "decode_visual_ratio"):
             check_range(f"token_pruning.{name}", getattr(self, name), 0.0, 1.0)
         check_range("token_pruning.decode_interval", self.decode_interval, 1)

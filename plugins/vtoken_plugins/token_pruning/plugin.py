@@ -37,7 +37,7 @@ class TokenPruning(Plugin):
 
     @cached_property
     def scorer(self) -> Scorer:
-        return make_scorer(self.config.scorer, self.config.pivots, self.config.seed)
+        return make_scorer(self.config.scorer, self.config.pivots, self.config.seed, self.config.ratios()[0])
 
     @property
     def evicts_cache(self) -> bool:  # type: ignore[override]
@@ -92,6 +92,9 @@ class TokenPruning(Plugin):
         spec = self.probes().get(layer_idx - 1) if self.scorer.probe is not None else None
         probe = view.state.probes[(layer_idx - 1, spec)] if spec is not None else None
         return self.scorer.select(view, self.budget(layer_idx, view), probe)
+
+    def merge(self, layer_idx: int, view: PruneView, keep: Tensor) -> Tensor | None:
+        return self.scorer.merge(view, keep)
 
     def budget(self, layer_idx: int, view: PruneView) -> Tensor:
         """``(B,)`` visual tokens each row keeps after the stage at ``layer_idx``."""

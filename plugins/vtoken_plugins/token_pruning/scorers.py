@@ -5,6 +5,8 @@ Each scorer turns a :class:`vtoken.PruneView` into a keep mask for a per-row tok
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -42,6 +44,10 @@ class Scorer:
 
     def score(self, view: PruneView, probe: Probe | None) -> Tensor:
         raise NotImplementedError
+
+    def merge(self, view: PruneView, keep: Tensor) -> Tensor | None:
+        """New hidden states ``(B, N, D)`` for the kept tokens, or ``None`` (most scorers)."""
+        return None
 
 
 class FastV(Scorer):
@@ -92,12 +98,68 @@ class Diversity(Scorer):
         return pivots | rest
 
 
-def make_scorer(name: str, pivots: int, seed: int) -> Scorer:
+class Downsample(Scorer):
+    """The image's token grid average-pooled to the budget (the baseline VTC-Bench found strong).
+
+    Each image's tokens form a ``g x g`` grid (non-square images: a row-major sequence) that is
+    cut into ``t x t`` cells (``t = round(g * sqrt(ratio))``); each cell keeps its top-left token,
+    carrying the cell's mean. VTC-Bench downsamples the image itself; with fixed-resolution vision
+    towers, pooling the projected grid is the in-model equivalent (positions of the carriers are
+    kept, so the language model still sees where each cell was).
+    """
+
+    def __init__(self, ratio: float) -> None:
+        self.ratio = ratio
+        self._cells: list[list[list[int]]] = []
+
+    def select(self, view: PruneView, k: Tensor, probe: Probe | None) -> Tensor:
+        segments = view.visual_segments
+        self._cells = [self._row_cells(segments[b]) for b in range(segments.shape[0])]
+        keep = torch.zeros_like(view.visual_pad)
+        for b, cells in enumerate(self._cells):
+            keep[b, [cell[0] for cell in cells]] = True
+        return keep
+
+    def merge(self, view: PruneView, keep: Tensor) -> Tensor:
+        hidden = view.hidden.gather(1, view.visual[..., None].expand(-1, -1, view.hidden.shape[-1]))
+        merged = hidden.clone()
+        for b, cells in enumerate(self._cells):
+            for cell in cells:
+                merged[b, cell[0]] = hidden[b, cell].mean(0)
+        return merged
+
+    def _row_cells(self, segments: Tensor) -> list[list[int]]:
+        """Cells (lists of indices into the row's visual tokens, carrier first) of every image."""
+        cells = []
+        for seg in segments.unique().tolist():
+            if seg >= 0:
+                cells += _grid_cells((segments == seg).nonzero().flatten().tolist(), self.ratio)
+        return cells
+
+
+def _grid_cells(tokens: list[int], ratio: float) -> list[list[int]]:
+    """Split one image's tokens into pooling cells: a square grid when it is one, else runs."""
+    n, side = len(tokens), math.isqrt(len(tokens))
+    if side * side != n:  # not a square grid: pool consecutive runs
+        target = max(1, math.ceil(n * ratio))
+        bounds = [i * n // target for i in range(target + 1)]
+        return [tokens[a:b] for a, b in zip(bounds, bounds[1:], strict=False) if b > a]
+    t = max(1, round(side * math.sqrt(ratio)))
+    edges = [i * side // t for i in range(t + 1)]
+    return [
+        [tokens[r * side + c] for r in range(r0, r1) for c in range(c0, c1)]
+        for r0, r1 in zip(edges, edges[1:], strict=False)
+        for c0, c1 in zip(edges, edges[1:], strict=False)
+    ]
+
+
+def make_scorer(name: str, pivots: int, seed: int, ratio: float) -> Scorer:
     """The scorer called ``name`` in :class:`TokenPruningConfig`."""
     table = {
         "fastv": FastV,
         "text_guided": TextGuided,
         "random": lambda: Random(seed),
         "diversity": lambda: Diversity(pivots),
+        "downsample": lambda: Downsample(ratio),
     }
     return table[name]()
