@@ -244,7 +244,8 @@ def test_downsample_keeps_one_carrier_per_cell_holding_the_cell_mean(family):
     try:
         with vtoken.attach(model, plugin) as session, torch.no_grad():
             # registered after the session's own hook, so it sees the pruned input of layer 1
-            pruned = layers[1].register_forward_pre_hook(lambda m, a: seen.__setitem__("pruned", a[0].clone()))
+            grab = lambda m, a: seen.__setitem__("pruned", a[0].clone())  # noqa: E731
+            pruned = layers[1].register_forward_pre_hook(grab)
             model(**inputs)
             pruned.remove()
             layout, positions = session.state.layout, session.state.seq_positions
