@@ -85,6 +85,24 @@ def _bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_vqa(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import vtoken
+    from vtoken.eval.vqa import evaluate, load_jsonl
+
+    model, processor = load_model(args.model)
+    plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
+    items = load_jsonl(args.data, limit=args.limit)
+    result = evaluate(model, processor, items, plugins, args.batch_size, args.max_new_tokens)
+    print(result.format())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
 def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin", action="append", default=[], help="plugin name (repeatable)")
     parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
@@ -112,6 +130,19 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     speed.add_argument("--out", help="write the result as JSON here")
     speed.set_defaults(fn=_bench_speed)
+    evals = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval", required=True)
+    vqa = evals.add_parser("vqa", help="accuracy per family, loyalty and costs on a VQA JSONL file")
+    vqa.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local directory or tiny:<family>")
+    vqa.add_argument("--data", required=True, help="JSONL with image, question, answer[, family, bbox]")
+    _add_plugin_args(vqa)
+    vqa.add_argument("--limit", type=int, help="only the first N questions")
+    vqa.add_argument("--batch-size", type=int, default=16)
+    vqa.add_argument("--max-new-tokens", type=int, default=64)
+    vqa.add_argument("--out", help="write the result as JSON here")
+    vqa.set_defaults(fn=_eval_vqa)
+    from vtoken.zoo.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

@@ -19,18 +19,26 @@ def load_model(spec: str, *, attn_implementation: str = "sdpa") -> tuple[PreTrai
     """Return ``(model, processor)`` in eval mode for ``spec``.
 
     Args:
-        spec: ``tiny:<family>`` for a tiny random-weight model, or a local directory holding a
-            saved HF VLM and its processor (``save_pretrained`` output). Nothing is downloaded.
+        spec: a bundled model name (``vtoken.zoo.available()``), ``tiny:<family>`` for a tiny
+            random-weight model, or a local directory holding a saved HF VLM and its processor
+            (``save_pretrained`` output). Nothing is downloaded.
         attn_implementation: attention implementation of the loaded model.
     """
     if spec.startswith("tiny:"):
         return build_tiny(spec.removeprefix("tiny:"), attn_implementation=attn_implementation)
+    from vtoken import zoo
+
+    if spec in zoo.available():
+        model, processor = zoo.load(spec)
+        model.set_attn_implementation(attn_implementation)
+        return model, processor
     path = Path(spec)
     if not path.is_dir():
         raise UnsupportedModelError(
-            f"Model {spec!r} is neither a local model directory nor a built-in name "
-            f"(tiny:<family> with family in {', '.join(TINY_FAMILIES)}). vtoken never downloads "
-            "weights: save the model with save_pretrained() and pass that directory."
+            f"Model {spec!r} is neither a local model directory nor a built-in name (bundled: "
+            f"{', '.join(zoo.available()) or 'none'}; tiny:<family> with family in "
+            f"{', '.join(TINY_FAMILIES)}). vtoken never downloads weights: save the model with "
+            "save_pretrained() and pass that directory."
         )
     processor = AutoProcessor.from_pretrained(path, local_files_only=True)
     model = AutoModelForImageTextToText.from_pretrained(

@@ -1,0 +1,86 @@
+"""The VQA harness: loading, scoring, loyalty and the ``vtoken eval vqa`` command."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import image, tiny
+from vtoken_plugins.token_pruning import TokenPruning
+
+import vtoken
+from vtoken.cli import main
+from vtoken.eval.vqa import VQAItem, _answer, evaluate, exact_match, load_jsonl, score
+
+
+def _dataset(tmp_path, answers, families=None):
+    rows = []
+    for k, answer in enumerate(answers):
+        png = tmp_path / f"img{k}.png"
+        image(k, 40 + k, 48).save(png)
+        family = families[k] if families else "colour"
+        rows.append({"image": png.name, "question": "what colour is the circle ?", "answer": answer,
+                     "family": family})
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def test_accuracy_and_loyalty_on_a_hand_made_dataset(tmp_path):
+    model, processor = tiny("llava")
+    probe = load_jsonl(_dataset(tmp_path, ["?"] * 5))
+    truth = _answer(model, processor, "llava", probe, 3)  # what the unplugged model says
+    # three right, two wrong, in two families
+    refs = truth[:3] + ["not an answer", "nope"]
+    items = load_jsonl(_dataset(tmp_path, refs, ["a", "a", "b", "b", "b"]))
+    pruner = TokenPruning(scorer="random", keep_ratio=0.1, layers=(0,))
+    result = evaluate(model, processor, items, [pruner], batch_size=2, max_new_tokens=3)
+    assert result.accuracy["baseline"] == {"a": 1.0, "b": pytest.approx(1 / 3), "overall": 0.6}
+    plugged = _answer_with(model, processor, items, pruner)
+    expected_loyalty = sum(exact_match(p, t) for p, t in zip(plugged, truth, strict=True)) / 5
+    assert result.loyalty == pytest.approx(expected_loyalty)
+    assert result.accuracy["plugged"] == score(items, plugged)
+    costs = result.costs
+    assert costs["plugged"]["visual_tokens_last_layer"] < costs["baseline"]["visual_tokens_last_layer"]
+    assert costs["baseline"]["visual_tokens"] == 16 and costs["plugged"]["prefill_gflops"] > 0
+
+
+def _answer_with(model, processor, items, plugin):
+    with vtoken.attach(model, plugin):
+        return _answer(model, processor, "llava", items, 3)
+
+
+def test_score_uses_family_metrics():
+    items = load_jsonl_like([("colour", "Red."), ("describe", "a small red circle in the top left .")])
+    result = score(items, ["red", "a small red circle in the top left ."])
+    assert result == {"colour": 1.0, "describe": 1.0, "overall": 1.0}
+
+
+def load_jsonl_like(pairs):
+    return [VQAItem(Path("x.png"), "q", answer, family) for family, answer in pairs]
+
+
+def test_bad_datasets_are_explained(tmp_path):
+    with pytest.raises(vtoken.UnsupportedInputError, match="does not exist"):
+        load_jsonl(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "a.png", "question": "q"}\n')
+    with pytest.raises(vtoken.UnsupportedInputError, match="bad.jsonl:1: .*'answer'"):
+        load_jsonl(bad)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(vtoken.UnsupportedInputError, match="no questions"):
+        load_jsonl(empty)
+
+
+def test_eval_vqa_command_smoke_20_items(tmp_path, capsys):
+    data = _dataset(tmp_path, ["red"] * 20)
+    out = tmp_path / "result.json"
+    code = main(["eval", "vqa", "--model", "tiny:qwen2_vl", "--data", str(data), "--plugin", "token_pruning",
+                 "--max-new-tokens", "2", "--batch-size", "8", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["items"] == 20 and set(result["accuracy"]) == {"baseline", "plugged"}
+    assert 0.0 <= result["loyalty"] <= 1.0
+    assert "loyalty" in capsys.readouterr().out

@@ -1,0 +1,1 @@
+"""Evaluation harnesses: VQA accuracy, loyalty and cost of plugins on JSONL datasets."""
