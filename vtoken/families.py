@@ -35,6 +35,15 @@ class FamilySpec:
             newline) to be told apart.
         rope: ``"1d"`` (one position id per token) or ``"mrope"`` (Qwen's 3-axis multimodal RoPE).
         mask: ``"causal"`` or ``"prefix"`` (PaliGemma: bidirectional over image + prompt).
+        vision_blocks: dotted path from the vision tower to its list of transformer blocks.
+        vision_attention: attribute of a vision block holding its attention module.
+        vision_query: how vision-side importance is read: ``"cls"`` - attention from the [CLS]
+            token (CLIP); ``"global"`` - mean attention received from every patch (no [CLS]).
+        token_map: how the vision tower's patches become the language model's visual tokens:
+            ``"identity"`` (one each; LLaVA drops [CLS]), ``"anyres"`` (LLaVA-NeXT's crops packed with
+            newline tokens), ``"pixel_shuffle"`` (Idefics3's connector groups scale^2 patches),
+            ``"merge"`` (Qwen's merger groups 4 consecutive patches), ``"window_merge"`` (the same
+            after Qwen2.5-VL's window reordering).
     """
 
     name: str
@@ -46,6 +55,10 @@ class FamilySpec:
     image_size_attr: str | None = None
     rope: Literal["1d", "mrope"] = "1d"
     mask: Literal["causal", "prefix"] = "causal"
+    vision_blocks: str = "encoder.layers"
+    vision_attention: str = "self_attn"
+    vision_query: Literal["cls", "global"] = "global"
+    token_map: Literal["identity", "anyres", "pixel_shuffle", "merge", "window_merge"] = "identity"
 
 
 FAMILIES: dict[str, FamilySpec] = {
@@ -58,6 +71,7 @@ FAMILIES: dict[str, FamilySpec] = {
             projector="model.multi_modal_projector",
             language_model="model.language_model",
             image_size_attr="image_seq_length",
+            vision_query="cls",
         ),
         FamilySpec(
             name="llava_next",
@@ -65,6 +79,8 @@ FAMILIES: dict[str, FamilySpec] = {
             vision_tower="model.vision_tower",
             projector="model.multi_modal_projector",
             language_model="model.language_model",
+            vision_query="cls",
+            token_map="anyres",
         ),
         FamilySpec(
             name="qwen2_vl",
@@ -74,6 +90,9 @@ FAMILIES: dict[str, FamilySpec] = {
             language_model="model.language_model",
             image_token_attrs=("image_token_id", "video_token_id"),
             rope="mrope",
+            vision_blocks="blocks",
+            vision_attention="attn",
+            token_map="merge",
         ),
         FamilySpec(
             name="qwen2_5_vl",
@@ -83,6 +102,9 @@ FAMILIES: dict[str, FamilySpec] = {
             language_model="model.language_model",
             image_token_attrs=("image_token_id", "video_token_id"),
             rope="mrope",
+            vision_blocks="blocks",
+            vision_attention="attn",
+            token_map="window_merge",
         ),
         FamilySpec(
             name="idefics3",
@@ -90,6 +112,7 @@ FAMILIES: dict[str, FamilySpec] = {
             vision_tower="model.vision_model",
             projector="model.connector",
             language_model="model.text_model",
+            token_map="pixel_shuffle",
         ),
         FamilySpec(
             name="paligemma",

@@ -48,17 +48,23 @@ class Patcher:
         )
 
     def use_attention(
-        self, model: PreTrainedModel, key: str, fn: Callable[..., Any], mask_fn: Callable[..., Any]
+        self,
+        model: PreTrainedModel,
+        key: str,
+        fn: Callable[..., Any],
+        mask_fn: Callable[..., Any],
+        sub_config: str = "text_config",
     ) -> None:
-        """Register ``fn`` under ``key`` and make it the language model's attention.
+        """Register ``fn`` under ``key`` and make it the attention of one sub-model.
 
         The mask function is registered under the same key (without it transformers silently drops
-        the padding mask); the vision tower keeps its implementation.
+        the padding mask); only ``sub_config``'s model (the language model by default, or
+        ``"vision_config"``) switches, the rest keeps its implementation.
         """
         _register(AttentionInterface, key, fn, self._undo)
         _register(AttentionMaskInterface, key, mask_fn, self._undo)
         snapshot = attention_snapshot(model.config)
-        model.set_attn_implementation({"text_config": key})
+        model.set_attn_implementation({sub_config: key})
         self._undo.append(lambda: model.set_attn_implementation(snapshot))
 
     def undo_all(self) -> None:
