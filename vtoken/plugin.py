@@ -117,6 +117,11 @@ class Plugin:
         """
         return None
 
+    def wants_vision_scores(self) -> bool:
+        """Whether :meth:`select` reads ``view.vision_scores()`` (the vision encoder's own
+        [CLS] / global attention per visual token, see :mod:`vtoken.vision_probe`)."""
+        return False
+
     def probes(self) -> dict[int, ProbeSpec]:
         """Attention rows to capture in prefill, by layer; read them in :meth:`select` from
         ``view.state.probes[(layer, spec)]`` (a :class:`~vtoken.probe.Probe`)."""

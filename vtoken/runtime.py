@@ -69,6 +69,16 @@ class PruneView:
         index = self.visual_positions.clamp(min=0).to(table.device)
         return table.gather(1, index).masked_fill(self.visual_pad.to(table.device), PAD)
 
+    def vision_scores(self) -> Tensor:
+        """``(B, N)`` the vision encoder's importance of each visual token present (needs
+        :meth:`Plugin.wants_vision_scores`)."""
+        flat = self.state.vision_probe.token_scores(self.state.image_inputs)
+        layout, length = self.state.layout, self.state.query_length
+        table = torch.zeros(layout.positions.shape[0], length + 1, device=flat.device)
+        rows, cols = layout.mask.nonzero(as_tuple=True)  # row-major: the order features are scattered
+        table[rows, layout.positions[rows, cols]] = flat
+        return table.gather(1, self.visual_positions.clamp(min=0).to(flat.device))
+
     @property
     def num_visual(self) -> Tensor:
         """``(B,)`` visual tokens present per row."""

@@ -32,8 +32,11 @@ from vtoken.probe import Probe, ProbeSpec, attention_rows, select_rows
 from vtoken.registry import create_plugins
 from vtoken.runtime import TokenRuntime
 from vtoken.state import RunState
+from vtoken.vision_probe import VisionProbe
 
 PluginLike = str | Path | Plugin | PluginConfig
+
+IMAGE_INPUTS = ("image_sizes", "image_grid_thw", "pixel_attention_mask")
 
 _SESSIONS: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 
@@ -124,6 +127,8 @@ class Session:
         specs = {key: None for p in self.plugins for key in p.probes().items()}
         if specs:
             self._wire_probes(list(specs))
+        if any(p.wants_vision_scores() for p in self.plugins):
+            self.state.vision_probe = VisionProbe(self)
         transforms = [p for p in self.plugins if p.overrides("transform_visual")]
         if transforms:
             self.patcher.post_hook(self.parts.projector, self._transform_visual)
@@ -243,6 +248,7 @@ class Session:
                 ids, self.parts.image_token_ids, self.parts.tokens_per_image
             )
         self.state.start_prompt(ids, layout)
+        self.state.image_inputs = {k: inputs[k] for k in IMAGE_INPUTS if inputs.get(k) is not None}
         self._prompt_started = True
         self.recorder.on_prompt_start(inputs)
         for plugin in self.plugins:

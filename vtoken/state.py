@@ -28,6 +28,8 @@ class RunState:
         decode_steps: decode forwards since the last prefill.
         cache: the cache of the call in flight (``None`` without one).
         prompt_mask: ``(B, L)`` 2-D attention mask of the last prefill (1 = real token).
+        image_inputs: the prompt's image-shape inputs (``image_sizes``, ``image_grid_thw``, ...).
+        vision_probe: the session's :class:`~vtoken.vision_probe.VisionProbe`, if a plugin wants one.
         seq_positions: ``(B, T)`` original positions of the prefill sequence after the latest
             token drop (``PAD`` on padding slots); ``None`` while nothing was dropped.
         layer_tokens: tokens each decoder layer processed in the last prefill (longest row).
@@ -44,6 +46,8 @@ class RunState:
     decode_steps: int = 0
     cache: Any = None
     prompt_mask: Tensor | None = None
+    image_inputs: dict[str, Any] = field(default_factory=dict)
+    vision_probe: Any = None
     seq_positions: Tensor | None = None
     layer_tokens: dict[int, int] = field(default_factory=dict)
     layer_visual: dict[int, int] = field(default_factory=dict)

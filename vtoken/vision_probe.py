@@ -96,11 +96,9 @@ class VisionProbe:
     def _map_anyres(self, chunks: list[Tensor], inputs: dict) -> Tensor:
         crops = self._drop_cls(torch.cat(chunks))  # (n_crops_total, n)
         config, sizes = self.model.config, inputs["image_sizes"]
-        module = sys.modules[type(self.model).__module__]
-        counts = [
-            module.image_size_to_num_patches(size, config.image_grid_pinpoints, config.vision_config.image_size)
-            for size in sizes.tolist()
-        ]
+        crops_of = sys.modules[type(self.model).__module__].image_size_to_num_patches
+        side = config.vision_config.image_size
+        counts = [crops_of(size, config.image_grid_pinpoints, side) for size in sizes.tolist()]
         per_image = [c[..., None] for c in torch.split(crops, counts)]  # (crops, n, 1) each
         packed, _ = self.model.model.pack_image_features(
             per_image, sizes, self._strategy(), image_newline=crops.new_zeros(1)

@@ -14,7 +14,7 @@ import vtoken
 from vtoken.tiny import TINY_FAMILIES
 
 GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in_generate=True)
-SCORERS = ("fastv", "text_guided", "diversity", "random")
+SCORERS = ("fastv", "text_guided", "cls", "diversity", "random")
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -262,3 +262,26 @@ def test_downsample_keeps_one_carrier_per_cell_holding_the_cell_mean(family):
                 mean = seen["dense"][b, cell].mean(0)
                 assert torch.allclose(seen["pruned"][b, slot], mean, atol=1e-5)
     assert kept == expected
+
+
+@pytest.mark.parametrize("contextual", [0, 3])
+def test_cls_keeps_the_tokens_the_vision_cls_attends_to(contextual):
+    model, processor = tiny("llava", "eager")
+    inputs = make_inputs("llava", processor, batch=True)
+    tower = vtoken.locate_parts(model).vision_tower
+    with torch.no_grad():  # tiny LLaVA reads the last vision layer: its [CLS] row, head mean
+        cls_rows = tower(inputs["pixel_values"], output_attentions=True).attentions[-1][:, :, 0, 1:].mean(1)
+    plugin = TokenPruning(scorer="cls", keep_ratio=0.25, layers=(0,), contextual=contextual)
+    with vtoken.attach(model, plugin) as session, torch.no_grad():
+        model(**inputs)
+        layout = session.state.layout
+        kept = _kept_visual(session, layout)
+    scores = torch.zeros(layout.positions.shape[0], inputs["input_ids"].shape[1])
+    rows, cols = layout.mask.nonzero(as_tuple=True)
+    scores[rows, layout.positions[rows, cols]] = cls_rows.flatten()
+    for b in range(len(kept)):
+        pos = layout.positions[b][layout.mask[b]]
+        budget = -(-len(pos) // 4)
+        order = scores[b, pos].argsort(descending=True, stable=True)
+        dominant = set(pos[order[: budget - contextual]].tolist())
+        assert len(kept[b]) == budget and dominant <= kept[b]

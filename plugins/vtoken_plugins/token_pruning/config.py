@@ -7,7 +7,7 @@ from typing import Literal
 
 from vtoken import ConfigError, PluginConfig, check_range
 
-Scorer = Literal["fastv", "text_guided", "diversity", "random", "downsample"]
+Scorer = Literal["fastv", "text_guided", "cls", "diversity", "random", "downsample"]
 ATTENTION_SCORERS = ("fastv", "text_guided")
 
 
@@ -20,7 +20,10 @@ class TokenPruningConfig(PluginConfig):
             ``"fastv"`` - attention from the last prompt token at the layer before the stage
             (FastV, Chen et al. 2024); ``"text_guided"`` - attention from the prompt's text tokens,
             averaged over them and the heads (SparseVLM-style, Zhang et al. 2024; SparseVLM rates only
-            the text tokens relevant to the image - we use all of them); ``"diversity"`` - DART's
+            the text tokens relevant to the image - we use all of them); ``"cls"`` - the vision
+            encoder's [CLS] attention (global attention for towers without [CLS]) at the layer the
+            VLM reads (VisionZip / FasterVLM), optionally with ``contextual`` merged tokens; usually
+            at layer 0, before the language model; ``"diversity"`` - DART's
             duplication-aware selection (Wen et al. 2025): ``pivots`` tokens with the largest hidden
             state norm (DART ranks by key norm; we read the hidden state entering the stage), then
             the tokens least similar to any pivot; ``"random"`` - a seeded random subset (baseline);
@@ -35,6 +38,8 @@ class TokenPruningConfig(PluginConfig):
         stage_ratios: fraction of the visual tokens present kept at each stage (PyramidDrop-style,
             Xing et al. 2024); defaults to an even geometric schedule reaching ``keep_ratio``.
         pivots: number of pivot tokens for ``"diversity"``.
+        contextual: for ``"cls"``, how many of each row's kept tokens are VisionZip contextual
+            tokens (each the mean of similar dropped tokens) instead of dominant ones.
         seed: seed of the ``"random"`` scorer.
         decode_keep_ratio: share of the generated tokens whose K/V stays cached at layers >= the
             first stage while decoding (``1.0``: all, the do-nothing setting). See
@@ -51,6 +56,7 @@ class TokenPruningConfig(PluginConfig):
     layers: tuple[int, ...] = (2,)
     stage_ratios: tuple[float, ...] | None = None
     pivots: int = 8
+    contextual: int = 0
     seed: int = 0
     decode_keep_ratio: float = 1.0
     decode_visual_ratio: float = 1.0
@@ -79,6 +85,7 @@ class TokenPruningConfig(PluginConfig):
             for ratio in self.stage_ratios:
                 check_range("token_pruning.stage_ratios[i]", ratio, 0.0, 1.0, low_inclusive=False)
         check_range("token_pruning.pivots", self.pivots, 1)
+        check_range("token_pruning.contextual", self.contextual, 0)
         if self.scorer == "downsample" and (len(self.layers) > 1 or self.keep_tokens is not None):
             raise ConfigError(
                 "token_pruning.scorer='downsample' pools each image's full token grid: use a single "

@@ -37,7 +37,11 @@ class TokenPruning(Plugin):
 
     @cached_property
     def scorer(self) -> Scorer:
-        return make_scorer(self.config.scorer, self.config.pivots, self.config.seed, self.config.ratios()[0])
+        config = self.config
+        return make_scorer(config.scorer, config.pivots, config.seed, config.ratios()[0], config.contextual)
+
+    def wants_vision_scores(self) -> bool:
+        return self.config.scorer == "cls" and not self.config.keeps_everything
 
     @property
     def evicts_cache(self) -> bool:  # type: ignore[override]

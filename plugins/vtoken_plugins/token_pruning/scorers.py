@@ -98,6 +98,52 @@ class Diversity(Scorer):
         return pivots | rest
 
 
+class VisionCls(Scorer):
+    """VisionZip / FasterVLM: rank by the vision encoder's own [CLS] (or global) attention.
+
+    With ``contextual > 0`` (VisionZip, Yang et al. 2024), the budget is split into dominant tokens
+    (highest vision attention) and ``contextual`` tokens: evenly spaced targets among the rest, each
+    carrying the mean of the remaining tokens most similar to it (cosine of the hidden states
+    entering the stage; VisionZip compares the vision encoder's keys).
+    """
+
+    def __init__(self, contextual: int) -> None:
+        self.contextual = contextual
+        self._groups: list[list[tuple[int, list[int]]]] = []
+
+    def select(self, view: PruneView, k: Tensor, probe: Probe | None) -> Tensor:
+        n_ctx = torch.clamp(k - 1, min=0).clamp(max=self.contextual)  # (B,)
+        dominant = top_k_mask(view.vision_scores(), view.visual_pad, k - n_ctx)
+        keep = dominant.clone()
+        self._groups = []
+        for b in range(k.shape[0]):
+            rest = (~dominant[b] & ~view.visual_pad[b]).nonzero().flatten()
+            count = min(int(n_ctx[b]), len(rest))
+            targets = rest[torch.linspace(0, len(rest) - 1, count).long()] if count else rest[:0]
+            keep[b, targets] = True
+            self._groups.append(self._assign(view, b, rest, targets))
+        return keep
+
+    def _assign(self, view: PruneView, b: int, rest: Tensor, targets: Tensor) -> list[tuple[int, list[int]]]:
+        """Each target with the remaining tokens closest to it (itself included)."""
+        if len(targets) == 0:
+            return []
+        hidden = torch.nn.functional.normalize(view.hidden[b, view.visual[b, rest]].float(), dim=-1)
+        nearest = (hidden @ hidden[torch.searchsorted(rest, targets)].T).argmax(-1)  # (n_rest,)
+        nearest[torch.searchsorted(rest, targets)] = torch.arange(len(targets))
+        return [(int(t), rest[nearest == i].tolist()) for i, t in enumerate(targets.tolist())]
+
+    def merge(self, view: PruneView, keep: Tensor) -> Tensor | None:
+        if self.contextual == 0:
+            return None
+        hidden = view.hidden.gather(1, view.visual[..., None].expand(-1, -1, view.hidden.shape[-1]))
+        merged = hidden.clone()
+        for b, groups in enumerate(self._groups):
+            for target, members in groups:
+                merged[b, target] = hidden[b, members].mean(0)
+        return merged
+
+
 class Downsample(Scorer):
     """The image's token grid average-pooled to the budget (the baseline VTC-Bench found strong).
 
@@ -153,7 +199,7 @@ def _grid_cells(tokens: list[int], ratio: float) -> list[list[int]]:
     ]
 
 
-def make_scorer(name: str, pivots: int, seed: int, ratio: float) -> Scorer:
+def make_scorer(name: str, pivots: int, seed: int, ratio: float, contextual: int = 0) -> Scorer:
     """The scorer called ``name`` in :class:`TokenPruningConfig`."""
     table = {
         "fastv": FastV,
@@ -161,5 +207,6 @@ def make_scorer(name: str, pivots: int, seed: int, ratio: float) -> Scorer:
         "random": lambda: Random(seed),
         "diversity": lambda: Diversity(pivots),
         "downsample": lambda: Downsample(ratio),
+        "cls": lambda: VisionCls(contextual),
     }
     return table[name]()
