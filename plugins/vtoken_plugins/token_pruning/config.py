@@ -7,7 +7,7 @@ from typing import Literal
 
 from vtoken import ConfigError, PluginConfig, check_range
 
-Scorer = Literal["fastv", "text_guided", "cls", "diversity", "random", "downsample"]
+Scorer = Literal["fastv", "text_guided", "cls", "learned", "diversity", "random", "downsample"]
 ATTENTION_SCORERS = ("fastv", "text_guided")
 
 
@@ -23,7 +23,8 @@ class TokenPruningConfig(PluginConfig):
             the text tokens relevant to the image - we use all of them); ``"cls"`` - the vision
             encoder's [CLS] attention (global attention for towers without [CLS]) at the layer the
             VLM reads (VisionZip / FasterVLM), optionally with ``contextual`` merged tokens; usually
-            at layer 0, before the language model; ``"diversity"`` - DART's
+            at layer 0, before the language model; ``"learned"`` - Dynamic-LLaVA's trained vision
+            predictor (Huang et al., 2025; weights from ``predictors``); ``"diversity"`` - DART's
             duplication-aware selection (Wen et al. 2025): ``pivots`` tokens with the largest hidden
             state norm (DART ranks by key norm; we read the hidden state entering the stage), then
             the tokens least similar to any pivot; ``"random"`` - a seeded random subset (baseline);
@@ -48,6 +49,11 @@ class TokenPruningConfig(PluginConfig):
             generation has run ``decode_interval`` steps (``1.0``: all).
         decode_interval: decode steps between two evictions.
         decode_window: the newest generated tokens, never evicted.
+        decode_rule: ``"attention"`` - the training-free rule above; ``"learned"`` - Dynamic-LLaVA's
+            output-text predictor keeps a new token's K/V at layers >= K when its logit is >= 0
+            (the ``decode_*`` ratios are then unused).
+        predictors: folder of trained predictors, or a bundled model's name; default: the ones
+            trained for the attached model (``vtoken_plugins/token_pruning/weights/<model>``).
     """
 
     scorer: Scorer = "fastv"
@@ -62,6 +68,8 @@ class TokenPruningConfig(PluginConfig):
     decode_visual_ratio: float = 1.0
     decode_interval: int = 8
     decode_window: int = 4
+    decode_rule: Literal["attention", "learned"] = "attention"
+    predictors: str | None = None
 
     def validate(self) -> None:
         check_range("token_pruning.keep_ratio", self.keep_ratio, 0.0, 1.0, low_inclusive=False)
@@ -95,7 +103,7 @@ class TokenPruningConfig(PluginConfig):
             check_range(f"token_pruning.{name}", getattr(self, name), 0.0, 1.0)
         check_range("token_pruning.decode_interval", self.decode_interval, 1)
         check_range("token_pruning.decode_window", self.decode_window, 0)
-        if self.thins_decode and self.layers[0] < 1:
+        if self.thins_decode and self.decode_rule == "attention" and self.layers[0] < 1:
             raise ConfigError(
                 "Decode-time thinning reads attention at the layer before the first stage, so "
                 "token_pruning.layers must start at 1 or later when a decode_*_ratio is below 1."
@@ -110,7 +118,8 @@ class TokenPruningConfig(PluginConfig):
     @property
     def thins_decode(self) -> bool:
         """Whether cache entries are evicted while decoding."""
-        return self.decode_keep_ratio < 1.0 or self.decode_visual_ratio < 1.0
+        ratios = self.decode_keep_ratio < 1.0 or self.decode_visual_ratio < 1.0
+        return ratios or self.decode_rule == "learned"
 
     @property
     def keeps_everything(self) -> bool:

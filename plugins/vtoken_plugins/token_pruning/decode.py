@@ -1,5 +1,9 @@
 """Decode-time sparsification: thin the KV cache of layers >= K while generating.
 
+Learned rule (Dynamic-LLaVA, Huang et al. 2025): the output-text predictor reads each new token's
+hidden state entering layer K; a negative logit means its K/V is not kept at layers >= K (it is
+evicted right after the step that wrote it, having attended to itself as in the paper).
+
 Training-free rule (a heavy-hitter criterion in the spirit of H2O, Zhang et al. 2023, used here for
 Dynamic-LLaVA's decode-time thinning, Huang et al. 2025): every decode step adds the attention the
 new token pays to each cached entry at layer K-1 (the last dense layer) to that entry's importance.
@@ -13,7 +17,9 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from vtoken import ProbeSpec, RunState
 
 PAD = -1
 
@@ -66,3 +72,69 @@ def keep_mask(
 def share(count: Tensor, ratio: float) -> Tensor:
     """``ceil(ratio * count)`` per row."""
     return torch.tensor([math.ceil(ratio * n) for n in count.tolist()], device=count.device)
+
+
+class AttentionThinning:
+    """The training-free rule: accumulated attention, evictions every ``decode_interval`` steps."""
+
+    def __init__(self, config, probe: ProbeSpec) -> None:
+        self.config, self.probe = config, probe
+        self.first = config.layers[0]
+
+    def reset(self, state: RunState) -> None:
+        self.importance: Tensor | None = None
+        self.visual_budget: dict[int, Tensor] = {}
+        self.prompt_length = state.prompt_ids.shape[-1] if state.prompt_ids is not None else 0
+
+    def after_decode(self, state: RunState) -> None:
+        probe = state.probes[(self.first - 1, self.probe)]
+        length = state.cache.get_seq_length()
+        weights = probe.weights[:, 0, 0]  # (B, T) newest token over the layer's keys
+        self.importance = accumulate(self.importance, weights, probe.key_positions, length)
+        if (state.decode_steps + 1) % self.config.decode_interval == 0:
+            for layer in range(self.first, len(state.cache.layers)):
+                state.cache.evict(layer, self._keep(state, layer, length))
+
+    def _keep(self, state: RunState, layer: int, length: int) -> Tensor:
+        """``(B, T)`` entries of ``layer`` that survive this eviction."""
+        held = state.cache.held_positions(layer)
+        positions = torch.arange(length, device=held.device).expand(held.shape[0], length)
+        recent = length - self.config.decode_window
+        old = (positions >= self.prompt_length) & (positions < recent)  # generated, out of the window
+        keep_old = share(old.sum(-1), self.config.decode_keep_ratio)
+        visual = torch.zeros_like(old)
+        visual[:, : self.prompt_length] = state.layout.is_visual(self.prompt_length).to(held.device)
+        if layer not in self.visual_budget:  # first eviction: a share of what prefill left here
+            present = (visual.gather(1, held.clamp(min=0)) & (held != PAD)).sum(-1)
+            self.visual_budget[layer] = share(present, self.config.decode_visual_ratio)
+        keep = keep_mask(held, self.importance, old, keep_old)
+        return keep & keep_mask(held, self.importance, visual, self.visual_budget[layer])
+
+
+class LearnedThinning:
+    """The learned rule: the text predictor decides for each new token right after its step."""
+
+    def __init__(self, predictors: nn.Module, layer: int) -> None:
+        self.predictors, self.layer = predictors, layer
+        self.logits: Tensor | None = None
+
+    def reset(self, state: RunState) -> None:
+        self.logits = None
+
+    def capture(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Pre-hook on layer K: the newest token's hidden state ``(B, D)`` in decode steps."""
+        hidden = args[0]
+        if hidden.shape[1] == 1:
+            with torch.no_grad():
+                self.logits = self.predictors.text(hidden[:, -1])  # (B,)
+
+    def after_decode(self, state: RunState) -> None:
+        if self.logits is None:
+            return
+        drop = self.logits < 0  # (B,)
+        if drop.any():
+            newest = state.cache.get_seq_length() - 1
+            for layer in range(self.layer, len(state.cache.layers)):
+                held = state.cache.held_positions(layer)
+                state.cache.evict(layer, ~((held == newest) & drop[:, None]))
+        self.logits = None

@@ -11,6 +11,7 @@ from torch import Tensor
 from vtoken import Plugin, ProbeSpec, PruneView, RunState
 from vtoken_plugins.token_pruning import decode
 from vtoken_plugins.token_pruning.config import TokenPruningConfig
+from vtoken_plugins.token_pruning.predictors import load_predictors
 from vtoken_plugins.token_pruning.scorers import Scorer, make_scorer
 
 DECODE_PROBE = ProbeSpec(rows="last", decode=True)
@@ -54,43 +55,30 @@ class TokenPruning(Plugin):
         wanted = {}
         if self.scorer.probe is not None and not self.config.keeps_everything:
             wanted = {layer - 1: self.scorer.probe for layer in self.config.layers}
-        if self.config.thins_decode:
+        if self.config.thins_decode and self.config.decode_rule == "attention":
             # the same last-token rows in prefill, and also captured in decode steps
             wanted[self.config.layers[0] - 1] = DECODE_PROBE
         return wanted
 
+    def setup(self, session) -> None:
+        config = self.config
+        learned = config.scorer == "learned" or config.decode_rule == "learned"
+        self.predictors = load_predictors(session.model, config) if learned else None
+        if config.scorer == "learned":
+            self.scorer.bind(self.predictors)
+        if config.decode_rule == "learned":
+            self.thinning = decode.LearnedThinning(self.predictors, config.layers[0])
+            session.patcher.pre_hook(session.parts.layers[config.layers[0]], self.thinning.capture)
+        elif config.thins_decode:
+            self.thinning = decode.AttentionThinning(config, DECODE_PROBE)
+
     def reset(self, state: RunState) -> None:
-        self.importance: Tensor | None = None
-        self.visual_budget: dict[int, Tensor] = {}
-        self.prompt_length = state.prompt_ids.shape[-1] if state.prompt_ids is not None else 0
+        if self.config.thins_decode:
+            self.thinning.reset(state)
 
     def after_forward(self, state: RunState) -> None:
-        """Decode: accumulate attention at the last dense layer; every interval, thin layers >= K."""
-        if state.phase != "decode" or not self.config.thins_decode:
-            return
-        first = self.config.layers[0]
-        probe = state.probes[(first - 1, DECODE_PROBE)]
-        length = state.cache.get_seq_length()
-        weights = probe.weights[:, 0, 0]  # (B, T) newest token over the layer's keys
-        self.importance = decode.accumulate(self.importance, weights, probe.key_positions, length)
-        if (state.decode_steps + 1) % self.config.decode_interval == 0:
-            for layer in range(first, len(state.cache.layers)):
-                state.cache.evict(layer, self._keep(state, layer, length))
-
-    def _keep(self, state: RunState, layer: int, length: int) -> Tensor:
-        """``(B, T)`` entries of ``layer`` that survive this eviction."""
-        held = state.cache.held_positions(layer)
-        positions = torch.arange(length, device=held.device).expand(held.shape[0], length)
-        recent = length - self.config.decode_window
-        old = (positions >= self.prompt_length) & (positions < recent)  # generated, out of the window
-        keep_old = decode.share(old.sum(-1), self.config.decode_keep_ratio)
-        visual = torch.zeros_like(old)
-        visual[:, : self.prompt_length] = state.layout.is_visual(self.prompt_length).to(held.device)
-        if layer not in self.visual_budget:  # first eviction: a share of what prefill left here
-            present = (visual.gather(1, held.clamp(min=0)) & (held != -1)).sum(-1)
-            self.visual_budget[layer] = decode.share(present, self.config.decode_visual_ratio)
-        keep = decode.keep_mask(held, self.importance, old, keep_old)
-        return keep & decode.keep_mask(held, self.importance, visual, self.visual_budget[layer])
+        if state.phase == "decode" and self.config.thins_decode:
+            self.thinning.after_decode(state)
 
     def select(self, layer_idx: int, view: PruneView) -> Tensor:
         spec = self.probes().get(layer_idx - 1) if self.scorer.probe is not None else None

@@ -144,6 +144,18 @@ class VisionCls(Scorer):
         return merged
 
 
+class Learned(Scorer):
+    """Dynamic-LLaVA's vision predictor, reading the hidden states entering the stage layer."""
+
+    def bind(self, predictors: torch.nn.Module) -> None:
+        self.predictors = predictors
+
+    def score(self, view: PruneView, probe: Probe | None) -> Tensor:
+        visual = view.hidden.gather(1, view.visual[..., None].expand(-1, -1, view.hidden.shape[-1]))
+        with torch.no_grad():
+            return self.predictors.vision(visual.float(), view.visual_pad)  # (B, N) keep logits
+
+
 class Downsample(Scorer):
     """The image's token grid average-pooled to the budget (the baseline VTC-Bench found strong).
 
@@ -208,5 +220,6 @@ def make_scorer(name: str, pivots: int, seed: int, ratio: float, contextual: int
         "diversity": lambda: Diversity(pivots),
         "downsample": lambda: Downsample(ratio),
         "cls": lambda: VisionCls(contextual),
+        "learned": Learned,
     }
     return table[name]()

@@ -1,0 +1,175 @@
+"""Train Dynamic-LLaVA's predictors on a frozen model (Huang et al., 2025, section 3).
+
+During training nothing is removed: from layer K on, attention multiplies each key's probability
+by a Gumbel-sigmoid mask (straight-through: hard 0/1 forward, soft gradient) and renormalises,
+which is what dropping the masked keys means. Visual keys are masked by the vision predictor for
+every later query; each answer token's key by the text predictor for the answer tokens after it
+(it always sees itself, as in decoding). Loss: the answer's cross-entropy plus
+``ratio_weight * (mean mask - target)^2`` for each predictor; the temperature anneals linearly.
+Deviation from the paper: the base model stays frozen (the paper tunes it jointly).
+
+Command (bundled model, synthetic training data)::
+
+    python -m vtoken_plugins.token_pruning.train --model synth-llava-tiny --steps 600
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+import vtoken
+from vtoken.patch import Patcher, attention_functions
+from vtoken_plugins.token_pruning.predictors import WEIGHTS, Predictors, PredictorSpec
+
+
+@dataclass
+class TrainConfig:
+    """Args:
+    steps: optimiser steps. lr: AdamW learning rate.
+    keep_ratio / text_keep_ratio: targets of the vision / text masks (paper: 0.2 / 0.5).
+    ratio_weight: weight of each keep-ratio loss. tau_start / tau_end: Gumbel temperature.
+    layer: the layer K the predictors read and prune from. width: predictor width. seed: seed.
+    """
+
+    steps: int = 600
+    lr: float = 1e-3
+    keep_ratio: float = 0.2
+    text_keep_ratio: float = 0.5
+    ratio_weight: float = 100.0
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    layer: int = 2
+    width: int = 128
+    seed: int = 0
+
+
+def gumbel_mask(logits: Tensor, tau: float) -> Tensor:
+    """Straight-through Gumbel-sigmoid: hard 0/1 values, gradients of the soft ones."""
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
+    hard = (soft > 0.5).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+class _MaskedTraining:
+    """Hooks a frozen model so that layers >= K attend through the predictors' masks."""
+
+    def __init__(self, model: nn.Module, predictors: Predictors, cfg: TrainConfig) -> None:
+        self.model, self.predictors, self.cfg = model, predictors, cfg
+        self.parts = vtoken.locate_parts(model)
+        self.tau, self.key_mask, self.ratios = cfg.tau_start, None, {}
+        self.batch: dict[str, Tensor] = {}
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        patcher = Patcher()
+        eager, eager_mask = attention_functions(self.parts.attention(0), "eager")
+        patcher.use_attention(self.model, "vtoken_dynllava_train", self._attention(eager), eager_mask)
+        patcher.pre_hook(self.parts.layers[self.cfg.layer], self._masks)
+        try:
+            yield
+        finally:
+            patcher.undo_all()
+
+    def _masks(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0].detach()  # (B, T, D) entering layer K
+        ids, labels = self.batch["input_ids"], self.batch["labels"]
+        visual = torch.isin(ids, torch.tensor(self.parts.image_token_ids))
+        vis_logits = self.predictors.vision(hidden, ~visual)  # (B, T): only visual entries used
+        answer = labels != -100
+        txt_logits = self.predictors.text(hidden)  # (B, T)
+        m_vis = torch.where(visual, gumbel_mask(vis_logits, self.tau), torch.ones_like(vis_logits))
+        m_txt = torch.where(answer, gumbel_mask(txt_logits, self.tau), torch.ones_like(txt_logits))
+        length = ids.shape[1]
+        later = torch.ones(length, length).tril(-1).bool()  # query i sees key j's mask iff i > j
+        mask = m_vis[:, None, None, :] * torch.where(later, m_txt[:, None, None, :], torch.ones(()))
+        self.key_mask = mask  # (B, 1, T, T)
+        self.ratios = {
+            "vision": (m_vis * visual).sum() / visual.sum().clamp(min=1),
+            "text": (m_txt * answer).sum() / answer.sum().clamp(min=1),
+        }
+
+    def _attention(self, eager):
+        def attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kw):
+            if module.layer_idx < self.cfg.layer or self.key_mask is None:
+                return eager(module, query, key, value, attention_mask, scaling=scaling, **kw)
+            groups = query.shape[1] // key.shape[1]
+            key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+            logits = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, q, T)
+            if attention_mask is not None:
+                logits = logits + attention_mask
+            probs = logits.softmax(-1, dtype=torch.float32) * self.key_mask  # drop masked keys
+            probs = probs / probs.sum(-1, keepdim=True).clamp(min=1e-9)
+            out = torch.matmul(probs.to(value.dtype), value)  # (B, H, q, d)
+            return out.transpose(1, 2).contiguous(), probs
+
+        return attention
+
+
+def train_predictors(
+    model: nn.Module, batches: Iterable[dict[str, Tensor]], cfg: TrainConfig, progress: bool = True
+) -> tuple[Predictors, list[dict[str, float]]]:
+    """Train a predictor pair for ``model`` (frozen) on labelled ``batches``; returns the log too."""
+    torch.manual_seed(cfg.seed)
+    hidden = model.config.get_text_config().hidden_size
+    predictors = Predictors(PredictorSpec(hidden_size=hidden, layer=cfg.layer, width=cfg.width))
+    model.requires_grad_(False).eval()
+    optimizer = torch.optim.AdamW(predictors.parameters(), lr=cfg.lr)
+    trainer, log = _MaskedTraining(model, predictors, cfg), []
+    with trainer.installed():
+        bar = tqdm(zip(range(cfg.steps), batches), total=cfg.steps, desc="predictors", disable=not progress)
+        for step, batch in bar:
+            trainer.tau = cfg.tau_start + (cfg.tau_end - cfg.tau_start) * step / max(cfg.steps - 1, 1)
+            trainer.batch = batch
+            lm_loss = model(**batch).loss
+            ratios = trainer.ratios
+            vision_gap, text_gap = ratios["vision"] - cfg.keep_ratio, ratios["text"] - cfg.text_keep_ratio
+            ratio_loss = vision_gap**2 + text_gap**2
+            loss = lm_loss + cfg.ratio_weight * ratio_loss
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            entry = {"step": step, "lm_loss": lm_loss.item(), "vision_keep": ratios["vision"].item(),
+                     "text_keep": ratios["text"].item()}
+            log.append(entry)
+            bar.set_postfix(lm=f"{entry['lm_loss']:.3f}", vis=f"{entry['vision_keep']:.2f}")
+    return predictors.eval(), log
+
+
+def _zoo_batches(processor, batch_size: int, start: int = 10**6) -> Iterator[dict[str, Tensor]]:
+    """Labelled synthetic batches (a seed range the bundled model's training did not reach)."""
+    from vtoken.zoo.data import encode, train_items
+
+    step = start
+    while True:
+        yield encode(processor, train_items(step, batch_size, crop_prob=0.0), with_answers=True)
+        step += 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formatter)
+    parser.add_argument("--model", default="synth-llava-tiny", help="bundled model name")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--out", help="output folder (default: the bundled weights folder)")
+    for name, default in vars(TrainConfig()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    args = parser.parse_args(argv)
+    from vtoken.loading import load_model
+
+    model, processor = load_model(args.model, attn_implementation="eager")
+    cfg = TrainConfig(**{k: getattr(args, k) for k in vars(TrainConfig())})
+    predictors, log = train_predictors(model, _zoo_batches(processor, args.batch_size), cfg)
+    folder = predictors.save(args.out or WEIGHTS / args.model)
+    print(f"saved to {folder}; last step: {log[-1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Dynamic-LLaVA's learned predictors: training runs, and inference keeps what they predict."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from conftest import make_inputs, tiny
+from vtoken_plugins.token_pruning import TokenPruning
+from vtoken_plugins.token_pruning.predictors import Predictors
+from vtoken_plugins.token_pruning.train import TrainConfig, train_predictors
+
+import vtoken
+from vtoken.tiny import build_tiny
+
+
+def _labelled_batch(processor, family="llava"):
+    inputs = make_inputs(family, processor, batch=False)
+    ids = torch.cat([inputs["input_ids"], torch.tensor([[9, 10, 11, 3]])], 1)
+    labels = ids.clone()
+    labels[:, : inputs["input_ids"].shape[1]] = -100
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values": inputs["pixel_values"], "labels": labels}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    model, processor = build_tiny("llava", attn_implementation="eager")
+    config = TrainConfig(steps=12, layer=2, width=32)
+    batches = itertools.repeat(_labelled_batch(processor))
+    predictors, log = train_predictors(model, batches, config, progress=False)
+    folder = predictors.save(tmp_path_factory.mktemp("predictors"))
+    return folder, log
+
+
+def test_training_logs_and_round_trips(trained):
+    folder, log = trained
+    assert len(log) == 12 and {"lm_loss", "vision_keep", "text_keep"} <= set(log[0])
+    loaded = Predictors.load(folder)
+    again = Predictors.load(folder)
+    hidden = torch.randn(2, 5, 64)
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    assert torch.equal(loaded.vision(hidden, pad), again.vision(hidden, pad))
+    assert loaded.spec.layer == 2 and loaded.spec.hidden_size == 64
+
+
+def _layer_inputs(model, inputs, layer):
+    seen = {}
+    handle = vtoken.locate_parts(model).layers[layer].register_forward_pre_hook(
+        lambda m, a: seen.__setitem__("h", a[0])
+    )
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        handle.remove()
+    return seen["h"]
+
+
+def test_learned_scorer_keeps_the_top_predicted_tokens(trained):
+    folder, _ = trained
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=True)
+    predictors = Predictors.load(folder)
+    hidden = _layer_inputs(model, inputs, 2)  # dense: what the predictor reads at layer 2
+    plugin = TokenPruning(scorer="learned", predictors=str(folder), layers=(2,), keep_ratio=0.25)
+    with vtoken.attach(model, plugin) as session, torch.no_grad():
+        model(**inputs)
+        layout, positions = session.state.layout, session.state.seq_positions
+    for b in range(hidden.shape[0]):
+        pos = layout.positions[b][layout.mask[b]]
+        logits = predictors.vision(hidden[b, pos][None], torch.zeros(1, len(pos), dtype=torch.bool))[0]
+        top = set(pos[logits.argsort(descending=True, stable=True)[: -(-len(pos) // 4)]].tolist())
+        kept = set(positions[b].tolist()) & set(pos.tolist())
+        assert kept == top
+
+
+def test_learned_decode_rule_evicts_tokens_with_negative_logits(trained):
+    folder, _ = trained
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=False)
+    plugin = TokenPruning(scorer="learned", predictors=str(folder), layers=(2,), decode_rule="learned")
+    with vtoken.attach(model, plugin):
+        out = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                             return_dict_in_generate=True)
+    sequence, prompt = out.sequences, inputs["input_ids"].shape[1]
+    full = {"input_ids": sequence, "attention_mask": torch.ones_like(sequence),
+            "pixel_values": inputs["pixel_values"]}
+    hidden = _layer_inputs(model, full, 2)  # layers < 2 are never pruned: same inputs as decoding
+    logits = Predictors.load(folder).text(hidden[0])  # (T,)
+    decoded = range(prompt, sequence.shape[1] - 1)  # tokens fed to decode steps (cached)
+    expected = {t for t in decoded if logits[t] >= 0}
+    for layer in out.past_key_values.layers[2:]:
+        held = set(layer.positions[0].tolist())
+        assert {t for t in decoded if t in held} == expected
+    assert len(expected) < len(decoded) or logits[list(decoded)].min() >= 0
+
+
+def test_missing_or_mismatched_predictors_are_explained(trained, tmp_path):
+    folder, _ = trained
+    model, _ = tiny("llava")
+    with pytest.raises(vtoken.ConfigError, match="token_pruning.predictors: No trained predictors"):
+        vtoken.attach(model, TokenPruning(scorer="learned", predictors=str(tmp_path), layers=(2,)))
+    with pytest.raises(vtoken.ConfigError, match="trained to prune at layer 2"):
+        vtoken.attach(model, TokenPruning(scorer="learned", predictors=str(folder), layers=(1,)))
+    assert vtoken.active_session(model) is None
