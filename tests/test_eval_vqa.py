@@ -35,11 +35,12 @@ def test_accuracy_and_loyalty_on_a_hand_made_dataset(tmp_path):
     refs = truth[:3] + ["not an answer", "nope"]
     items = load_jsonl(_dataset(tmp_path, refs, ["a", "a", "b", "b", "b"]))
     pruner = TokenPruning(scorer="random", keep_ratio=0.1, layers=(0,))
-    result = evaluate(model, processor, items, [pruner], batch_size=2, max_new_tokens=3)
+    result = evaluate(model, processor, items, {"plugged": [pruner]}, batch_size=2, max_new_tokens=3)
     assert result.accuracy["baseline"] == {"a": 1.0, "b": pytest.approx(1 / 3), "overall": 0.6}
-    plugged = _answer_with(model, processor, items, pruner)
+    plugged = [a for i in range(0, 5, 2) for a in _answer_with(model, processor, items[i:i + 2], pruner)]
     expected_loyalty = sum(exact_match(p, t) for p, t in zip(plugged, truth, strict=True)) / 5
-    assert result.loyalty == pytest.approx(expected_loyalty)
+    assert result.loyalty == {"baseline": 1.0, "plugged": pytest.approx(expected_loyalty)}
+    assert result.answers["plugged"] == plugged
     assert result.accuracy["plugged"] == score(items, plugged)
     costs = result.costs
     assert costs["plugged"]["visual_tokens_last_layer"] < costs["baseline"]["visual_tokens_last_layer"]
@@ -82,5 +83,5 @@ def test_eval_vqa_command_smoke_20_items(tmp_path, capsys):
     assert code == 0
     result = json.loads(out.read_text())
     assert result["items"] == 20 and set(result["accuracy"]) == {"baseline", "plugged"}
-    assert 0.0 <= result["loyalty"] <= 1.0
+    assert 0.0 <= result["loyalty"]["plugged"] <= 1.0
     assert "loyalty" in capsys.readouterr().out

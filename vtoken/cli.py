@@ -95,7 +95,8 @@ def _eval_vqa(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model)
     plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
     items = load_jsonl(args.data, limit=args.limit)
-    result = evaluate(model, processor, items, plugins, args.batch_size, args.max_new_tokens)
+    stacks = {"plugged": plugins} if plugins else {}
+    result = evaluate(model, processor, items, stacks, args.batch_size, args.max_new_tokens)
     print(result.format())
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -113,13 +113,23 @@ class RunStats:
 
 @dataclass
 class VQAResult:
-    """Scores of the unplugged and plugged runs."""
+    """Scores of the unplugged run (``"baseline"``) and of each plugin stack, by label.
 
-    plugins: str
+    Attributes:
+        stacks: each label's plugins (``repr``), ``"baseline"`` first.
+        items: questions answered.
+        accuracy: per label, the metric of each family and ``overall``.
+        loyalty: per label, agreement with the baseline's answers.
+        costs: per label, per-question means of visual tokens, FLOPs, KV bytes and times.
+        answers: per label, every answer in dataset order.
+    """
+
+    stacks: dict[str, str]
     items: int
     accuracy: dict[str, dict[str, float]]
-    loyalty: float | None
+    loyalty: dict[str, float]
     costs: dict[str, dict[str, float]]
+    answers: dict[str, list[str]]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,13 +139,12 @@ class VQAResult:
         families = list(self.accuracy[runs[0]])
         rows = [("metric", *runs)]
         rows += [(f"accuracy {name}", *(f"{self.accuracy[r][name]:.3f}" for r in runs)) for name in families]
-        if self.loyalty is not None:
-            rows.append(("loyalty", "1.000", f"{self.loyalty:.3f}"))
+        rows.append(("loyalty", *(f"{self.loyalty[r]:.3f}" for r in runs)))
         for key in self.costs[runs[0]]:
             rows.append((key, *(f"{self.costs[r][key]:.4g}" for r in runs)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-        return f"{self.items} questions, plugins: {self.plugins}\n" + "\n".join(lines)
+        return f"{self.items} questions\n" + "\n".join(lines)
 
 
 def score(items: Sequence[VQAItem], answers: Sequence[str]) -> dict[str, float]:
@@ -165,26 +174,36 @@ def evaluate(
     model,
     processor,
     items: Sequence[VQAItem],
-    plugins: Sequence[vtoken.Plugin] = (),
+    stacks: dict[str, Sequence[vtoken.Plugin]] | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 64,
 ) -> VQAResult:
-    """Answer ``items`` without and (if given) with ``plugins``; score accuracy, loyalty and costs."""
+    """Answer ``items`` unplugged and with every plugin stack; score accuracy, loyalty and costs.
+
+    Each batch is answered by every configuration back to back, so costs are measured under the
+    same conditions.
+
+    Args:
+        stacks: ``{label: plugins}``; the unplugged ``"baseline"`` always runs first.
+    """
     family = vtoken.resolve_family(model).name
     runs = {"baseline": ([], RunStats())}
-    if plugins:
-        runs["plugged"] = (list(plugins), RunStats())
+    runs |= {label: (list(plugins), RunStats()) for label, plugins in (stacks or {}).items()}
     batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
     for batch in tqdm(batches, desc="vqa", unit="batch"):
         for stack, stats in runs.values():
             with vtoken.attach(model, stack) as session:
                 stats.answers += _answer(model, processor, family, batch, max_new_tokens)
                 stats.reports.append(session.report())
-    accuracy = {label: score(items, stats.answers) for label, (_, stats) in runs.items()}
-    loyalty = None
-    if plugins:
-        base, plug = runs["baseline"][1].answers, runs["plugged"][1].answers
-        loyalty = sum(normalize(a) == normalize(b) for a, b in zip(base, plug)) / len(items)
-    names = ", ".join(p.name for p in plugins) or "none"
-    costs = {label: stats.costs() for label, (_, stats) in runs.items()}
-    return VQAResult(plugins=names, items=len(items), accuracy=accuracy, loyalty=loyalty, costs=costs)
+    base = [normalize(a) for a in runs["baseline"][1].answers]
+    return VQAResult(
+        stacks={label: ", ".join(map(repr, stack)) or "none" for label, (stack, _) in runs.items()},
+        items=len(items),
+        accuracy={label: score(items, stats.answers) for label, (_, stats) in runs.items()},
+        loyalty={
+            label: sum(normalize(a) == b for a, b in zip(stats.answers, base, strict=True)) / len(items)
+            for label, (_, stats) in runs.items()
+        },
+        costs={label: stats.costs() for label, (_, stats) in runs.items()},
+        answers={label: stats.answers for label, (_, stats) in runs.items()},
+    )
