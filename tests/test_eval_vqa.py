@@ -85,3 +85,19 @@ def test_eval_vqa_command_smoke_20_items(tmp_path, capsys):
     assert result["items"] == 20 and set(result["accuracy"]) == {"baseline", "plugged"}
     assert 0.0 <= result["loyalty"]["plugged"] <= 1.0
     assert "loyalty" in capsys.readouterr().out
+
+
+def test_bench_accuracy_runs_every_setting_and_skips_what_cannot_run(tmp_path, capsys):
+    from vtoken_plugins.token_pruning import TokenPruning
+
+    data = _dataset(tmp_path, ["red"] * 4)
+    out = tmp_path / "bench.json"
+    code = main(["bench", "accuracy", "--model", "tiny:llava", "--data", str(data),
+                 "--plugin", "token_pruning", "--max-new-tokens", "2", "--out", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    runnable = {f"token_pruning:{k}" for k in TokenPruning.bench_settings() if not k.startswith("learned")}
+    assert set(result["accuracy"]) == {"baseline"} | runnable  # no predictors trained for tiny:llava
+    dense = result["costs"]["baseline"]["visual_tokens"]
+    for label in runnable:
+        assert result["costs"][label]["visual_tokens_last_layer"] < dense

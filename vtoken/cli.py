@@ -85,6 +85,23 @@ def _bench_speed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_accuracy(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from vtoken.bench.accuracy import run_accuracy, split_items
+    from vtoken.eval.vqa import load_jsonl
+
+    model, processor = load_model(args.model)
+    items = load_jsonl(args.data) if args.data else split_items(Path(args.cache), args.per_family)
+    result = run_accuracy(model, processor, items, args.plugin, args.batch_size, args.max_new_tokens)
+    print(result.format())
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
+    return 0
+
+
 def _eval_vqa(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -131,6 +148,17 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     speed.add_argument("--out", help="write the result as JSON here")
     speed.set_defaults(fn=_bench_speed)
+    acc = bench.add_parser("accuracy", help="every plugin's main settings vs the unplugged model on "
+                           "the bundled test split (or --data JSONL): accuracy, loyalty, costs")
+    acc.add_argument("--model", default="synth-llava-tiny", help="bundled name or local directory")
+    acc.add_argument("--plugin", action="append", default=[], help="only these plugins (repeatable)")
+    acc.add_argument("--data", help="VQA JSONL file instead of the bundled test split")
+    acc.add_argument("--per-family", type=int, default=300, help="test-split questions per family")
+    acc.add_argument("--cache", default="runs/data", help="where the test split is written")
+    acc.add_argument("--batch-size", type=int, default=32)
+    acc.add_argument("--max-new-tokens", type=int, default=64)
+    acc.add_argument("--out", help="write the result as JSON here")
+    acc.set_defaults(fn=_bench_accuracy)
     evals = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval", required=True)
     vqa = evals.add_parser("vqa", help="accuracy per family, loyalty and costs on a VQA JSONL file")
     vqa.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local directory or tiny:<family>")

@@ -152,6 +152,12 @@ class Plugin:
         """Replace the decoding loop of ``model.generate``; call ``base_generate`` to delegate."""
         return base_generate(*args, **kwargs)
 
+    @classmethod
+    def bench_settings(cls) -> dict[str, PluginConfig]:
+        """The plugin's main settings, by label, that ``vtoken bench`` compares against the
+        unplugged model (the one place a plugin adds itself to the benchmarks)."""
+        return {}
+
     # -- helpers for the session -----------------------------------------------------------------
     @property
     def prunes(self) -> bool:

@@ -36,6 +36,20 @@ class TokenPruning(Plugin):
     config_class = TokenPruningConfig
     config: TokenPruningConfig
 
+    @classmethod
+    def bench_settings(cls) -> dict[str, TokenPruningConfig]:
+        """Training-free scorers and baselines at 25% and 10% of visual tokens kept, and the
+        learned predictors at 20% (Dynamic-LLaVA's default)."""
+        settings = {
+            f"{scorer}@{int(ratio * 100)}%": TokenPruningConfig(
+                scorer=scorer, keep_ratio=ratio, layers=(0,) if scorer in ("cls", "downsample") else (2,)
+            )
+            for ratio in (0.25, 0.1)
+            for scorer in ("fastv", "text_guided", "cls", "random", "downsample")
+        }
+        settings["learned@20%"] = TokenPruningConfig(scorer="learned", keep_ratio=0.2, layers=(2,))
+        return settings
+
     @cached_property
     def scorer(self) -> Scorer:
         config = self.config
