@@ -1,11 +1,13 @@
-"""The ``vtoken`` command: ``vtoken info`` and ``vtoken run``."""
+"""The ``vtoken`` command: info, run, bench (speed, accuracy), eval (vqa) and zoo (train, export)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from importlib.metadata import version
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -64,10 +66,17 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _emit(table: str, data: dict, out: str | None) -> int:
+    """Print a result table and, with ``out``, write its data as JSON."""
+    print(table)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(data, indent=2))
+    return 0
+
+
 def _bench_speed(args: argparse.Namespace) -> int:
-    import json
     from dataclasses import asdict
-    from pathlib import Path
 
     import vtoken
     from vtoken.bench.speed import QUICK, SpeedShape, run_speed
@@ -78,34 +87,20 @@ def _bench_speed(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     result = run_speed(plugins[0], QUICK if args.quick else SpeedShape(), repeats=args.repeats)
-    print(result.format())
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(asdict(result), indent=2))
-    return 0
+    return _emit(result.format(), asdict(result), args.out)
 
 
 def _bench_accuracy(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     from vtoken.bench.accuracy import run_accuracy, split_items
     from vtoken.eval.vqa import load_jsonl
 
     model, processor = load_model(args.model)
     items = load_jsonl(args.data) if args.data else split_items(Path(args.cache), args.per_family)
     result = run_accuracy(model, processor, items, args.plugin, args.batch_size, args.max_new_tokens)
-    print(result.format())
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
-    return 0
+    return _emit(result.format(), result.to_dict(), args.out)
 
 
 def _eval_vqa(args: argparse.Namespace) -> int:
-    import json
-    from pathlib import Path
-
     import vtoken
     from vtoken.eval.vqa import evaluate, load_jsonl
 
@@ -114,11 +109,7 @@ def _eval_vqa(args: argparse.Namespace) -> int:
     items = load_jsonl(args.data, limit=args.limit)
     stacks = {"plugged": plugins} if plugins else {}
     result = evaluate(model, processor, items, stacks, args.batch_size, args.max_new_tokens)
-    print(result.format())
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result.to_dict(), indent=2))
-    return 0
+    return _emit(result.format(), result.to_dict(), args.out)
 
 
 def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
