@@ -12,14 +12,18 @@ arrive already rotated (1-D RoPE or M-RoPE) and GQA key heads are repeated to ma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
 
 from vtoken.cache import PAD
 from vtoken.indexing import gather_tokens, left_pack
+from vtoken.patch import attention_functions
 from vtoken.state import RunState
+
+if TYPE_CHECKING:
+    from vtoken.session import Session
 
 Rows = Literal["last", "text", "all"]
 
@@ -127,3 +131,48 @@ def _additive_rows(mask: Tensor | None, rows: Tensor, q: int, kv: int, dtype: to
     return torch.zeros(allowed.shape, dtype=dtype, device=rows.device).masked_fill(
         ~allowed, torch.finfo(dtype).min
     )
+
+
+class LanguageProbes:
+    """Wraps the language model's attention to capture the requested rows (prefill, and decode
+    steps for specs with ``decode=True``) into ``session.state.probes[(layer, spec)]``."""
+
+    def __init__(self, session: Session, requests: list[tuple[int, ProbeSpec]]) -> None:
+        self.state = session.state
+        impl = session.model.config.get_text_config()._attn_implementation
+        base, base_mask = attention_functions(session.parts.attention(0), impl)
+        by_layer: dict[int, list[ProbeSpec]] = {}
+        for layer, spec in requests:
+            by_layer.setdefault(layer, []).append(spec)
+
+        def attention(module, query, key, value, attention_mask=None, **kwargs):
+            phase = self.state.phase
+            for spec in by_layer.get(getattr(module, "layer_idx", None), ()):
+                if phase == "prefill" or (phase == "decode" and spec.decode):
+                    self._capture(module.layer_idx, spec, query, key, attention_mask, kwargs)
+            return base(module, query, key, value, attention_mask, **kwargs)
+
+        session.patcher.use_attention(session.model, f"vtoken_probe_{id(session)}", attention, base_mask)
+
+    def _capture(self, layer: int, spec: ProbeSpec, query: Tensor, key: Tensor, mask, kwargs: dict) -> None:
+        if self.state.phase == "decode":  # the newest token, over everything the layer holds
+            rows = torch.full((query.shape[0], 1), query.shape[2] - 1, device=query.device)
+            row_pad, keys = torch.zeros_like(rows, dtype=torch.bool), self._key_positions(layer, key)
+        else:
+            keys = self.state.seq_positions
+            if keys is None:
+                length = query.shape[2]
+                keys = torch.arange(length, device=query.device).expand(query.shape[0], length)
+            rows, row_pad = select_rows(spec, self.state, keys)
+        weights = attention_rows(query, key, mask, rows, kwargs["scaling"], kwargs.get("softcap"))
+        if not spec.per_head:
+            weights = weights.mean(1, keepdim=True)
+        self.state.probes[(layer, spec)] = Probe(weights, rows, row_pad, keys)
+
+    def _key_positions(self, layer: int, key: Tensor) -> Tensor:
+        """``(B, T)`` logical positions of the keys attention sees at ``layer`` in decode."""
+        cache = self.state.cache
+        layers = getattr(cache, "layers", None)
+        if layers is not None and getattr(layers[layer], "positions", None) is not None:
+            return layers[layer].positions
+        return torch.arange(key.shape[2], device=key.device).expand(key.shape[0], key.shape[2])

@@ -26,9 +26,9 @@ from vtoken.errors import AlreadyAttachedError, UnsupportedInputError, Unsupport
 from vtoken.families import ModelParts, locate_parts
 from vtoken.layout import VisualLayout
 from vtoken.metrics import Recorder, Report
-from vtoken.patch import Patcher, attention_functions
+from vtoken.patch import Patcher
 from vtoken.plugin import Plugin
-from vtoken.probe import Probe, ProbeSpec, attention_rows, select_rows
+from vtoken.probe import LanguageProbes
 from vtoken.registry import create_plugins
 from vtoken.runtime import TokenRuntime
 from vtoken.state import RunState
@@ -126,7 +126,7 @@ class Session:
         self.runtime = TokenRuntime(self, pruners) if pruners else None
         specs = {key: None for p in self.plugins for key in p.probes().items()}
         if specs:
-            self._wire_probes(list(specs))
+            LanguageProbes(self, list(specs))
         if any(p.wants_vision_scores() for p in self.plugins):
             self.state.vision_probe = VisionProbe(self)
         transforms = [p for p in self.plugins if p.overrides("transform_visual")]
@@ -137,45 +137,6 @@ class Session:
         for plugin in self.plugins:
             plugin.session = self
             plugin.setup(self)
-
-    def _wire_probes(self, requests: list[tuple[int, ProbeSpec]]) -> None:
-        """Wrap the language model's attention to capture the requested rows in prefill."""
-        impl = self.model.config.get_text_config()._attn_implementation
-        base, base_mask = attention_functions(self.parts.attention(0), impl)
-        by_layer: dict[int, list[ProbeSpec]] = {}
-        for layer, spec in requests:
-            by_layer.setdefault(layer, []).append(spec)
-
-        def attention(module, query, key, value, attention_mask=None, **kwargs):
-            phase = self.state.phase
-            for spec in by_layer.get(getattr(module, "layer_idx", None), ()):
-                if phase == "prefill" or (phase == "decode" and spec.decode):
-                    self._capture(module.layer_idx, spec, query, key, attention_mask, kwargs)
-            return base(module, query, key, value, attention_mask, **kwargs)
-
-        self.patcher.use_attention(self.model, f"vtoken_probe_{id(self)}", attention, base_mask)
-
-    def _capture(self, layer: int, spec: ProbeSpec, query, key, mask, kwargs: dict) -> None:
-        if self.state.phase == "decode":  # the newest token, over everything the layer holds
-            rows = torch.full((query.shape[0], 1), query.shape[2] - 1, device=query.device)
-            row_pad, keys = torch.zeros_like(rows, dtype=torch.bool), self._key_positions(layer, key)
-        else:
-            keys = self.state.seq_positions
-            if keys is None:
-                length = query.shape[2]
-                keys = torch.arange(length, device=query.device).expand(query.shape[0], length)
-            rows, row_pad = select_rows(spec, self.state, keys)
-        weights = attention_rows(query, key, mask, rows, kwargs["scaling"], kwargs.get("softcap"))
-        if not spec.per_head:
-            weights = weights.mean(1, keepdim=True)
-        self.state.probes[(layer, spec)] = Probe(weights, rows, row_pad, keys)
-
-    def _key_positions(self, layer: int, key: torch.Tensor) -> torch.Tensor:
-        """``(B, T)`` logical positions of the keys attention sees at ``layer`` in decode."""
-        cache = self.state.cache
-        if isinstance(cache, VTokenCache) and cache.layers[layer].positions is not None:
-            return cache.layers[layer].positions
-        return torch.arange(key.shape[2], device=key.device).expand(key.shape[0], key.shape[2])
 
     def _chain_generate(self, decoders: list[Plugin]) -> Callable[..., Any]:
         """``model.generate`` while attached: starts the prompt, then the plugins' loops."""
