@@ -8,7 +8,7 @@ Families (``FAMILIES``):
     exists: "is there a red star ?" -> "yes" / "no".
     label: "what number is on the star ?" -> "7" (fine-grained: the digit is ~3.5 px tall at the
         model input, readable only in a crop of the object).
-    describe: "describe the scene ." -> "there are 3 objects : large red star at top left , ..."
+    describe: "describe the scene ." -> "there are 3 objects : top left large red star , ..."
         (20-50 tokens, objects listed in reading order of their grid cells).
 """
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES, Scene, SceneObject, make_scene
+from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, SceneObject, make_scene
 
 FAMILIES = ("colour", "shape", "count", "relation", "exists", "label", "describe")
 FINE_GRAINED = ("label",)
@@ -78,8 +78,12 @@ def sample(seed: int, family: str | None = None) -> tuple[Scene, QA]:
 
 
 def describe(objects: tuple[SceneObject, ...]) -> str:
-    """Deterministic listing of ``objects`` (reading order), the answer of the describe family."""
-    parts = [f"{o.size} {o.colour} {o.shape} at {o.position}" for o in objects]
+    """Deterministic listing of ``objects`` (reading order), the answer of the describe family.
+
+    Each object is written position first ("top left large red star"), so that when the model
+    writes an object's attributes it has just named where to look.
+    """
+    parts = [f"{o.position} {o.size} {o.colour} {o.shape}" for o in objects]
     return f"there are {len(objects)} objects : " + " , ".join(parts) + " ."
 
 
@@ -89,8 +93,8 @@ def parse_description(text: str) -> set[tuple[str, str, str, str]]:
     found = set()
     for part in body.split(","):
         words = part.split()
-        if len(words) >= 5 and words[3] == "at":
-            found.add((words[0], words[1], words[2], " ".join(words[4:])))
+        if len(words) >= 4 and words[-3] in SIZES:
+            found.add((words[-3], words[-2], words[-1], " ".join(words[:-3])))
     return found
 
 

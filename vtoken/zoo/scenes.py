@@ -34,7 +34,7 @@ POSITIONS = (
     "left", "middle", "right",
     "bottom left", "bottom", "bottom right",
 )  # fmt: skip
-SIZES = {"small": 17 * SCALE, "large": 27 * SCALE}  # object side in source pixels
+SIZES = {"small": 21 * SCALE, "large": 29 * SCALE}  # object side in source pixels
 LABEL_HEIGHT = 14  # digit height in source pixels: ~3.5 px at the model input
 MIN_OBJECTS, MAX_OBJECTS = 3, 6
 
@@ -113,7 +113,7 @@ def _sample_objects(rng: np.random.Generator) -> tuple[SceneObject, ...]:
     for i, (shape, cell) in enumerate(zip(shapes, cells)):
         size = "large" if rng.random() < 0.5 else "small"
         side = SIZES[size]
-        slack = (CELL - side) // 2 + 3 * SCALE  # may poke 3 base px into the next cell
+        slack = (CELL - side) // 2 + 2 * SCALE  # may poke 2 base px into the next cell
         cx = (cell % 3) * CELL + CELL // 2 + int(rng.integers(-slack, slack + 1))
         cy = (cell // 3) * CELL + CELL // 2 + int(rng.integers(-slack, slack + 1))
         cx, cy = (int(np.clip(c, side // 2 + 2, SOURCE_SIZE - side // 2 - 2)) for c in (cx, cy))
