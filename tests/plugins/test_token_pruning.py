@@ -285,3 +285,23 @@ def test_cls_keeps_the_tokens_the_vision_cls_attends_to(contextual):
         order = scores[b, pos].argsort(descending=True, stable=True)
         dominant = set(pos[order[: budget - contextual]].tolist())
         assert len(kept[b]) == budget and dominant <= kept[b]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("scorer", ["downsample", "fastv", "cls"])
+def test_odd_image_sizes(family, scorer):
+    """A 1x1 image, a thin strip and a tall one: every family prunes each to its own budget."""
+    from conftest import image
+
+    from vtoken.tiny import tiny_prompt
+
+    model, processor = tiny(family)
+    for height, width in [(1, 1), (3, 500), (700, 9)]:
+        inputs = dict(processor(images=[[image(0, height, width)]], text=[tiny_prompt(family)],
+                                return_tensors="pt"))
+        inputs.pop("labels", None)
+        layers = (0,) if scorer in ("downsample", "cls") else (2,)
+        with vtoken.attach(model, TokenPruning(scorer=scorer, layers=layers)) as session:
+            model.generate(**inputs, max_new_tokens=2)
+            report = session.report()
+        assert 0 < report.visual_per_layer[-1] < report.visual_tokens
