@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: $(STAMP)
-	$(VENV)/bin/vtoken run
+	$(VENV)/bin/vtoken run --plugin token_pruning
 
 test: $(STAMP)
 	$(PY) -m pytest -q
