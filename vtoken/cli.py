@@ -16,7 +16,13 @@ from vtoken.errors import VTokenError
 from vtoken.loading import SAMPLE_IMAGE, SAMPLE_QUESTION, build_prompt, load_image, load_model
 from vtoken.metrics import compare
 
-DEFAULT_MODEL = "tiny:llava"
+
+def default_model() -> str:
+    """The bundled trained model when one is installed, else a tiny random-weight LLaVA."""
+    from vtoken import zoo
+
+    bundled = zoo.available()
+    return bundled[0] if bundled else "tiny:llava"
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -45,6 +51,7 @@ def _generate(model, processor, inputs: dict, max_new_tokens: int) -> str:
 def _run(args: argparse.Namespace) -> int:
     import vtoken
 
+    args.model = args.model or default_model()
     model, processor = load_model(args.model)
     family = vtoken.resolve_family(model).name
     image = load_image(args.image)
@@ -94,6 +101,7 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
     from vtoken.bench.accuracy import run_accuracy, split_items
     from vtoken.eval.vqa import load_jsonl
 
+    args.model = args.model or default_model()
     model, processor = load_model(args.model)
     items = load_jsonl(args.data) if args.data else split_items(Path(args.cache), args.per_family)
     result = run_accuracy(model, processor, items, args.plugin, args.batch_size, args.max_new_tokens)
@@ -104,6 +112,7 @@ def _eval_vqa(args: argparse.Namespace) -> int:
     import vtoken
     from vtoken.eval.vqa import evaluate, load_jsonl
 
+    args.model = args.model or default_model()
     model, processor = load_model(args.model)
     plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
     items = load_jsonl(args.data, limit=args.limit)
@@ -124,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="list plugins, model families and versions").set_defaults(fn=_info)
     run = sub.add_parser("run", help="answer one question about one image, with and without plugins")
-    run.add_argument("--model", default=DEFAULT_MODEL, help="local model directory or tiny:<family>")
+    run.add_argument("--model", help="bundled name, local directory or tiny:<family> "
+                     "(default: the bundled model, else tiny:llava)")
     run.add_argument("--image", default=str(SAMPLE_IMAGE), help="image file (default: a sample scene)")
     run.add_argument("--question", default=SAMPLE_QUESTION)
     _add_plugin_args(run)
@@ -152,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.set_defaults(fn=_bench_accuracy)
     evals = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval", required=True)
     vqa = evals.add_parser("vqa", help="accuracy per family, loyalty and costs on a VQA JSONL file")
-    vqa.add_argument("--model", default=DEFAULT_MODEL, help="bundled name, local directory or tiny:<family>")
+    vqa.add_argument("--model", help="bundled name, local directory or tiny:<family> (default: as run)")
     vqa.add_argument("--data", required=True, help="JSONL with image, question, answer[, family, bbox]")
     _add_plugin_args(vqa)
     vqa.add_argument("--limit", type=int, help="only the first N questions")
