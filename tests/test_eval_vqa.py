@@ -91,11 +91,15 @@ def test_bench_accuracy_runs_every_setting_and_skips_what_cannot_run(tmp_path, c
     from vtoken_plugins.token_pruning import TokenPruning
 
     data = _dataset(tmp_path, ["red"] * 4)
-    out = tmp_path / "bench.json"
+    out = tmp_path / "bench"
     code = main(["bench", "accuracy", "--model", "tiny:llava", "--data", str(data),
-                 "--plugin", "token_pruning", "--max-new-tokens", "2", "--out", str(out)])
+                 "--plugin", "token_pruning", "--max-new-tokens", "2", "--out-dir", str(out)])
     assert code == 0
-    result = json.loads(out.read_text())
+    result = json.loads((out / "results.json").read_text())
+    table = (out / "results.md").read_text()
+    assert table.count("\n| token_pruning:") == len(result["accuracy"]) - 1
+    for plot in ("accuracy.png", "costs.png"):  # real PNG files with content
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / plot).stat().st_size > 5000
     runnable = {f"token_pruning:{k}" for k in TokenPruning.bench_settings() if not k.startswith("learned")}
     assert set(result["accuracy"]) == {"baseline"} | runnable  # no predictors trained for tiny:llava
     dense = result["costs"]["baseline"]["visual_tokens"]

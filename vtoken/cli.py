@@ -99,13 +99,18 @@ def _bench_speed(args: argparse.Namespace) -> int:
 
 def _bench_accuracy(args: argparse.Namespace) -> int:
     from vtoken.bench.accuracy import run_accuracy, split_items
+    from vtoken.bench.report import write_report
     from vtoken.eval.vqa import load_jsonl
 
     args.model = args.model or default_model()
     model, processor = load_model(args.model)
     items = load_jsonl(args.data) if args.data else split_items(Path(args.cache), args.per_family)
     result = run_accuracy(model, processor, items, args.plugin, args.batch_size, args.max_new_tokens)
-    return _emit(result.format(), result.to_dict(), args.out)
+    header = f"`vtoken bench accuracy --model {args.model}`, {result.items} questions"
+    for path in write_report(result, args.out_dir, header):
+        print(f"wrote {path}", file=sys.stderr)
+    print(result.format())
+    return 0
 
 
 def _eval_vqa(args: argparse.Namespace) -> int:
@@ -158,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--cache", default="runs/data", help="where the test split is written")
     acc.add_argument("--batch-size", type=int, default=32)
     acc.add_argument("--max-new-tokens", type=int, default=64)
-    acc.add_argument("--out", help="write the result as JSON here")
+    acc.add_argument("--out-dir", default="runs/bench", help="results.md, results.json and plots go here")
     acc.set_defaults(fn=_bench_accuracy)
     evals = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval", required=True)
     vqa = evals.add_parser("vqa", help="accuracy per family, loyalty and costs on a VQA JSONL file")
