@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vtoken.zoo.data import TrainStream
+from vtoken.zoo.data import IGNORE_INDEX, TrainStream
 from vtoken.zoo.evaluate import predict, score, split_items
 from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
 
@@ -38,7 +38,9 @@ class TrainConfig:
         checkpoint_minutes: wall-clock minutes between checkpoints.
         eval_every: steps between quick validation runs.
         eval_per_family: validation questions per family.
-        bf16: run forward/backward under CPU bfloat16 autocast.
+        per_question_loss: average the loss over each question's answer tokens, then over
+            questions, so long descriptions do not drown the one-word answers (token-mean if False).
+        bf16: run forward/backward under CPU bfloat16 autocast (slower on CPUs without AMX).
         threads: torch intra-op threads for the training process.
         model: model sizes.
     """
@@ -55,6 +57,7 @@ class TrainConfig:
     checkpoint_minutes: float = 5.0
     eval_every: int = 500
     eval_per_family: int = 30
+    per_question_loss: bool = True
     bf16: bool = False
     threads: int = 2
     model: ZooModelConfig = field(default_factory=ZooModelConfig)
@@ -120,7 +123,7 @@ def _loop(cfg: TrainConfig, model, processor, optimizer, start: int, ckpt: Path)
     last_save, ema = time.time(), None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="zoo train")
     for step, batch in zip(bar, loader):
-        loss = _train_step(model, optimizer, batch, lr_factor(step, cfg) * cfg.lr, cfg.bf16)
+        loss = _train_step(model, optimizer, batch, lr_factor(step, cfg) * cfg.lr, cfg)
         ema = loss if ema is None else 0.98 * ema + 0.02 * loss
         bar.set_postfix(loss=f"{ema:.3f}")
         done = step + 1
@@ -138,13 +141,35 @@ def _loop(cfg: TrainConfig, model, processor, optimizer, start: int, ckpt: Path)
             last_save = time.time()
 
 
-def _train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float, bf16: bool) -> float:
+def _train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> float:
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        loss = model(**batch).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        if cfg.per_question_loss:
+            inputs = {k: v for k, v in batch.items() if k != "labels"}
+            loss = question_mean_loss(model(**inputs).logits.float(), batch["labels"])
+        else:
+            loss = model(**batch).loss
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     return loss.item()
+
+
+def question_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged over each row's labelled tokens, then over rows.
+
+    Args:
+        logits: ``(B, T, V)`` next-token logits.
+        labels: ``(B, T)`` target ids, ``-100`` where there is no loss.
+
+    Returns:
+        Scalar loss.
+    """
+    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
+    ce = torch.nn.functional.cross_entropy(
+        logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+    )  # (B, T-1)
+    counts = (targets != IGNORE_INDEX).sum(1).clamp(min=1)  # (B,)
+    return (ce.sum(1) / counts).mean()
