@@ -67,6 +67,13 @@ def _kept_visual(session, layout):
     return [set(p[(p != -1) & visual[b].gather(0, p.clamp(min=0))].tolist()) for b, p in enumerate(positions)]
 
 
+def _prefill_kept(model, inputs, plugin):
+    """Run one pruned prefill; return the prompt layout and each row's kept visual positions."""
+    with vtoken.attach(model, plugin) as session, torch.no_grad():
+        model(**inputs)
+        return session.state.layout, _kept_visual(session, session.state.layout)
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 def test_fastv_keeps_the_top_tokens_of_dense_eager_attention(family):
     model, processor = tiny(family, "sdpa")
@@ -74,11 +81,7 @@ def test_fastv_keeps_the_top_tokens_of_dense_eager_attention(family):
     inputs = make_inputs(family, processor, batch=True)
     with torch.no_grad():
         attentions = eager(**inputs, output_attentions=True).attentions
-    with vtoken.attach(model, TokenPruning(scorer="fastv", keep_ratio=0.3, layers=(2,))) as session:
-        with torch.no_grad():
-            model(**inputs)
-        layout = session.state.layout
-        kept = _kept_visual(session, layout)
+    layout, kept = _prefill_kept(model, inputs, TokenPruning(scorer="fastv", keep_ratio=0.3, layers=(2,)))
     expected = _expected_fastv(attentions, 1, layout, inputs["input_ids"].shape[1], lambda n: -(-n * 3 // 10))
     assert kept == expected
 
@@ -89,11 +92,8 @@ def test_text_guided_keeps_the_top_tokens_of_dense_eager_attention(family):
     inputs = make_inputs(family, processor, batch=True)
     with torch.no_grad():
         attentions = model(**inputs, output_attentions=True).attentions
-    with vtoken.attach(model, TokenPruning(scorer="text_guided", keep_ratio=0.5, layers=(2,))) as session:
-        with torch.no_grad():
-            model(**inputs)
-        layout = session.state.layout
-        kept = _kept_visual(session, layout)
+    plugin = TokenPruning(scorer="text_guided", keep_ratio=0.5, layers=(2,))
+    layout, kept = _prefill_kept(model, inputs, plugin)
     length = inputs["input_ids"].shape[1]
     visual = layout.is_visual(length)
     text = inputs["attention_mask"].bool() & ~visual
@@ -110,9 +110,7 @@ def test_second_stage_ranks_by_attention_after_the_first_drop():
     model, processor = tiny("llava", "eager")
     inputs = make_inputs("llava", processor, batch=True)
     plugin = TokenPruning(scorer="fastv", layers=(1, 3), stage_ratios=(0.5, 0.5))
-    with vtoken.attach(model, plugin) as session, torch.no_grad():
-        model(**inputs)
-        layout, final = session.state.layout, _kept_visual(session, session.state.layout)
+    layout, final = _prefill_kept(model, inputs, plugin)
     with torch.no_grad():
         attentions = model(**inputs, output_attentions=True).attentions
     length = inputs["input_ids"].shape[1]
@@ -134,9 +132,8 @@ def test_keep_tokens_budget_and_random_determinism():
     inputs = make_inputs("qwen2_vl", processor, batch=True)
     runs = []
     for _ in range(2):
-        with vtoken.attach(model, TokenPruning(scorer="random", keep_tokens=10, layers=(1, 2))) as session:
-            model(**inputs)
-            runs.append(_kept_visual(session, session.state.layout))
+        plugin = TokenPruning(scorer="random", keep_tokens=10, layers=(1, 2))
+        runs.append(_prefill_kept(model, inputs, plugin)[1])
     assert runs[0] == runs[1] and [len(r) for r in runs[0]] == [10, 10]
 
 
@@ -272,10 +269,7 @@ def test_cls_keeps_the_tokens_the_vision_cls_attends_to(contextual):
     with torch.no_grad():  # tiny LLaVA reads the last vision layer: its [CLS] row, head mean
         cls_rows = tower(inputs["pixel_values"], output_attentions=True).attentions[-1][:, :, 0, 1:].mean(1)
     plugin = TokenPruning(scorer="cls", keep_ratio=0.25, layers=(0,), contextual=contextual)
-    with vtoken.attach(model, plugin) as session, torch.no_grad():
-        model(**inputs)
-        layout = session.state.layout
-        kept = _kept_visual(session, layout)
+    layout, kept = _prefill_kept(model, inputs, plugin)
     scores = torch.zeros(layout.positions.shape[0], inputs["input_ids"].shape[1])
     rows, cols = layout.mask.nonzero(as_tuple=True)
     scores[rows, layout.positions[rows, cols]] = cls_rows.flatten()
