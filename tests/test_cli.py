@@ -14,8 +14,19 @@ def test_info_lists_plugins_and_families(capsys):
 
 
 def test_run_prints_both_answers_and_reports(capsys):
-    code = main(["run", "--model", "tiny:qwen2_vl", "--plugin", "passthrough",
-                 "--set", "passthrough.scale=1.0", "--max-new-tokens", "3"])
+    code = main(
+        [
+            "run",
+            "--model",
+            "tiny:qwen2_vl",
+            "--plugin",
+            "passthrough",
+            "--set",
+            "passthrough.scale=1.0",
+            "--max-new-tokens",
+            "3",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "baseline:" in out and "[no plugins]" in out and "plugged:" in out and "[passthrough]" in out
@@ -57,8 +68,21 @@ def test_run_rejects_a_file_that_is_not_an_image(tmp_path, capsys):
 
 def test_bench_speed_quick_writes_ratios(tmp_path, capsys):
     out = tmp_path / "speed.json"
-    code = main(["bench", "speed", "--plugin", "token_pruning", "--quick", "--repeats", "1",
-                 "--threads", "1", "--out", str(out)])
+    code = main(
+        [
+            "bench",
+            "speed",
+            "--plugin",
+            "token_pruning",
+            "--quick",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     import json
 

@@ -16,8 +16,14 @@ GEN = dict(max_new_tokens=5, do_sample=False, output_logits=True, return_dict_in
 def _device_map(num_layers: int) -> dict[str, str]:
     """Everything on the CPU except the middle decoder layers, offloaded to disk (meta weights)."""
     layers = {f"model.language_model.layers.{i}": "disk" if i in (1, 2) else "cpu" for i in range(num_layers)}
-    rest = ["model.vision_tower", "model.multi_modal_projector", "model.language_model.embed_tokens",
-            "model.language_model.norm", "model.language_model.rotary_emb", "lm_head"]
+    rest = [
+        "model.vision_tower",
+        "model.multi_modal_projector",
+        "model.language_model.embed_tokens",
+        "model.language_model.norm",
+        "model.language_model.rotary_emb",
+        "lm_head",
+    ]
     return {**dict.fromkeys(rest, "cpu"), **layers}
 
 

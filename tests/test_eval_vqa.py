@@ -20,8 +20,9 @@ def _dataset(tmp_path, answers, families=None):
         png = tmp_path / f"img{k}.png"
         image(k, 40 + k, 48).save(png)
         family = families[k] if families else "colour"
-        rows.append({"image": png.name, "question": "what colour is the circle ?", "answer": answer,
-                     "family": family})
+        rows.append(
+            {"image": png.name, "question": "what colour is the circle ?", "answer": answer, "family": family}
+        )
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
@@ -37,7 +38,7 @@ def test_accuracy_and_loyalty_on_a_hand_made_dataset(tmp_path):
     pruner = TokenPruning(scorer="random", keep_ratio=0.1, layers=(0,))
     result = evaluate(model, processor, items, {"plugged": [pruner]}, batch_size=2, max_new_tokens=3)
     assert result.accuracy["baseline"] == {"a": 1.0, "b": pytest.approx(1 / 3), "overall": 0.6}
-    plugged = [a for i in range(0, 5, 2) for a in _answer_with(model, processor, items[i:i + 2], pruner)]
+    plugged = [a for i in range(0, 5, 2) for a in _answer_with(model, processor, items[i : i + 2], pruner)]
     expected_loyalty = sum(exact_match(p, t) for p, t in zip(plugged, truth, strict=True)) / 5
     assert result.loyalty == {"baseline": 1.0, "plugged": pytest.approx(expected_loyalty)}
     assert result.answers["plugged"] == plugged
@@ -78,8 +79,24 @@ def test_bad_datasets_are_explained(tmp_path):
 def test_eval_vqa_command_smoke_20_items(tmp_path, capsys):
     data = _dataset(tmp_path, ["red"] * 20)
     out = tmp_path / "result.json"
-    code = main(["eval", "vqa", "--model", "tiny:qwen2_vl", "--data", str(data), "--plugin", "token_pruning",
-                 "--max-new-tokens", "2", "--batch-size", "8", "--out", str(out)])
+    code = main(
+        [
+            "eval",
+            "vqa",
+            "--model",
+            "tiny:qwen2_vl",
+            "--data",
+            str(data),
+            "--plugin",
+            "token_pruning",
+            "--max-new-tokens",
+            "2",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads(out.read_text())
     assert result["items"] == 20 and set(result["accuracy"]) == {"baseline", "plugged"}
@@ -92,8 +109,22 @@ def test_bench_accuracy_runs_every_setting_and_skips_what_cannot_run(tmp_path, c
 
     data = _dataset(tmp_path, ["red"] * 4)
     out = tmp_path / "bench"
-    code = main(["bench", "accuracy", "--model", "tiny:llava", "--data", str(data),
-                 "--plugin", "token_pruning", "--max-new-tokens", "2", "--out-dir", str(out)])
+    code = main(
+        [
+            "bench",
+            "accuracy",
+            "--model",
+            "tiny:llava",
+            "--data",
+            str(data),
+            "--plugin",
+            "token_pruning",
+            "--max-new-tokens",
+            "2",
+            "--out-dir",
+            str(out),
+        ]
+    )
     assert code == 0
     result = json.loads((out / "results.json").read_text())
     table = (out / "results.md").read_text()

@@ -56,8 +56,11 @@ def test_probe_rows_equal_eager_attention(family, attn):
     expected = reference[2].float().mean(1, keepdim=True)
     picked = torch.stack([expected[b, :, last_rows] for b, last_rows in enumerate(text.rows)])
     real = ~text.row_pad
-    assert torch.allclose(text.weights[real[:, None, :].expand_as(text.weights[..., 0])],
-                          picked[real[:, None, :].expand_as(picked[..., 0])], atol=1e-5)
+    assert torch.allclose(
+        text.weights[real[:, None, :].expand_as(text.weights[..., 0])],
+        picked[real[:, None, :].expand_as(picked[..., 0])],
+        atol=1e-5,
+    )
     is_text = inputs["attention_mask"].bool().clone()
     for b in range(is_text.shape[0]):
         is_text[b, layout.positions[b][layout.mask[b]]] = False
@@ -78,6 +81,9 @@ def test_probe_after_a_drop_equals_masked_reference(family):
         probe, positions = session.state.probes[(3, LAST)], session.state.seq_positions
     expected = reference.gather(-1, positions.clamp(min=0)[:, None, :].expand(-1, reference.shape[1], -1))
     kept = positions != -1
-    assert torch.allclose(probe.weights[:, :, 0, :][kept[:, None, :].expand_as(expected)],
-                          expected[kept[:, None, :].expand_as(expected)], atol=1e-5)
+    assert torch.allclose(
+        probe.weights[:, :, 0, :][kept[:, None, :].expand_as(expected)],
+        expected[kept[:, None, :].expand_as(expected)],
+        atol=1e-5,
+    )
     assert torch.allclose(probe.weights.sum(-1), torch.ones(()), atol=1e-5)

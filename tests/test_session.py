@@ -126,8 +126,11 @@ def test_attach_twice_is_refused():
 def test_unsupported_model_lists_families():
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2))
+    model = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
     with pytest.raises(vtoken.UnsupportedModelError) as err:
         vtoken.attach(model)
     for name in vtoken.FAMILIES:

@@ -129,8 +129,13 @@ def _eval_vqa(args: argparse.Namespace) -> int:
 def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin", action="append", default=[], help="plugin name (repeatable)")
     parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
-    parser.add_argument("--set", action="append", default=[], metavar="PLUGIN.FIELD=VALUE",
-                        help="override one config field (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="PLUGIN.FIELD=VALUE",
+        help="override one config field (repeatable)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,24 +143,32 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="list plugins, model families and versions").set_defaults(fn=_info)
     run = sub.add_parser("run", help="answer one question about one image, with and without plugins")
-    run.add_argument("--model", help="bundled name, local directory or tiny:<family> "
-                     "(default: the bundled model, else tiny:llava)")
+    run.add_argument(
+        "--model",
+        help="bundled name, local directory or tiny:<family> (default: the bundled model, else tiny:llava)",
+    )
     run.add_argument("--image", default=str(SAMPLE_IMAGE), help="image file (default: a sample scene)")
     run.add_argument("--question", default=SAMPLE_QUESTION)
     _add_plugin_args(run)
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.set_defaults(fn=_run)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    speed = bench.add_parser("speed", help="prefill/decode time of a plugin vs the unplugged model "
-                             "(random-weight LLaVA-1.5 token shape, interleaved repetitions, medians)")
+    speed = bench.add_parser(
+        "speed",
+        help="prefill/decode time of a plugin vs the unplugged model "
+        "(random-weight LLaVA-1.5 token shape, interleaved repetitions, medians)",
+    )
     _add_plugin_args(speed)
     speed.add_argument("--repeats", type=int, default=5)
     speed.add_argument("--quick", action="store_true", help="a small model (seconds, not minutes)")
     speed.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     speed.add_argument("--out", help="write the result as JSON here")
     speed.set_defaults(fn=_bench_speed)
-    acc = bench.add_parser("accuracy", help="every plugin's main settings vs the unplugged model on "
-                           "the bundled test split (or --data JSONL): accuracy, loyalty, costs")
+    acc = bench.add_parser(
+        "accuracy",
+        help="every plugin's main settings vs the unplugged model on "
+        "the bundled test split (or --data JSONL): accuracy, loyalty, costs",
+    )
     acc.add_argument("--model", default="synth-llava-tiny", help="bundled name or local directory")
     acc.add_argument("--plugin", action="append", default=[], help="only these plugins (repeatable)")
     acc.add_argument("--data", help="VQA JSONL file instead of the bundled test split")

@@ -191,9 +191,7 @@ def locate_parts(model: nn.Module) -> ModelParts:
     """Resolve ``model``'s family and find its parts (raises for unsupported models)."""
     spec = resolve_family(model)
     config = model.config
-    ids = tuple(
-        int(v) for a in spec.image_token_attrs if (v := getattr(config, a, None)) is not None
-    )
+    ids = tuple(int(v) for a in spec.image_token_attrs if (v := getattr(config, a, None)) is not None)
     per_image = _get_path(config, spec.image_size_attr) if spec.image_size_attr else None
     language_model = _get_path(model, spec.language_model)
     return ModelParts(

@@ -43,9 +43,7 @@ class Patcher:
         """Set an instance attribute; undo deletes it again or restores the previous value."""
         old = vars(obj).get(name, _MISSING)
         setattr(obj, name, value)
-        self._undo.append(
-            lambda: delattr(obj, name) if old is _MISSING else setattr(obj, name, old)
-        )
+        self._undo.append(lambda: delattr(obj, name) if old is _MISSING else setattr(obj, name, old))
 
     def use_attention(
         self,

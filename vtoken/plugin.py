@@ -57,8 +57,7 @@ class Plugin:
             config = self.config_class.from_dict(overrides)
         elif not isinstance(config, self.config_class):
             raise ConfigError(
-                f"{type(self).__name__} takes a {self.config_class.__name__}, "
-                f"got {type(config).__name__}."
+                f"{type(self).__name__} takes a {self.config_class.__name__}, got {type(config).__name__}."
             )
         elif overrides:
             config = config.replace(**overrides)

@@ -55,8 +55,7 @@ def _third_party() -> dict[str, str]:
 def available_plugins() -> dict[str, str]:
     """Every plugin name vtoken can create, mapped to where it lives (``"module:Class"``)."""
     runtime = {
-        k: v if isinstance(v, str) else f"{v.__module__}:{v.__qualname__}"
-        for k, v in _RUNTIME.items()
+        k: v if isinstance(v, str) else f"{v.__module__}:{v.__qualname__}" for k, v in _RUNTIME.items()
     }
     return dict(sorted({**_third_party(), **runtime, **BUILTIN_PLUGINS}.items()))
 

@@ -205,9 +205,7 @@ class Session:
                 "(with pixel_values), not inputs_embeds."
             )
         if ids is not None:
-            layout = VisualLayout.from_input_ids(
-                ids, self.parts.image_token_ids, self.parts.tokens_per_image
-            )
+            layout = VisualLayout.from_input_ids(ids, self.parts.image_token_ids, self.parts.tokens_per_image)
         self.state.start_prompt(ids, layout)
         self.state.image_inputs = {k: inputs[k] for k in IMAGE_INPUTS if inputs.get(k) is not None}
         self._prompt_started = True

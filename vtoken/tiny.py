@@ -124,9 +124,7 @@ def _qwen(v25: bool) -> tuple[tf.PreTrainedModel, tf.ProcessorMixin]:
         vision_start_token_id=ids["<|vision_start|>"],
         vision_end_token_id=ids["<|vision_end|>"],
     )
-    model_cls = (
-        tf.Qwen2_5_VLForConditionalGeneration if v25 else tf.Qwen2VLForConditionalGeneration
-    )
+    model_cls = tf.Qwen2_5_VLForConditionalGeneration if v25 else tf.Qwen2VLForConditionalGeneration
     return model_cls(config), processor
 
 

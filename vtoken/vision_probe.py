@@ -112,7 +112,7 @@ class VisionProbe:
         return grouped.mean(-1).flatten()
 
     def _map_merge(self, chunks: list[Tensor], inputs: dict) -> Tensor:
-        unit = self.model.config.vision_config.spatial_merge_size ** 2
+        unit = self.model.config.vision_config.spatial_merge_size**2
         return torch.cat([c.flatten() for c in chunks]).view(-1, unit).mean(-1)
 
     def _map_window_merge(self, chunks: list[Tensor], inputs: dict) -> Tensor:
@@ -120,7 +120,10 @@ class VisionProbe:
         vision = self.model.config.vision_config
         module = sys.modules[type(self.session.parts.vision_tower).__module__]
         window_index, _ = module.get_vision_window_index(
-            self.grid_thw, spatial_merge_size=vision.spatial_merge_size, window_size=vision.window_size,
-            patch_size=vision.patch_size, kwargs={},
+            self.grid_thw,
+            spatial_merge_size=vision.spatial_merge_size,
+            window_size=vision.window_size,
+            patch_size=vision.patch_size,
+            kwargs={},
         )
         return tokens[torch.argsort(window_index)]

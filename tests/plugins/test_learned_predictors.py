@@ -20,8 +20,12 @@ def _labelled_batch(processor, family="llava"):
     ids = torch.cat([inputs["input_ids"], torch.tensor([[9, 10, 11, 3]])], 1)
     labels = ids.clone()
     labels[:, : inputs["input_ids"].shape[1]] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-            "pixel_values": inputs["pixel_values"], "labels": labels}
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "pixel_values": inputs["pixel_values"],
+        "labels": labels,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +51,10 @@ def test_training_logs_and_round_trips(trained):
 
 def _layer_inputs(model, inputs, layer):
     seen = {}
-    handle = vtoken.locate_parts(model).layers[layer].register_forward_pre_hook(
-        lambda m, a: seen.__setitem__("h", a[0])
+    handle = (
+        vtoken.locate_parts(model)
+        .layers[layer]
+        .register_forward_pre_hook(lambda m, a: seen.__setitem__("h", a[0]))
     )
     try:
         with torch.no_grad():
@@ -82,11 +88,15 @@ def test_learned_decode_rule_evicts_tokens_with_negative_logits(trained):
     inputs = make_inputs("llava", processor, batch=False)
     plugin = TokenPruning(scorer="learned", predictors=str(folder), layers=(2,), decode_rule="learned")
     with vtoken.attach(model, plugin):
-        out = model.generate(**inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False,
-                             return_dict_in_generate=True)
+        out = model.generate(
+            **inputs, max_new_tokens=10, min_new_tokens=10, do_sample=False, return_dict_in_generate=True
+        )
     sequence, prompt = out.sequences, inputs["input_ids"].shape[1]
-    full = {"input_ids": sequence, "attention_mask": torch.ones_like(sequence),
-            "pixel_values": inputs["pixel_values"]}
+    full = {
+        "input_ids": sequence,
+        "attention_mask": torch.ones_like(sequence),
+        "pixel_values": inputs["pixel_values"],
+    }
     hidden = _layer_inputs(model, full, 2)  # layers < 2 are never pruned: same inputs as decoding
     logits = Predictors.load(folder).text(hidden[0])  # (T,)
     decoded = range(prompt, sequence.shape[1] - 1)  # tokens fed to decode steps (cached)

@@ -291,8 +291,9 @@ def test_odd_image_sizes(family, scorer):
 
     model, processor = tiny(family)
     for height, width in [(1, 1), (3, 500), (700, 9)]:
-        inputs = dict(processor(images=[[image(0, height, width)]], text=[tiny_prompt(family)],
-                                return_tensors="pt"))
+        inputs = dict(
+            processor(images=[[image(0, height, width)]], text=[tiny_prompt(family)], return_tensors="pt")
+        )
         inputs.pop("labels", None)
         layers = (0,) if scorer in ("downsample", "cls") else (2,)
         with vtoken.attach(model, TokenPruning(scorer=scorer, layers=layers)) as session:

@@ -47,7 +47,11 @@ def split_items(folder: Path, per_family: int) -> list[VQAItem]:
 
 
 def run_accuracy(
-    model, processor, items: Sequence[VQAItem], plugins: Sequence[str] = (), batch_size: int = 32,
+    model,
+    processor,
+    items: Sequence[VQAItem],
+    plugins: Sequence[str] = (),
+    batch_size: int = 32,
     max_new_tokens: int = 64,
 ) -> VQAResult:
     """Evaluate every bench setting of ``plugins`` on ``items``."""

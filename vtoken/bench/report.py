@@ -41,8 +41,14 @@ def plot_accuracy(result: VQAResult, path: Path) -> Path:
         for i, label in enumerate(result.accuracy):
             x = result.costs[label]["visual_tokens_last_layer"]
             y = result.accuracy[label]["overall"] if metric == "accuracy" else result.loyalty[label]
-            ax.scatter(x, y, s=40, color=colours(i % 20), marker=markers[i % len(markers)],
-                       label=label.split(":")[-1])
+            ax.scatter(
+                x,
+                y,
+                s=40,
+                color=colours(i % 20),
+                marker=markers[i % len(markers)],
+                label=label.split(":")[-1],
+            )
         ax.set_xlabel("visual tokens at the last layer (per question)")
         ax.set_ylabel(metric)
         ax.set_title(f"{metric} vs visual tokens kept")
@@ -63,8 +69,13 @@ def plot_costs(result: VQAResult, path: Path) -> Path:
         base = result.costs["baseline"][key] or 1.0
         values = [result.costs[label][key] / base for label in labels]
         ax.bar([j + i * width for j in range(len(labels))], values, width, label=name)
-    ax.set_xticks([j + width for j in range(len(labels))], [lab.split(":")[-1] for lab in labels],
-                  rotation=45, ha="right", fontsize=7)
+    ax.set_xticks(
+        [j + width for j in range(len(labels))],
+        [lab.split(":")[-1] for lab in labels],
+        rotation=45,
+        ha="right",
+        fontsize=7,
+    )
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_ylabel("relative to the unplugged model")
     ax.legend()

@@ -41,26 +41,46 @@ class SpeedShape:
         return (self.image_size // self.patch_size) ** 2
 
 
-QUICK = SpeedShape(image_size=112, vision_hidden=64, hidden=256, layers=8, heads=4, kv_heads=2,
-                   intermediate=512, vocab=4000, text_tokens=16, new_tokens=8)
+QUICK = SpeedShape(
+    image_size=112,
+    vision_hidden=64,
+    hidden=256,
+    layers=8,
+    heads=4,
+    kv_heads=2,
+    intermediate=512,
+    vocab=4000,
+    text_tokens=16,
+    new_tokens=8,
+)
 
 
 def build_model(shape: SpeedShape, seed: int = 0) -> tf.LlavaForConditionalGeneration:
     """A random-weight LLaVA of the given shape, eval mode, fp32, sdpa attention."""
     torch.manual_seed(seed)
     vision = tf.CLIPVisionConfig(
-        hidden_size=shape.vision_hidden, intermediate_size=4 * shape.vision_hidden,
-        num_hidden_layers=shape.vision_layers, num_attention_heads=4,
-        image_size=shape.image_size, patch_size=shape.patch_size,
+        hidden_size=shape.vision_hidden,
+        intermediate_size=4 * shape.vision_hidden,
+        num_hidden_layers=shape.vision_layers,
+        num_attention_heads=4,
+        image_size=shape.image_size,
+        patch_size=shape.patch_size,
     )
     text = tf.LlamaConfig(
-        vocab_size=shape.vocab, hidden_size=shape.hidden, intermediate_size=shape.intermediate,
-        num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-        num_key_value_heads=shape.kv_heads, max_position_embeddings=4096,
+        vocab_size=shape.vocab,
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=4096,
     )
     config = tf.LlavaConfig(
-        text_config=text, vision_config=vision, image_token_id=shape.vocab - 1,
-        image_seq_length=shape.visual_tokens, vision_feature_select_strategy="default",
+        text_config=text,
+        vision_config=vision,
+        image_token_id=shape.vocab - 1,
+        image_seq_length=shape.visual_tokens,
+        vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
     model = tf.LlavaForConditionalGeneration(config).eval()
@@ -74,7 +94,7 @@ def build_inputs(shape: SpeedShape, seed: int = 0) -> dict[str, torch.Tensor]:
     before, after = shape.text_tokens // 4, shape.text_tokens - shape.text_tokens // 4
     text = torch.randint(10, shape.vocab - 2, (1, shape.text_tokens), generator=generator)
     image = torch.full((1, shape.visual_tokens), shape.vocab - 1)
-    ids = torch.cat([text[:, :before], image, text[:, before:before + after]], dim=1)
+    ids = torch.cat([text[:, :before], image, text[:, before : before + after]], dim=1)
     pixels = torch.randn(1, 3, shape.image_size, shape.image_size, generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
@@ -95,16 +115,18 @@ class SpeedResult:
     kv_bytes_ratio: float = 0.0
 
     def format(self) -> str:
-        return "\n".join([
-            f"plugin: {self.plugin}   ({self.repeats} interleaved repetitions, medians)",
-            f"prefill  baseline {self.prefill_s['baseline'] * 1e3:8.1f} ms   plugged "
-            f"{self.prefill_s['plugged'] * 1e3:8.1f} ms   ratio {self.prefill_ratio:.3f} "
-            f"(FLOPs predict {self.prefill_flops_ratio:.3f})",
-            f"decode   baseline {self.decode_step_s['baseline'] * 1e3:8.2f} ms/step   plugged "
-            f"{self.decode_step_s['plugged'] * 1e3:8.2f} ms/step   ratio {self.decode_step_ratio:.3f} "
-            f"(FLOPs predict {self.decode_flops_ratio:.3f})",
-            f"KV cache bytes ratio {self.kv_bytes_ratio:.3f}",
-        ])
+        return "\n".join(
+            [
+                f"plugin: {self.plugin}   ({self.repeats} interleaved repetitions, medians)",
+                f"prefill  baseline {self.prefill_s['baseline'] * 1e3:8.1f} ms   plugged "
+                f"{self.prefill_s['plugged'] * 1e3:8.1f} ms   ratio {self.prefill_ratio:.3f} "
+                f"(FLOPs predict {self.prefill_flops_ratio:.3f})",
+                f"decode   baseline {self.decode_step_s['baseline'] * 1e3:8.2f} ms/step   plugged "
+                f"{self.decode_step_s['plugged'] * 1e3:8.2f} ms/step   ratio {self.decode_step_ratio:.3f} "
+                f"(FLOPs predict {self.decode_flops_ratio:.3f})",
+                f"KV cache bytes ratio {self.kv_bytes_ratio:.3f}",
+            ]
+        )
 
 
 def _one_run(model, inputs, plugins, new_tokens: int) -> vtoken.Report:

@@ -51,12 +51,15 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[VQAItem]:
         try:
             row = json.loads(line)
             image = Path(row["image"])
-            items.append(VQAItem(
-                image=image if image.is_absolute() else path.parent / image,
-                question=str(row["question"]), answer=str(row["answer"]),
-                family=str(row.get("family", "all")),
-                bbox=tuple(row["bbox"]) if row.get("bbox") is not None else None,
-            ))
+            items.append(
+                VQAItem(
+                    image=image if image.is_absolute() else path.parent / image,
+                    question=str(row["question"]),
+                    answer=str(row["answer"]),
+                    family=str(row.get("family", "all")),
+                    bbox=tuple(row["bbox"]) if row.get("bbox") is not None else None,
+                )
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise UnsupportedInputError(
                 f"{path}:{number}: each line must be a JSON object with 'image', 'question' and "
@@ -166,7 +169,7 @@ def _answer(model, processor, family: str, batch: Sequence[VQAItem], max_new_tok
     inputs.pop("labels", None)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1]:]
+    new = out[:, inputs["input_ids"].shape[1] :]
     return [" ".join(t.split()) for t in processor.batch_decode(new, skip_special_tokens=True)]
 
 
@@ -189,7 +192,7 @@ def evaluate(
     family = vtoken.resolve_family(model).name
     runs = {"baseline": ([], RunStats())}
     runs |= {label: (list(plugins), RunStats()) for label, plugins in (stacks or {}).items()}
-    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     for batch in tqdm(batches, desc="vqa", unit="batch"):
         for stack, stats in runs.values():
             with vtoken.attach(model, stack) as session:

@@ -10,6 +10,7 @@ from transformers import LlavaProcessor
 
 from vtoken.tokenizer import EOS
 from vtoken.zoo.model import build_prompt
+from vtoken.zoo.patch_targets import object_map, patch_targets
 from vtoken.zoo.questions import QA, sample
 from vtoken.zoo.scenes import SOURCE_SIZE, Scene, crop_box, split_seed
 
@@ -26,38 +27,46 @@ class Item:
         question: question text.
         answer: expected answer text.
         family: question family.
+        targets: per image, ``(P, 3)`` patch targets for the auxiliary vision loss (training only;
+            see ``vtoken.zoo.patch_targets``), or empty.
     """
 
     images: tuple[np.ndarray, ...]
     question: str
     answer: str
     family: str
+    targets: tuple[np.ndarray, ...] = ()
 
 
-def crop_image(image: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """The ``crop_box`` region of ``image`` around ``box`` (both in ``image`` pixels)."""
-    x0, y0, x1, y1 = crop_box(box, image.shape[0])
-    return image[y0:y1, x0:x1]
+def make_item(
+    scene: Scene, qa: QA, with_crop: bool, rng: np.random.Generator, grid: int | None = None
+) -> Item:
+    """Item for ``qa``; with a crop, use the asked object's region or a random one if it has none.
 
-
-def make_item(scene: Scene, qa: QA, with_crop: bool, rng: np.random.Generator) -> Item:
-    """Item for ``qa``; with a crop, use the asked object's region or a random one if it has none."""
-    images: tuple[np.ndarray, ...] = (scene.image,)
+    With ``grid`` (patches per side at the model input), also attach patch targets for each image.
+    """
+    views = [(0, 0, SOURCE_SIZE, SOURCE_SIZE)]
     if with_crop:
         box = qa.box
         if box is None:  # whole-scene question: an arbitrary (uninformative) region
             x, y = (int(v) for v in rng.integers(0, SOURCE_SIZE - 96, size=2))
             box = (x, y, x + 96, y + 96)
-        images = (scene.image, crop_image(scene.image, box))
-    return Item(images, qa.question, qa.answer, qa.family)
+        views.append(crop_box(box, SOURCE_SIZE))
+    images = tuple(scene.image[y0:y1, x0:x1] for x0, y0, x1, y1 in views)
+    targets: tuple[np.ndarray, ...] = ()
+    if grid is not None:
+        ids = object_map(scene)
+        targets = tuple(patch_targets(scene, ids, view, grid) for view in views)
+    return Item(images, qa.question, qa.answer, qa.family, targets)
 
 
-def train_items(step: int, batch_size: int, crop_prob: float) -> list[Item]:
+def train_items(step: int, batch_size: int, crop_prob: float, grid: int | None = None) -> list[Item]:
     """Fresh training items for ``step``: deterministic in ``step`` alone (resume-safe).
 
     A whole batch either has crops or not, so that sequences in a batch have equal image counts and
     padding stays small. Crop batches ask the fine-grained ``label`` family more often (a share
     ``CROP_LABEL_SHARE`` on top of its usual weight): reading the digit is what the crop is for.
+    With ``grid``, items carry patch targets (see ``make_item``).
     """
     rng = np.random.default_rng([step, 7])
     with_crop = bool(rng.random() < crop_prob)
@@ -65,7 +74,7 @@ def train_items(step: int, batch_size: int, crop_prob: float) -> list[Item]:
     for j in range(batch_size):
         family = "label" if with_crop and rng.random() < CROP_LABEL_SHARE else None
         scene, qa = sample(split_seed("train", step * batch_size + j), family)
-        items.append(make_item(scene, qa, with_crop, rng))
+        items.append(make_item(scene, qa, with_crop, rng, grid))
     return items
 
 
@@ -74,8 +83,9 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
 
     Returns:
         ``input_ids``, ``attention_mask`` ``(B, T)``, ``pixel_values`` ``(N_images, 3, S, S)`` and,
-        with answers, ``labels`` ``(B, T)`` (``-100`` outside answers). Without answers the batch is
-        left-padded for generation.
+        with answers, ``labels`` ``(B, T)`` (``-100`` outside answers) and, when every item has
+        them, ``patch_targets`` ``(N_images, P, 3)``. Without answers the batch is left-padded for
+        generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]
     images = [img for it in items for img in it.images]
@@ -95,21 +105,26 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
         ids[i, :n] = torch.tensor(p + a)
         labels[i, len(p) : n] = torch.tensor(a)
         mask[i, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
+    batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
+    if all(it.targets for it in items):
+        batch["patch_targets"] = torch.from_numpy(np.stack([t for it in items for t in it.targets]))
+    return batch
 
 
 class TrainStream(torch.utils.data.IterableDataset):
     """Encoded training batches for steps ``start, start + 1, ...`` (use with one worker)."""
 
-    def __init__(self, processor: LlavaProcessor, start: int, batch_size: int, crop_prob: float):
+    def __init__(
+        self, processor: LlavaProcessor, start: int, batch_size: int, crop_prob: float, grid: int | None
+    ):
         super().__init__()
         self.processor, self.start = processor, start
-        self.batch_size, self.crop_prob = batch_size, crop_prob
+        self.batch_size, self.crop_prob, self.grid = batch_size, crop_prob, grid
 
     def __iter__(self):
         torch.set_num_threads(1)
         step = self.start
         while True:
-            items = train_items(step, self.batch_size, self.crop_prob)
+            items = train_items(step, self.batch_size, self.crop_prob, self.grid)
             yield encode(self.processor, items, with_answers=True)
             step += 1

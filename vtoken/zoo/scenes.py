@@ -155,7 +155,7 @@ def _background(rng: np.random.Generator) -> np.ndarray:
 def _draw_object(image: np.ndarray, obj: SceneObject, rng: np.random.Generator) -> None:
     jitter = rng.integers(-15, 16, size=3)
     colour = tuple(int(c) for c in np.clip(np.array(COLOURS[obj.colour]) + jitter, 0, 255))
-    polygon = _outline(obj.shape, obj.box)
+    polygon = outline(obj.shape, obj.box)
     if polygon is None:
         x0, y0, x1, y1 = obj.box
         centre = ((x0 + x1) // 2, (y0 + y1) // 2)
@@ -166,7 +166,7 @@ def _draw_object(image: np.ndarray, obj: SceneObject, rng: np.random.Generator) 
         _draw_label(image, obj)
 
 
-def _outline(shape: str, box: tuple[int, int, int, int]) -> np.ndarray | None:
+def outline(shape: str, box: tuple[int, int, int, int]) -> np.ndarray | None:
     """Polygon ``(K, 2)`` int32 for ``shape`` filling ``box``; ``None`` for a circle."""
     x0, y0, x1, y1 = box
     cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from vtoken.zoo.data import IGNORE_INDEX, TrainStream
 from vtoken.zoo.evaluate import predict, score, split_items
 from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
+from vtoken.zoo.patch_targets import PatchHead
 
 
 @dataclass
@@ -40,6 +41,8 @@ class TrainConfig:
         eval_per_family: validation questions per family.
         per_question_loss: average the loss over each question's answer tokens, then over
             questions, so long descriptions do not drown the one-word answers (token-mean if False).
+        aux_weight: weight of the auxiliary per-patch vision loss (``vtoken.zoo.patch_targets``);
+            0 trains from answers alone.
         bf16: run forward/backward under CPU bfloat16 autocast (slower on CPUs without AMX).
         threads: torch intra-op threads for the training process.
         model: model sizes.
@@ -58,6 +61,7 @@ class TrainConfig:
     eval_every: int = 500
     eval_per_family: int = 30
     per_question_loss: bool = True
+    aux_weight: float = 1.0
     bf16: bool = False
     threads: int = 2
     model: ZooModelConfig = field(default_factory=ZooModelConfig)
@@ -67,6 +71,8 @@ class TrainConfig:
             self.model = ZooModelConfig(**self.model)
         if not 0.0 <= self.crop_prob <= 1.0:
             raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
+        if self.aux_weight < 0:
+            raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive")
 
@@ -79,10 +85,11 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def save_checkpoint(path: Path, model, optimizer, step: int, cfg: TrainConfig) -> None:
-    """Atomically write model, optimizer, step, RNG state and config to ``path``."""
+def save_checkpoint(path: Path, model, head, optimizer, step: int, cfg: TrainConfig) -> None:
+    """Atomically write model, patch head, optimizer, step, RNG state and config to ``path``."""
     state = {
         "model": model.state_dict(),
+        "head": head.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "rng": torch.get_rng_state(),
@@ -102,32 +109,36 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     processor = build_processor(cfg.model)
     model = build_model(cfg.model, processor.tokenizer)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    head = PatchHead(cfg.model.vision_hidden)
+    params = [*model.parameters(), *head.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
+        head.load_state_dict(state["head"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    _loop(cfg, model, processor, optimizer, start, ckpt)
+    _loop(cfg, model, head, processor, optimizer, start, ckpt)
     return ckpt
 
 
-def _loop(cfg: TrainConfig, model, processor, optimizer, start: int, ckpt: Path) -> None:
-    stream = TrainStream(processor, start, cfg.batch_size, cfg.crop_prob)
+def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt: Path) -> None:
+    grid = cfg.model.image_size // cfg.model.patch_size if cfg.aux_weight > 0 else None
+    stream = TrainStream(processor, start, cfg.batch_size, cfg.crop_prob, grid)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
     val_items = split_items("val", cfg.eval_per_family)
     log = (Path(cfg.run_dir) / "log.jsonl").open("a")
     last_save, ema = time.time(), None
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="zoo train")
     for step, batch in zip(bar, loader):
-        loss = _train_step(model, optimizer, batch, lr_factor(step, cfg) * cfg.lr, cfg)
-        ema = loss if ema is None else 0.98 * ema + 0.02 * loss
-        bar.set_postfix(loss=f"{ema:.3f}")
+        losses = _train_step(model, head, optimizer, batch, lr_factor(step, cfg) * cfg.lr, cfg)
+        ema = losses if ema is None else {k: 0.98 * ema[k] + 0.02 * v for k, v in losses.items()}
+        bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
         done = step + 1
-        record = {"step": done, "loss": round(ema, 4), "time": round(time.time(), 1)}
+        record = {"step": done, **{k: round(v, 4) for k, v in ema.items()}, "time": round(time.time(), 1)}
         if done % cfg.eval_every == 0 or done == cfg.steps:
             model.eval()
             record["val"] = score(val_items, predict(model, processor, val_items))
@@ -137,24 +148,35 @@ def _loop(cfg: TrainConfig, model, processor, optimizer, start: int, ckpt: Path)
             log.write(json.dumps(record) + "\n")
             log.flush()
         if time.time() - last_save > 60 * cfg.checkpoint_minutes or done == cfg.steps:
-            save_checkpoint(ckpt, model, optimizer, done, cfg)
+            save_checkpoint(ckpt, model, head, optimizer, done, cfg)
             last_save = time.time()
 
 
-def _train_step(model, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> float:
+def _train_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> dict:
+    """One optimizer step; returns ``{"loss": answer loss, "aux": patch loss}`` (aux if used)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-        if cfg.per_question_loss:
-            inputs = {k: v for k, v in batch.items() if k != "labels"}
-            loss = question_mean_loss(model(**inputs).logits.float(), batch["labels"])
-        else:
-            loss = model(**batch).loss
+    seen: list[torch.Tensor] = []  # (N_images, P, hidden) vision states entering the projector
+    hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+            inputs = {k: v for k, v in batch.items() if k not in ("labels", "patch_targets")}
+            logits = model(**inputs).logits.float()
+            if cfg.per_question_loss:
+                loss = question_mean_loss(logits, batch["labels"])
+            else:
+                loss = model.loss_function(logits, batch["labels"], vocab_size=logits.shape[-1])
+            losses = {"loss": loss}
+            if "patch_targets" in batch:
+                losses["aux"] = head.loss(seen[0].float(), batch["patch_targets"])
+    finally:
+        hook.remove()
+    total = losses["loss"] + cfg.aux_weight * losses.get("aux", 0.0)
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    total.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
     optimizer.step()
-    return loss.item()
+    return {k: v.item() for k, v in losses.items()}
 
 
 def question_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,64 @@
+"""Per-patch targets of the auxiliary vision loss agree with what the scene draws."""
+
+import numpy as np
+import torch
+
+from vtoken.zoo.data import make_item
+from vtoken.zoo.patch_targets import NO_DIGIT, PatchHead, object_map, patch_targets
+from vtoken.zoo.questions import sample
+from vtoken.zoo.scenes import COLOURS, SHAPES, SOURCE_SIZE, crop_box, make_scene
+
+WHOLE = (0, 0, SOURCE_SIZE, SOURCE_SIZE)
+
+
+def test_object_centres_carry_their_colour_and_shape():
+    for seed in range(5):
+        scene = make_scene(seed)
+        ids = object_map(scene)
+        targets = patch_targets(scene, ids, WHOLE, grid=SOURCE_SIZE)  # one patch per source pixel
+        for k, obj in enumerate(scene.objects):
+            x0, y0, x1, y1 = obj.box
+            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+            if ids[cy, cx] != k:  # covered by a later object
+                continue
+            colour, shape, digit = targets[cy * SOURCE_SIZE + cx]
+            assert (colour, shape) == (1 + list(COLOURS).index(obj.colour), 1 + SHAPES.index(obj.shape))
+            assert digit == NO_DIGIT  # never a digit target in the whole (illegible) view
+
+
+def test_background_pixels_are_background_and_objects_are_coloured():
+    scene = make_scene(3)
+    ids = object_map(scene)
+    image = scene.image.astype(int)
+    grey = np.abs(image[..., 0] - image[..., 1]) + np.abs(image[..., 1] - image[..., 2]) < 10
+    # Saturated pixels lie on objects (or their anti-aliased rims), grey ones mostly off them.
+    assert (ids[~grey] >= 0).mean() > 0.9
+    assert (ids[grey] == -1).mean() > 0.95
+
+
+def test_crop_targets_mark_the_label_tag_with_its_digit():
+    scene, qa = sample(11, "label")
+    obj = next(o for o in scene.objects if o.label is not None)
+    targets = patch_targets(scene, object_map(scene), crop_box(obj.box), grid=12)
+    digits = targets[:, 2].reshape(12, 12)
+    assert (digits == obj.label).sum() >= 1
+    assert set(np.unique(digits)) == {obj.label, NO_DIGIT}
+    centre = digits[5:7, 5:7]  # the tag sits at the object's centre, near the crop's centre
+    assert (centre == obj.label).any()
+
+
+def test_items_carry_targets_only_when_asked():
+    scene, qa = sample(4, "colour")
+    rng = np.random.default_rng(0)
+    assert make_item(scene, qa, True, rng).targets == ()
+    item = make_item(scene, qa, True, np.random.default_rng(0), grid=12)
+    assert [t.shape for t in item.targets] == [(144, 3), (144, 3)]
+
+
+def test_patch_head_loss_is_cross_entropy_per_head():
+    head = PatchHead(8)
+    features = torch.randn(2, 4, 8)
+    targets = torch.stack([torch.randint(0, n, (2, 4)) for n in (7, 7, 11)], dim=-1)
+    ce = torch.nn.functional.cross_entropy
+    expected = sum(ce(h(features).flatten(0, 1), targets[..., k].flatten()) for k, h in enumerate(head.heads))
+    torch.testing.assert_close(head.loss(features, targets), expected / 3)

@@ -1,0 +1,93 @@
+"""Dense per-patch targets for an auxiliary vision loss while training the bundled model.
+
+Training the tiny LLaVA end to end from answers alone plateaued at the majority answer of every
+question family for thousands of steps: one-word answers are a weak signal for a randomly
+initialised vision tower. A real LLaVA starts from a pretrained encoder; the bundled model gets the
+same head start from dense supervision instead. Each visual token is asked, through a linear head
+that is discarded after training, what lies under its patch: the colour and shape of the object
+covering the patch centre (or background) and, in a crop, the digit of the label tag (or none).
+The answer loss still trains everything; the head only shapes the vision tower's features.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import torch
+
+from vtoken.zoo.scenes import COLOURS, LABEL_HEIGHT, SHAPES, SOURCE_SIZE, Scene, outline
+
+BACKGROUND = 0
+NO_DIGIT = 10
+# (name, number of classes): colour and shape classes are 1 + index, 0 is background.
+HEADS = (("colour", len(COLOURS) + 1), ("shape", len(SHAPES) + 1), ("digit", 11))
+
+
+def object_map(scene: Scene) -> np.ndarray:
+    """``(SOURCE_SIZE, SOURCE_SIZE)`` int16 map: index of the topmost object per pixel, -1 elsewhere."""
+    ids = np.full((SOURCE_SIZE, SOURCE_SIZE), -1, dtype=np.int16)
+    for k, obj in enumerate(scene.objects):  # drawn in the same order as the image
+        polygon = outline(obj.shape, obj.box)
+        if polygon is None:
+            x0, y0, x1, y1 = obj.box
+            cv2.circle(ids, ((x0 + x1) // 2, (y0 + y1) // 2), (x1 - x0) // 2, k, -1)
+        else:
+            cv2.fillPoly(ids, [polygon], k)
+    return ids
+
+
+def patch_targets(scene: Scene, ids: np.ndarray, view: tuple[int, int, int, int], grid: int) -> np.ndarray:
+    """Targets of the ``grid x grid`` patches of the square ``view`` of ``scene``.
+
+    Args:
+        scene: the scene.
+        ids: its ``object_map``.
+        view: ``(x0, y0, x1, y1)`` source-pixel square the image shows (whole scene or a crop).
+        grid: patches per side at the model input.
+
+    Returns:
+        ``(grid * grid, 3)`` int64 array, patches in row-major order: colour class, shape class
+        (0 = background, else 1 + index) and digit (0-9 on the label tag of a crop, else 10).
+    """
+    x0, y0, x1, y1 = view
+    step = (x1 - x0) / grid
+    centres = (np.arange(grid) + 0.5) * step
+    xs = np.clip((x0 + centres).astype(int), 0, SOURCE_SIZE - 1)
+    ys = np.clip((y0 + centres).astype(int), 0, SOURCE_SIZE - 1)
+    under = ids[ys[:, None], xs[None, :]].reshape(-1)  # (grid * grid,)
+    colours, shapes = list(COLOURS), list(SHAPES)
+    colour = np.array([BACKGROUND] + [1 + colours.index(o.colour) for o in scene.objects])
+    shape = np.array([BACKGROUND] + [1 + shapes.index(o.shape) for o in scene.objects])
+    targets = np.stack([colour[under + 1], shape[under + 1], np.full_like(under, NO_DIGIT)], axis=1)
+    if x1 - x0 < SOURCE_SIZE:  # a crop: the digit becomes legible, so it is a target too
+        targets[:, 2] = _digit_targets(scene, xs, ys)
+    return targets.astype(np.int64)
+
+
+def _digit_targets(scene: Scene, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:
+    obj = next(o for o in scene.objects if o.label is not None)
+    cx, cy = (obj.box[0] + obj.box[2]) // 2, (obj.box[1] + obj.box[3]) // 2
+    half = LABEL_HEIGHT // 2 + 4  # the white tag drawn by the scene renderer
+    inside = (np.abs(ys[:, None] - cy) <= half) & (np.abs(xs[None, :] - cx) <= half)
+    return np.where(inside, obj.label, NO_DIGIT).reshape(-1)
+
+
+class PatchHead(torch.nn.Module):
+    """Linear classifiers over visual tokens for the ``HEADS`` targets (training only)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for _, n in HEADS)
+
+    def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over heads.
+
+        Args:
+            features: ``(N_images, P, hidden)`` vision tower states the projector reads.
+            targets: ``(N_images, P, len(HEADS))`` class ids.
+        """
+        losses = [
+            torch.nn.functional.cross_entropy(head(features).flatten(0, 1), targets[..., k].flatten())
+            for k, head in enumerate(self.heads)
+        ]
+        return torch.stack(losses).mean()
