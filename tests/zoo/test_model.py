@@ -29,7 +29,7 @@ def test_processor_expands_one_and_two_images():
         assert int((out["input_ids"] == image_id).sum()) == 144 * n
         assert out["pixel_values"].shape == (n, 3, 96, 96)
         tokens = processor.tokenizer.convert_ids_to_tokens(out["input_ids"][0])
-        assert tokens[:2] == ["<s>", "what"] and tokens[-2:] == ["answer", ":"]
+        assert tokens[:2] == ["<s>", "<image>"] and tokens[-2:] == ["answer", ":"]
 
 
 def test_chat_template_matches_build_prompt():
@@ -89,3 +89,21 @@ def test_export_split_writes_jsonl_with_images(tmp_path):
     assert all((tmp_path / r["image"]).is_file() for r in rows)
     label = next(r for r in rows if r["family"] == "label")
     assert len(label["bbox"]) == 4
+
+
+def test_multi_turn_sequences_label_every_answer_and_no_question():
+    _, processor = _tiny()
+    items = train_items(step=3, batch_size=6, crop_prob=0.0, turns=4)
+    assert any(it.follow_ups for it in items)
+    batch = encode(processor, items, with_answers=True)
+    tok = processor.tokenizer
+    for i, item in enumerate(items):
+        if item.family == "describe":
+            assert item.follow_ups == ()  # a description would give later answers away
+        questions = [item.question] + [q for q, _ in item.follow_ups]
+        assert len(set(questions)) == len(questions)
+        answers = [item.answer] + [a for _, a in item.follow_ups]
+        labelled = batch["labels"][i][batch["labels"][i] != IGNORE_INDEX].tolist()
+        assert tok.decode(labelled) == " ".join(f"{a} </s>" for a in answers)
+    crop_items = train_items(step=3, batch_size=2, crop_prob=1.0, turns=4)
+    assert all(it.follow_ups == () for it in crop_items)  # the crop belongs to the first question

@@ -109,7 +109,7 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
 - Images: any size, resized by the processor to {base}x{base}; 144 visual tokens per image (patch 8).
   Scenes are stored at {source}x{source}; an optional second image is a crop of the source around the
   object asked about (`vtoken.zoo.scenes.crop_box`).
-- Prompt: `<s> {{question}} <image> [<image>] answer :` (`vtoken.zoo.build_prompt`, or the processor's
+- Prompt: `<s> <image> [<image>] {{question}} answer :` (`vtoken.zoo.build_prompt`, or the processor's
   chat template with `add_generation_prompt=True`); the answer ends with `</s>`.
 
 ## Training

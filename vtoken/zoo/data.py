@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 from transformers import LlavaProcessor
 
 from vtoken.tokenizer import EOS
-from vtoken.zoo.model import build_prompt
+from vtoken.zoo.model import build_prompt, follow_up
 from vtoken.zoo.patch_targets import object_map, patch_targets
-from vtoken.zoo.questions import QA, sample
+from vtoken.zoo.questions import QA, draw_family, make_qa, sample
 from vtoken.zoo.scenes import SOURCE_SIZE, Scene, crop_box, split_seed
 
 IGNORE_INDEX = -100
@@ -29,6 +29,7 @@ class Item:
         family: question family.
         targets: per image, ``(P, 3)`` patch targets for the auxiliary vision loss (training only;
             see ``vtoken.zoo.patch_targets``), or empty.
+        follow_ups: further ``(question, answer)`` turns about the same image(s) (training only).
     """
 
     images: tuple[np.ndarray, ...]
@@ -36,6 +37,7 @@ class Item:
     answer: str
     family: str
     targets: tuple[np.ndarray, ...] = ()
+    follow_ups: tuple[tuple[str, str], ...] = ()
 
 
 def make_item(
@@ -60,22 +62,47 @@ def make_item(
     return Item(images, qa.question, qa.answer, qa.family, targets)
 
 
-def train_items(step: int, batch_size: int, crop_prob: float, grid: int | None = None) -> list[Item]:
+def train_items(
+    step: int, batch_size: int, crop_prob: float, grid: int | None = None, turns: int = 1
+) -> list[Item]:
     """Fresh training items for ``step``: deterministic in ``step`` alone (resume-safe).
 
     A whole batch either has crops or not, so that sequences in a batch have equal image counts and
     padding stays small. Crop batches ask the fine-grained ``label`` family more often (a share
     ``CROP_LABEL_SHARE`` on top of its usual weight): reading the digit is what the crop is for.
-    With ``grid``, items carry patch targets (see ``make_item``).
+    Without crops, a sequence asks up to ``turns`` distinct questions about its scene (as LLaVA's
+    multi-turn conversations do; a description is only ever asked alone): many answers per encoded
+    image. With ``grid``,
+    items carry patch targets (see ``make_item``).
     """
     rng = np.random.default_rng([step, 7])
     with_crop = bool(rng.random() < crop_prob)
     items = []
     for j in range(batch_size):
         family = "label" if with_crop and rng.random() < CROP_LABEL_SHARE else None
-        scene, qa = sample(split_seed("train", step * batch_size + j), family)
-        items.append(make_item(scene, qa, with_crop, rng, grid))
+        seed = split_seed("train", step * batch_size + j)
+        scene, qa = sample(seed, family)
+        item = make_item(scene, qa, with_crop, rng, grid)
+        if not with_crop and turns > 1:
+            item = replace(item, follow_ups=_follow_ups(scene, qa, turns - 1, seed))
+        items.append(item)
     return items
+
+
+def _follow_ups(scene: Scene, first: QA, n: int, seed: int) -> tuple[tuple[str, str], ...]:
+    """Up to ``n`` further distinct questions; none after a description (it would give them away)."""
+    if first.family == "describe":
+        return ()
+    rng = np.random.default_rng([seed, 2])
+    asked, turns = {first.question}, []
+    for _ in range(4 * n):
+        qa = make_qa(scene, draw_family(rng, exclude=("describe",)), rng)
+        if qa.question not in asked:
+            asked.add(qa.question)
+            turns.append((qa.question, qa.answer))
+        if len(turns) == n:
+            break
+    return tuple(turns)
 
 
 def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> dict[str, torch.Tensor]:
@@ -95,15 +122,15 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
         return dict(batch)
     tok = processor.tokenizer
     expanded = processor(text=prompts, images=images, padding=False)["input_ids"]
-    answers = tok([f"{it.answer} {EOS}" for it in items], add_special_tokens=False)["input_ids"]
-    length = max(len(p) + len(a) for p, a in zip(expanded, answers))
+    rows = [_answer_turns(tok, it) for it in items]  # [(ids, is_answer)] after each prompt
+    length = max(len(p) + len(r[0]) for p, r in zip(expanded, rows))
     ids = torch.full((len(items), length), tok.pad_token_id, dtype=torch.long)
     labels = torch.full_like(ids, IGNORE_INDEX)
     mask = torch.zeros_like(ids)
-    for i, (p, a) in enumerate(zip(expanded, answers)):
-        n = len(p) + len(a)
-        ids[i, :n] = torch.tensor(p + a)
-        labels[i, len(p) : n] = torch.tensor(a)
+    for i, (p, (rest, is_answer)) in enumerate(zip(expanded, rows)):
+        n = len(p) + len(rest)
+        ids[i, :n] = torch.tensor(p + rest)
+        labels[i, len(p) : n] = torch.where(torch.tensor(is_answer), torch.tensor(rest), IGNORE_INDEX)
         mask[i, :n] = 1
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
     if all(it.targets for it in items):
@@ -111,20 +138,40 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
     return batch
 
 
+def _answer_turns(tok, item: Item) -> tuple[list[int], list[bool]]:
+    """Token ids after the prompt (answer, then follow-up turns) and which of them are answers."""
+    ids: list[int] = []
+    is_answer: list[bool] = []
+    pieces = [(f"{item.answer} {EOS}", True)]
+    for question, answer in item.follow_ups:
+        pieces += [(follow_up(question), False), (f"{answer} {EOS}", True)]
+    for text, answer in pieces:
+        new = tok(text, add_special_tokens=False)["input_ids"]
+        ids += new
+        is_answer += [answer] * len(new)
+    return ids, is_answer
+
+
 class TrainStream(torch.utils.data.IterableDataset):
     """Encoded training batches for steps ``start, start + 1, ...`` (use with one worker)."""
 
     def __init__(
-        self, processor: LlavaProcessor, start: int, batch_size: int, crop_prob: float, grid: int | None
+        self,
+        processor: LlavaProcessor,
+        start: int,
+        batch_size: int,
+        crop_prob: float,
+        grid: int | None,
+        turns: int,
     ):
         super().__init__()
         self.processor, self.start = processor, start
-        self.batch_size, self.crop_prob, self.grid = batch_size, crop_prob, grid
+        self.batch_size, self.crop_prob, self.grid, self.turns = batch_size, crop_prob, grid, turns
 
     def __iter__(self):
         torch.set_num_threads(1)
         step = self.start
         while True:
-            items = train_items(step, self.batch_size, self.crop_prob, self.grid)
+            items = train_items(step, self.batch_size, self.crop_prob, self.grid, self.turns)
             yield encode(self.processor, items, with_answers=True)
             step += 1

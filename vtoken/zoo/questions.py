@@ -71,10 +71,14 @@ def sample(seed: int, family: str | None = None) -> tuple[Scene, QA]:
     """Scene and question for ``seed``; the family is drawn from ``TRAIN_WEIGHTS`` if not given."""
     scene = make_scene(seed)
     rng = np.random.default_rng([seed, 1])
-    if family is None:
-        names, weights = zip(*TRAIN_WEIGHTS.items())
-        family = names[int(rng.choice(len(names), p=np.array(weights) / sum(weights)))]
-    return scene, make_qa(scene, family, rng)
+    return scene, make_qa(scene, family or draw_family(rng), rng)
+
+
+def draw_family(rng: np.random.Generator, exclude: tuple[str, ...] = ()) -> str:
+    """A family drawn with probabilities proportional to ``TRAIN_WEIGHTS`` (minus ``exclude``)."""
+    names = [f for f in TRAIN_WEIGHTS if f not in exclude]
+    weights = np.array([TRAIN_WEIGHTS[f] for f in names])
+    return names[int(rng.choice(len(names), p=weights / weights.sum()))]
 
 
 def describe(objects: tuple[SceneObject, ...]) -> str:

@@ -41,6 +41,7 @@ class TrainConfig:
         eval_per_family: validation questions per family.
         per_question_loss: average the loss over each question's answer tokens, then over
             questions, so long descriptions do not drown the one-word answers (token-mean if False).
+        turns: questions per training sequence about the same scene (crop batches ask one).
         aux_weight: weight of the auxiliary per-patch vision loss (``vtoken.zoo.patch_targets``);
             0 trains from answers alone.
         bf16: run forward/backward under CPU bfloat16 autocast (slower on CPUs without AMX).
@@ -61,6 +62,7 @@ class TrainConfig:
     eval_every: int = 500
     eval_per_family: int = 30
     per_question_loss: bool = True
+    turns: int = 6
     aux_weight: float = 1.0
     bf16: bool = False
     threads: int = 2
@@ -73,8 +75,8 @@ class TrainConfig:
             raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
         if self.aux_weight < 0:
             raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
-        if self.steps <= 0 or self.batch_size <= 0:
-            raise ValueError("steps and batch_size must be positive")
+        if self.steps <= 0 or self.batch_size <= 0 or self.turns <= 0:
+            raise ValueError("steps, batch_size and turns must be positive")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -127,7 +129,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt: Path) -> None:
     grid = cfg.model.image_size // cfg.model.patch_size if cfg.aux_weight > 0 else None
-    stream = TrainStream(processor, start, cfg.batch_size, cfg.crop_prob, grid)
+    stream = TrainStream(processor, start, cfg.batch_size, cfg.crop_prob, grid, cfg.turns)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
     val_items = split_items("val", cfg.eval_per_family)
     log = (Path(cfg.run_dir) / "log.jsonl").open("a")
