@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from transformers import (
     CLIPImageProcessor,
     CLIPVisionConfig,
@@ -137,7 +138,7 @@ def build_model(config: ZooModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
         num_attention_heads=config.text_heads,
         num_key_value_heads=config.text_heads,
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
         bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
         eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
@@ -149,9 +150,14 @@ def build_model(config: ZooModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
         image_seq_length=config.num_image_tokens,
         vision_feature_select_strategy="default",
         vision_feature_layer=-1,
-        tie_word_embeddings=True,
+        tie_word_embeddings=False,
     )
     model = LlavaForConditionalGeneration(llava)
+    # Unit-scale, untied input embeddings. With the usual std of 0.02 a 128-wide decoder's word
+    # embeddings (norm ~0.2) are swamped by the first layer's attention output over 144 visual
+    # tokens, and the answer stops depending on the question's words: trained that way, the model
+    # gave the same answer distribution to "what colour is the star ?" and "... the circle ?".
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
     model.generation_config.pad_token_id = text.pad_token_id
     model.generation_config.eos_token_id = text.eos_token_id
     model.generation_config.bos_token_id = text.bos_token_id
