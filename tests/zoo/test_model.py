@@ -29,7 +29,7 @@ def test_processor_expands_one_and_two_images():
         assert int((out["input_ids"] == image_id).sum()) == 144 * n
         assert out["pixel_values"].shape == (n, 3, 96, 96)
         tokens = processor.tokenizer.convert_ids_to_tokens(out["input_ids"][0])
-        assert tokens[:2] == ["<s>", "<image>"] and tokens[-2:] == ["answer", ":"]
+        assert tokens[:2] == ["<s>", "what"] and tokens[-2:] == ["answer", ":"]
 
 
 def test_chat_template_matches_build_prompt():

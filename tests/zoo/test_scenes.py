@@ -71,3 +71,19 @@ def test_crop_box_is_square_inside_and_covers_object():
         assert x1 - x0 == y1 - y0 and 0 <= x0 and x1 <= SOURCE_SIZE and 0 <= y0 and y1 <= SOURCE_SIZE
         assert x0 <= box[0] and y0 <= box[1] and box[2] <= x1 and box[3] <= y1
     assert np.isclose(crop_box((100, 100, 208, 208))[2] - crop_box((100, 100, 208, 208))[0], 135)
+
+
+def test_object_range_and_curriculum():
+    import pytest
+
+    from vtoken.zoo.data import curriculum_objects
+    from vtoken.zoo.scenes import MAX_OBJECTS, MIN_OBJECTS, make_scene
+
+    assert all(len(make_scene(s, (2, 2)).objects) == 2 for s in range(5))
+    assert np.array_equal(make_scene(9).image, make_scene(9, (MIN_OBJECTS, MAX_OBJECTS)).image)
+    with pytest.raises(ValueError, match="objects"):
+        make_scene(0, (1, 3))
+    ranges = [curriculum_objects(s, 100) for s in range(0, 101, 10)]
+    assert ranges[0] == (2, 2) and ranges[-1] == (MIN_OBJECTS, MAX_OBJECTS)
+    assert [hi for _, hi in ranges] == sorted(hi for _, hi in ranges)  # never shrinks
+    assert curriculum_objects(0, 0) == (MIN_OBJECTS, MAX_OBJECTS)

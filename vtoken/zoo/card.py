@@ -109,12 +109,21 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
 - Images: any size, resized by the processor to {base}x{base}; 144 visual tokens per image (patch 8).
   Scenes are stored at {source}x{source}; an optional second image is a crop of the source around the
   object asked about (`vtoken.zoo.scenes.crop_box`).
-- Prompt: `<s> <image> [<image>] {{question}} answer :` (`vtoken.zoo.build_prompt`, or the processor's
+- Prompt: `<s> {{question}} <image> [<image>] answer :` (`vtoken.zoo.build_prompt`, or the processor's
   chat template with `add_generation_prompt=True`); the answer ends with `</s>`.
 
 ## Training
 - Steps: {step}; training time: {hours:.2f} h on a shared 2-core CPU (fp32).
-- Fresh samples every step; loss on answer tokens only; AdamW with warm-up and cosine decay.
+- Fresh samples every step; loss on answer tokens only (averaged per question); AdamW with warm-up
+  and cosine decay.
+- Up to `turns` distinct questions per training sequence about the same scene (LLaVA-style
+  multi-turn conversations; a description is asked alone, crop batches ask one question).
+- An auxiliary per-patch loss (`vtoken.zoo.patch_targets`, weight `aux_weight`): a linear head,
+  discarded after training, predicts the colour and shape of the object under each visual token and,
+  in crops, the digit of the label tag. It stands in for the pretrained vision encoder a real LLaVA
+  starts from; answers alone left a random tower at the majority answers for thousands of steps.
+- Unit-scale, untied input embeddings (with the usual 0.02 the question words were swamped by the
+  visual tokens and the answer did not depend on them).
 - Recipe (`vtoken zoo train` flags):
 
 ```json

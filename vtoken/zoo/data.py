@@ -12,7 +12,7 @@ from vtoken.tokenizer import EOS
 from vtoken.zoo.model import build_prompt, follow_up
 from vtoken.zoo.patch_targets import object_map, patch_targets
 from vtoken.zoo.questions import QA, draw_family, make_qa, sample
-from vtoken.zoo.scenes import SOURCE_SIZE, Scene, crop_box, split_seed
+from vtoken.zoo.scenes import MAX_OBJECTS, MIN_OBJECTS, SOURCE_SIZE, Scene, crop_box, split_seed
 
 IGNORE_INDEX = -100
 CROP_LABEL_SHARE = 0.4
@@ -63,7 +63,12 @@ def make_item(
 
 
 def train_items(
-    step: int, batch_size: int, crop_prob: float, grid: int | None = None, turns: int = 1
+    step: int,
+    batch_size: int,
+    crop_prob: float,
+    grid: int | None = None,
+    turns: int = 1,
+    objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
 ) -> list[Item]:
     """Fresh training items for ``step``: deterministic in ``step`` alone (resume-safe).
 
@@ -72,7 +77,7 @@ def train_items(
     ``CROP_LABEL_SHARE`` on top of its usual weight): reading the digit is what the crop is for.
     Without crops, a sequence asks up to ``turns`` distinct questions about its scene (as LLaVA's
     multi-turn conversations do; a description is only ever asked alone): many answers per encoded
-    image. With ``grid``,
+    image. ``objects`` is the range of objects per scene (a curriculum starts low). With ``grid``,
     items carry patch targets (see ``make_item``).
     """
     rng = np.random.default_rng([step, 7])
@@ -81,7 +86,7 @@ def train_items(
     for j in range(batch_size):
         family = "label" if with_crop and rng.random() < CROP_LABEL_SHARE else None
         seed = split_seed("train", step * batch_size + j)
-        scene, qa = sample(seed, family)
+        scene, qa = sample(seed, family, objects)
         item = make_item(scene, qa, with_crop, rng, grid)
         if not with_crop and turns > 1:
             item = replace(item, follow_ups=_follow_ups(scene, qa, turns - 1, seed))
@@ -152,6 +157,18 @@ def _answer_turns(tok, item: Item) -> tuple[list[int], list[bool]]:
     return ids, is_answer
 
 
+def curriculum_objects(step: int, curriculum: int) -> tuple[int, int]:
+    """Object-count range at ``step``: 2 objects at first, the full range from ``curriculum`` on.
+
+    One or two objects make binding a word to an object nearly free (few candidates), so the
+    model first learns to read the image, then to pick among more objects as the maximum grows.
+    """
+    if step >= curriculum:
+        return MIN_OBJECTS, MAX_OBJECTS
+    top = 2 + (MAX_OBJECTS - 2) * step // curriculum
+    return 2, max(2, top)
+
+
 class TrainStream(torch.utils.data.IterableDataset):
     """Encoded training batches for steps ``start, start + 1, ...`` (use with one worker)."""
 
@@ -163,15 +180,18 @@ class TrainStream(torch.utils.data.IterableDataset):
         crop_prob: float,
         grid: int | None,
         turns: int,
+        curriculum: int,
     ):
         super().__init__()
         self.processor, self.start = processor, start
         self.batch_size, self.crop_prob, self.grid, self.turns = batch_size, crop_prob, grid, turns
+        self.curriculum = curriculum
 
     def __iter__(self):
         torch.set_num_threads(1)
         step = self.start
         while True:
-            items = train_items(step, self.batch_size, self.crop_prob, self.grid, self.turns)
+            objects = curriculum_objects(step, self.curriculum)
+            items = train_items(step, self.batch_size, self.crop_prob, self.grid, self.turns, objects)
             yield encode(self.processor, items, with_answers=True)
             step += 1

@@ -2,14 +2,16 @@
 
 Prompt layout (the one place it is defined; the processor's chat template renders the same text)::
 
-    <s> <image> [<image>] {question} answer :
+    <s> {question} <image> [<image>] answer :
 
-Images first, then the question, as in LLaVA: the question's words can attend to the visual tokens
-directly, and the last prompt token (":") reads its answer from them, so attention-based pruning
-(FastV-style) and text-guided pruning have meaningful attention to read. An optional second image
-is a crop of the source around the object asked about. The model answers with words followed by
-``</s>``; training sequences may continue with further turns ``{question} answer : {answer} </s>``
-about the same image(s).
+The question comes first so that visual tokens can attend to it inside the decoder: a patch of a red
+object can mark itself as asked about in one attention hop, which is what lets this tiny model learn
+counting and existence quickly (with the question after the image, every answer needs two hops -
+find the word, then the object - and training sat at the majority answers for thousands of steps).
+The last prompt token (":") comes after the image(s), so attention-based pruning (FastV-style) can
+read its attention over the visual tokens. An optional second image is a crop of the source around
+the object asked about. The model answers with words followed by ``</s>``; training sequences may
+continue with further turns ``{question} answer : {answer} </s>`` about the same image(s).
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ ANSWER_CUE = "answer :"
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages if message['role'] == 'user' %}"
-    "{% for item in message['content'] if item['type'] == 'image' %} <image>{% endfor %}"
     "{% for item in message['content'] if item['type'] == 'text' %} {{ item['text'] }}{% endfor %}"
+    "{% for item in message['content'] if item['type'] == 'image' %} <image>{% endfor %}"
     "{% endfor %}"
     "{% if add_generation_prompt %} answer :{% endif %}"
 )
@@ -48,7 +50,7 @@ def build_prompt(question: str, num_images: int = 1) -> str:
     if num_images not in (1, 2):
         raise ValueError(f"num_images must be 1 or 2, got {num_images}")
     images = " ".join([IMAGE_TOKEN] * num_images)
-    return f"{BOS} {images} {question} {ANSWER_CUE}"
+    return f"{BOS} {question} {images} {ANSWER_CUE}"
 
 
 def follow_up(question: str) -> str:

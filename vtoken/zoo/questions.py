@@ -19,7 +19,17 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES, SIZES, Scene, SceneObject, make_scene
+from vtoken.zoo.scenes import (
+    COLOURS,
+    MAX_OBJECTS,
+    MIN_OBJECTS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    SceneObject,
+    make_scene,
+)
 
 FAMILIES = ("colour", "shape", "count", "relation", "exists", "label", "describe")
 FINE_GRAINED = ("label",)
@@ -67,9 +77,14 @@ def make_qa(scene: Scene, family: str, rng: np.random.Generator) -> QA:
     return _ASKERS[family](scene, rng)
 
 
-def sample(seed: int, family: str | None = None) -> tuple[Scene, QA]:
-    """Scene and question for ``seed``; the family is drawn from ``TRAIN_WEIGHTS`` if not given."""
-    scene = make_scene(seed)
+def sample(
+    seed: int, family: str | None = None, objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)
+) -> tuple[Scene, QA]:
+    """Scene and question for ``seed``; the family is drawn from ``TRAIN_WEIGHTS`` if not given.
+
+    ``objects`` is the range of the number of objects in the scene (see ``make_scene``).
+    """
+    scene = make_scene(seed, objects)
     rng = np.random.default_rng([seed, 1])
     return scene, make_qa(scene, family or draw_family(rng), rng)
 

@@ -93,18 +93,26 @@ def split_seed(split: str, index: int) -> int:
     return SPLIT_SEEDS[split] + index
 
 
-def make_scene(seed: int) -> Scene:
-    """Generate and render the scene for ``seed`` (same seed, same bytes)."""
+def make_scene(seed: int, objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS)) -> Scene:
+    """Generate and render the scene for ``seed`` (same seed and range, same bytes).
+
+    Args:
+        seed: the scene's seed.
+        objects: inclusive range of the number of objects (fewer for a training curriculum).
+    """
+    lo, hi = objects
+    if not 2 <= lo <= hi <= 9:
+        raise ValueError(f"objects must satisfy 2 <= min <= max <= 9, got {objects}")
     rng = np.random.default_rng(seed)
-    objects = _sample_objects(rng)
+    placed = _sample_objects(rng, lo, hi)
     image = _background(rng)
-    for obj in objects:
+    for obj in placed:
         _draw_object(image, obj, rng)
-    return Scene(seed=seed, objects=objects, image=image)
+    return Scene(seed=seed, objects=placed, image=image)
 
 
-def _sample_objects(rng: np.random.Generator) -> tuple[SceneObject, ...]:
-    n = int(rng.integers(MIN_OBJECTS, MAX_OBJECTS + 1))
+def _sample_objects(rng: np.random.Generator, lo: int, hi: int) -> tuple[SceneObject, ...]:
+    n = int(rng.integers(lo, hi + 1))
     shapes = rng.choice(len(SHAPES), size=n, replace=False)
     cells = np.sort(rng.choice(9, size=n, replace=False))
     labelled = int(rng.integers(n))

@@ -41,6 +41,8 @@ class TrainConfig:
         eval_per_family: validation questions per family.
         per_question_loss: average the loss over each question's answer tokens, then over
             questions, so long descriptions do not drown the one-word answers (token-mean if False).
+        curriculum: steps over which the maximum number of objects per scene grows from 2 to
+            the full range (0: no curriculum).
         turns: questions per training sequence about the same scene (crop batches ask one).
         aux_weight: weight of the auxiliary per-patch vision loss (``vtoken.zoo.patch_targets``);
             0 trains from answers alone.
@@ -62,6 +64,7 @@ class TrainConfig:
     eval_every: int = 500
     eval_per_family: int = 30
     per_question_loss: bool = True
+    curriculum: int = 0
     turns: int = 6
     aux_weight: float = 1.0
     bf16: bool = False
@@ -129,7 +132,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt: Path) -> None:
     grid = cfg.model.image_size // cfg.model.patch_size if cfg.aux_weight > 0 else None
-    stream = TrainStream(processor, start, cfg.batch_size, cfg.crop_prob, grid, cfg.turns)
+    stream = TrainStream(processor, start, cfg.batch_size, cfg.crop_prob, grid, cfg.turns, cfg.curriculum)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
     val_items = split_items("val", cfg.eval_per_family)
     log = (Path(cfg.run_dir) / "log.jsonl").open("a")
