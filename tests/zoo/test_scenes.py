@@ -74,10 +74,8 @@ def test_crop_box_is_square_inside_and_covers_object():
 
 
 def test_object_range_and_curriculum():
-    import pytest
-
     from vtoken.zoo.data import curriculum_objects
-    from vtoken.zoo.scenes import MAX_OBJECTS, MIN_OBJECTS, make_scene
+    from vtoken.zoo.scenes import MAX_OBJECTS, MIN_OBJECTS
 
     assert all(len(make_scene(s, (2, 2)).objects) == 2 for s in range(5))
     assert np.array_equal(make_scene(9).image, make_scene(9, (MIN_OBJECTS, MAX_OBJECTS)).image)
