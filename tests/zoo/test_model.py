@@ -107,3 +107,17 @@ def test_multi_turn_sequences_label_every_answer_and_no_question():
         assert tok.decode(labelled) == " ".join(f"{a} </s>" for a in answers)
     crop_items = train_items(step=3, batch_size=2, crop_prob=1.0, turns=4)
     assert all(it.follow_ups == () for it in crop_items)  # the crop belongs to the first question
+
+
+def test_word_and_visual_tokens_enter_the_decoder_at_similar_scales():
+    torch.manual_seed(0)
+    config = ZooModelConfig()
+    processor = build_processor(config)
+    model = build_model(config, processor.tokenizer)
+    scene, qa = sample(3, "colour")
+    batch = encode(processor, [make_item(scene, qa, False, np.random.default_rng(0))], with_answers=False)
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states[0][0]  # (T, D) decoder input
+    visual = batch["input_ids"][0] == model.config.image_token_id
+    ratio = hidden[visual].norm(dim=-1).mean() / hidden[~visual].norm(dim=-1).mean()
+    assert 0.5 < ratio < 2.0, ratio  # neither kind of token swamps the other (see _init_input_scales)

@@ -155,12 +155,23 @@ def build_model(config: ZooModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
         tie_word_embeddings=False,
     )
     model = LlavaForConditionalGeneration(llava)
-    # Unit-scale, untied input embeddings. With the usual std of 0.02 a 128-wide decoder's word
-    # embeddings (norm ~0.2) are swamped by the first layer's attention output over 144 visual
-    # tokens, and the answer stops depending on the question's words: trained that way, the model
-    # gave the same answer distribution to "what colour is the star ?" and "... the circle ?".
-    torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
+    _init_input_scales(model)
     model.generation_config.pad_token_id = text.pad_token_id
     model.generation_config.eos_token_id = text.eos_token_id
     model.generation_config.bos_token_id = text.bos_token_id
     return model
+
+
+def _init_input_scales(model: LlavaForConditionalGeneration) -> None:
+    """Let word and visual tokens enter the decoder at comparable, unit-like scales.
+
+    With the usual std of 0.02 everywhere, a 128-wide decoder's word embeddings (norm ~0.2) were
+    swamped by the first attention outputs and the answer ignored the question's words; with unit
+    word embeddings but a std-0.02 projector (visual tokens of norm ~0.4) the decoder ignored the
+    image instead (same loss with real, shuffled or blank images). So: unit-variance (untied) word
+    embeddings, and fan-in scaled projector layers, which put visual tokens at a similar norm.
+    """
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=1.0)
+    for layer in (model.model.multi_modal_projector.linear_1, model.model.multi_modal_projector.linear_2):
+        torch.nn.init.normal_(layer.weight, std=layer.in_features**-0.5)
+        torch.nn.init.zeros_(layer.bias)
