@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -68,7 +69,7 @@ def train_items(
     crop_prob: float,
     grid: int | None = None,
     turns: int = 1,
-    objects: tuple[int, int] = (MIN_OBJECTS, MAX_OBJECTS),
+    curriculum: int = 0,
 ) -> list[Item]:
     """Fresh training items for ``step``: deterministic in ``step`` alone (resume-safe).
 
@@ -77,10 +78,11 @@ def train_items(
     ``CROP_LABEL_SHARE`` on top of its usual weight): reading the digit is what the crop is for.
     Without crops, a sequence asks up to ``turns`` distinct questions about its scene (as LLaVA's
     multi-turn conversations do; a description is only ever asked alone): many answers per encoded
-    image. ``objects`` is the range of objects per scene (a curriculum starts low). With ``grid``,
+    image. Scenes hold ``curriculum_objects(step, curriculum)`` objects. With ``grid``,
     items carry patch targets (see ``make_item``).
     """
     rng = np.random.default_rng([step, 7])
+    objects = curriculum_objects(step, curriculum)
     with_crop = bool(rng.random() < crop_prob)
     items = []
     for j in range(batch_size):
@@ -172,26 +174,14 @@ def curriculum_objects(step: int, curriculum: int) -> tuple[int, int]:
 class TrainStream(torch.utils.data.IterableDataset):
     """Encoded training batches for steps ``start, start + 1, ...`` (use with one worker)."""
 
-    def __init__(
-        self,
-        processor: LlavaProcessor,
-        start: int,
-        batch_size: int,
-        crop_prob: float,
-        grid: int | None,
-        turns: int,
-        curriculum: int,
-    ):
+    def __init__(self, processor: LlavaProcessor, start: int, items: Callable[[int], list[Item]]):
+        """``items(step)`` gives the step's items (picklable, e.g. a ``partial`` of ``train_items``)."""
         super().__init__()
-        self.processor, self.start = processor, start
-        self.batch_size, self.crop_prob, self.grid, self.turns = batch_size, crop_prob, grid, turns
-        self.curriculum = curriculum
+        self.processor, self.start, self.items = processor, start, items
 
     def __iter__(self):
         torch.set_num_threads(1)
         step = self.start
         while True:
-            objects = curriculum_objects(step, self.curriculum)
-            items = train_items(step, self.batch_size, self.crop_prob, self.grid, self.turns, objects)
-            yield encode(self.processor, items, with_answers=True)
+            yield encode(self.processor, self.items(step), with_answers=True)
             step += 1

@@ -11,12 +11,13 @@ import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from vtoken.zoo.data import IGNORE_INDEX, TrainStream
+from vtoken.zoo.data import IGNORE_INDEX, TrainStream, train_items
 from vtoken.zoo.evaluate import predict, score, split_items
 from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
 from vtoken.zoo.patch_targets import PatchHead
@@ -132,7 +133,11 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt: Path) -> None:
     grid = cfg.model.image_size // cfg.model.patch_size if cfg.aux_weight > 0 else None
-    stream = TrainStream(processor, start, cfg.batch_size, cfg.crop_prob, grid, cfg.turns, cfg.curriculum)
+    items = partial(
+        train_items, batch_size=cfg.batch_size, crop_prob=cfg.crop_prob, grid=grid, turns=cfg.turns,
+        curriculum=cfg.curriculum,
+    )  # fmt: skip
+    stream = TrainStream(processor, start, items)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
     val_items = split_items("val", cfg.eval_per_family)
     log = (Path(cfg.run_dir) / "log.jsonl").open("a")
