@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -11,7 +11,7 @@ from transformers import LlavaProcessor
 
 from vtoken.tokenizer import EOS
 from vtoken.zoo.model import build_prompt, follow_up
-from vtoken.zoo.patch_targets import object_map, patch_targets
+from vtoken.zoo.patch_targets import evidence_mask, object_map, patch_targets
 from vtoken.zoo.questions import QA, draw_family, make_qa, sample
 from vtoken.zoo.scenes import MAX_OBJECTS, MIN_OBJECTS, SOURCE_SIZE, Scene, crop_box, split_seed
 
@@ -31,6 +31,8 @@ class Item:
         targets: per image, ``(P, 3)`` patch targets for the auxiliary vision loss (training only;
             see ``vtoken.zoo.patch_targets``), or empty.
         follow_ups: further ``(question, answer)`` turns about the same image(s) (training only).
+        evidence: per turn (the question, then each follow-up), a ``(N_images * P,)`` bool mask of
+            the visual tokens showing the objects the answer is read from (training only), or empty.
     """
 
     images: tuple[np.ndarray, ...]
@@ -39,14 +41,21 @@ class Item:
     family: str
     targets: tuple[np.ndarray, ...] = ()
     follow_ups: tuple[tuple[str, str], ...] = ()
+    evidence: tuple[np.ndarray, ...] = ()
 
 
 def make_item(
-    scene: Scene, qa: QA, with_crop: bool, rng: np.random.Generator, grid: int | None = None
+    scene: Scene,
+    qa: QA,
+    with_crop: bool,
+    rng: np.random.Generator,
+    grid: int | None = None,
+    follow_ups: tuple[QA, ...] = (),
 ) -> Item:
-    """Item for ``qa``; with a crop, use the asked object's region or a random one if it has none.
+    """Item for ``qa`` (then ``follow_ups``); a crop shows the asked object or a random region.
 
-    With ``grid`` (patches per side at the model input), also attach patch targets for each image.
+    With ``grid`` (patches per side at the model input), also attach patch targets for each image
+    and the evidence mask of each turn.
     """
     views = [(0, 0, SOURCE_SIZE, SOURCE_SIZE)]
     if with_crop:
@@ -56,11 +65,15 @@ def make_item(
             box = (x, y, x + 96, y + 96)
         views.append(crop_box(box, SOURCE_SIZE))
     images = tuple(scene.image[y0:y1, x0:x1] for x0, y0, x1, y1 in views)
-    targets: tuple[np.ndarray, ...] = ()
-    if grid is not None:
-        ids = object_map(scene)
-        targets = tuple(patch_targets(scene, ids, view, grid) for view in views)
-    return Item(images, qa.question, qa.answer, qa.family, targets)
+    turns = tuple((t.question, t.answer) for t in follow_ups)
+    if grid is None:
+        return Item(images, qa.question, qa.answer, qa.family, follow_ups=turns)
+    ids = object_map(scene)
+    targets = tuple(patch_targets(scene, ids, view, grid) for view in views)
+    evidence = tuple(
+        np.concatenate([evidence_mask(ids, t.evidence, view, grid) for view in views]) for t in (qa, *follow_ups)
+    )
+    return Item(images, qa.question, qa.answer, qa.family, targets, turns, evidence)
 
 
 def train_items(
@@ -79,7 +92,7 @@ def train_items(
     Without crops, a sequence asks up to ``turns`` distinct questions about its scene (as LLaVA's
     multi-turn conversations do; a description is only ever asked alone): many answers per encoded
     image. Scenes hold ``curriculum_objects(step, curriculum)`` objects. With ``grid``,
-    items carry patch targets (see ``make_item``).
+    items carry patch targets and evidence masks (see ``make_item``).
     """
     rng = np.random.default_rng([step, 7])
     objects = curriculum_objects(step, curriculum)
@@ -89,14 +102,12 @@ def train_items(
         family = "label" if with_crop and rng.random() < CROP_LABEL_SHARE else None
         seed = split_seed("train", step * batch_size + j)
         scene, qa = sample(seed, family, objects)
-        item = make_item(scene, qa, with_crop, rng, grid)
-        if not with_crop and turns > 1:
-            item = replace(item, follow_ups=_follow_ups(scene, qa, turns - 1, seed))
-        items.append(item)
+        more = _follow_ups(scene, qa, turns - 1, seed) if not with_crop and turns > 1 else ()
+        items.append(make_item(scene, qa, with_crop, rng, grid, more))
     return items
 
 
-def _follow_ups(scene: Scene, first: QA, n: int, seed: int) -> tuple[tuple[str, str], ...]:
+def _follow_ups(scene: Scene, first: QA, n: int, seed: int) -> tuple[QA, ...]:
     """Up to ``n`` further distinct questions; none after a description (it would give them away)."""
     if first.family == "describe":
         return ()
@@ -106,7 +117,7 @@ def _follow_ups(scene: Scene, first: QA, n: int, seed: int) -> tuple[tuple[str, 
         qa = make_qa(scene, draw_family(rng, exclude=("describe",)), rng)
         if qa.question not in asked:
             asked.add(qa.question)
-            turns.append((qa.question, qa.answer))
+            turns.append(qa)
         if len(turns) == n:
             break
     return tuple(turns)
@@ -118,8 +129,10 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
     Returns:
         ``input_ids``, ``attention_mask`` ``(B, T)``, ``pixel_values`` ``(N_images, 3, S, S)`` and,
         with answers, ``labels`` ``(B, T)`` (``-100`` outside answers) and, when every item has
-        them, ``patch_targets`` ``(N_images, P, 3)``. Without answers the batch is left-padded for
-        generation.
+        them, ``patch_targets`` ``(N_images, P, 3)`` plus the attention targets of every answer
+        turn with evidence: ``cues`` ``(K, 2)`` (row, position of the ``:`` before the answer) and
+        ``evidence`` ``(K, T)`` bool (visual tokens showing the evidence objects). Without answers
+        the batch is left-padded for generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]
     images = [img for it in items for img in it.images]
@@ -142,7 +155,30 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
     if all(it.targets for it in items):
         batch["patch_targets"] = torch.from_numpy(np.stack([t for it in items for t in it.targets]))
+        cue_offsets = [_turn_starts(is_answer) for _, is_answer in rows]
+        batch.update(_attention_targets(items, ids, [len(p) for p in expanded], cue_offsets, processor))
     return batch
+
+
+def _turn_starts(is_answer: list[bool]) -> list[int]:
+    """Offsets (after the prompt) of the first token of every answer."""
+    return [j for j, a in enumerate(is_answer) if a and (j == 0 or not is_answer[j - 1])]
+
+
+def _attention_targets(items, ids, prompt_lengths, starts, processor) -> dict[str, torch.Tensor]:
+    """``cues`` ``(K, 2)`` and ``evidence`` ``(K, T)`` for every turn whose evidence is visible."""
+    cues, masks = [], []
+    for i, item in enumerate(items):
+        visual = (ids[i] == processor.image_token_id).nonzero().squeeze(1)  # (N_images * P,)
+        for offset, shown in zip(starts[i], item.evidence):
+            if shown.any():
+                mask = torch.zeros(ids.shape[1], dtype=torch.bool)
+                mask[visual[torch.from_numpy(shown)]] = True
+                cues.append((i, prompt_lengths[i] + offset - 1))
+                masks.append(mask)
+    if not cues:
+        return {}
+    return {"cues": torch.tensor(cues), "evidence": torch.stack(masks)}
 
 
 def _answer_turns(tok, item: Item) -> tuple[list[int], list[bool]]:

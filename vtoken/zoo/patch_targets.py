@@ -49,19 +49,39 @@ def patch_targets(scene: Scene, ids: np.ndarray, view: tuple[int, int, int, int]
         ``(grid * grid, 3)`` int64 array, patches in row-major order: colour class, shape class
         (0 = background, else 1 + index) and digit (0-9 on the label tag of a crop, else 10).
     """
-    x0, y0, x1, y1 = view
-    step = (x1 - x0) / grid
-    centres = (np.arange(grid) + 0.5) * step
-    xs = np.clip((x0 + centres).astype(int), 0, SOURCE_SIZE - 1)
-    ys = np.clip((y0 + centres).astype(int), 0, SOURCE_SIZE - 1)
+    xs, ys = _centres(view, grid)
     under = ids[ys[:, None], xs[None, :]].reshape(-1)  # (grid * grid,)
     colours, shapes = list(COLOURS), list(SHAPES)
     colour = np.array([BACKGROUND] + [1 + colours.index(o.colour) for o in scene.objects])
     shape = np.array([BACKGROUND] + [1 + shapes.index(o.shape) for o in scene.objects])
     targets = np.stack([colour[under + 1], shape[under + 1], np.full_like(under, NO_DIGIT)], axis=1)
-    if x1 - x0 < SOURCE_SIZE:  # a crop: the digit becomes legible, so it is a target too
+    if view[2] - view[0] < SOURCE_SIZE:  # a crop: the digit becomes legible, so it is a target too
         targets[:, 2] = _digit_targets(scene, xs, ys)
     return targets.astype(np.int64)
+
+
+def evidence_mask(
+    ids: np.ndarray, evidence: tuple[int, ...], view: tuple[int, int, int, int], grid: int
+) -> np.ndarray:
+    """``(grid * grid,)`` bool: patches of ``view`` whose centre shows one of the ``evidence`` objects.
+
+    Args:
+        ids: the scene's ``object_map``.
+        evidence: object indices (``QA.evidence``).
+        view: ``(x0, y0, x1, y1)`` source-pixel square the image shows.
+        grid: patches per side at the model input.
+    """
+    xs, ys = _centres(view, grid)
+    return np.isin(ids[ys[:, None], xs[None, :]], evidence).reshape(-1)
+
+
+def _centres(view: tuple[int, int, int, int], grid: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source-pixel x and y coordinates ``(grid,)`` of the patch centres of ``view``."""
+    x0, y0, x1, _ = view
+    centres = (np.arange(grid) + 0.5) * (x1 - x0) / grid
+    xs = np.clip((x0 + centres).astype(int), 0, SOURCE_SIZE - 1)
+    ys = np.clip((y0 + centres).astype(int), 0, SOURCE_SIZE - 1)
+    return xs, ys
 
 
 def _digit_targets(scene: Scene, xs: np.ndarray, ys: np.ndarray) -> np.ndarray:

@@ -49,12 +49,16 @@ class QA:
         family: one of ``FAMILIES``.
         box: ``(x0, y0, x1, y1)`` source-pixel box of the object asked about, or ``None`` when the
             question is about the whole scene.
+        evidence: indices (into ``scene.objects``) of the objects the answer is read from: the
+            object asked about, both objects of a relation, the objects counted, or for a negative
+            existence question the objects sharing its colour or shape; empty for descriptions.
     """
 
     question: str
     answer: str
     family: str
     box: tuple[int, int, int, int] | None
+    evidence: tuple[int, ...] = ()
 
 
 def vocabulary() -> list[str]:
@@ -117,26 +121,27 @@ def parse_description(text: str) -> set[tuple[str, str, str, str]]:
     return found
 
 
-def _pick(scene: Scene, rng: np.random.Generator) -> SceneObject:
-    return scene.objects[int(rng.integers(len(scene.objects)))]
+def _pick(scene: Scene, rng: np.random.Generator) -> tuple[int, SceneObject]:
+    k = int(rng.integers(len(scene.objects)))
+    return k, scene.objects[k]
 
 
 def _ask_colour(scene: Scene, rng: np.random.Generator) -> QA:
-    obj = _pick(scene, rng)
-    return QA(f"what colour is the {obj.shape} ?", obj.colour, "colour", obj.box)
+    k, obj = _pick(scene, rng)
+    return QA(f"what colour is the {obj.shape} ?", obj.colour, "colour", obj.box, (k,))
 
 
 def _ask_shape(scene: Scene, rng: np.random.Generator) -> QA:
-    obj = _pick(scene, rng)
-    return QA(f"what shape is at the {obj.position} ?", obj.shape, "shape", obj.box)
+    k, obj = _pick(scene, rng)
+    return QA(f"what shape is at the {obj.position} ?", obj.shape, "shape", obj.box, (k,))
 
 
 def _ask_count(scene: Scene, rng: np.random.Generator) -> QA:
     present = [o.colour for o in scene.objects]
     colour = present[int(rng.integers(len(present)))] if rng.random() < 0.7 else None
     colour = colour or list(COLOURS)[int(rng.integers(len(COLOURS)))]
-    count = present.count(colour)
-    return QA(f"how many {colour} objects are there ?", str(count), "count", None)
+    counted = tuple(k for k, c in enumerate(present) if c == colour)
+    return QA(f"how many {colour} objects are there ?", str(len(counted)), "count", None, counted)
 
 
 def _ask_relation(scene: Scene, rng: np.random.Generator) -> QA:
@@ -148,13 +153,13 @@ def _ask_relation(scene: Scene, rng: np.random.Generator) -> QA:
         answer, pair = ("left" if ca < cb else "right"), "left or right of"
     else:
         answer, pair = ("above" if ra < rb else "below"), "above or below"
-    return QA(f"is the {a.shape} {pair} the {b.shape} ?", answer, "relation", a.box)
+    return QA(f"is the {a.shape} {pair} the {b.shape} ?", answer, "relation", a.box, (i, j))
 
 
 def _ask_exists(scene: Scene, rng: np.random.Generator) -> QA:
     if rng.random() < 0.5:
-        obj = _pick(scene, rng)
-        return QA(f"is there a {obj.colour} {obj.shape} ?", "yes", "exists", obj.box)
+        k, obj = _pick(scene, rng)
+        return QA(f"is there a {obj.colour} {obj.shape} ?", "yes", "exists", obj.box, (k,))
     present = {(o.colour, o.shape) for o in scene.objects}
     absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
     # Half of the negatives use a shape that is in the scene with another colour (binding test).
@@ -162,12 +167,14 @@ def _ask_exists(scene: Scene, rng: np.random.Generator) -> QA:
     hard = [p for p in absent if p[1] in shapes_here]
     pool = hard if hard and rng.random() < 0.5 else absent
     colour, shape = pool[int(rng.integers(len(pool)))]
-    return QA(f"is there a {colour} {shape} ?", "no", "exists", None)
+    alike = tuple(k for k, o in enumerate(scene.objects) if o.colour == colour or o.shape == shape)
+    return QA(f"is there a {colour} {shape} ?", "no", "exists", None, alike)
 
 
 def _ask_label(scene: Scene, rng: np.random.Generator) -> QA:
-    obj = next(o for o in scene.objects if o.label is not None)
-    return QA(f"what number is on the {obj.shape} ?", str(obj.label), "label", obj.box)
+    k = next(k for k, o in enumerate(scene.objects) if o.label is not None)
+    obj = scene.objects[k]
+    return QA(f"what number is on the {obj.shape} ?", str(obj.label), "label", obj.box, (k,))
 
 
 def _ask_describe(scene: Scene, rng: np.random.Generator) -> QA:

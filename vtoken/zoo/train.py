@@ -47,6 +47,10 @@ class TrainConfig:
         turns: questions per training sequence about the same scene (crop batches ask one).
         aux_weight: weight of the auxiliary per-patch vision loss (``vtoken.zoo.patch_targets``);
             0 trains from answers alone.
+        attn_weight: weight of the attention guidance loss: ``-log`` of the attention mass (mean
+            over heads) that the ``:`` before each answer puts, at decoder layer ``attn_layer``, on
+            the visual tokens showing the objects the answer is read from (``QA.evidence``); 0 off.
+        attn_layer: decoder layer (0-based) whose attention is guided.
         bf16: run forward/backward under CPU bfloat16 autocast (slower on CPUs without AMX).
         threads: torch intra-op threads for the training process.
         model: model sizes.
@@ -68,6 +72,8 @@ class TrainConfig:
     curriculum: int = 0
     turns: int = 6
     aux_weight: float = 1.0
+    attn_weight: float = 1.0
+    attn_layer: int = 1
     bf16: bool = False
     threads: int = 2
     model: ZooModelConfig = field(default_factory=ZooModelConfig)
@@ -77,8 +83,10 @@ class TrainConfig:
             self.model = ZooModelConfig(**self.model)
         if not 0.0 <= self.crop_prob <= 1.0:
             raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
-        if self.aux_weight < 0:
-            raise ValueError(f"aux_weight must be >= 0, got {self.aux_weight}")
+        if self.aux_weight < 0 or self.attn_weight < 0:
+            raise ValueError(f"aux_weight and attn_weight must be >= 0, got {self.aux_weight}, {self.attn_weight}")
+        if not 0 <= self.attn_layer < self.model.text_layers:
+            raise ValueError(f"attn_layer must be in [0, {self.model.text_layers}), got {self.attn_layer}")
         if self.steps <= 0 or self.batch_size <= 0 or self.turns <= 0:
             raise ValueError("steps, batch_size and turns must be positive")
 
@@ -115,6 +123,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     processor = build_processor(cfg.model)
     model = build_model(cfg.model, processor.tokenizer)
+    if cfg.attn_weight > 0:
+        model.set_attn_implementation("eager")  # the guidance loss reads attention probabilities
     head = PatchHead(cfg.model.vision_hidden)
     params = [*model.parameters(), *head.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -132,7 +142,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 
 def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt: Path) -> None:
-    grid = cfg.model.image_size // cfg.model.patch_size if cfg.aux_weight > 0 else None
+    guided = cfg.aux_weight > 0 or cfg.attn_weight > 0
+    grid = cfg.model.image_size // cfg.model.patch_size if guided else None
     items = partial(
         train_items, batch_size=cfg.batch_size, crop_prob=cfg.crop_prob, grid=grid, turns=cfg.turns,
         curriculum=cfg.curriculum,
@@ -163,15 +174,17 @@ def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt:
 
 
 def _train_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> dict:
-    """One optimizer step; returns ``{"loss": answer loss, "aux": patch loss}`` (aux if used)."""
+    """One optimizer step; returns the answer ``loss`` and, when used, ``aux`` and ``attn`` losses."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     seen: list[torch.Tensor] = []  # (N_images, P, hidden) vision states entering the projector
     hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            inputs = {k: v for k, v in batch.items() if k not in ("labels", "patch_targets")}
-            logits = model(**inputs).logits.float()
+            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+            guide = cfg.attn_weight > 0 and "cues" in batch
+            out = model(**inputs, output_attentions=guide)
+            logits = out.logits.float()
             if cfg.per_question_loss:
                 loss = question_mean_loss(logits, batch["labels"])
             else:
@@ -179,14 +192,32 @@ def _train_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: floa
             losses = {"loss": loss}
             if "patch_targets" in batch:
                 losses["aux"] = head.loss(seen[0].float(), batch["patch_targets"])
+            if guide:
+                losses["attn"] = attention_guidance_loss(out.attentions[cfg.attn_layer], batch)
     finally:
         hook.remove()
-    total = losses["loss"] + cfg.aux_weight * losses.get("aux", 0.0)
+    total = losses["loss"] + cfg.aux_weight * losses.get("aux", 0.0) + cfg.attn_weight * losses.get("attn", 0.0)
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
     optimizer.step()
     return {k: v.item() for k, v in losses.items()}
+
+
+def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean ``-log`` attention mass on the evidence tokens, from each answer's cue token.
+
+    Args:
+        attention: ``(B, H, T, T)`` attention probabilities of one decoder layer.
+        batch: with ``cues`` ``(K, 2)`` (row, query position) and ``evidence`` ``(K, T)`` bool.
+
+    Returns:
+        Scalar loss.
+    """
+    cues = batch["cues"]
+    rows = attention[cues[:, 0], :, cues[:, 1]].float().mean(1)  # (K, T), mean over heads
+    mass = (rows * batch["evidence"]).sum(-1)  # (K,)
+    return -torch.log(mass.clamp_min(1e-6)).mean()
 
 
 def question_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
