@@ -3,8 +3,9 @@
 import numpy as np
 import torch
 
-from vtoken.zoo.data import make_item
-from vtoken.zoo.patch_targets import NO_DIGIT, PatchHead, object_map, patch_targets
+from vtoken.zoo.data import IGNORE_INDEX, encode, make_item, train_items
+from vtoken.zoo.model import ZooModelConfig, build_processor
+from vtoken.zoo.patch_targets import NO_DIGIT, PatchHead, evidence_mask, object_map, patch_targets
 from vtoken.zoo.questions import sample
 from vtoken.zoo.scenes import COLOURS, SHAPES, SOURCE_SIZE, crop_box, make_scene
 
@@ -62,3 +63,24 @@ def test_patch_head_loss_is_cross_entropy_per_head():
     ce = torch.nn.functional.cross_entropy
     expected = sum(ce(h(features).flatten(0, 1), targets[..., k].flatten()) for k, h in enumerate(head.heads))
     torch.testing.assert_close(head.loss(features, targets), expected / 3)
+
+
+def test_evidence_mask_marks_patches_under_the_evidence_objects():
+    scene, qa = sample(8, "colour")
+    ids = object_map(scene)
+    mask = evidence_mask(ids, qa.evidence, WHOLE, grid=SOURCE_SIZE).reshape(SOURCE_SIZE, SOURCE_SIZE)
+    assert np.array_equal(mask, ids == qa.evidence[0])
+    assert not evidence_mask(ids, (), WHOLE, grid=12).any()
+
+
+def test_encode_points_each_answer_cue_at_its_evidence_tokens():
+    processor = build_processor(ZooModelConfig())
+    items = train_items(5, 3, crop_prob=0.0, grid=12, turns=3)
+    batch = encode(processor, items, with_answers=True)
+    ids, labels = batch["input_ids"], batch["labels"]
+    for (row, pos), evidence in zip(batch["cues"].tolist(), batch["evidence"]):
+        assert labels[row, pos] == IGNORE_INDEX and labels[row, pos + 1] != IGNORE_INDEX  # cue, answer
+        assert processor.tokenizer.convert_ids_to_tokens(int(ids[row, pos])) == ":"
+        assert evidence.any() and (ids[row][evidence] == processor.image_token_id).all()
+    turns = sum(1 + len(it.follow_ups) for it in items)
+    assert 0 < len(batch["cues"]) <= turns

@@ -85,3 +85,19 @@ def test_object_range_and_curriculum():
     assert ranges[0] == (2, 2) and ranges[-1] == (MIN_OBJECTS, MAX_OBJECTS)
     assert [hi for _, hi in ranges] == sorted(hi for _, hi in ranges)  # never shrinks
     assert curriculum_objects(0, 0) == (MIN_OBJECTS, MAX_OBJECTS)
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "describe"])
+def test_evidence_objects_determine_the_answer(family):
+    for seed in range(20):
+        scene, qa = sample(seed, family)
+        chosen = [scene.objects[k] for k in qa.evidence]
+        if family == "count":
+            assert len(chosen) == int(qa.answer) and all(o.colour in qa.question.split() for o in chosen)
+        elif family == "exists" and qa.answer == "no":
+            words = qa.question.split()
+            assert all(o.colour in words or o.shape in words for o in chosen)
+        elif family == "relation":
+            assert len(chosen) == 2 and all(o.shape in qa.question.split() for o in chosen)
+        else:
+            assert len(chosen) == 1 and chosen[0].box == qa.box

@@ -2,10 +2,11 @@
 
 import dataclasses
 
+import pytest
 import torch
 
 from vtoken.zoo.model import ZooModelConfig
-from vtoken.zoo.train import TrainConfig, lr_factor, question_mean_loss, train
+from vtoken.zoo.train import TrainConfig, attention_guidance_loss, lr_factor, question_mean_loss, train
 
 TINY = ZooModelConfig(
     vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=16, text_layers=1, text_heads=2
@@ -15,7 +16,7 @@ TINY = ZooModelConfig(
 def _cfg(run_dir, steps):
     return TrainConfig(
         run_dir=str(run_dir), steps=steps, batch_size=2, warmup=1, eval_every=1000, eval_per_family=1,
-        threads=1, crop_prob=0.5, model=TINY,
+        threads=1, crop_prob=0.5, attn_layer=0, model=TINY,
     )  # fmt: skip
 
 
@@ -43,3 +44,22 @@ def test_question_mean_loss_weights_questions_equally():
     row0 = ce(logits[0, 1:2], labels[0, 2:3])
     row1 = ce(logits[1, 0:4], labels[1, 1:5])
     torch.testing.assert_close(question_mean_loss(logits, labels), (row0 + row1) / 2)
+
+
+def test_attention_guidance_loss_is_minus_log_head_mean_mass():
+    attention = torch.softmax(torch.randn(2, 3, 6, 6), dim=-1)
+    cues = torch.tensor([[0, 5], [1, 4]])
+    evidence = torch.zeros(2, 6, dtype=torch.bool)
+    evidence[0, 1:3], evidence[1, 0] = True, True
+    mass0 = attention[0, :, 5, 1:3].sum(-1).mean()
+    mass1 = attention[1, :, 4, 0].mean()
+    expected = -(mass0.log() + mass1.log()) / 2
+    loss = attention_guidance_loss(attention, {"cues": cues, "evidence": evidence})
+    torch.testing.assert_close(loss, expected)
+
+
+def test_guidance_settings_are_validated():
+    with pytest.raises(ValueError, match="attn_layer"):
+        TrainConfig(attn_layer=4)
+    with pytest.raises(ValueError, match="weights must be >= 0"):
+        TrainConfig(attn_weight=-1.0)

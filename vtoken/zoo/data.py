@@ -71,7 +71,8 @@ def make_item(
     ids = object_map(scene)
     targets = tuple(patch_targets(scene, ids, view, grid) for view in views)
     evidence = tuple(
-        np.concatenate([evidence_mask(ids, t.evidence, view, grid) for view in views]) for t in (qa, *follow_ups)
+        np.concatenate([evidence_mask(ids, turn.evidence, view, grid) for view in views])
+        for turn in (qa, *follow_ups)
     )
     return Item(images, qa.question, qa.answer, qa.family, targets, turns, evidence)
 

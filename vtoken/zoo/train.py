@@ -84,7 +84,7 @@ class TrainConfig:
         if not 0.0 <= self.crop_prob <= 1.0:
             raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
         if self.aux_weight < 0 or self.attn_weight < 0:
-            raise ValueError(f"aux_weight and attn_weight must be >= 0, got {self.aux_weight}, {self.attn_weight}")
+            raise ValueError(f"loss weights must be >= 0: aux {self.aux_weight}, attn {self.attn_weight}")
         if not 0 <= self.attn_layer < self.model.text_layers:
             raise ValueError(f"attn_layer must be in [0, {self.model.text_layers}), got {self.attn_layer}")
         if self.steps <= 0 or self.batch_size <= 0 or self.turns <= 0:
@@ -196,7 +196,8 @@ def _train_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: floa
                 losses["attn"] = attention_guidance_loss(out.attentions[cfg.attn_layer], batch)
     finally:
         hook.remove()
-    total = losses["loss"] + cfg.aux_weight * losses.get("aux", 0.0) + cfg.attn_weight * losses.get("attn", 0.0)
+    weights = {"loss": 1.0, "aux": cfg.aux_weight, "attn": cfg.attn_weight}
+    total = sum(weights[k] * v for k, v in losses.items())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
