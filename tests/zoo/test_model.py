@@ -4,10 +4,12 @@ import numpy as np
 import torch
 
 from vtoken.zoo import build_prompt, load
+from vtoken.zoo.card import attention_share
 from vtoken.zoo.data import IGNORE_INDEX, encode, make_item, train_items
 from vtoken.zoo.export import export_split, save_model_folder
 from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
 from vtoken.zoo.questions import sample
+from vtoken.zoo.scenes import SOURCE_SIZE
 
 TINY = ZooModelConfig(
     vision_hidden=32, vision_layers=1, vision_heads=2, text_hidden=32, text_layers=2, text_heads=2
@@ -121,3 +123,17 @@ def test_word_and_visual_tokens_enter_the_decoder_at_similar_scales():
     visual = batch["input_ids"][0] == model.config.image_token_id
     ratio = hidden[visual].norm(dim=-1).mean() / hidden[~visual].norm(dim=-1).mean()
     assert 0.5 < ratio < 2.0, ratio  # neither kind of token swamps the other (see _init_input_scales)
+
+
+def test_attention_share_normalises_over_the_first_image():
+    model, processor = _tiny()
+    scene, qa = sample(2, "colour")
+    items = [make_item(scene, qa, False, np.random.default_rng(0))]
+    whole = attention_share(model, processor, items, [(0, 0, SOURCE_SIZE, SOURCE_SIZE)])
+    assert [a["layer"] for a in whole] == [0, 1]
+    assert all(abs(a["mass"] - 1) < 1e-5 and a["area"] == 1 for a in whole)
+    left = attention_share(model, processor, items, [(0, 0, SOURCE_SIZE // 2, SOURCE_SIZE)])
+    right = attention_share(model, processor, items, [(SOURCE_SIZE // 2, 0, SOURCE_SIZE, SOURCE_SIZE)])
+    for a, b in zip(left, right):
+        assert a["area"] == b["area"] == 0.5 and abs(a["mass"] + b["mass"] - 1) < 1e-5
+        assert a["ratio"] == a["mass"] / 0.5
