@@ -130,6 +130,7 @@ class TokenRuntime:
         positions = self.state.seq_positions
         self.state.layer_tokens[layer_idx] = hidden.shape[1]
         self.state.layer_visual[layer_idx] = self._visual_count(positions)
+        self.state.layer_positions[layer_idx] = positions
         if positions is not None:
             self._fix_prefill_inputs(layer_idx, positions, kwargs)
         return (hidden, *args[1:]), kwargs

@@ -107,6 +107,23 @@ class Session:
         """Efficiency report of the last generation (or forward) run while attached."""
         return self.recorder.report()
 
+    def kept_visual(self, row: int = 0) -> torch.Tensor:
+        """Which visual tokens of ``row`` each decoder layer processed in the last prefill.
+
+        Returns:
+            ``(num_layers, N_row)`` bool, visual tokens in prompt order (for LLaVA-style models,
+            image after image, each in row-major patch order); all True without token dropping.
+        """
+        layout = self.state.layout
+        if layout is None:
+            raise UnsupportedInputError("kept_visual() needs a prefill with images first: run the model.")
+        visual = layout.positions[row][layout.mask[row]]  # (N_row,) prompt positions
+        kept = torch.ones(self.parts.num_layers, len(visual), dtype=torch.bool)
+        for layer, positions in self.state.layer_positions.items():
+            if positions is not None:
+                kept[layer] = torch.isin(visual, positions[row].to(visual.device)).cpu()
+        return kept
+
     def __enter__(self) -> Session:
         return self
 

@@ -34,6 +34,8 @@ class RunState:
             token drop (``PAD`` on padding slots); ``None`` while nothing was dropped.
         layer_tokens: tokens each decoder layer processed in the last prefill (longest row).
         layer_visual: visual tokens present at each decoder layer in the last prefill (all rows).
+        layer_positions: ``(B, T)`` original prompt positions each decoder layer processed in the
+            last prefill (``PAD`` on padding slots), ``None`` for a layer that saw the whole prompt.
         probes: attention rows captured in the last prefill, by layer (see ``vtoken.probe``).
         extras: scratch space for plugins, cleared at every prefill.
     """
@@ -51,6 +53,7 @@ class RunState:
     seq_positions: Tensor | None = None
     layer_tokens: dict[int, int] = field(default_factory=dict)
     layer_visual: dict[int, int] = field(default_factory=dict)
+    layer_positions: dict[int, Tensor | None] = field(default_factory=dict)
     probes: dict[int, Any] = field(default_factory=dict)
     extras: dict[str, object] = field(default_factory=dict)
 
@@ -59,5 +62,5 @@ class RunState:
         self.prompt_ids, self.layout = prompt_ids, layout
         self.decode_steps = 0
         self.seq_positions = None
-        for table in (self.layer_tokens, self.layer_visual, self.probes, self.extras):
+        for table in (self.layer_tokens, self.layer_visual, self.layer_positions, self.probes, self.extras):
             table.clear()

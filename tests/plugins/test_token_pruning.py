@@ -300,3 +300,21 @@ def test_odd_image_sizes(family, scorer):
             model.generate(**inputs, max_new_tokens=2)
             report = session.report()
         assert 0 < report.visual_per_layer[-1] < report.visual_tokens
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_kept_visual_maps_each_layer_to_the_tokens_it_processed(family):
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, batch=True)
+    with vtoken.attach(model, TokenPruning(scorer="fastv", keep_ratio=0.3, layers=(2,))) as session:
+        with torch.no_grad():
+            model(**inputs)
+        layout = session.state.layout
+        last = _kept_visual(session, layout)
+        per_layer = session.report().visual_per_layer
+        for row in range(2):
+            kept = session.kept_visual(row)  # (layers, N_row)
+            visual = layout.positions[row][layout.mask[row]]
+            assert kept[:2].all() and set(visual[kept[-1]].tolist()) == last[row]
+        counts = session.kept_visual(0).sum(1) + session.kept_visual(1).sum(1)  # (layers,)
+        assert counts.tolist() == per_layer
