@@ -44,6 +44,8 @@ class Plugin:
         supports_static_cache: whether the plugin is exact with a pre-allocated ``StaticCache``.
         evicts_cache: set when the plugin removes cache entries itself (decode-time eviction through
             :meth:`vtoken.VTokenCache.evict`), so the session installs the token runtime.
+        knobs: the config fields a user interface offers as the plugin's main options (the demo
+            app builds its widgets from them, see :mod:`vtoken.knobs`).
     """
 
     name: ClassVar[str] = ""
@@ -51,6 +53,7 @@ class Plugin:
     families: ClassVar[tuple[str, ...] | None] = None
     supports_static_cache: ClassVar[bool] = False
     evicts_cache: ClassVar[bool] = False
+    knobs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: PluginConfig | None = None, /, **overrides: Any) -> None:
         if config is None:

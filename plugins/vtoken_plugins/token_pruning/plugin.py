@@ -34,6 +34,7 @@ class TokenPruning(Plugin):
 
     name = "token_pruning"
     config_class = TokenPruningConfig
+    knobs = ("scorer", "keep_ratio", "layers", "decode_keep_ratio", "decode_visual_ratio")
     config: TokenPruningConfig
 
     @classmethod

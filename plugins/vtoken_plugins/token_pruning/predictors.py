@@ -72,7 +72,9 @@ class TextPredictor(nn.Module):
     def __init__(self, spec: PredictorSpec) -> None:
         super().__init__()
         self.mlp = nn.Sequential(
-            nn.LayerNorm(spec.hidden_size), nn.Linear(spec.hidden_size, spec.width), nn.GELU(),
+            nn.LayerNorm(spec.hidden_size),
+            nn.Linear(spec.hidden_size, spec.width),
+            nn.GELU(),
             nn.Linear(spec.width, 1),
         )
 

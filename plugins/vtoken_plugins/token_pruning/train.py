@@ -136,8 +136,12 @@ def train_predictors(
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-            entry = {"step": step, "lm_loss": lm_loss.item(), "vision_keep": ratios["vision"].item(),
-                     "text_keep": ratios["text"].item()}
+            entry = {
+                "step": step,
+                "lm_loss": lm_loss.item(),
+                "vision_keep": ratios["vision"].item(),
+                "text_keep": ratios["text"].item(),
+            }
             log.append(entry)
             bar.set_postfix(lm=f"{entry['lm_loss']:.3f}", vis=f"{entry['vision_keep']:.2f}")
     return predictors.eval(), log
