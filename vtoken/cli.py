@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from vtoken.errors import VTokenError
-from vtoken.loading import SAMPLE_IMAGE, SAMPLE_QUESTION, build_prompt, load_image, load_model
+from vtoken.loading import SAMPLE_IMAGE, SAMPLE_QUESTION, load_image, load_model
 from vtoken.metrics import compare
 
 
@@ -41,35 +41,26 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate(model, processor, inputs: dict, max_new_tokens: int) -> str:
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-    new = out[:, inputs["input_ids"].shape[1] :]
-    return processor.batch_decode(new, skip_special_tokens=True)[0].strip()
-
-
 def _run(args: argparse.Namespace) -> int:
     import vtoken
+    from vtoken.ask import ask
 
     args.model = args.model or default_model()
     model, processor = load_model(args.model)
     family = vtoken.resolve_family(model).name
     image = load_image(args.image)
-    prompt = build_prompt(processor, family, args.question)
-    inputs = dict(processor(images=[[image]], text=[prompt], return_tensors="pt"))
     plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
     runs = {"baseline": []} if not plugins else {"baseline": [], "plugged": plugins}
-    results = {}
-    for label in tqdm(runs, desc="generating", disable=not sys.stderr.isatty()):
-        with vtoken.attach(model, runs[label]) as session:
-            answer = _generate(model, processor, inputs, args.max_new_tokens)
-            results[label] = (answer, session.report())
+    results = {
+        label: ask(model, processor, image, args.question, runs[label], args.max_new_tokens)
+        for label in tqdm(runs, desc="generating", disable=not sys.stderr.isatty())
+    }
     print(f"model:    {args.model} ({family})\nquestion: {args.question}")
-    for label, (answer, _) in results.items():
+    for label, answer in results.items():
         names = ", ".join(p.name for p in runs[label]) or "no plugins"
-        print(f"{label + ':':<10}{answer}   [{names}]")
+        print(f"{label + ':':<10}{answer.text}   [{names}]")
     print()
-    print(compare({label: report for label, (_, report) in results.items()}))
+    print(compare({label: answer.report for label, answer in results.items()}))
     return 0
 
 

@@ -1,0 +1,41 @@
+"""``vtoken.ask``: one question with and without plugins, kept-token maps and heatmaps."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import image, tiny
+from PIL import Image
+from vtoken_plugins.token_pruning import TokenPruning
+
+from vtoken.ask import DIMMED, ask, kept_heatmap, token_grid
+from vtoken.tiny import TINY_FAMILIES
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_ask_reports_the_kept_tokens_of_the_first_image(family):
+    model, processor = tiny(family)
+    picture = image(3, 40, 56)
+    base = ask(model, processor, picture, "what is it ?", max_new_tokens=3)
+    pruned = ask(model, processor, picture, "what is it ?", TokenPruning(keep_ratio=0.25), max_new_tokens=3)
+    rows, cols = pruned.grid
+    assert base.kept.shape == pruned.kept.shape == (len(pruned.report.visual_per_layer), rows * cols)
+    assert base.kept.all() and pruned.kept[:2].all()
+    assert pruned.kept[-1].sum() < rows * cols
+    assert base.report.visual_tokens == pruned.report.visual_tokens
+
+
+def test_token_grid_shapes():
+    assert token_grid(144, {}) == (12, 12)
+    assert token_grid(10, {}) == (1, 10)
+    assert token_grid(6, {"image_grid_thw": torch.tensor([[1, 4, 6]])}) == (2, 3)
+
+
+def test_heatmap_dims_exactly_the_dropped_patches():
+    white = Image.new("RGB", (40, 20), (200, 200, 200))
+    kept = torch.tensor([True, False, False, True])  # 1 x 4 grid: columns 0 and 3 kept
+    out = np.asarray(kept_heatmap(white, kept, (1, 4), size=40))
+    assert out.shape == (20, 40, 3)
+    assert (out[:, :10] == 200).all() and (out[:, 30:] == 200).all()
+    assert (out[:, 10:30] == int(200 * DIMMED)).all()
