@@ -1,22 +1,26 @@
-# vtoken: `make run` answers a sample question with and without plugins; `make test` runs the suite.
+# vtoken: `make run` answers a sample question with and without plugins; `make test` runs the suite;
+# `make demo` starts the Gradio demo app.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-slow lint constraints clean
+.PHONY: install run demo test test-slow lint constraints clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.14.1 torchvision==0.29.1
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,demo]"
 	touch $@
 
 run: $(STAMP)
 	$(VENV)/bin/vtoken run --plugin token_pruning
+
+demo: $(STAMP)
+	$(VENV)/bin/vtoken demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

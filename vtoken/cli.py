@@ -64,6 +64,27 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_APP = Path(__file__).resolve().parents[1] / "demos" / "gradio_app.py"
+
+
+def _demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    if not DEMO_APP.is_file():
+        raise VTokenError(
+            f"The demo app lives in a source checkout ({DEMO_APP} is missing; demos/ is not installed "
+            "with the package): clone the repository and run `make demo`."
+        )
+    if importlib.util.find_spec("gradio") is None:
+        raise VTokenError("The demo needs gradio: pip install -e '.[demo]' (or `make demo`).")
+    spec = importlib.util.spec_from_file_location("vtoken_demo_app", DEMO_APP)
+    app = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(app)
+    argv = ["--port", str(args.port), "--host", args.host] + (["--model", args.model] if args.model else [])
+    app.main(argv)
+    return 0
+
+
 def _emit(table: str, data: dict, out: str | None) -> int:
     """Print a result table and, with ``out``, write its data as JSON."""
     print(table)
@@ -143,6 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_args(run)
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.set_defaults(fn=_run)
+    demo = sub.add_parser("demo", help="the Gradio demo app (from a source checkout)")
+    demo.add_argument("--model", help="default model (bundled name, tiny:<family> or a directory)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.set_defaults(fn=_demo)
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     speed = bench.add_parser(
         "speed",

@@ -1,0 +1,81 @@
+"""The demo through its HTTP API (gradio_client): answers, heatmap, costs, and friendly errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+TOKEN_PRUNING = [True, "fastv", 0.25, "2", 1.0, 1.0]  # attach, scorer, keep_ratio, layers, decode ratios
+
+
+@pytest.fixture(scope="module")
+def client(demo_url):
+    return Client(demo_url, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "in.png"
+    pixels = np.random.RandomState(7).randint(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def _ask(client, path, question="what is it ?", model="tiny:llava", plugin=TOKEN_PRUNING, layer=3):
+    upload = handle_file(str(path)) if path else None
+    return client.predict(model, upload, question, layer, *plugin, api_name="/ask")
+
+
+def test_ask_returns_both_answers_heatmap_and_costs(client, picture):
+    base, plugged, heatmap, stats = _ask(client, picture)
+    assert isinstance(base, str) and isinstance(plugged, str)
+    pixels = np.asarray(Image.open(heatmap))
+    assert pixels.ndim == 3 and pixels.shape[1] == 384 and pixels.std() > 0
+    rows = {r[0]: r for r in stats["data"]}
+    _, full, kept, _ = rows["visual tokens at last layer"]
+    assert int(kept) == math.ceil(int(full) * 0.25)
+    assert float(rows["prefill GFLOPs"][3]) < 1.0
+
+
+def test_without_plugins_both_answers_agree(client, picture):
+    base, plugged, _, stats = _ask(client, picture, plugin=[False, "fastv", 0.25, "2", 1.0, 1.0])
+    assert base == plugged
+    assert {r[0]: r for r in stats["data"]}["prefill GFLOPs"][3] == "1.000"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"path": None}, "Upload an image"),
+        ({"question": "   "}, "question is empty"),
+        ({"model": "/no/such/model"}, "vtoken never downloads weights"),
+        ({"plugin": [True, "fastv", 0.25, "one", 1.0, 1.0]}, "comma-separated integers"),
+        ({"plugin": [True, "fastv", 0.25, "0", 1.0, 1.0]}, "must start at 1 or later"),
+    ],
+)
+def test_bad_inputs_give_a_friendly_message(client, picture, kwargs, message):
+    kwargs = {"path": picture, **kwargs}
+    with pytest.raises(Exception, match=message):
+        _ask(client, **kwargs)
+
+
+def test_huge_and_non_image_uploads_are_refused(app):
+    gr = pytest.importorskip("gradio")
+    knobs = app.plugin_knobs(("token_pruning",))
+    values = [False] + [0] * len(knobs["token_pruning"])
+    with pytest.raises(gr.Error, match="16 megapixels"):
+        app.compare("tiny:llava", Image.new("RGB", (5000, 4000)), "what ?", 0, knobs, values)
+    with pytest.raises(gr.Error, match="not an image"):
+        app.compare("tiny:llava", "notes.txt", "what ?", 0, knobs, values)
+
+
+def test_every_loadable_plugin_has_a_panel(app):
+    from vtoken.registry import BUILTIN_PLUGINS, available_plugins
+
+    panels = app.plugin_knobs()
+    assert set(BUILTIN_PLUGINS) <= set(panels) <= set(available_plugins())
+    assert "broken_import" not in panels  # the test suite's deliberately broken third-party plugin
