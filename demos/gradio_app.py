@@ -175,7 +175,7 @@ def build_demo(
                     label="model", info="a bundled name, tiny:<family>, or a local HF model directory",
                 )  # fmt: skip
                 image = gr.Image(type="pil", label="image", sources=["upload", "clipboard"])
-                question = gr.Textbox(value=SAMPLE_QUESTION, label="question")
+                question = gr.Textbox(value=SAMPLE_QUESTION, label="question", elem_id="question")
                 gr.Examples(sample_scenes(samples), inputs=[image, question], label="sample scenes")
                 values = []
                 for name, plugin_knobs_ in knobs.items():
@@ -198,7 +198,7 @@ def build_demo(
 
         outputs = [base, plugged, heatmap, stats, last]
         button.click(run, [model, image, question, layer, *values], outputs, api_name="ask")
-        layer.change(redraw, [layer, last], heatmap, api_name=False)
+        layer.change(redraw, [layer, last], heatmap, api_visibility="private")
     return demo
 
 

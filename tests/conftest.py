@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
@@ -54,3 +55,30 @@ def family(request) -> str:
 
 # Tiny models run fastest on one thread, and tests then leave the other core to other work.
 torch.set_num_threads(1)
+
+
+DEMO_APP = Path(__file__).resolve().parents[1] / "demos" / "gradio_app.py"
+
+
+@pytest.fixture(scope="module")
+def app():
+    """The demo module, imported from its file as ``vtoken demo`` does (needs the demo extra)."""
+    import importlib.util
+
+    pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    spec = importlib.util.spec_from_file_location("vtoken_demo_app", DEMO_APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def demo_url(app, tmp_path_factory):
+    """The demo launched on a free local port with a tiny random-weight LLaVA and token_pruning."""
+    samples = tmp_path_factory.mktemp("samples")
+    demo = app.build_demo("tiny:llava", samples=samples, plugins=("token_pruning",))
+    demo.queue(default_concurrency_limit=1)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
+    yield url
+    demo.close()

@@ -6,15 +6,16 @@ import math
 
 import numpy as np
 import pytest
-from gradio_client import Client, handle_file
 from PIL import Image
+
+gradio_client = pytest.importorskip("gradio_client", reason="needs the demo extra: pip install -e '.[demo]'")
 
 TOKEN_PRUNING = [True, "fastv", 0.25, "2", 1.0, 1.0]  # attach, scorer, keep_ratio, layers, decode ratios
 
 
 @pytest.fixture(scope="module")
 def client(demo_url):
-    return Client(demo_url, verbose=False)
+    return gradio_client.Client(demo_url, verbose=False)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def picture(tmp_path_factory):
 
 
 def _ask(client, path, question="what is it ?", model="tiny:llava", plugin=TOKEN_PRUNING, layer=3):
-    upload = handle_file(str(path)) if path else None
+    upload = gradio_client.handle_file(str(path)) if path else None
     return client.predict(model, upload, question, layer, *plugin, api_name="/ask")
 
 
