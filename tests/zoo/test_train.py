@@ -63,3 +63,24 @@ def test_guidance_settings_are_validated():
         TrainConfig(attn_layer=4)
     with pytest.raises(ValueError, match="weights must be >= 0"):
         TrainConfig(attn_weight=-1.0)
+
+
+def test_tower_pretraining_moves_only_the_tower_and_has_its_own_schedule():
+    from vtoken.zoo.data import encode, train_items
+    from vtoken.zoo.model import build_model, build_processor
+    from vtoken.zoo.patch_targets import PatchHead
+    from vtoken.zoo.train import _tower_step
+
+    torch.manual_seed(0)
+    processor = build_processor(TINY)
+    model, head = build_model(TINY, processor.tokenizer), PatchHead(TINY.vision_hidden)
+    optimizer = torch.optim.AdamW([*model.parameters(), *head.parameters()], lr=1e-2)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    batch = encode(processor, train_items(0, 2, 0.0, grid=12), with_answers=True)
+    assert set(_tower_step(model, head, optimizer, batch, 1e-2)) == {"aux"}
+    moved = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert moved and all(k.startswith("model.vision_tower.") for k in moved)
+    cfg = TrainConfig(steps=100, tower_steps=50, warmup=10, min_lr_ratio=0.1)
+    assert lr_factor(0, cfg) == lr_factor(50, cfg) == 0.1 and lr_factor(59, cfg) == 1.0
+    with pytest.raises(ValueError, match="tower pretraining needs aux_weight"):
+        TrainConfig(tower_steps=10, aux_weight=0.0)

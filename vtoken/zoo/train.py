@@ -29,7 +29,11 @@ class TrainConfig:
 
     Args:
         run_dir: where checkpoints (``last.pt``) and ``log.jsonl`` go (keep it out of git).
-        steps: total optimizer steps (the learning-rate schedule spans them).
+        steps: optimizer steps of full training (the learning-rate schedule spans them).
+        tower_steps: vision-tower pretraining steps before full training: the tower and the patch
+            head learn from the auxiliary patch loss alone (a real LLaVA starts from a pretrained
+            encoder; reading shapes off 8-pixel patches took ~1,000 such steps, while answer
+            training from a random tower never got past the majority answers). Own schedule.
         batch_size: questions per step.
         lr: peak AdamW learning rate.
         warmup: linear warm-up steps.
@@ -58,6 +62,7 @@ class TrainConfig:
 
     run_dir: str = "runs/zoo"
     steps: int = 6000
+    tower_steps: int = 0
     batch_size: int = 64
     lr: float = 1e-3
     warmup: int = 300
@@ -89,13 +94,21 @@ class TrainConfig:
             raise ValueError(f"attn_layer must be in [0, {self.model.text_layers}), got {self.attn_layer}")
         if self.steps <= 0 or self.batch_size <= 0 or self.turns <= 0:
             raise ValueError("steps, batch_size and turns must be positive")
+        if self.tower_steps < 0 or (self.tower_steps and self.aux_weight == 0):
+            raise ValueError("tower_steps must be >= 0, and tower pretraining needs aux_weight > 0")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up, then cosine decay to ``min_lr_ratio``."""
+    """Linear warm-up, then cosine decay to ``min_lr_ratio``, in each stage (tower, then full)."""
+    if step < cfg.tower_steps:
+        return _schedule(step, cfg.tower_steps, cfg)
+    return _schedule(step - cfg.tower_steps, cfg.steps, cfg)
+
+
+def _schedule(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
-    t = min(1.0, (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup))
+    t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
@@ -142,6 +155,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 
 def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt: Path) -> None:
+    total = cfg.tower_steps + cfg.steps
     guided = cfg.aux_weight > 0 or cfg.attn_weight > 0
     grid = cfg.model.image_size // cfg.model.patch_size if guided else None
     items = partial(
@@ -153,14 +167,19 @@ def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt:
     val_items = split_items("val", cfg.eval_per_family)
     log = (Path(cfg.run_dir) / "log.jsonl").open("a")
     last_save, ema = time.time(), None
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="zoo train")
+    bar = tqdm(range(start, total), initial=start, total=total, desc="zoo train")
     for step, batch in zip(bar, loader):
-        losses = _train_step(model, head, optimizer, batch, lr_factor(step, cfg) * cfg.lr, cfg)
+        bar.set_description("zoo train (tower)" if step < cfg.tower_steps else "zoo train")
+        lr = lr_factor(step, cfg) * cfg.lr
+        if step < cfg.tower_steps:
+            losses = _tower_step(model, head, optimizer, batch, lr)
+        else:
+            losses = _train_step(model, head, optimizer, batch, lr, cfg)
         ema = losses if ema is None else {k: 0.98 * ema[k] + 0.02 * v for k, v in losses.items()}
         bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
         done = step + 1
         record = {"step": done, **{k: round(v, 4) for k, v in ema.items()}, "time": round(time.time(), 1)}
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        if done > cfg.tower_steps and (done % cfg.eval_every == 0 or done == total):
             model.eval()
             record["val"] = score(val_items, predict(model, processor, val_items))
             model.train()
@@ -168,9 +187,26 @@ def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt:
         if done % 50 == 0 or "val" in record:
             log.write(json.dumps(record) + "\n")
             log.flush()
-        if time.time() - last_save > 60 * cfg.checkpoint_minutes or done == cfg.steps:
+        if time.time() - last_save > 60 * cfg.checkpoint_minutes or done in (cfg.tower_steps, total):
             save_checkpoint(ckpt, model, head, optimizer, done, cfg)
             last_save = time.time()
+
+
+def _tower_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: float) -> dict:
+    """One vision-tower pretraining step on the patch loss alone; returns ``{"aux": loss}``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    seen: list[torch.Tensor] = []  # (N_images, P, hidden) vision states entering the projector
+    hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    try:
+        model.model.get_image_features(pixel_values=batch["pixel_values"])
+    finally:
+        hook.remove()
+    loss = head.loss(seen[0], batch["patch_targets"])
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return {"aux": loss.item()}
 
 
 def _train_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> dict:
