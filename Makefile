@@ -1,4 +1,4 @@
-# vtoken: `make run` answers a sample question with and without plugins; `make test` runs the suite;
+# vtoken: `make run` benchmarks every plugin against the unplugged model (quick); `make test` runs the suite;
 # `make demo` starts the Gradio demo app.
 PYTHON ?= python3
 VENV ?= .venv
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $@
 
 run: $(STAMP)
-	$(VENV)/bin/vtoken run --plugin token_pruning
+	$(VENV)/bin/vtoken bench --quick
 
 demo: $(STAMP)
 	$(VENV)/bin/vtoken demo

@@ -94,6 +94,38 @@ def _emit(table: str, data: dict, out: str | None) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from vtoken.bench.suite import FULL, QUICK_PLAN, run_bench, write_bench
+    from vtoken.eval.vqa import load_jsonl
+
+    plan = QUICK_PLAN if args.quick else FULL
+    plan = replace(plan, per_family=args.per_family or plan.per_family, repeats=args.repeats or plan.repeats)
+    args.model = args.model or default_model()
+    model, processor = load_model(args.model)
+    items = load_jsonl(args.data) if args.data else None
+    result = run_bench(model, processor, args.model, plan, tuple(args.plugin), items, Path(args.cache))
+    command = "vtoken bench" + (" --quick" if args.quick else "") + f" --model {args.model}"
+    header = (
+        f"`{command}`: {result.accuracy.items} questions; speed on a random-weight LLaVA with "
+        f"{plan.shape.visual_tokens} visual tokens (576: LLaVA-1.5's token shape), {plan.repeats} "
+        f"interleaved repetitions, medians; ratios are plugged / unplugged. Machine: {_machine()}."
+    )
+    for path in write_bench(result, args.out_dir, header):
+        print(f"wrote {path}", file=sys.stderr)
+    print(header + "\n\n" + (Path(args.out_dir) / "results.md").read_text().split("\n\n", 1)[1])
+    return 0
+
+
+def _machine() -> str:
+    import os
+    import platform
+
+    cores, threads = os.cpu_count(), torch.get_num_threads()
+    return f"{platform.machine()}, {cores} CPU cores, torch {version('torch')}, {threads} threads"
+
+
 def _bench_speed(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
@@ -169,7 +201,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--host", default="127.0.0.1")
     demo.set_defaults(fn=_demo)
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bench_parser = sub.add_parser(
+        "bench",
+        help="every plugin's main settings vs the unplugged model: accuracy, loyalty, costs, speed",
+        description="Without a subcommand: the whole benchmark (accuracy and costs on the bundled "
+        "model's test split, speed on a random-weight LLaVA-1.5-shaped model), written to --out-dir.",
+    )
+    bench_parser.add_argument(
+        "--quick", action="store_true", help="a few minutes: 10 questions per family, small speed model"
+    )
+    bench_parser.add_argument("--model", help="bundled name or local directory (default: the bundled model)")
+    bench_parser.add_argument("--plugin", action="append", default=[], help="only these plugins (repeatable)")
+    bench_parser.add_argument("--data", help="VQA JSONL file instead of the bundled test split")
+    bench_parser.add_argument(
+        "--per-family", type=int, help="test-split questions per family (default 300, quick 10)"
+    )
+    bench_parser.add_argument(
+        "--repeats", type=int, help="interleaved speed repetitions (default 5, quick 3)"
+    )
+    bench_parser.add_argument("--cache", default="runs/data", help="where the test split is written")
+    bench_parser.add_argument(
+        "--out-dir", default="runs/bench", help="results.md, results.json and plots go here"
+    )
+    bench_parser.set_defaults(fn=_bench)
+    bench = bench_parser.add_subparsers(dest="bench")
     speed = bench.add_parser(
         "speed",
         help="prefill/decode time of a plugin vs the unplugged model "

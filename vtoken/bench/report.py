@@ -63,22 +63,24 @@ def plot_costs(result: VQAResult, path: Path) -> Path:
     """Prefill FLOPs, KV bytes and decode time of each setting relative to the baseline."""
     labels = list(result.costs)
     keys = (("prefill_gflops", "prefill FLOPs"), ("kv_mib", "KV bytes"), ("decode_ms", "decode time"))
+    series = {
+        name: [result.costs[label][key] / (result.costs["baseline"][key] or 1.0) for label in labels]
+        for key, name in keys
+    }
+    return grouped_bars(labels, series, "relative to the unplugged model", path)
+
+
+def grouped_bars(labels: list[str], series: dict[str, list[float]], ylabel: str, path: Path) -> Path:
+    """One group of bars per label (one bar per series), with a line at 1.0 (the baseline)."""
     fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(labels)), 4), constrained_layout=True)
-    width = 0.8 / len(keys)
-    for i, (key, name) in enumerate(keys):
-        base = result.costs["baseline"][key] or 1.0
-        values = [result.costs[label][key] / base for label in labels]
+    width = 0.8 / len(series)
+    for i, (name, values) in enumerate(series.items()):
         ax.bar([j + i * width for j in range(len(labels))], values, width, label=name)
-    ax.set_xticks(
-        [j + width for j in range(len(labels))],
-        [lab.split(":")[-1] for lab in labels],
-        rotation=45,
-        ha="right",
-        fontsize=7,
-    )
+    ticks = [j + width * (len(series) - 1) / 2 for j in range(len(labels))]
+    ax.set_xticks(ticks, [lab.split(":")[-1] for lab in labels], rotation=45, ha="right", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_ylabel("relative to the unplugged model")
-    ax.legend()
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

@@ -8,6 +8,7 @@ per repetition and summarised by their median, next to the ratio the FLOPs count
 
 from __future__ import annotations
 
+import logging
 import statistics
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,6 +18,8 @@ import transformers as tf
 from tqdm.auto import tqdm
 
 import vtoken
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -139,13 +142,33 @@ def run_speed(
     plugin: str | vtoken.Plugin, shape: SpeedShape = SpeedShape(), repeats: int = 5, warmup: int = 1
 ) -> SpeedResult:
     """Time ``plugin`` against the unplugged model on a model of ``shape``."""
+    return run_speed_all({"plugged": vtoken.create_plugin(plugin)}, shape, repeats, warmup)["plugged"]
+
+
+def run_speed_all(
+    plugins: dict[str, vtoken.Plugin], shape: SpeedShape = SpeedShape(), repeats: int = 5, warmup: int = 1
+) -> dict[str, SpeedResult]:
+    """Time each of ``plugins`` (by label) against the unplugged model, one model for all.
+
+    A plugin that cannot attach to the benchmark model (e.g. learned predictors trained for another
+    model) is left out of the result with a log message.
+    """
     model, inputs = build_model(shape), build_inputs(shape)
-    plugged = vtoken.create_plugin(plugin)
+    results = {}
+    for label, plugin in tqdm(plugins.items(), desc="speed bench", leave=False):
+        try:
+            results[label] = _time(model, inputs, plugin, shape, repeats, warmup)
+        except vtoken.VTokenError as exc:
+            logger.warning("speed bench: skipping %s: %s", label, exc)
+    return results
+
+
+def _time(model, inputs, plugged: vtoken.Plugin, shape: SpeedShape, repeats: int, warmup: int) -> SpeedResult:
     for _ in range(warmup):
         _one_run(model, inputs, [], 2), _one_run(model, inputs, plugged, 2)
     runs: dict[str, list[vtoken.Report]] = {"baseline": [], "plugged": []}
     stacks = {"baseline": [], "plugged": plugged}
-    for rep in tqdm(range(repeats), desc="speed bench", leave=False):
+    for rep in range(repeats):
         order = ["baseline", "plugged"] if rep % 2 == 0 else ["plugged", "baseline"]
         for label in order:
             runs[label].append(_one_run(model, inputs, stacks[label], shape.new_tokens))
