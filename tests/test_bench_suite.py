@@ -16,7 +16,8 @@ def _dataset(tmp_path):
     rows = []
     for k in range(3):
         image(k, 40, 48 + k).save(tmp_path / f"img{k}.png")
-        rows.append({"image": f"img{k}.png", "question": "what colour ?", "answer": "red", "family": "colour"})
+        row = {"image": f"img{k}.png", "question": "what colour ?", "answer": "red", "family": "colour"}
+        rows.append(row)
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return path
