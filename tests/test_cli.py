@@ -95,3 +95,23 @@ def test_bench_speed_quick_writes_ratios(tmp_path, capsys):
 def test_bench_speed_needs_exactly_one_plugin(capsys):
     assert main(["bench", "speed", "--quick"]) == 2
     assert "one plugin" in capsys.readouterr().err
+
+
+def test_demo_outside_a_source_checkout_says_what_to_do(tmp_path, monkeypatch, capsys):
+    import vtoken.cli
+
+    monkeypatch.setattr(vtoken.cli, "DEMO_APP", tmp_path / "demos" / "gradio_app.py")
+    assert main(["demo"]) == 2
+    assert "make demo" in capsys.readouterr().err
+
+
+def test_demo_command_launches_the_app_file(monkeypatch):
+    import vtoken.cli
+
+    pytest.importorskip("gradio", reason="needs the demo extra")
+    calls = []
+    app = vtoken.cli.DEMO_APP
+    assert app.is_file()
+    monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kw: calls.append(kw))
+    assert main(["demo", "--model", "tiny:llava", "--port", "7999"]) == 0
+    assert calls == [{"server_name": "127.0.0.1", "server_port": 7999}]
