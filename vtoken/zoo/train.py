@@ -10,6 +10,7 @@ import json
 import math
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -194,49 +195,55 @@ def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt:
 
 def _tower_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: float) -> dict:
     """One vision-tower pretraining step on the patch loss alone; returns ``{"aux": loss}``."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    seen: list[torch.Tensor] = []  # (N_images, P, hidden) vision states entering the projector
-    hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
-    try:
+    with _projector_input(model) as seen:
         model.model.get_image_features(pixel_values=batch["pixel_values"])
-    finally:
-        hook.remove()
-    loss = head.loss(seen[0], batch["patch_targets"])
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return {"aux": loss.item()}
+    losses = {"aux": head.loss(seen[0], batch["patch_targets"])}
+    return _optimize(optimizer, losses, {"aux": 1.0}, lr, clip=None)
 
 
 def _train_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> dict:
     """One optimizer step; returns the answer ``loss`` and, when used, ``aux`` and ``attn`` losses."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    seen: list[torch.Tensor] = []  # (N_images, P, hidden) vision states entering the projector
+    with _projector_input(model) as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
+        guide = cfg.attn_weight > 0 and "cues" in batch
+        out = model(**inputs, output_attentions=guide)
+        logits = out.logits.float()
+        if cfg.per_question_loss:
+            loss = question_mean_loss(logits, batch["labels"])
+        else:
+            loss = model.loss_function(logits, batch["labels"], vocab_size=logits.shape[-1])
+        losses = {"loss": loss}
+        if "patch_targets" in batch:
+            losses["aux"] = head.loss(seen[0].float(), batch["patch_targets"])
+        if guide:
+            losses["attn"] = attention_guidance_loss(out.attentions[cfg.attn_layer], batch)
+    weights = {"loss": 1.0, "aux": cfg.aux_weight, "attn": cfg.attn_weight}
+    return _optimize(optimizer, losses, weights, lr, clip=1.0)
+
+
+@contextmanager
+def _projector_input(model):
+    """Collects the ``(N_images, P, hidden)`` vision states entering the projector."""
+    seen: list[torch.Tensor] = []
     hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
     try:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-            inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
-            guide = cfg.attn_weight > 0 and "cues" in batch
-            out = model(**inputs, output_attentions=guide)
-            logits = out.logits.float()
-            if cfg.per_question_loss:
-                loss = question_mean_loss(logits, batch["labels"])
-            else:
-                loss = model.loss_function(logits, batch["labels"], vocab_size=logits.shape[-1])
-            losses = {"loss": loss}
-            if "patch_targets" in batch:
-                losses["aux"] = head.loss(seen[0].float(), batch["patch_targets"])
-            if guide:
-                losses["attn"] = attention_guidance_loss(out.attentions[cfg.attn_layer], batch)
+        yield seen
     finally:
         hook.remove()
-    weights = {"loss": 1.0, "aux": cfg.aux_weight, "attn": cfg.attn_weight}
+
+
+def _optimize(
+    optimizer, losses: dict[str, torch.Tensor], weights: dict[str, float], lr: float, clip: float | None
+) -> dict:
+    """One AdamW step at ``lr`` on the weighted sum of ``losses``, gradient norm clipped to ``clip``
+    (not in tower pretraining); returns the losses as floats."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
     total = sum(weights[k] * v for k, v in losses.items())
     optimizer.zero_grad(set_to_none=True)
     total.backward()
-    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
+    if clip is not None:
+        torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
     optimizer.step()
     return {k: v.item() for k, v in losses.items()}
 
