@@ -84,3 +84,9 @@ def test_tower_pretraining_moves_only_the_tower_and_has_its_own_schedule():
     assert lr_factor(0, cfg) == lr_factor(50, cfg) == 0.1 and lr_factor(59, cfg) == 1.0
     with pytest.raises(ValueError, match="tower pretraining needs aux_weight"):
         TrainConfig(tower_steps=10, aux_weight=0.0)
+
+
+def test_training_runs_through_the_stage_switch(tmp_path):
+    cfg = dataclasses.replace(_cfg(tmp_path, 2), tower_steps=2)
+    state = torch.load(train(cfg), weights_only=False)
+    assert state["step"] == 4

@@ -176,7 +176,8 @@ def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt:
             losses = _tower_step(model, head, optimizer, batch, lr)
         else:
             losses = _train_step(model, head, optimizer, batch, lr, cfg)
-        ema = losses if ema is None else {k: 0.98 * ema[k] + 0.02 * v for k, v in losses.items()}
+        fresh = ema is None or ema.keys() != losses.keys()  # first step, or the stage changed
+        ema = losses if fresh else {k: 0.98 * ema[k] + 0.02 * v for k, v in losses.items()}
         bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
         done = step + 1
         record = {"step": done, **{k: round(v, 4) for k, v in ema.items()}, "time": round(time.time(), 1)}
