@@ -78,9 +78,13 @@ def test_encode_points_each_answer_cue_at_its_evidence_tokens():
     items = train_items(5, 3, crop_prob=0.0, grid=12, turns=3)
     batch = encode(processor, items, with_answers=True)
     ids, labels = batch["input_ids"], batch["labels"]
-    for (row, pos), evidence in zip(batch["cues"].tolist(), batch["evidence"]):
+    tok = processor.tokenizer
+    for (row, pos), evidence, question in zip(batch["cues"].tolist(), batch["evidence"], batch["question"]):
         assert labels[row, pos] == IGNORE_INDEX and labels[row, pos + 1] != IGNORE_INDEX  # cue, answer
         assert processor.tokenizer.convert_ids_to_tokens(int(ids[row, pos])) == ":"
         assert evidence.any() and (ids[row][evidence] == processor.image_token_id).all()
+        words = tok.convert_ids_to_tokens(ids[row][question].tolist())
+        asked = [it.question for it in items] + [q for it in items for q, _ in it.follow_ups]
+        assert " ".join(words) in asked and question.nonzero().max() < pos
     turns = sum(1 + len(it.follow_ups) for it in items)
     assert 0 < len(batch["cues"]) <= turns

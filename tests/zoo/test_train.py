@@ -63,6 +63,8 @@ def test_guidance_settings_are_validated():
         TrainConfig(attn_layer=4)
     with pytest.raises(ValueError, match="weights must be >= 0"):
         TrainConfig(attn_weight=-1.0)
+    with pytest.raises(ValueError, match="attn_layer must be >= 1"):
+        TrainConfig(attn_layer=0, text_attn_weight=1.0)
 
 
 def test_tower_pretraining_moves_only_the_tower_and_has_its_own_schedule():

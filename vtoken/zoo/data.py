@@ -167,19 +167,37 @@ def _turn_starts(is_answer: list[bool]) -> list[int]:
 
 
 def _attention_targets(items, ids, prompt_lengths, starts, processor) -> dict[str, torch.Tensor]:
-    """``cues`` ``(K, 2)`` and ``evidence`` ``(K, T)`` for every turn whose evidence is visible."""
-    cues, masks = [], []
+    """``cues`` ``(K, 2)``, ``evidence`` and ``question`` ``(K, T)`` for every turn whose evidence is
+    visible (``question``: the turn's question tokens)."""
+    cues, masks, questions = [], [], []
     for i, item in enumerate(items):
         visual = (ids[i] == processor.image_token_id).nonzero().squeeze(1)  # (N_images * P,)
         for offset, shown in zip(starts[i], item.evidence):
             if shown.any():
                 mask = torch.zeros(ids.shape[1], dtype=torch.bool)
                 mask[visual[torch.from_numpy(shown)]] = True
-                cues.append((i, prompt_lengths[i] + offset - 1))
+                cue = prompt_lengths[i] + offset - 1
+                cues.append((i, cue))
                 masks.append(mask)
+                questions.append(_question_tokens(ids[i], cue, processor))
     if not cues:
         return {}
-    return {"cues": torch.tensor(cues), "evidence": torch.stack(masks)}
+    return {"cues": torch.tensor(cues), "evidence": torch.stack(masks), "question": torch.stack(questions)}
+
+
+def _question_tokens(row: torch.Tensor, cue: int, processor) -> torch.Tensor:
+    """``(T,)`` bool: the question of the turn whose ``answer :`` ends at ``cue`` (walking back over
+    the images, if the question comes before them, up to the previous ``<s>`` or ``</s>``)."""
+    tok = processor.tokenizer
+    stops = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    mask = torch.zeros(len(row), dtype=torch.bool)
+    j = cue - 2  # skip "answer"
+    while j >= 0 and int(row[j]) == processor.image_token_id:
+        j -= 1
+    while j >= 0 and int(row[j]) not in stops:
+        mask[j] = True
+        j -= 1
+    return mask
 
 
 def _answer_turns(tok, item: Item) -> tuple[list[int], list[bool]]:

@@ -56,6 +56,9 @@ class TrainConfig:
             over heads) that the ``:`` before each answer puts, at decoder layer ``attn_layer``, on
             the visual tokens showing the objects the answer is read from (``QA.evidence``); 0 off.
         attn_layer: decoder layer (0-based) whose attention is guided.
+        text_attn_weight: weight of the same loss one layer earlier (``attn_layer - 1``) with the
+            turn's question tokens as target: the cue first reads the question, then looks for what
+            it names (without it, the cue looked at every object alike); 0 off.
         bf16: run forward/backward under CPU bfloat16 autocast (slower on CPUs without AMX).
         threads: torch intra-op threads for the training process.
         model: model sizes.
@@ -80,6 +83,7 @@ class TrainConfig:
     aux_weight: float = 1.0
     attn_weight: float = 1.0
     attn_layer: int = 1
+    text_attn_weight: float = 0.0
     bf16: bool = False
     threads: int = 2
     model: ZooModelConfig = field(default_factory=ZooModelConfig)
@@ -91,6 +95,8 @@ class TrainConfig:
             raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
         if self.aux_weight < 0 or self.attn_weight < 0:
             raise ValueError(f"loss weights must be >= 0: aux {self.aux_weight}, attn {self.attn_weight}")
+        if self.text_attn_weight and self.attn_layer < 1:
+            raise ValueError("text_attn_weight guides layer attn_layer - 1: attn_layer must be >= 1")
         if not 0 <= self.attn_layer < self.model.text_layers:
             raise ValueError(f"attn_layer must be in [0, {self.model.text_layers}), got {self.attn_layer}")
         if self.steps <= 0 or self.batch_size <= 0 or self.turns <= 0:
@@ -218,7 +224,10 @@ def _train_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: floa
             losses["aux"] = head.loss(seen[0].float(), batch["patch_targets"])
         if guide:
             losses["attn"] = attention_guidance_loss(out.attentions[cfg.attn_layer], batch)
-    weights = {"loss": 1.0, "aux": cfg.aux_weight, "attn": cfg.attn_weight}
+        if guide and cfg.text_attn_weight > 0:
+            question = {"cues": batch["cues"], "evidence": batch["question"]}
+            losses["text_attn"] = attention_guidance_loss(out.attentions[cfg.attn_layer - 1], question)
+    weights = {"loss": 1.0, "aux": cfg.aux_weight, "attn": cfg.attn_weight, "text_attn": cfg.text_attn_weight}
     return _optimize(optimizer, losses, weights, lr, clip=1.0)
 
 
