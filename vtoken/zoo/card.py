@@ -135,9 +135,11 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   the objects the answer is read from (`QA.evidence`: the object asked about, both objects of a
   relation, the objects counted). Without it every recipe tried here sat at the majority answers:
   with 144 visual tokens and one-word answers, the gradient reaching any one object through
-  near-uniform attention is tiny. It is the supervised-attention shortcut a tiny model needs to get
-  what a large pretrained LLaVA learns from data: its attention at the guided layer is meaningful by
-  training, so the table below also shows the unguided layers.
+  near-uniform attention is tiny. One layer earlier (weight `text_attn_weight`) the same `:` is
+  trained to attend to its turn's question tokens, so that it knows what to look for: with the object
+  guidance alone it looked at every object alike. It is the supervised-attention shortcut a tiny model
+  needs to get what a large pretrained LLaVA learns from data: its attention at the guided layer is
+  meaningful by training, so the table below also shows the unguided layers.
 - Unit-scale, untied input embeddings and fan-in projector init (word and visual tokens enter the
   decoder at similar norms).
 - Recipe (`vtoken zoo train` flags):
