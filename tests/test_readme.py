@@ -14,7 +14,8 @@ README = Path(__file__).parents[1] / "README.md"
 
 
 def test_readme_pruner_example_runs_and_prunes():
-    code = re.search(r"```python\nimport torch, vtoken\n(.*?)```", README.read_text(), re.S).group(1)
+    blocks = re.findall(r"```python\nimport torch, vtoken\n(.*?)```", README.read_text(), re.S)
+    code = next(b for b in blocks if "class LastTokenPruner" in b)
     namespace = {"torch": torch, "vtoken": vtoken}
     exec(code, namespace)
     model, processor = tiny("llava")
