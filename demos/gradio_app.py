@@ -90,7 +90,7 @@ def stats_rows(base: Answer, plugged: Answer) -> list[list[str]]:
     """``[metric, baseline, plugged, plugged / baseline]`` rows."""
     b, p = base.report, plugged.report
     pairs = [
-        ("visual tokens at last layer", _last(b), _last(p), "{:.0f}"),
+        ("visual tokens at last layer", b.visual_last_layer, p.visual_last_layer, "{:.0f}"),
         ("prefill GFLOPs", b.prefill_flops.total / 1e9, p.prefill_flops.total / 1e9, "{:.4g}"),
         ("decode GFLOPs", b.decode_flops.total / 1e9, p.decode_flops.total / 1e9, "{:.4g}"),
         ("KV cache (KiB)", b.kv_bytes / 1024, p.kv_bytes / 1024, "{:.1f}"),
@@ -98,10 +98,6 @@ def stats_rows(base: Answer, plugged: Answer) -> list[list[str]]:
         ("decode (ms)", b.decode_s * 1e3, p.decode_s * 1e3, "{:.1f}"),
     ]
     return [[name, fmt.format(x), fmt.format(y), f"{y / x:.3f}" if x else "-"] for name, x, y, fmt in pairs]
-
-
-def _last(report: vtoken.Report) -> int:
-    return report.visual_per_layer[-1] if report.visual_per_layer else report.visual_tokens
 
 
 def compare(spec: str, image: Any, question: str, layer: int, knobs, values, max_new_tokens: int = 48):

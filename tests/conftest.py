@@ -57,20 +57,14 @@ def family(request) -> str:
 torch.set_num_threads(1)
 
 
-DEMO_APP = Path(__file__).resolve().parents[1] / "demos" / "gradio_app.py"
-
-
 @pytest.fixture(scope="module")
 def app():
     """The demo module, imported from its file as ``vtoken demo`` does (needs the demo extra)."""
-    import importlib.util
+    from vtoken.cli import load_demo_app
 
     pytest.importorskip("gradio", reason="the demo extra is not installed: pip install -e '.[demo]'")
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
-    spec = importlib.util.spec_from_file_location("vtoken_demo_app", DEMO_APP)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_demo_app()
 
 
 @pytest.fixture(scope="module")

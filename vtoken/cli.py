@@ -67,7 +67,8 @@ def _run(args: argparse.Namespace) -> int:
 DEMO_APP = Path(__file__).resolve().parents[1] / "demos" / "gradio_app.py"
 
 
-def _demo(args: argparse.Namespace) -> int:
+def load_demo_app():
+    """The demo app module (``demos/gradio_app.py`` of a source checkout, which needs gradio)."""
     import importlib.util
 
     if not DEMO_APP.is_file():
@@ -80,6 +81,11 @@ def _demo(args: argparse.Namespace) -> int:
     spec = importlib.util.spec_from_file_location("vtoken_demo_app", DEMO_APP)
     app = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(app)
+    return app
+
+
+def _demo(args: argparse.Namespace) -> int:
+    app = load_demo_app()
     argv = ["--port", str(args.port), "--host", args.host] + (["--model", args.model] if args.model else [])
     app.main(argv)
     return 0
@@ -97,7 +103,7 @@ def _emit(table: str, data: dict, out: str | None) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from vtoken.bench.suite import FULL, QUICK_PLAN, run_bench, write_bench
+    from vtoken.bench.suite import FULL, QUICK_PLAN, markdown_table, run_bench, write_bench
     from vtoken.eval.vqa import load_jsonl
 
     plan = QUICK_PLAN if args.quick else FULL
@@ -114,7 +120,7 @@ def _bench(args: argparse.Namespace) -> int:
     )
     for path in write_bench(result, args.out_dir, header):
         print(f"wrote {path}", file=sys.stderr)
-    print(header + "\n\n" + (Path(args.out_dir) / "results.md").read_text().split("\n\n", 1)[1])
+    print(header + "\n\n" + markdown_table(result))
     return 0
 
 

@@ -55,13 +55,17 @@ class Report:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def visual_last_layer(self) -> int:
+        """Visual tokens the last decoder layer processed in prefill (all rows)."""
+        return self.visual_per_layer[-1] if self.visual_per_layer else self.visual_tokens
+
     def rows(self) -> list[tuple[str, str]]:
         """``(metric, value)`` pairs for display."""
-        kept = self.visual_per_layer
         return [
             ("prompt tokens (batch x length)", f"{self.batch_size} x {self.prompt_tokens}"),
             ("visual tokens in prompt", f"{self.visual_tokens}"),
-            ("visual tokens at last layer", f"{kept[-1] if kept else self.visual_tokens}"),
+            ("visual tokens at last layer", f"{self.visual_last_layer}"),
             ("decode steps", f"{self.decode_steps}"),
             ("prefill GFLOPs", f"{self.prefill_flops.total / 1e9:.4g}"),
             ("decode GFLOPs", f"{self.decode_flops.total / 1e9:.4g}"),

@@ -88,11 +88,15 @@ def grouped_bars(labels: list[str], series: dict[str, list[float]], ylabel: str,
 
 def write_report(result: VQAResult, folder: str | Path, header: str = "") -> list[Path]:
     """Write ``results.md``, ``results.json``, ``accuracy.png`` and ``costs.png`` into ``folder``."""
+    folder = write_results(folder, header, markdown_table(result), result.to_dict())
+    plots = [plot_accuracy(result, folder / "accuracy.png"), plot_costs(result, folder / "costs.png")]
+    return [folder / "results.md", folder / "results.json", *plots]
+
+
+def write_results(folder: str | Path, header: str, table: str, data: dict) -> Path:
+    """Create ``folder`` and write ``results.md`` (``header``, then ``table``) and ``results.json``."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    table = folder / "results.md"
-    table.write_text((header + "\n\n" if header else "") + markdown_table(result) + "\n")
-    data = folder / "results.json"
-    data.write_text(json.dumps(result.to_dict(), indent=2))
-    plots = [plot_accuracy(result, folder / "accuracy.png"), plot_costs(result, folder / "costs.png")]
-    return [table, data, *plots]
+    (folder / "results.md").write_text((header + "\n\n" if header else "") + table + "\n")
+    (folder / "results.json").write_text(json.dumps(data, indent=2))
+    return folder

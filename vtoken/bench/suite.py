@@ -13,12 +13,11 @@ The results go to one folder as ``results.md``, ``results.json`` and plots.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from vtoken.bench.accuracy import bench_stacks, split_items
-from vtoken.bench.report import grouped_bars, plot_accuracy, plot_costs
+from vtoken.bench.report import grouped_bars, plot_accuracy, plot_costs, write_results
 from vtoken.bench.speed import QUICK, SpeedResult, SpeedShape, run_speed_all
 from vtoken.eval.vqa import VQAItem, VQAResult, evaluate
 
@@ -125,16 +124,11 @@ def plot_speed(result: BenchResult, path: Path) -> Path:
 
 def write_bench(result: BenchResult, folder: str | Path, header: str = "") -> list[Path]:
     """Write ``results.md``, ``results.json``, ``accuracy.png``, ``costs.png`` and ``speed.png``."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    table = folder / "results.md"
-    table.write_text((header + "\n\n" if header else "") + markdown_table(result) + "\n")
-    data = folder / "results.json"
-    data.write_text(json.dumps(result.to_dict(), indent=2))
+    folder = write_results(folder, header, markdown_table(result), result.to_dict())
     plots = [
         plot_accuracy(result.accuracy, folder / "accuracy.png"),
         plot_costs(result.accuracy, folder / "costs.png"),
     ]
     if result.speed:
         plots.append(plot_speed(result, folder / "speed.png"))
-    return [table, data, *plots]
+    return [folder / "results.md", folder / "results.json", *plots]
