@@ -131,8 +131,9 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
         ``input_ids``, ``attention_mask`` ``(B, T)``, ``pixel_values`` ``(N_images, 3, S, S)`` and,
         with answers, ``labels`` ``(B, T)`` (``-100`` outside answers) and, when every item has
         them, ``patch_targets`` ``(N_images, P, 3)`` plus the attention targets of every answer
-        turn with evidence: ``cues`` ``(K, 2)`` (row, position of the ``:`` before the answer) and
-        ``evidence`` ``(K, T)`` bool (visual tokens showing the evidence objects). Without answers
+        turn with evidence: ``cues`` ``(K, 2)`` (row, position of the ``:`` before the answer),
+        ``evidence`` ``(K, T)`` bool (visual tokens showing the evidence objects) and ``question``
+        ``(K, T)`` bool (the turn's question tokens). Without answers
         the batch is left-padded for generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]
