@@ -61,8 +61,9 @@ def test_attention_guidance_loss_is_minus_log_head_mean_mass():
 def test_guidance_settings_are_validated():
     with pytest.raises(ValueError, match="attn_layer"):
         TrainConfig(attn_layer=4)
-    with pytest.raises(ValueError, match="weights must be >= 0"):
-        TrainConfig(attn_weight=-1.0)
+    for name in ("attn_weight", "text_attn_weight", "readout_weight"):
+        with pytest.raises(ValueError, match="weights must be >= 0"):
+            TrainConfig(**{name: -1.0})
     with pytest.raises(ValueError, match="attn_layer must be >= 1"):
         TrainConfig(attn_layer=0, text_attn_weight=1.0)
 
@@ -89,6 +90,7 @@ def test_tower_pretraining_moves_only_the_tower_and_has_its_own_schedule():
 
 
 def test_training_runs_through_the_stage_switch(tmp_path):
-    cfg = dataclasses.replace(_cfg(tmp_path, 2), tower_steps=2)
+    cfg = dataclasses.replace(_cfg(tmp_path, 2), tower_steps=2, readout_weight=1.0)
     state = torch.load(train(cfg), weights_only=False)
     assert state["step"] == 4
+    assert "readout" in (tmp_path / "log.jsonl").read_text()  # the readout loss was trained and logged

@@ -13,6 +13,7 @@ from vtoken.tokenizer import EOS
 from vtoken.zoo.model import build_prompt, follow_up
 from vtoken.zoo.patch_targets import evidence_mask, object_map, patch_targets
 from vtoken.zoo.questions import QA, draw_family, make_qa, sample
+from vtoken.zoo.readout import readout_target
 from vtoken.zoo.scenes import MAX_OBJECTS, MIN_OBJECTS, SOURCE_SIZE, Scene, crop_box, split_seed
 
 IGNORE_INDEX = -100
@@ -33,6 +34,8 @@ class Item:
         follow_ups: further ``(question, answer)`` turns about the same image(s) (training only).
         evidence: per turn (the question, then each follow-up), a ``(N_images * P,)`` bool mask of
             the visual tokens showing the objects the answer is read from (training only), or empty.
+        readout: per turn, ``(colour, shape, cell)`` indices of its evidence object when there is
+            exactly one (``IGNORE_INDEX`` each otherwise; training only, see ``vtoken.zoo.readout``).
     """
 
     images: tuple[np.ndarray, ...]
@@ -42,6 +45,7 @@ class Item:
     targets: tuple[np.ndarray, ...] = ()
     follow_ups: tuple[tuple[str, str], ...] = ()
     evidence: tuple[np.ndarray, ...] = ()
+    readout: tuple[tuple[int, int, int], ...] = ()
 
 
 def make_item(
@@ -55,7 +59,7 @@ def make_item(
     """Item for ``qa`` (then ``follow_ups``); a crop shows the asked object or a random region.
 
     With ``grid`` (patches per side at the model input), also attach patch targets for each image
-    and the evidence mask of each turn.
+    and the evidence mask and readout target of each turn.
     """
     views = [(0, 0, SOURCE_SIZE, SOURCE_SIZE)]
     if with_crop:
@@ -74,7 +78,8 @@ def make_item(
         np.concatenate([evidence_mask(ids, turn.evidence, view, grid) for view in views])
         for turn in (qa, *follow_ups)
     )
-    return Item(images, qa.question, qa.answer, qa.family, targets, turns, evidence)
+    readout = tuple(readout_target(scene, turn.evidence) for turn in (qa, *follow_ups))
+    return Item(images, qa.question, qa.answer, qa.family, targets, turns, evidence, readout)
 
 
 def train_items(
@@ -132,8 +137,9 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
         with answers, ``labels`` ``(B, T)`` (``-100`` outside answers) and, when every item has
         them, ``patch_targets`` ``(N_images, P, 3)`` plus the attention targets of every answer
         turn with evidence: ``cues`` ``(K, 2)`` (row, position of the ``:`` before the answer),
-        ``evidence`` ``(K, T)`` bool (visual tokens showing the evidence objects) and ``question``
-        ``(K, T)`` bool (the turn's question tokens). Without answers
+        ``evidence`` ``(K, T)`` bool (visual tokens showing the evidence objects), ``question``
+        ``(K, T)`` bool (the turn's question tokens) and ``readout`` ``(K, 3)`` (the evidence
+        object's colour, shape and cell, or ``-100``). Without answers
         the batch is left-padded for generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]
@@ -168,12 +174,12 @@ def _turn_starts(is_answer: list[bool]) -> list[int]:
 
 
 def _attention_targets(items, ids, prompt_lengths, starts, processor) -> dict[str, torch.Tensor]:
-    """``cues`` ``(K, 2)``, ``evidence`` and ``question`` ``(K, T)`` for every turn whose evidence is
-    visible (``question``: the turn's question tokens)."""
-    cues, masks, questions = [], [], []
+    """``cues`` ``(K, 2)``, ``evidence`` and ``question`` ``(K, T)``, ``readout`` ``(K, 3)`` for every
+    turn whose evidence is visible (``question``: the turn's question tokens)."""
+    cues, masks, questions, readouts = [], [], [], []
     for i, item in enumerate(items):
         visual = (ids[i] == processor.image_token_id).nonzero().squeeze(1)  # (N_images * P,)
-        for offset, shown in zip(starts[i], item.evidence):
+        for offset, shown, readout in zip(starts[i], item.evidence, item.readout):
             if shown.any():
                 mask = torch.zeros(ids.shape[1], dtype=torch.bool)
                 mask[visual[torch.from_numpy(shown)]] = True
@@ -181,9 +187,15 @@ def _attention_targets(items, ids, prompt_lengths, starts, processor) -> dict[st
                 cues.append((i, cue))
                 masks.append(mask)
                 questions.append(_question_tokens(ids[i], cue, processor))
+                readouts.append(readout)
     if not cues:
         return {}
-    return {"cues": torch.tensor(cues), "evidence": torch.stack(masks), "question": torch.stack(questions)}
+    return {
+        "cues": torch.tensor(cues),
+        "evidence": torch.stack(masks),
+        "question": torch.stack(questions),
+        "readout": torch.tensor(readouts),
+    }
 
 
 def _question_tokens(row: torch.Tensor, cue: int, processor) -> torch.Tensor:

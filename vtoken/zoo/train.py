@@ -22,6 +22,7 @@ from vtoken.zoo.data import IGNORE_INDEX, TrainStream, train_items
 from vtoken.zoo.evaluate import predict, score, split_items
 from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
 from vtoken.zoo.patch_targets import PatchHead
+from vtoken.zoo.readout import ReadoutHead
 
 
 @dataclass
@@ -59,6 +60,9 @@ class TrainConfig:
         text_attn_weight: weight of the same loss one layer earlier (``attn_layer - 1``) with the
             turn's question tokens as target: the cue first reads the question, then looks for what
             it names (without it, the cue looked at every object alike); 0 off.
+        readout_weight: weight of the readout loss: a linear head asks the cue's hidden state
+            after layer ``attn_layer`` for the colour, shape and cell of the object the answer is
+            read from, when that is one object (``vtoken.zoo.readout``); 0 off.
         bf16: run forward/backward under CPU bfloat16 autocast (slower on CPUs without AMX).
         threads: torch intra-op threads for the training process.
         model: model sizes.
@@ -84,6 +88,7 @@ class TrainConfig:
     attn_weight: float = 1.0
     attn_layer: int = 1
     text_attn_weight: float = 0.0
+    readout_weight: float = 0.0
     bf16: bool = False
     threads: int = 2
     model: ZooModelConfig = field(default_factory=ZooModelConfig)
@@ -93,8 +98,9 @@ class TrainConfig:
             self.model = ZooModelConfig(**self.model)
         if not 0.0 <= self.crop_prob <= 1.0:
             raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
-        if self.aux_weight < 0 or self.attn_weight < 0:
-            raise ValueError(f"loss weights must be >= 0: aux {self.aux_weight}, attn {self.attn_weight}")
+        weights = (self.aux_weight, self.attn_weight, self.text_attn_weight, self.readout_weight)
+        if min(weights) < 0:
+            raise ValueError(f"loss weights must be >= 0, got aux/attn/text_attn/readout {weights}")
         if self.text_attn_weight and self.attn_layer < 1:
             raise ValueError("text_attn_weight guides layer attn_layer - 1: attn_layer must be >= 1")
         if not 0 <= self.attn_layer < self.model.text_layers:
@@ -119,11 +125,11 @@ def _schedule(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
 
 
-def save_checkpoint(path: Path, model, head, optimizer, step: int, cfg: TrainConfig) -> None:
-    """Atomically write model, patch head, optimizer, step, RNG state and config to ``path``."""
+def save_checkpoint(path: Path, model, heads, optimizer, step: int, cfg: TrainConfig) -> None:
+    """Atomically write model, training heads, optimizer, step, RNG state and config to ``path``."""
     state = {
         "model": model.state_dict(),
-        "head": head.state_dict(),
+        "heads": heads.state_dict(),
         "optimizer": optimizer.state_dict(),
         "step": step,
         "rng": torch.get_rng_state(),
@@ -145,23 +151,32 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model = build_model(cfg.model, processor.tokenizer)
     if cfg.attn_weight > 0:
         model.set_attn_implementation("eager")  # the guidance loss reads attention probabilities
-    head = PatchHead(cfg.model.vision_hidden)
-    params = [*model.parameters(), *head.parameters()]
+    heads = TrainingHeads(cfg.model)
+    params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start = 0
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
-        head.load_state_dict(state["head"])
+        heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    _loop(cfg, model, head, processor, optimizer, start, ckpt)
+    _loop(cfg, model, heads, processor, optimizer, start, ckpt)
     return ckpt
 
 
-def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt: Path) -> None:
+class TrainingHeads(torch.nn.Module):
+    """The training-only heads (discarded on export): ``patch`` (vision loss) and ``readout``."""
+
+    def __init__(self, model: ZooModelConfig):
+        super().__init__()
+        self.patch = PatchHead(model.vision_hidden)
+        self.readout = ReadoutHead(model.text_hidden)
+
+
+def _loop(cfg: TrainConfig, model, heads, processor, optimizer, start: int, ckpt: Path) -> None:
     total = cfg.tower_steps + cfg.steps
     guided = cfg.aux_weight > 0 or cfg.attn_weight > 0
     grid = cfg.model.image_size // cfg.model.patch_size if guided else None
@@ -179,9 +194,9 @@ def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt:
         bar.set_description("zoo train (tower)" if step < cfg.tower_steps else "zoo train")
         lr = lr_factor(step, cfg) * cfg.lr
         if step < cfg.tower_steps:
-            losses = _tower_step(model, head, optimizer, batch, lr)
+            losses = _tower_step(model, heads.patch, optimizer, batch, lr)
         else:
-            losses = _train_step(model, head, optimizer, batch, lr, cfg)
+            losses = _train_step(model, heads, optimizer, batch, lr, cfg)
         fresh = ema is None or ema.keys() != losses.keys()  # first step, or the stage changed
         ema = losses if fresh else {k: 0.98 * ema[k] + 0.02 * v for k, v in losses.items()}
         bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
@@ -196,7 +211,7 @@ def _loop(cfg: TrainConfig, model, head, processor, optimizer, start: int, ckpt:
             log.write(json.dumps(record) + "\n")
             log.flush()
         if time.time() - last_save > 60 * cfg.checkpoint_minutes or done in (cfg.tower_steps, total):
-            save_checkpoint(ckpt, model, head, optimizer, done, cfg)
+            save_checkpoint(ckpt, model, heads, optimizer, done, cfg)
             last_save = time.time()
 
 
@@ -208,12 +223,14 @@ def _tower_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: floa
     return _optimize(optimizer, losses, {"aux": 1.0}, lr, clip=None)
 
 
-def _train_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> dict:
-    """One optimizer step; returns the answer ``loss`` and, when used, ``aux`` and ``attn`` losses."""
+def _train_step(model, heads, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> dict:
+    """One optimizer step; returns the answer ``loss`` and, when used, the ``aux``, ``attn``,
+    ``text_attn`` and ``readout`` losses."""
     with _projector_input(model) as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
         guide = cfg.attn_weight > 0 and "cues" in batch
-        out = model(**inputs, output_attentions=guide)
+        read = cfg.readout_weight > 0 and "cues" in batch
+        out = model(**inputs, output_attentions=guide, output_hidden_states=read)
         logits = out.logits.float()
         if cfg.per_question_loss:
             loss = question_mean_loss(logits, batch["labels"])
@@ -221,13 +238,20 @@ def _train_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: floa
             loss = model.loss_function(logits, batch["labels"], vocab_size=logits.shape[-1])
         losses = {"loss": loss}
         if "patch_targets" in batch:
-            losses["aux"] = head.loss(seen[0].float(), batch["patch_targets"])
+            losses["aux"] = heads.patch.loss(seen[0].float(), batch["patch_targets"])
         if guide:
             losses["attn"] = attention_guidance_loss(out.attentions[cfg.attn_layer], batch)
         if guide and cfg.text_attn_weight > 0:
             question = {"cues": batch["cues"], "evidence": batch["question"]}
             losses["text_attn"] = attention_guidance_loss(out.attentions[cfg.attn_layer - 1], question)
-    weights = {"loss": 1.0, "aux": cfg.aux_weight, "attn": cfg.attn_weight, "text_attn": cfg.text_attn_weight}
+        if read:
+            cues = batch["cues"]
+            states = out.hidden_states[cfg.attn_layer + 1][cues[:, 0], cues[:, 1]].float()  # (K, hidden)
+            losses["readout"] = heads.readout.loss(states, batch["readout"])
+    weights = {
+        "loss": 1.0, "aux": cfg.aux_weight, "attn": cfg.attn_weight,
+        "text_attn": cfg.text_attn_weight, "readout": cfg.readout_weight,
+    }  # fmt: skip
     return _optimize(optimizer, losses, weights, lr, clip=1.0)
 
 
