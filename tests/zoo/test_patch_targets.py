@@ -3,8 +3,7 @@
 import numpy as np
 import torch
 
-from vtoken.zoo.data import IGNORE_INDEX, encode, make_item, train_items
-from vtoken.zoo.model import ZooModelConfig, build_processor
+from vtoken.zoo.data import make_item
 from vtoken.zoo.patch_targets import NO_DIGIT, PatchHead, evidence_mask, object_map, patch_targets
 from vtoken.zoo.questions import sample
 from vtoken.zoo.scenes import COLOURS, SHAPES, SOURCE_SIZE, crop_box, make_scene
@@ -71,20 +70,3 @@ def test_evidence_mask_marks_patches_under_the_evidence_objects():
     mask = evidence_mask(ids, qa.evidence, WHOLE, grid=SOURCE_SIZE).reshape(SOURCE_SIZE, SOURCE_SIZE)
     assert np.array_equal(mask, ids == qa.evidence[0])
     assert not evidence_mask(ids, (), WHOLE, grid=12).any()
-
-
-def test_encode_points_each_answer_cue_at_its_evidence_tokens():
-    processor = build_processor(ZooModelConfig())
-    items = train_items(5, 3, crop_prob=0.0, grid=12, turns=3)
-    batch = encode(processor, items, with_answers=True)
-    ids, labels = batch["input_ids"], batch["labels"]
-    tok = processor.tokenizer
-    for (row, pos), evidence, question in zip(batch["cues"].tolist(), batch["evidence"], batch["question"]):
-        assert labels[row, pos] == IGNORE_INDEX and labels[row, pos + 1] != IGNORE_INDEX  # cue, answer
-        assert processor.tokenizer.convert_ids_to_tokens(int(ids[row, pos])) == ":"
-        assert evidence.any() and (ids[row][evidence] == processor.image_token_id).all()
-        words = tok.convert_ids_to_tokens(ids[row][question].tolist())
-        asked = [it.question for it in items] + [q for it in items for q, _ in it.follow_ups]
-        assert " ".join(words) in asked and question.nonzero().max() < pos
-    turns = sum(1 + len(it.follow_ups) for it in items)
-    assert 0 < len(batch["cues"]) <= turns

@@ -10,6 +10,7 @@ import torch
 from transformers import LlavaProcessor
 
 from vtoken.tokenizer import EOS
+from vtoken.zoo.guidance import attention_targets
 from vtoken.zoo.model import build_prompt, follow_up
 from vtoken.zoo.patch_targets import evidence_mask, object_map, patch_targets
 from vtoken.zoo.questions import QA, draw_family, make_qa, sample
@@ -36,6 +37,8 @@ class Item:
             the visual tokens showing the objects the answer is read from (training only), or empty.
         readout: per turn, ``(colour, shape, cell)`` indices of its evidence object when there is
             exactly one (``IGNORE_INDEX`` each otherwise; training only, see ``vtoken.zoo.readout``).
+        described: for a description, per listed object its evidence mask and readout target
+            (training only, see ``vtoken.zoo.guidance``), else empty.
     """
 
     images: tuple[np.ndarray, ...]
@@ -46,6 +49,7 @@ class Item:
     follow_ups: tuple[tuple[str, str], ...] = ()
     evidence: tuple[np.ndarray, ...] = ()
     readout: tuple[tuple[int, int, int], ...] = ()
+    described: tuple[tuple[np.ndarray, tuple[int, int, int]], ...] = ()
 
 
 def make_item(
@@ -59,7 +63,7 @@ def make_item(
     """Item for ``qa`` (then ``follow_ups``); a crop shows the asked object or a random region.
 
     With ``grid`` (patches per side at the model input), also attach patch targets for each image
-    and the evidence mask and readout target of each turn.
+    and the evidence mask and readout target of each turn (and of each object of a description).
     """
     views = [(0, 0, SOURCE_SIZE, SOURCE_SIZE)]
     if with_crop:
@@ -79,7 +83,12 @@ def make_item(
         for turn in (qa, *follow_ups)
     )
     readout = tuple(readout_target(scene, turn.evidence) for turn in (qa, *follow_ups))
-    return Item(images, qa.question, qa.answer, qa.family, targets, turns, evidence, readout)
+    described = ()
+    if qa.family == "describe":  # objects are listed in scene order
+        objects = range(len(scene.objects))
+        shown = [np.concatenate([evidence_mask(ids, (k,), v, grid) for v in views]) for k in objects]
+        described = tuple((mask, readout_target(scene, (k,))) for k, mask in enumerate(shown))
+    return Item(images, qa.question, qa.answer, qa.family, targets, turns, evidence, readout, described)
 
 
 def train_items(
@@ -163,54 +172,9 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
     batch = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "labels": labels}
     if all(it.targets for it in items):
         batch["patch_targets"] = torch.from_numpy(np.stack([t for it in items for t in it.targets]))
-        cue_offsets = [_turn_starts(is_answer) for _, is_answer in rows]
-        batch.update(_attention_targets(items, ids, [len(p) for p in expanded], cue_offsets, processor))
+        flags = [is_answer for _, is_answer in rows]
+        batch.update(attention_targets(items, ids, [len(p) for p in expanded], flags, processor))
     return batch
-
-
-def _turn_starts(is_answer: list[bool]) -> list[int]:
-    """Offsets (after the prompt) of the first token of every answer."""
-    return [j for j, a in enumerate(is_answer) if a and (j == 0 or not is_answer[j - 1])]
-
-
-def _attention_targets(items, ids, prompt_lengths, starts, processor) -> dict[str, torch.Tensor]:
-    """``cues`` ``(K, 2)``, ``evidence`` and ``question`` ``(K, T)``, ``readout`` ``(K, 3)`` for every
-    turn whose evidence is visible (``question``: the turn's question tokens)."""
-    cues, masks, questions, readouts = [], [], [], []
-    for i, item in enumerate(items):
-        visual = (ids[i] == processor.image_token_id).nonzero().squeeze(1)  # (N_images * P,)
-        for offset, shown, readout in zip(starts[i], item.evidence, item.readout):
-            if shown.any():
-                mask = torch.zeros(ids.shape[1], dtype=torch.bool)
-                mask[visual[torch.from_numpy(shown)]] = True
-                cue = prompt_lengths[i] + offset - 1
-                cues.append((i, cue))
-                masks.append(mask)
-                questions.append(_question_tokens(ids[i], cue, processor))
-                readouts.append(readout)
-    if not cues:
-        return {}
-    return {
-        "cues": torch.tensor(cues),
-        "evidence": torch.stack(masks),
-        "question": torch.stack(questions),
-        "readout": torch.tensor(readouts),
-    }
-
-
-def _question_tokens(row: torch.Tensor, cue: int, processor) -> torch.Tensor:
-    """``(T,)`` bool: the question of the turn whose ``answer :`` ends at ``cue`` (walking back over
-    the images, if the question comes before them, up to the previous ``<s>`` or ``</s>``)."""
-    tok = processor.tokenizer
-    stops = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
-    mask = torch.zeros(len(row), dtype=torch.bool)
-    j = cue - 2  # skip "answer"
-    while j >= 0 and int(row[j]) == processor.image_token_id:
-        j -= 1
-    while j >= 0 and int(row[j]) not in stops:
-        mask[j] = True
-        j -= 1
-    return mask
 
 
 def _answer_turns(tok, item: Item) -> tuple[list[int], list[bool]]:

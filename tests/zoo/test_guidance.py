@@ -1,0 +1,64 @@
+"""Cue targets: each cue predicts a word read off the image and points at the object it comes from."""
+
+import numpy as np
+
+from vtoken.zoo.data import IGNORE_INDEX, encode, make_item, train_items
+from vtoken.zoo.guidance import description_slots
+from vtoken.zoo.model import ZooModelConfig, build_processor
+from vtoken.zoo.questions import sample
+from vtoken.zoo.readout import IGNORE
+from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES
+
+PROCESSOR = build_processor(ZooModelConfig())
+TOK = PROCESSOR.tokenizer
+
+
+def _words(ids, mask):
+    return TOK.convert_ids_to_tokens(ids[mask].tolist())
+
+
+def test_turn_cues_are_answer_colons_pointing_at_the_evidence_and_question():
+    items = [it for it in train_items(5, 6, crop_prob=0.0, grid=12, turns=3) if it.family != "describe"]
+    batch = encode(PROCESSOR, items, with_answers=True)
+    ids, labels = batch["input_ids"], batch["labels"]
+    asked = [it.question for it in items] + [q for it in items for q, _ in it.follow_ups]
+    for (row, pos), evidence, question in zip(batch["cues"].tolist(), batch["evidence"], batch["question"]):
+        assert labels[row, pos] == IGNORE_INDEX and labels[row, pos + 1] != IGNORE_INDEX  # cue, answer
+        assert TOK.convert_ids_to_tokens(int(ids[row, pos])) == ":"
+        assert evidence.any() and (ids[row][evidence] == PROCESSOR.image_token_id).all()
+        assert " ".join(_words(ids[row], question)) in asked and question.nonzero().max() < pos
+    turns = sum(1 + len(it.follow_ups) for it in items)
+    assert 0 < len(batch["cues"]) <= turns
+
+
+def test_description_cues_precede_each_attribute_of_the_listed_object():
+    scene, qa = sample(21, "describe")
+    item = make_item(scene, qa, False, np.random.default_rng(0), grid=12)
+    batch = encode(PROCESSOR, [item], with_answers=True)
+    ids = batch["input_ids"][0]
+    cues = batch["cues"][:, 1].tolist()
+    visible = [k for k, (shown, _) in enumerate(item.described) if shown.any()]
+    assert len(cues) == 3 * len(visible) and len(visible) >= len(scene.objects) - 1  # one may be hidden
+    colours = list(COLOURS)
+    for j, k in enumerate(visible):
+        obj = scene.objects[k]
+        for a, (cue, word) in enumerate(zip(cues[3 * j : 3 * j + 3], (obj.size, obj.colour, obj.shape))):
+            n = 3 * j + a
+            assert TOK.convert_ids_to_tokens(int(ids[cue + 1])) == word
+            assert " ".join(_words(ids, batch["question"][n])) == obj.position
+            assert batch["evidence"][n].sum() == item.described[k][0].sum() > 0
+            colour, shape, cell = batch["readout"][n].tolist()
+            assert (colours[colour], SHAPES[shape], POSITIONS[cell]) == (obj.colour, obj.shape, obj.position)
+
+
+def test_description_slots_handle_one_and_two_word_positions():
+    words = "there are 2 objects : top left small red star , middle large blue cross .".split()
+    assert description_slots(words) == [(5, 7), (11, 12)]
+    assert description_slots("yes".split()) == []
+
+
+def test_items_without_descriptions_have_no_object_slots():
+    for family in ("colour", "count"):
+        scene, qa = sample(3, family)
+        item = make_item(scene, qa, False, np.random.default_rng(0), grid=12)
+        assert item.described == () and all(IGNORE not in r or len(qa.evidence) != 1 for r in item.readout)

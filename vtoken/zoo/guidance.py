@@ -1,0 +1,105 @@
+"""Where each answer should look: cue tokens with their evidence, question and readout targets.
+
+Training the bundled model from answers alone sat at the majority answers (see ``vtoken.zoo.train``),
+so its middle layers are guided. A *cue* is a token that predicts a word read off the image: the
+``:`` before each short answer, and, in a scene description, the tokens just before each object's
+size, colour and shape words. Each cue gets:
+
+- ``evidence``: the visual tokens showing the object(s) the word is read from (``QA.evidence``; in a
+  description, the object being listed);
+- ``question``: the text naming what to look for (the turn's question; in a description, the
+  position words just written, e.g. "top left");
+- ``readout``: the colour, shape and cell of the evidence object when it is one object.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from vtoken.zoo.scenes import POSITIONS
+
+DESCRIPTION_HEAD = 5  # "there are N objects :" precedes the first object
+
+
+def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, processor) -> dict:
+    """Cue targets of a right-padded training batch (``{}`` when it has no cue).
+
+    Args:
+        items: the batch's ``vtoken.zoo.data.Item`` s, with evidence.
+        ids: ``(B, T)`` token ids.
+        prompt_lengths: per row, tokens in the (image-expanded) prompt.
+        answer_flags: per row, which tokens after the prompt are answer tokens.
+        processor: the model's processor.
+
+    Returns:
+        ``cues`` ``(K, 2)`` (row, position), ``evidence`` and ``question`` ``(K, T)`` bool,
+        ``readout`` ``(K, 3)``.
+    """
+    cues, masks, questions, readouts = [], [], [], []
+    for i, item in enumerate(items):
+        visual = (ids[i] == processor.image_token_id).nonzero().squeeze(1)  # (N_images * P,)
+        row_cues = _row_cues(item, ids[i], prompt_lengths[i], answer_flags[i], processor)
+        for cue, shown, asked, readout in row_cues:
+            if shown.any():
+                mask = torch.zeros(ids.shape[1], dtype=torch.bool)
+                mask[visual[torch.from_numpy(shown)]] = True
+                cues.append((i, cue))
+                masks.append(mask)
+                questions.append(asked)
+                readouts.append(readout)
+    if not cues:
+        return {}
+    return {
+        "cues": torch.tensor(cues),
+        "evidence": torch.stack(masks),
+        "question": torch.stack(questions),
+        "readout": torch.tensor(readouts),
+    }
+
+
+def _row_cues(item, row: torch.Tensor, prompt_length: int, is_answer: list[bool], processor):
+    """``(cue position, evidence (N_images * P,), question (T,), readout)`` of one row's cues."""
+    for offset, shown, readout in zip(_turn_starts(is_answer), item.evidence, item.readout):
+        cue = prompt_length + offset - 1
+        yield cue, shown, _question_tokens(row, cue, processor), readout
+    words = item.answer.split()
+    for (shown, readout), (first, attributes) in zip(item.described, description_slots(words)):
+        named = torch.zeros(len(row), dtype=torch.bool)
+        named[prompt_length + first : prompt_length + attributes] = True  # the object's position words
+        for offset in range(attributes, attributes + 3):  # size, colour, shape
+            yield prompt_length + offset - 1, shown, named, readout
+
+
+def description_slots(words: list[str]) -> list[tuple[int, int]]:
+    """Per listed object, word offsets ``(first position word, size word)`` in a description.
+
+    >>> description_slots("there are 2 objects : top left small red star , middle large blue cross .".split())
+    [(5, 7), (11, 12)]
+    """
+    slots, j = [], DESCRIPTION_HEAD
+    while j < len(words):
+        span = 2 if " ".join(words[j : j + 2]) in POSITIONS else 1
+        slots.append((j, j + span))
+        j += span + 4  # size, colour, shape, then "," or "."
+    return slots
+
+
+def _turn_starts(is_answer: list[bool]) -> list[int]:
+    """Offsets (after the prompt) of the first token of every answer."""
+    return [j for j, a in enumerate(is_answer) if a and (j == 0 or not is_answer[j - 1])]
+
+
+def _question_tokens(row: torch.Tensor, cue: int, processor) -> torch.Tensor:
+    """``(T,)`` bool: the question of the turn whose ``answer :`` ends at ``cue`` (walking back over
+    the images, if the question comes before them, up to the previous ``<s>`` or ``</s>``)."""
+    tok = processor.tokenizer
+    stops = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id}
+    mask = torch.zeros(len(row), dtype=torch.bool)
+    j = cue - 2  # skip "answer"
+    while j >= 0 and int(row[j]) == processor.image_token_id:
+        j -= 1
+    while j >= 0 and int(row[j]) not in stops:
+        mask[j] = True
+        j -= 1
+    return mask
+
