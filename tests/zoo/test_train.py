@@ -94,3 +94,20 @@ def test_training_runs_through_the_stage_switch(tmp_path):
     state = torch.load(train(cfg), weights_only=False)
     assert state["step"] == 4
     assert "readout" in (tmp_path / "log.jsonl").read_text()  # the readout loss was trained and logged
+
+
+def test_init_from_an_exported_folder_starts_from_its_weights(tmp_path):
+    from vtoken.zoo import load
+    from vtoken.zoo.export import save_model_folder
+    from vtoken.zoo.model import build_model, build_processor
+
+    torch.manual_seed(3)
+    processor = build_processor(TINY)
+    save_model_folder(build_model(TINY, processor.tokenizer), processor, tmp_path / "shipped")
+    cfg = dataclasses.replace(_cfg(tmp_path / "run", 1), init_from=str(tmp_path / "shipped"), lr=1e-9)
+    state = torch.load(train(cfg), weights_only=False)
+    shipped = load(str(tmp_path / "shipped"))[0].state_dict()
+    for name, value in shipped.items():  # one step at lr 1e-9 moves nothing visibly
+        torch.testing.assert_close(state["model"][name], value, rtol=0, atol=1e-6)
+    fresh = torch.load(train(_cfg(tmp_path / "fresh", 1)), weights_only=False)["model"]
+    assert any(not torch.allclose(fresh[k], v) for k, v in shipped.items())  # a fresh init differs

@@ -63,6 +63,9 @@ class TrainConfig:
         readout_weight: weight of the readout loss: a linear head asks the cue's hidden state
             after layer ``attn_layer`` for the colour, shape and cell of the object the answer is
             read from, when that is one object (``vtoken.zoo.readout``); 0 off.
+        init_from: exported model folder or bundled model name whose weights start the run (run
+            folders are not kept in git, so a later session continues a shipped model this way;
+            the optimizer and training heads start afresh). Sizes must match ``model``.
         bf16: run forward/backward under CPU bfloat16 autocast (slower on CPUs without AMX).
         threads: torch intra-op threads for the training process.
         model: model sizes.
@@ -89,6 +92,7 @@ class TrainConfig:
     attn_layer: int = 1
     text_attn_weight: float = 0.0
     readout_weight: float = 0.0
+    init_from: str = ""
     bf16: bool = False
     threads: int = 2
     model: ZooModelConfig = field(default_factory=ZooModelConfig)
@@ -149,6 +153,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     processor = build_processor(cfg.model)
     model = build_model(cfg.model, processor.tokenizer)
+    if cfg.init_from:
+        model.load_state_dict(_exported_weights(cfg.init_from))
     if cfg.attn_weight > 0:
         model.set_attn_implementation("eager")  # the guidance loss reads attention probabilities
     heads = TrainingHeads(cfg.model)
@@ -165,6 +171,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     _loop(cfg, model, heads, processor, optimizer, start, ckpt)
     return ckpt
+
+
+def _exported_weights(name: str) -> dict[str, torch.Tensor]:
+    """State dict of an exported model folder or bundled model (see ``vtoken.zoo.load``)."""
+    from vtoken.zoo import load
+
+    return load(name)[0].state_dict()
 
 
 class TrainingHeads(torch.nn.Module):
