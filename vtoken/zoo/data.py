@@ -144,12 +144,10 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
     Returns:
         ``input_ids``, ``attention_mask`` ``(B, T)``, ``pixel_values`` ``(N_images, 3, S, S)`` and,
         with answers, ``labels`` ``(B, T)`` (``-100`` outside answers) and, when every item has
-        them, ``patch_targets`` ``(N_images, P, 3)`` plus the attention targets of every answer
-        turn with evidence: ``cues`` ``(K, 2)`` (row, position of the ``:`` before the answer),
-        ``evidence`` ``(K, T)`` bool (visual tokens showing the evidence objects), ``question``
-        ``(K, T)`` bool (the turn's question tokens) and ``readout`` ``(K, 3)`` (the evidence
-        object's colour, shape and cell, or ``-100``). Without answers
-        the batch is left-padded for generation.
+        them, ``patch_targets`` ``(N_images, P, 3)`` plus the targets of every cue with visible
+        evidence (``vtoken.zoo.guidance.attention_targets``: ``cues`` ``(K, 2)``, ``evidence`` and
+        ``question`` ``(K, T)``, ``readout`` ``(K, 3)``). Without answers the batch is left-padded
+        for generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]
     images = [img for it in items for img in it.images]

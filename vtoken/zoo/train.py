@@ -54,12 +54,14 @@ class TrainConfig:
         aux_weight: weight of the auxiliary per-patch vision loss (``vtoken.zoo.patch_targets``);
             0 trains from answers alone.
         attn_weight: weight of the attention guidance loss: ``-log`` of the attention mass (mean
-            over heads) that the ``:`` before each answer puts, at decoder layer ``attn_layer``, on
-            the visual tokens showing the objects the answer is read from (``QA.evidence``); 0 off.
+            over heads) that each cue (the ``:`` before an answer, the token before a description's
+            attribute word; ``vtoken.zoo.guidance``) puts, at decoder layer ``attn_layer``, on the
+            visual tokens showing the object(s) the word is read from; 0 off.
         attn_layer: decoder layer (0-based) whose attention is guided.
         text_attn_weight: weight of the same loss one layer earlier (``attn_layer - 1``) with the
-            turn's question tokens as target: the cue first reads the question, then looks for what
-            it names (without it, the cue looked at every object alike); 0 off.
+            turn's question tokens (in a description, the position words just written) as target:
+            the cue first reads what to look for, then looks for it (without it, the cue looked at
+            every object alike); 0 off.
         readout_weight: weight of the readout loss: a linear head asks the cue's hidden state
             after layer ``attn_layer`` for the colour, shape and cell of the object the answer is
             read from, when that is one object (``vtoken.zoo.readout``); 0 off.
