@@ -62,3 +62,12 @@ def test_items_without_descriptions_have_no_object_slots():
         scene, qa = sample(3, family)
         item = make_item(scene, qa, False, np.random.default_rng(0), grid=12)
         assert item.described == () and all(IGNORE not in r or len(qa.evidence) != 1 for r in item.readout)
+
+
+def test_count_questions_are_not_guided():
+    scene, qa = sample(4, "count")
+    while not qa.evidence:  # a colour that is present
+        scene, qa = sample(scene.seed + 1, "count")
+    item = make_item(scene, qa, False, np.random.default_rng(0), grid=12)
+    assert not item.evidence[0].any()
+    assert "cues" not in encode(PROCESSOR, [item], with_answers=True)

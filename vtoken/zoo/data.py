@@ -10,7 +10,7 @@ import torch
 from transformers import LlavaProcessor
 
 from vtoken.tokenizer import EOS
-from vtoken.zoo.guidance import attention_targets
+from vtoken.zoo.guidance import attention_targets, guided_evidence
 from vtoken.zoo.model import build_prompt, follow_up
 from vtoken.zoo.patch_targets import evidence_mask, object_map, patch_targets
 from vtoken.zoo.questions import QA, draw_family, make_qa, sample
@@ -79,7 +79,7 @@ def make_item(
     ids = object_map(scene)
     targets = tuple(patch_targets(scene, ids, view, grid) for view in views)
     evidence = tuple(
-        np.concatenate([evidence_mask(ids, turn.evidence, view, grid) for view in views])
+        np.concatenate([evidence_mask(ids, guided_evidence(turn), view, grid) for view in views])
         for turn in (qa, *follow_ups)
     )
     readout = tuple(readout_target(scene, turn.evidence) for turn in (qa, *follow_ups))
