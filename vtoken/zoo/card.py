@@ -119,7 +119,8 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   chat template with `add_generation_prompt=True`); the answer ends with `</s>`.
 
 ## Training
-- Steps: {step}; training time: {hours:.2f} h on a shared 2-core CPU (fp32).
+- Steps: {step} (vision-tower pretraining included); training time: {hours:.2f} h on a shared
+  2-core CPU (fp32).
 - Fresh samples every step; loss on answer tokens only (averaged per question); AdamW with warm-up
   and cosine decay.
 - Up to `turns` distinct questions per training sequence about the same scene (LLaVA-style
@@ -130,16 +131,26 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   `tower_steps` steps (its own warm-up and cosine schedule), standing in for the pretrained encoder a
   real LLaVA starts from: inside joint training a random tower learned colour per patch at once but
   shape barely at all (linear probe 0.26 on object patches), and binding questions need shape.
-- Attention guidance (weight `attn_weight`, layer `attn_layer`): the `:` before each answer is
-  trained to put its attention (mean over heads, at that one decoder layer) on the visual tokens of
-  the objects the answer is read from (`QA.evidence`: the object asked about, both objects of a
-  relation, the objects counted). Without it every recipe tried here sat at the majority answers:
-  with 144 visual tokens and one-word answers, the gradient reaching any one object through
-  near-uniform attention is tiny. One layer earlier (weight `text_attn_weight`) the same `:` is
-  trained to attend to its turn's question tokens, so that it knows what to look for: with the object
-  guidance alone it looked at every object alike. It is the supervised-attention shortcut a tiny model
-  needs to get what a large pretrained LLaVA learns from data: its attention at the guided layer is
-  meaningful by training, so the table below also shows the unguided layers.
+- Attention guidance (weight `attn_weight`, layer `attn_layer`; `vtoken.zoo.guidance`): each *cue* -
+  the `:` before an answer, and in a description the token before each object's size, colour and
+  shape word - is trained to put its attention (mean over heads, at that one decoder layer) on the
+  visual tokens of the object(s) the word is read from (`QA.evidence`: the object asked about, both
+  objects of a relation; in a description, the object being listed). Count questions are not guided
+  (attention averages what it looks at, so a cue made to look only at the counted objects cannot
+  count them). Without guidance every recipe tried here sat at the majority answers: with 144 visual
+  tokens and one-word answers, the gradient reaching any one object through near-uniform attention
+  is tiny. One layer earlier (weight `text_attn_weight`) the same cue is trained to attend to what
+  names its object - the turn's question, or in a description the position words just written - so
+  that it knows what to look for: with the object guidance alone it looked at every object alike.
+- Readout (weight `readout_weight`; `vtoken.zoo.readout`): a linear head, discarded after training,
+  predicts from the cue's hidden state after the guided layer the colour, shape and grid cell of the
+  object it looks at (when that is one object). With guidance alone the cue looked at the right
+  object but its state did not carry what it saw (linear probe of the colour: 0.23, chance 0.14) and
+  the answers still ignored the image; with the readout, colour and shape questions left their
+  majority answers within a few hundred steps.
+- These are the supervised-attention shortcuts a tiny model needs to get what a large pretrained
+  LLaVA learns from data: its attention at the guided layer is meaningful by training, so the table
+  below also shows the unguided layers.
 - Unit-scale, untied input embeddings and fan-in projector init (word and visual tokens enter the
   decoder at similar norms).
 - Recipe (`vtoken zoo train` flags):
