@@ -1,4 +1,4 @@
-"""Readout supervision: targets name the single evidence object, the head ignores the rest."""
+"""Readout supervision: targets name the object(s) the answer is read from, the head skips the rest."""
 
 import numpy as np
 import torch
@@ -10,18 +10,35 @@ from vtoken.zoo.readout import IGNORE, READOUTS, ReadoutHead, readout_target
 from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES
 
 
-def test_target_is_the_asked_object_and_ignored_for_several():
+def test_target_is_the_asked_object():
     scene, qa = sample(11, "colour")
     obj = scene.objects[qa.evidence[0]]
-    colour, shape, cell = readout_target(scene, qa.evidence)
+    colour, shape, cell, other = readout_target(scene, qa)
     assert (list(COLOURS)[colour], SHAPES[shape], POSITIONS[cell]) == (obj.colour, obj.shape, obj.position)
-    assert readout_target(scene, ()) == (IGNORE,) * 3
-    assert readout_target(scene, (0, 1)) == (IGNORE,) * 3
+    assert other == IGNORE
+
+
+def test_relation_target_adds_the_reference_objects_cell():
+    scene, qa = sample(12, "relation")
+    first, reference = (scene.objects[k] for k in qa.evidence)
+    colour, shape, cell, other = readout_target(scene, qa)
+    assert (SHAPES[shape], cell, other) == (first.shape, first.cell, reference.cell)
+    assert f"the {first.shape} " in qa.question and qa.question.endswith(f"the {reference.shape} ?")
+
+
+def test_counts_descriptions_and_several_objects_have_no_target():
+    rng = np.random.default_rng(0)
+    for seed in range(20):
+        scene, _ = sample(seed)
+        for family in ("count", "describe", "exists"):
+            qa = make_qa(scene, family, rng)
+            if family != "exists" or len(qa.evidence) != 1:
+                assert readout_target(scene, qa) == (IGNORE,) * len(READOUTS)
 
 
 def test_encode_gives_one_readout_per_cue_matching_its_turn():
     processor = build_processor(ZooModelConfig())
-    items = train_items(3, 4, crop_prob=0.0, grid=12, turns=3)
+    items = [it for it in train_items(3, 6, crop_prob=0.0, grid=12, turns=3) if it.family != "describe"]
     batch = encode(processor, items, with_answers=True)
     assert batch["readout"].shape == (len(batch["cues"]), len(READOUTS))
     expected = [r for it in items for r, shown in zip(it.readout, it.evidence) if shown.any()]
@@ -29,21 +46,15 @@ def test_encode_gives_one_readout_per_cue_matching_its_turn():
     assert (batch["readout"][:, 0] != IGNORE).any()
 
 
-def test_head_loss_skips_ignored_cues_and_is_zero_without_targets():
+def test_head_loss_skips_ignored_targets_and_is_zero_without_any():
     torch.manual_seed(0)
     head = ReadoutHead(8)
     states = torch.randn(3, 8, requires_grad=True)
-    targets = torch.tensor([[1, 2, 3], [IGNORE] * 3, [0, 0, 0]])
-    kept = head.loss(states[[0, 2]], targets[[0, 2]])
-    torch.testing.assert_close(head.loss(states, targets), kept)
-    none = head.loss(states, torch.full((3, 3), IGNORE))
+    targets = torch.tensor([[1, 2, 3, IGNORE], [IGNORE] * 4, [0, 0, 0, IGNORE]])
+    x = head.norm(states[[0, 2]])
+    ce = torch.nn.functional.cross_entropy
+    expected = sum(ce(h(x), targets[[0, 2], k]) for k, h in enumerate(head.heads[:3])) / 3  # no other_cell
+    torch.testing.assert_close(head.loss(states, targets), expected)
+    none = head.loss(states, torch.full((3, 4), IGNORE))
     none.backward()
     assert none.item() == 0.0 and states.grad is not None
-
-
-def test_make_qa_single_evidence_families_get_targets():
-    scene, _ = sample(5)
-    rng = np.random.default_rng(0)
-    for family in ("colour", "shape", "label"):
-        qa = make_qa(scene, family, rng)
-        assert IGNORE not in readout_target(scene, qa.evidence)

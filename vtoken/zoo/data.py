@@ -14,7 +14,7 @@ from vtoken.zoo.guidance import attention_targets, guided_evidence
 from vtoken.zoo.model import build_prompt, follow_up
 from vtoken.zoo.patch_targets import evidence_mask, object_map, patch_targets
 from vtoken.zoo.questions import QA, draw_family, make_qa, sample
-from vtoken.zoo.readout import readout_target
+from vtoken.zoo.readout import Target, object_target, readout_target
 from vtoken.zoo.scenes import MAX_OBJECTS, MIN_OBJECTS, SOURCE_SIZE, Scene, crop_box, split_seed
 
 IGNORE_INDEX = -100
@@ -35,8 +35,7 @@ class Item:
         follow_ups: further ``(question, answer)`` turns about the same image(s) (training only).
         evidence: per turn (the question, then each follow-up), a ``(N_images * P,)`` bool mask of
             the visual tokens showing the objects the answer is read from (training only), or empty.
-        readout: per turn, ``(colour, shape, cell)`` indices of its evidence object when there is
-            exactly one (``IGNORE_INDEX`` each otherwise; training only, see ``vtoken.zoo.readout``).
+        readout: per turn, the readout targets of its cue (training only, ``vtoken.zoo.readout``).
         described: for a description, per listed object its evidence mask and readout target
             (training only, see ``vtoken.zoo.guidance``), else empty.
     """
@@ -48,8 +47,8 @@ class Item:
     targets: tuple[np.ndarray, ...] = ()
     follow_ups: tuple[tuple[str, str], ...] = ()
     evidence: tuple[np.ndarray, ...] = ()
-    readout: tuple[tuple[int, int, int], ...] = ()
-    described: tuple[tuple[np.ndarray, tuple[int, int, int]], ...] = ()
+    readout: tuple[Target, ...] = ()
+    described: tuple[tuple[np.ndarray, Target], ...] = ()
 
 
 def make_item(
@@ -82,12 +81,12 @@ def make_item(
         np.concatenate([evidence_mask(ids, guided_evidence(turn), view, grid) for view in views])
         for turn in (qa, *follow_ups)
     )
-    readout = tuple(readout_target(scene, turn.evidence) for turn in (qa, *follow_ups))
+    readout = tuple(readout_target(scene, turn) for turn in (qa, *follow_ups))
     described = ()
     if qa.family == "describe":  # objects are listed in scene order
         objects = range(len(scene.objects))
         shown = [np.concatenate([evidence_mask(ids, (k,), v, grid) for v in views]) for k in objects]
-        described = tuple((mask, readout_target(scene, (k,))) for k, mask in enumerate(shown))
+        described = tuple((mask, object_target(scene, k)) for k, mask in enumerate(shown))
     return Item(images, qa.question, qa.answer, qa.family, targets, turns, evidence, readout, described)
 
 
@@ -146,7 +145,7 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
         with answers, ``labels`` ``(B, T)`` (``-100`` outside answers) and, when every item has
         them, ``patch_targets`` ``(N_images, P, 3)`` plus the targets of every cue with visible
         evidence (``vtoken.zoo.guidance.attention_targets``: ``cues`` ``(K, 2)``, ``evidence`` and
-        ``question`` ``(K, T)``, ``readout`` ``(K, 3)``). Without answers the batch is left-padded
+        ``question`` ``(K, T)``, ``readout`` ``(K, 4)``). Without answers the batch is left-padded
         for generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]

@@ -9,7 +9,8 @@ size, colour and shape words. Each cue gets:
   description, the object being listed);
 - ``question``: the text naming what to look for (the turn's question; in a description, the
   position words just written, e.g. "top left");
-- ``readout``: the colour, shape and cell of the evidence object when it is one object.
+- ``readout``: the colour, shape and cell of the evidence object (and of a relation's reference
+  object, its cell), see ``vtoken.zoo.readout``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, pr
 
     Returns:
         ``cues`` ``(K, 2)`` (row, position), ``evidence`` and ``question`` ``(K, T)`` bool,
-        ``readout`` ``(K, 3)``.
+        ``readout`` ``(K, 4)``.
     """
     cues, masks, questions, readouts = [], [], [], []
     for i, item in enumerate(items):

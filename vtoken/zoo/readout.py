@@ -5,26 +5,46 @@ object, yet the answers still ignored the image: a linear probe of the object's 
 cue's hidden state after the guided layer stayed near chance (0.23, chance 0.14). The cue looked
 but did not read. So a linear head (discarded after training) asks the cue's hidden state after the
 guided layer for the colour, shape and grid cell of the object the answer is read from, whenever
-that is a single object - the intermediate result of a two-hop "find it, then read it" circuit.
+that is a single object (for a relation, also the reference object's cell) - the intermediate
+result of a two-hop "find it, then read it" circuit.
 """
 
 from __future__ import annotations
 
 import torch
 
+from vtoken.zoo.guidance import UNGUIDED
+from vtoken.zoo.questions import QA
 from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES, Scene
 
 IGNORE = -100
-# (name, classes) of the three readout targets, in ``readout_target`` order.
-READOUTS = (("colour", len(COLOURS)), ("shape", len(SHAPES)), ("cell", len(POSITIONS)))
+# (name, classes) of the readout targets, in ``readout_target`` order; ``other_cell`` is the cell of
+# a relation's reference object ("... left or right of the circle").
+READOUTS = (
+    ("colour", len(COLOURS)),
+    ("shape", len(SHAPES)),
+    ("cell", len(POSITIONS)),
+    ("other_cell", len(POSITIONS)),
+)
+Target = tuple[int, int, int, int]
 
 
-def readout_target(scene: Scene, evidence: tuple[int, ...]) -> tuple[int, int, int]:
-    """``(colour, shape, cell)`` indices of the single evidence object, or ``IGNORE`` three times."""
-    if len(evidence) != 1:
-        return IGNORE, IGNORE, IGNORE
-    obj = scene.objects[evidence[0]]
-    return list(COLOURS).index(obj.colour), SHAPES.index(obj.shape), obj.cell
+def readout_target(scene: Scene, qa: QA) -> Target:
+    """``READOUTS`` targets of the cue answering ``qa``: its object, and for a relation the cell of
+    the reference object too; ``IGNORE`` where the answer is not read from one object (counts,
+    descriptions, negative existence questions)."""
+    if qa.family == "relation":
+        first, other = qa.evidence
+        return (*object_target(scene, first)[:3], scene.objects[other].cell)
+    if len(qa.evidence) != 1 or qa.family in UNGUIDED:
+        return IGNORE, IGNORE, IGNORE, IGNORE
+    return object_target(scene, qa.evidence[0])
+
+
+def object_target(scene: Scene, k: int) -> Target:
+    """``READOUTS`` targets naming object ``k`` of ``scene`` (no other object)."""
+    obj = scene.objects[k]
+    return list(COLOURS).index(obj.colour), SHAPES.index(obj.shape), obj.cell, IGNORE
 
 
 class ReadoutHead(torch.nn.Module):
@@ -36,20 +56,19 @@ class ReadoutHead(torch.nn.Module):
         self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for _, n in READOUTS)
 
     def loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over heads and the cues that have a target.
+        """Mean cross-entropy over the heads that have targets, each over the cues that have one.
 
         Args:
             states: ``(K, hidden)`` hidden states at the cue tokens.
-            targets: ``(K, len(READOUTS))`` class ids, ``IGNORE`` where the evidence is not one object.
+            targets: ``(K, len(READOUTS))`` class ids, ``IGNORE`` where there is no target.
 
         Returns:
             Scalar loss (0 when no cue has a target).
         """
-        if (targets[:, 0] == IGNORE).all():
-            return states.sum() * 0.0
         x = self.norm(states)
         losses = [
             torch.nn.functional.cross_entropy(head(x), targets[:, k], ignore_index=IGNORE)
             for k, head in enumerate(self.heads)
+            if (targets[:, k] != IGNORE).any()
         ]
-        return torch.stack(losses).mean()
+        return torch.stack(losses).mean() if losses else states.sum() * 0.0
