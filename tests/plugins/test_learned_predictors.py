@@ -9,7 +9,7 @@ import torch
 from conftest import make_inputs, tiny
 from vtoken_plugins.token_pruning import TokenPruning
 from vtoken_plugins.token_pruning.predictors import Predictors
-from vtoken_plugins.token_pruning.train import TrainConfig, train_predictors
+from vtoken_plugins.token_pruning.train import TrainConfig, gumbel_top_k, train_predictors
 
 import vtoken
 from vtoken.tiny import build_tiny
@@ -47,6 +47,25 @@ def test_training_logs_and_round_trips(trained):
     pad = torch.zeros(2, 5, dtype=torch.bool)
     assert torch.equal(loaded.vision(hidden, pad), again.vision(hidden, pad))
     assert loaded.spec.layer == 2 and loaded.spec.hidden_size == 64
+
+
+def test_vision_mask_keeps_exactly_the_ratio_of_each_rows_visual_tokens():
+    torch.manual_seed(0)
+    logits = torch.randn(3, 20, requires_grad=True)
+    eligible = torch.zeros(3, 20, dtype=torch.bool)
+    eligible[0, :10], eligible[1, 5:], eligible[2, 3:4] = True, True, True
+    mask = gumbel_top_k(logits, eligible, keep_ratio=0.2, tau=0.5)
+    assert mask[~eligible].eq(1).all()
+    assert [int(mask[r][eligible[r]].sum()) for r in range(3)] == [2, 3, 1]  # ceil(0.2 * n), at least 1
+    mask.sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[eligible].abs().sum() > 0
+
+
+def test_vision_mask_follows_the_logits_at_low_noise():
+    logits = torch.tensor([[0.0, 50.0, -50.0, 40.0, 0.0]])
+    eligible = torch.tensor([[False, True, True, True, True]])
+    mask = gumbel_top_k(logits, eligible, keep_ratio=0.5, tau=0.1)
+    assert mask.detach().tolist() == [[1.0, 1.0, 0.0, 1.0, 0.0]]
 
 
 def _layer_inputs(model, inputs, layer):

@@ -1,12 +1,17 @@
 """Train Dynamic-LLaVA's predictors on a frozen model (Huang et al., 2025, section 3).
 
 During training nothing is removed: from layer K on, attention multiplies each key's probability
-by a Gumbel-sigmoid mask (straight-through: hard 0/1 forward, soft gradient) and renormalises,
-which is what dropping the masked keys means. Visual keys are masked by the vision predictor for
-every later query; each answer token's key by the text predictor for the answer tokens after it
-(it always sees itself, as in decoding). Loss: the answer's cross-entropy plus
-``ratio_weight * (mean mask - target)^2`` for each predictor; the temperature anneals linearly.
-Deviation from the paper: the base model stays frozen (the paper tunes it jointly).
+by a 0/1 mask (straight-through: hard forward, soft gradient) and renormalises, which is what
+dropping the masked keys means. Visual keys are masked by the vision predictor for every later
+query; each answer token's key by the text predictor for the answer tokens after it (it always
+sees itself, as in decoding). The text mask is Gumbel-sigmoid with the loss
+``ratio_weight * (mean mask - target)^2``; the temperature anneals linearly.
+
+Deviations from the paper: the base model stays frozen (the paper tunes it jointly), and the vision
+mask keeps exactly ``keep_ratio`` of each row's visual tokens, the top ones by logit plus Gumbel
+noise (a relaxed top-k), instead of a Gumbel-sigmoid held at the ratio by a loss: against a frozen
+model the answer loss always prefers keeping more, and the sigmoid mask's keep rate drifted from
+0.2 to 0.97 within 600 steps on the bundled model. Inference keeps the top tokens by logit too.
 
 Command (bundled model, synthetic training data)::
 
@@ -33,8 +38,9 @@ from vtoken_plugins.token_pruning.predictors import WEIGHTS, Predictors, Predict
 class TrainConfig:
     """Args:
     steps: optimiser steps. lr: AdamW learning rate.
-    keep_ratio / text_keep_ratio: targets of the vision / text masks (paper: 0.2 / 0.5).
-    ratio_weight: weight of each keep-ratio loss. tau_start / tau_end: Gumbel temperature.
+    keep_ratio: share of visual tokens the vision mask keeps (paper: 0.2).
+    text_keep_ratio: target of the text mask (paper: 0.5). ratio_weight: weight of its loss.
+    tau_start / tau_end: Gumbel temperature.
     layer: the layer K the predictors read and prune from. width: predictor width. seed: seed.
     """
 
@@ -48,6 +54,28 @@ class TrainConfig:
     layer: int = 2
     width: int = 128
     seed: int = 0
+
+
+def gumbel_top_k(logits: Tensor, eligible: Tensor, keep_ratio: float, tau: float) -> Tensor:
+    """Straight-through relaxed top-k: per row, 1 for the ``keep_ratio`` share of ``eligible``
+    entries with the largest logit + Gumbel noise, 0 for the other eligible ones, 1 elsewhere.
+
+    Args:
+        logits: ``(B, T)`` keep logits. eligible: ``(B, T)`` bool, the entries that may be dropped.
+        keep_ratio: share of each row's eligible entries kept. tau: temperature of the soft values.
+
+    Returns:
+        ``(B, T)`` mask whose gradient is that of ``sigmoid((noisy logit - threshold) / tau)``.
+    """
+    u = torch.rand_like(logits).clamp(1e-6, 1 - 1e-6)
+    noisy = (logits - torch.log(-torch.log(u))).masked_fill(~eligible, -1e4)  # finite: no NaN grads
+    counts = eligible.sum(1, keepdim=True)  # (B, 1)
+    k = (counts * keep_ratio).ceil().clamp(min=1).long()
+    ranked = noisy.sort(1, descending=True).values
+    threshold = (ranked.gather(1, k - 1) + ranked.gather(1, k.clamp(max=logits.shape[1] - 1))) / 2
+    soft = torch.sigmoid((noisy - threshold) / tau)
+    hard = (noisy > threshold).to(soft.dtype)
+    return torch.where(eligible, hard + soft - soft.detach(), torch.ones_like(soft))
 
 
 def gumbel_mask(logits: Tensor, tau: float) -> Tensor:
@@ -85,7 +113,7 @@ class _MaskedTraining:
         vis_logits = self.predictors.vision(hidden, ~visual)  # (B, T): only visual entries used
         answer = labels != -100
         txt_logits = self.predictors.text(hidden)  # (B, T)
-        m_vis = torch.where(visual, gumbel_mask(vis_logits, self.tau), torch.ones_like(vis_logits))
+        m_vis = gumbel_top_k(vis_logits, visual, self.cfg.keep_ratio, self.tau)
         m_txt = torch.where(answer, gumbel_mask(txt_logits, self.tau), torch.ones_like(txt_logits))
         length = ids.shape[1]
         later = torch.ones(length, length).tril(-1).bool()  # query i sees key j's mask iff i > j
@@ -130,8 +158,8 @@ def train_predictors(
             trainer.batch = batch
             lm_loss = model(**batch).loss
             ratios = trainer.ratios
-            vision_gap, text_gap = ratios["vision"] - cfg.keep_ratio, ratios["text"] - cfg.text_keep_ratio
-            ratio_loss = vision_gap**2 + text_gap**2
+            text_gap = ratios["text"] - cfg.text_keep_ratio
+            ratio_loss = text_gap**2  # the vision mask keeps exactly keep_ratio (gumbel_top_k)
             loss = lm_loss + cfg.ratio_weight * ratio_loss
             optimizer.zero_grad()
             loss.backward()
