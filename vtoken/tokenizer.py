@@ -15,6 +15,7 @@ def build_word_tokenizer(
     special_tokens: Sequence[str] = (),
     *,
     model_max_length: int = 4096,
+    padding_side: str = "right",
 ) -> PreTrainedTokenizerFast:
     """Build a word-level fast tokenizer from a fixed vocabulary.
 
@@ -26,6 +27,7 @@ def build_word_tokenizer(
         words: ordinary vocabulary words (and punctuation marks).
         special_tokens: tokens matched before splitting and never split, such as ``<image>``.
         model_max_length: longest sequence the tokenizer will produce without warning.
+        padding_side: where batches are padded ("left" for batched generation).
 
     Returns:
         A ``PreTrainedTokenizerFast`` that saves and loads with ``save_pretrained`` /
@@ -46,6 +48,7 @@ def build_word_tokenizer(
         bos_token=BOS,
         eos_token=EOS,
         model_max_length=model_max_length,
+        padding_side=padding_side,  # a constructor argument, so save_pretrained keeps it
     )
     tok.add_special_tokens({"additional_special_tokens": specials})
     return tok

@@ -100,9 +100,8 @@ class ZooModelConfig:
 
 def build_tokenizer() -> PreTrainedTokenizerFast:
     """Word-level tokenizer over the closed scene vocabulary; ``<image>`` has id 4."""
-    tok = build_word_tokenizer(vocabulary(), special_tokens=[IMAGE_TOKEN])
-    tok.padding_side = "left"  # batched generation appends after the prompt
-    return tok
+    # Left padding: batched generation appends after the prompt (saved with the tokenizer).
+    return build_word_tokenizer(vocabulary(), special_tokens=[IMAGE_TOKEN], padding_side="left")
 
 
 def build_processor(config: ZooModelConfig) -> LlavaProcessor:
