@@ -77,16 +77,14 @@ def make_item(
         return Item(images, qa.question, qa.answer, qa.family, follow_ups=turns)
     ids = object_map(scene)
     targets = tuple(patch_targets(scene, ids, view, grid) for view in views)
-    evidence = tuple(
-        np.concatenate([evidence_mask(ids, guided_evidence(turn), view, grid) for view in views])
-        for turn in (qa, *follow_ups)
-    )
+    def shown(objects: tuple[int, ...]) -> np.ndarray:  # (N_images * P,) over all views
+        return np.concatenate([evidence_mask(ids, objects, view, grid) for view in views])
+
+    evidence = tuple(shown(guided_evidence(turn)) for turn in (qa, *follow_ups))
     readout = tuple(readout_target(scene, turn) for turn in (qa, *follow_ups))
     described = ()
     if qa.family == "describe":  # objects are listed in scene order
-        objects = range(len(scene.objects))
-        shown = [np.concatenate([evidence_mask(ids, (k,), v, grid) for v in views]) for k in objects]
-        described = tuple((mask, object_target(scene, k)) for k, mask in enumerate(shown))
+        described = tuple((shown((k,)), object_target(scene, k)) for k in range(len(scene.objects)))
     return Item(images, qa.question, qa.answer, qa.family, targets, turns, evidence, readout, described)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vtoken.zoo.guidance import UNGUIDED
+from vtoken.zoo.guidance import guided_evidence
 from vtoken.zoo.questions import QA
 from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES, Scene
 
@@ -36,9 +36,10 @@ def readout_target(scene: Scene, qa: QA) -> Target:
     if qa.family == "relation":
         first, other = qa.evidence
         return (*object_target(scene, first)[:3], scene.objects[other].cell)
-    if len(qa.evidence) != 1 or qa.family in UNGUIDED:
+    evidence = guided_evidence(qa)
+    if len(evidence) != 1:
         return IGNORE, IGNORE, IGNORE, IGNORE
-    return object_target(scene, qa.evidence[0])
+    return object_target(scene, evidence[0])
 
 
 def object_target(scene: Scene, k: int) -> Target:
