@@ -25,7 +25,8 @@ def test_turn_cues_are_answer_colons_pointing_at_the_evidence_and_question():
     for (row, pos), evidence, question in zip(batch["cues"].tolist(), batch["evidence"], batch["question"]):
         assert labels[row, pos] == IGNORE_INDEX and labels[row, pos + 1] != IGNORE_INDEX  # cue, answer
         assert TOK.convert_ids_to_tokens(int(ids[row, pos])) == ":"
-        assert evidence.any() and (ids[row][evidence] == PROCESSOR.image_token_id).all()
+        shown = ids[row][evidence]
+        assert evidence.any() and ((shown == PROCESSOR.image_token_id) | (shown == TOK.bos_token_id)).all()
         assert " ".join(_words(ids[row], question)) in asked and question.nonzero().max() < pos
     turns = sum(1 + len(it.follow_ups) for it in items)
     assert 0 < len(batch["cues"]) <= turns
@@ -47,9 +48,9 @@ def test_description_cues_precede_each_attribute_of_the_listed_object():
             assert TOK.convert_ids_to_tokens(int(ids[cue + 1])) == word
             assert " ".join(_words(ids, batch["question"][n])) == obj.position
             assert batch["evidence"][n].sum() == item.described[k][0].sum() > 0
-            colour, shape, cell, other = batch["readout"][n].tolist()
-            named = (colours[colour], SHAPES[shape], POSITIONS[cell], other)
-            assert named == (obj.colour, obj.shape, obj.position, IGNORE)
+            colour, shape, cell, *others = batch["readout"][n].tolist()
+            named = (colours[colour], SHAPES[shape], POSITIONS[cell], *others)
+            assert named == (obj.colour, obj.shape, obj.position, IGNORE, IGNORE, IGNORE)
 
 
 def test_description_slots_handle_one_and_two_word_positions():
@@ -65,10 +66,31 @@ def test_items_without_descriptions_have_no_object_slots():
         assert item.described == ()
 
 
-def test_count_questions_are_not_guided():
-    scene, qa = sample(4, "count")
-    while not qa.evidence:  # a colour that is present
-        scene, qa = sample(scene.seed + 1, "count")
+def _guided(qa, scene):
     item = make_item(scene, qa, False, np.random.default_rng(0), grid=12)
-    assert not item.evidence[0].any()
-    assert "cues" not in encode(PROCESSOR, [item], with_answers=True)
+    batch = encode(PROCESSOR, [item], with_answers=True)
+    (evidence,) = batch["evidence"]
+    return item, batch["input_ids"][0], evidence
+
+
+def test_count_cues_look_at_one_anchor_per_counted_object_and_the_sink():
+    for seed in range(40):
+        scene, qa = sample(seed, "count")
+        item, ids, evidence = _guided(qa, scene)
+        assert ids[0] == TOK.bos_token_id and evidence[0]  # the sink
+        anchors = evidence & (ids == PROCESSOR.image_token_id)
+        assert anchors.sum() == int(qa.answer)  # every centre lies inside the image
+        assert item.evidence[0].sum() == int(qa.answer)
+
+
+def test_existence_cues_look_at_the_object_or_only_at_the_sink():
+    answers = set()
+    for seed in range(20):
+        scene, qa = sample(seed, "exists")
+        item, ids, evidence = _guided(qa, scene)
+        answers.add(qa.answer)
+        if qa.answer == "no":
+            assert evidence.nonzero().squeeze(1).tolist() == [0]
+        else:
+            assert not evidence[0] and evidence.sum() == item.evidence[0].sum() > 1
+    assert answers == {"yes", "no"}

@@ -4,7 +4,15 @@ import numpy as np
 import torch
 
 from vtoken.zoo.data import make_item
-from vtoken.zoo.patch_targets import NO_DIGIT, PatchHead, evidence_mask, object_map, patch_targets
+from vtoken.zoo.patch_targets import (
+    HEADS,
+    NO_DIGIT,
+    PatchHead,
+    anchor_mask,
+    evidence_mask,
+    object_map,
+    patch_targets,
+)
 from vtoken.zoo.questions import sample
 from vtoken.zoo.scenes import COLOURS, SHAPES, SOURCE_SIZE, crop_box, make_scene
 
@@ -21,7 +29,8 @@ def test_object_centres_carry_their_colour_and_shape():
             cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
             if ids[cy, cx] != k:  # covered by a later object
                 continue
-            colour, shape, digit = targets[cy * SOURCE_SIZE + cx]
+            colour, shape, digit, anchor = targets[cy * SOURCE_SIZE + cx]
+            assert anchor == 1
             assert (colour, shape) == (1 + list(COLOURS).index(obj.colour), 1 + SHAPES.index(obj.shape))
             assert digit == NO_DIGIT  # never a digit target in the whole (illegible) view
 
@@ -52,16 +61,16 @@ def test_items_carry_targets_only_when_asked():
     rng = np.random.default_rng(0)
     assert make_item(scene, qa, True, rng).targets == ()
     item = make_item(scene, qa, True, np.random.default_rng(0), grid=12)
-    assert [t.shape for t in item.targets] == [(144, 3), (144, 3)]
+    assert [t.shape for t in item.targets] == [(144, len(HEADS))] * 2
 
 
 def test_patch_head_loss_is_cross_entropy_per_head():
     head = PatchHead(8)
     features = torch.randn(2, 4, 8)
-    targets = torch.stack([torch.randint(0, n, (2, 4)) for n in (7, 7, 11)], dim=-1)
+    targets = torch.stack([torch.randint(0, n, (2, 4)) for _, n in HEADS], dim=-1)
     ce = torch.nn.functional.cross_entropy
     expected = sum(ce(h(features).flatten(0, 1), targets[..., k].flatten()) for k, h in enumerate(head.heads))
-    torch.testing.assert_close(head.loss(features, targets), expected / 3)
+    torch.testing.assert_close(head.loss(features, targets), expected / len(HEADS))
 
 
 def test_evidence_mask_marks_patches_under_the_evidence_objects():
@@ -70,3 +79,22 @@ def test_evidence_mask_marks_patches_under_the_evidence_objects():
     mask = evidence_mask(ids, qa.evidence, WHOLE, grid=SOURCE_SIZE).reshape(SOURCE_SIZE, SOURCE_SIZE)
     assert np.array_equal(mask, ids == qa.evidence[0])
     assert not evidence_mask(ids, (), WHOLE, grid=12).any()
+
+
+def test_anchor_mask_marks_one_patch_per_visible_object_centre():
+    scene = make_scene(6)
+    everything = tuple(range(len(scene.objects)))
+    grid = 12
+    mask = anchor_mask(scene, everything, WHOLE, grid)
+    centres = {
+        (
+            int((o.box[1] + o.box[3]) / 2 * grid / SOURCE_SIZE),
+            int((o.box[0] + o.box[2]) / 2 * grid / SOURCE_SIZE),
+        )
+        for o in scene.objects
+    }
+    assert set(zip(*np.nonzero(mask.reshape(grid, grid)))) == centres
+    assert np.array_equal(patch_targets(scene, object_map(scene), WHOLE, grid)[:, 3], mask)
+    assert not anchor_mask(scene, (), WHOLE, grid).any()
+    obj = scene.objects[0]
+    assert anchor_mask(scene, (0,), crop_box(obj.box), grid).sum() == 1  # a crop of it shows its centre

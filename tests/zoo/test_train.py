@@ -1,6 +1,8 @@
 """Trainer: resuming from a checkpoint reproduces an uninterrupted run exactly."""
 
 import dataclasses
+import json
+import math
 
 import pytest
 import torch
@@ -64,8 +66,13 @@ def test_guidance_settings_are_validated():
     for name in ("attn_weight", "text_attn_weight", "readout_weight"):
         with pytest.raises(ValueError, match="weights must be >= 0"):
             TrainConfig(**{name: -1.0})
-    with pytest.raises(ValueError, match="attn_layer must be >= 1"):
+    with pytest.raises(ValueError, match="attn_layer - attn_span \+ 1 must be >= 1"):
         TrainConfig(attn_layer=0, text_attn_weight=1.0)
+    with pytest.raises(ValueError, match="attn_layer - attn_span \+ 1 must be >= 1"):
+        TrainConfig(attn_layer=1, attn_span=2, text_attn_weight=1.0)
+    with pytest.raises(ValueError, match="attn_span"):
+        TrainConfig(attn_layer=1, attn_span=3)
+    assert list(TrainConfig(attn_layer=2, attn_span=2).guided_layers) == [1, 2]
 
 
 def test_tower_pretraining_moves_only_the_tower_and_has_its_own_schedule():
@@ -111,3 +118,15 @@ def test_init_from_an_exported_folder_starts_from_its_weights(tmp_path):
         torch.testing.assert_close(state["model"][name], value, rtol=0, atol=1e-6)
     fresh = torch.load(train(_cfg(tmp_path / "fresh", 1)), weights_only=False)["model"]
     assert any(not torch.allclose(fresh[k], v) for k, v in shipped.items())  # a fresh init differs
+
+
+def test_two_guided_layers_train_and_a_checkpoint_can_start_a_run(tmp_path):
+    two_layers = dataclasses.replace(TINY, text_layers=2)
+    cfg = dataclasses.replace(_cfg(tmp_path / "a", 2), model=two_layers, attn_layer=1, attn_span=2)
+    first = train(cfg)
+    last = json.loads((tmp_path / "a" / "log.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(last["attn"]) and last["attn"] > 0
+    again = dataclasses.replace(cfg, run_dir=str(tmp_path / "b"), init_from=str(first), lr=1e-9)
+    state = torch.load(train(again), weights_only=False)
+    for name, value in torch.load(first, weights_only=False)["model"].items():
+        torch.testing.assert_close(state["model"][name], value, rtol=0, atol=1e-6)

@@ -84,8 +84,10 @@ def write_model_card(folder: Path, model, processor, run_dir, step: int, per_fam
     params = sum(p.numel() for p in model.parameters())
     full = results["full_view"]
     rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in full.items())
+    last = cfg.get("attn_layer")
+    guided = range(last - cfg.get("attn_span", 1) + 1, last + 1)
     attention = "\n".join(
-        f"| {a['layer']}{' (guided)' if a['layer'] == cfg.get('attn_layer') else ''} | {a['mass']:.3f} "
+        f"| {a['layer']}{' (guided)' if a['layer'] in guided else ''} | {a['mass']:.3f} "
         f"| {a['area']:.3f} | {a['ratio']:.2f}x |"
         for a in results["attention"]
     )
@@ -126,25 +128,32 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
 - Up to `turns` distinct questions per training sequence about the same scene (LLaVA-style
   multi-turn conversations; a description is asked alone, crop batches ask one question).
 - An auxiliary per-patch loss (`vtoken.zoo.patch_targets`, weight `aux_weight`): a linear head,
-  discarded after training, predicts the colour and shape of the object under each visual token and,
-  in crops, the digit of the label tag. The vision tower is first pretrained on this loss alone for
+  discarded after training, predicts the colour and shape of the object under each visual token, in
+  crops the digit of the label tag, and whether the patch holds an object's centre (its *anchor*).
+  The vision tower is first pretrained on this loss alone for
   `tower_steps` steps (its own warm-up and cosine schedule), standing in for the pretrained encoder a
   real LLaVA starts from: inside joint training a random tower learned colour per patch at once but
   shape barely at all (linear probe 0.26 on object patches), and binding questions need shape.
-- Attention guidance (weight `attn_weight`, layer `attn_layer`; `vtoken.zoo.guidance`): each *cue* -
-  the `:` before an answer, and in a description the token before each object's size, colour and
-  shape word - is trained to put its attention (mean over heads, at that one decoder layer) on the
-  visual tokens of the object(s) the word is read from (`QA.evidence`: the object asked about, both
-  objects of a relation; in a description, the object being listed). Count questions are not guided
-  (attention averages what it looks at, so a cue made to look only at the counted objects cannot
-  count them). Without guidance every recipe tried here sat at the majority answers: with 144 visual
-  tokens and one-word answers, the gradient reaching any one object through near-uniform attention
-  is tiny. One layer earlier (weight `text_attn_weight`) the same cue is trained to attend to what
-  names its object - the turn's question, or in a description the position words just written - so
-  that it knows what to look for: with the object guidance alone it looked at every object alike.
+- Attention guidance (weight `attn_weight`, the `attn_span` layers ending at `attn_layer`;
+  `vtoken.zoo.guidance`): each *cue* - the `:` before an answer, and in a description the token
+  before each object's size, colour and shape word - is trained to put its attention (mean over
+  heads, at each guided decoder layer) on the visual tokens of the object(s) the word is read from
+  (`QA.evidence`: the object asked about, both objects of a relation; in a description, the object
+  being listed). A count cue is guided to one anchor patch per counted object plus the `<s>` token
+  (a *sink*: the share left on it tells the count; guided to the whole objects, attention averaged
+  them and count stayed at its majority answer), a negative existence cue to the sink alone.
+  Without guidance every recipe tried here sat at the majority answers: with 144 visual tokens and
+  one-word answers, the gradient reaching any one object through near-uniform attention is tiny.
+  One layer before the first guided layer (weight `text_attn_weight`) the same cue is trained to
+  attend to what names its object - the turn's question, or in a description the position words
+  just written - so that it knows what to look for: with the object guidance alone it looked at every
+  object alike. Guiding two layers (the one before the reading layer too) makes the attention that
+  FastV-style pruning ranks by point at what will be read.
 - Readout (weight `readout_weight`; `vtoken.zoo.readout`): a linear head, discarded after training,
-  predicts from the cue's hidden state after the guided layer the colour, shape and grid cell of the
-  object it looks at (when that is one object). With guidance alone the cue looked at the right
+  predicts from the cue's hidden state after the last guided layer the colour, shape and grid cell
+  of the object it looks at (when that is one object; for a relation also the reference object's
+  cell), for a count the count, and for a label question with its crop the digit.
+  With guidance alone the cue looked at the right
   object but its state did not carry what it saw (linear probe of the colour: 0.23, chance 0.14) and
   the answers still ignored the image; with the readout, colour and shape questions left their
   majority answers within a few hundred steps.

@@ -10,9 +10,9 @@ import torch
 from transformers import LlavaProcessor
 
 from vtoken.tokenizer import EOS
-from vtoken.zoo.guidance import attention_targets, guided_evidence
+from vtoken.zoo.guidance import ANCHORED, attention_targets, guided_evidence, looks_at_sink
 from vtoken.zoo.model import build_prompt, follow_up
-from vtoken.zoo.patch_targets import evidence_mask, object_map, patch_targets
+from vtoken.zoo.patch_targets import anchor_mask, evidence_mask, object_map, patch_targets
 from vtoken.zoo.questions import QA, draw_family, make_qa, sample
 from vtoken.zoo.readout import Target, object_target, readout_target
 from vtoken.zoo.scenes import MAX_OBJECTS, MIN_OBJECTS, SOURCE_SIZE, Scene, crop_box, split_seed
@@ -30,12 +30,14 @@ class Item:
         question: question text.
         answer: expected answer text.
         family: question family.
-        targets: per image, ``(P, 3)`` patch targets for the auxiliary vision loss (training only;
+        targets: per image, ``(P, 4)`` patch targets for the auxiliary vision loss (training only;
             see ``vtoken.zoo.patch_targets``), or empty.
         follow_ups: further ``(question, answer)`` turns about the same image(s) (training only).
         evidence: per turn (the question, then each follow-up), a ``(N_images * P,)`` bool mask of
             the visual tokens showing the objects the answer is read from (training only), or empty.
         readout: per turn, the readout targets of its cue (training only, ``vtoken.zoo.readout``).
+        sink: per turn, whether its cue is also guided to the ``<s>`` sink (training only, see
+            ``vtoken.zoo.guidance``).
         described: for a description, per listed object its evidence mask and readout target
             (training only, see ``vtoken.zoo.guidance``), else empty.
     """
@@ -49,6 +51,7 @@ class Item:
     evidence: tuple[np.ndarray, ...] = ()
     readout: tuple[Target, ...] = ()
     described: tuple[tuple[np.ndarray, Target], ...] = ()
+    sink: tuple[bool, ...] = ()
 
 
 def make_item(
@@ -77,15 +80,20 @@ def make_item(
         return Item(images, qa.question, qa.answer, qa.family, follow_ups=turns)
     ids = object_map(scene)
     targets = tuple(patch_targets(scene, ids, view, grid) for view in views)
-    def shown(objects: tuple[int, ...]) -> np.ndarray:  # (N_images * P,) over all views
+
+    def shown(objects: tuple[int, ...], anchors: bool = False) -> np.ndarray:  # (N_images * P,)
+        if anchors:
+            return np.concatenate([anchor_mask(scene, objects, view, grid) for view in views])
         return np.concatenate([evidence_mask(ids, objects, view, grid) for view in views])
 
-    evidence = tuple(shown(guided_evidence(turn)) for turn in (qa, *follow_ups))
-    readout = tuple(readout_target(scene, turn) for turn in (qa, *follow_ups))
+    asked = (qa, *follow_ups)
+    evidence = tuple(shown(guided_evidence(t), t.family in ANCHORED) for t in asked)
+    readout = tuple(readout_target(scene, t, legible=with_crop) for t in asked)
     described = ()
     if qa.family == "describe":  # objects are listed in scene order
         described = tuple((shown((k,)), object_target(scene, k)) for k in range(len(scene.objects)))
-    return Item(images, qa.question, qa.answer, qa.family, targets, turns, evidence, readout, described)
+    sink = tuple(looks_at_sink(t) for t in asked)
+    return Item(images, qa.question, qa.answer, qa.family, targets, turns, evidence, readout, described, sink)
 
 
 def train_items(
@@ -141,9 +149,9 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
     Returns:
         ``input_ids``, ``attention_mask`` ``(B, T)``, ``pixel_values`` ``(N_images, 3, S, S)`` and,
         with answers, ``labels`` ``(B, T)`` (``-100`` outside answers) and, when every item has
-        them, ``patch_targets`` ``(N_images, P, 3)`` plus the targets of every cue with visible
+        them, ``patch_targets`` ``(N_images, P, 4)`` plus the targets of every cue with visible
         evidence (``vtoken.zoo.guidance.attention_targets``: ``cues`` ``(K, 2)``, ``evidence`` and
-        ``question`` ``(K, T)``, ``readout`` ``(K, 4)``). Without answers the batch is left-padded
+        ``question`` ``(K, T)``, ``readout`` ``(K, len(READOUTS))``). Without answers the batch is left-padded
         for generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]

@@ -5,12 +5,16 @@ so its middle layers are guided. A *cue* is a token that predicts a word read of
 ``:`` before each short answer, and, in a scene description, the tokens just before each object's
 size, colour and shape words. Each cue gets:
 
-- ``evidence``: the visual tokens showing the object(s) the word is read from (``QA.evidence``; in a
-  description, the object being listed);
+- ``evidence``: the tokens holding what the word is read from: the visual tokens showing the
+  object(s) of ``QA.evidence`` (in a description, the object being listed); for a count, the
+  *anchor* patch of each counted object (the patch holding its centre, ``anchor_mask``) plus the
+  *sink* (the ``<s>`` token); for a negative existence question, the sink alone ("nothing matches").
+  Attention averages what it looks at, so a cue guided to the whole counted objects could not tell
+  two from three (count stayed at its majority answer); with one anchor per object and the sink,
+  the share left on the sink (``1 / (1 + n)`` when all are weighted alike) tells the count;
 - ``question``: the text naming what to look for (the turn's question; in a description, the
   position words just written, e.g. "top left");
-- ``readout``: the colour, shape and cell of the evidence object (and of a relation's reference
-  object, its cell), see ``vtoken.zoo.readout``.
+- ``readout``: what the cue should have read (``vtoken.zoo.readout``).
 """
 
 from __future__ import annotations
@@ -21,15 +25,18 @@ from vtoken.zoo.questions import QA
 from vtoken.zoo.scenes import POSITIONS
 
 DESCRIPTION_HEAD = 5  # "there are N objects :" precedes the first object
-# Families whose cues are not guided: attention averages what it looks at, so a cue made to look
-# only at the counted objects cannot tell two of them from three (count stayed at its majority
-# answer while colour and shape questions rose under guidance).
-UNGUIDED = ("count",)
+ANCHORED = ("count",)  # families whose cues look at one anchor patch per evidence object
 
 
 def guided_evidence(qa: QA) -> tuple[int, ...]:
-    """The objects the cue of ``qa`` is guided to: its evidence, none for ``UNGUIDED`` families."""
-    return () if qa.family in UNGUIDED else qa.evidence
+    """The objects the cue of ``qa`` is guided to: its evidence, none for a negative existence
+    question (whose evidence objects only resemble what is asked)."""
+    return () if looks_at_sink(qa) and qa.family == "exists" else qa.evidence
+
+
+def looks_at_sink(qa: QA) -> bool:
+    """Whether the cue of ``qa`` is guided to the ``<s>`` sink too: counts and negative existence."""
+    return qa.family in ANCHORED or (qa.family == "exists" and qa.answer == "no")
 
 
 def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, processor) -> dict:
@@ -49,11 +56,13 @@ def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, pr
     cues, masks, questions, readouts = [], [], [], []
     for i, item in enumerate(items):
         visual = (ids[i] == processor.image_token_id).nonzero().squeeze(1)  # (N_images * P,)
+        sink = int((ids[i] == processor.tokenizer.bos_token_id).nonzero()[0, 0])
         row_cues = _row_cues(item, ids[i], prompt_lengths[i], answer_flags[i], processor)
-        for cue, shown, asked, readout in row_cues:
-            if shown.any():
+        for cue, shown, asked, readout, to_sink in row_cues:
+            if shown.any() or to_sink:
                 mask = torch.zeros(ids.shape[1], dtype=torch.bool)
                 mask[visual[torch.from_numpy(shown)]] = True
+                mask[sink] = to_sink
                 cues.append((i, cue))
                 masks.append(mask)
                 questions.append(asked)
@@ -69,16 +78,17 @@ def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, pr
 
 
 def _row_cues(item, row: torch.Tensor, prompt_length: int, is_answer: list[bool], processor):
-    """``(cue position, evidence (N_images * P,), question (T,), readout)`` of one row's cues."""
-    for offset, shown, readout in zip(_turn_starts(is_answer), item.evidence, item.readout):
+    """``(cue position, evidence (N_images * P,), question (T,), readout, to sink)`` of one row's cues."""
+    turns = zip(_turn_starts(is_answer), item.evidence, item.readout, item.sink)
+    for offset, shown, readout, to_sink in turns:
         cue = prompt_length + offset - 1
-        yield cue, shown, _question_tokens(row, cue, processor), readout
+        yield cue, shown, _question_tokens(row, cue, processor), readout, to_sink
     words = item.answer.split()
     for (shown, readout), (first, attributes) in zip(item.described, description_slots(words)):
         named = torch.zeros(len(row), dtype=torch.bool)
         named[prompt_length + first : prompt_length + attributes] = True  # the object's position words
         for offset in range(attributes, attributes + 3):  # size, colour, shape
-            yield prompt_length + offset - 1, shown, named, readout
+            yield prompt_length + offset - 1, shown, named, readout, False
 
 
 def description_slots(words: list[str]) -> list[tuple[int, int]]:
@@ -113,4 +123,3 @@ def _question_tokens(row: torch.Tensor, cue: int, processor) -> torch.Tensor:
         mask[j] = True
         j -= 1
     return mask
-

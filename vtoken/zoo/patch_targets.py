@@ -5,7 +5,9 @@ question family for thousands of steps: one-word answers are a weak signal for a
 initialised vision tower. A real LLaVA starts from a pretrained encoder; the bundled model gets the
 same head start from dense supervision instead. Each visual token is asked, through a linear head
 that is discarded after training, what lies under its patch: the colour and shape of the object
-covering the patch centre (or background) and, in a crop, the digit of the label tag (or none).
+covering the patch centre (or background), in a crop the digit of the label tag (or none), and
+whether the patch holds an object's centre (one *anchor* patch per object, which lets a cue count
+objects by looking at their anchors; see ``vtoken.zoo.guidance``).
 The answer loss still trains everything; the head only shapes the vision tower's features.
 """
 
@@ -20,7 +22,7 @@ from vtoken.zoo.scenes import COLOURS, LABEL_HEIGHT, SHAPES, SOURCE_SIZE, Scene,
 BACKGROUND = 0
 NO_DIGIT = 10
 # (name, number of classes): colour and shape classes are 1 + index, 0 is background.
-HEADS = (("colour", len(COLOURS) + 1), ("shape", len(SHAPES) + 1), ("digit", 11))
+HEADS = (("colour", len(COLOURS) + 1), ("shape", len(SHAPES) + 1), ("digit", 11), ("anchor", 2))
 
 
 def object_map(scene: Scene) -> np.ndarray:
@@ -46,15 +48,17 @@ def patch_targets(scene: Scene, ids: np.ndarray, view: tuple[int, int, int, int]
         grid: patches per side at the model input.
 
     Returns:
-        ``(grid * grid, 3)`` int64 array, patches in row-major order: colour class, shape class
-        (0 = background, else 1 + index) and digit (0-9 on the label tag of a crop, else 10).
+        ``(grid * grid, 4)`` int64 array, patches in row-major order: colour class, shape class
+        (0 = background, else 1 + index), digit (0-9 on the label tag of a crop, else 10) and
+        anchor (1 on the patch holding an object's box centre, see ``anchor_mask``).
     """
     xs, ys = _centres(view, grid)
     under = ids[ys[:, None], xs[None, :]].reshape(-1)  # (grid * grid,)
     colours, shapes = list(COLOURS), list(SHAPES)
     colour = np.array([BACKGROUND] + [1 + colours.index(o.colour) for o in scene.objects])
     shape = np.array([BACKGROUND] + [1 + shapes.index(o.shape) for o in scene.objects])
-    targets = np.stack([colour[under + 1], shape[under + 1], np.full_like(under, NO_DIGIT)], axis=1)
+    anchors = anchor_mask(scene, tuple(range(len(scene.objects))), view, grid)
+    targets = np.stack([colour[under + 1], shape[under + 1], np.full_like(under, NO_DIGIT), anchors], axis=1)
     if view[2] - view[0] < SOURCE_SIZE:  # a crop: the digit becomes legible, so it is a target too
         targets[:, 2] = _digit_targets(scene, xs, ys)
     return targets.astype(np.int64)
@@ -73,6 +77,22 @@ def evidence_mask(
     """
     xs, ys = _centres(view, grid)
     return np.isin(ids[ys[:, None], xs[None, :]], evidence).reshape(-1)
+
+
+def anchor_mask(
+    scene: Scene, evidence: tuple[int, ...], view: tuple[int, int, int, int], grid: int
+) -> np.ndarray:
+    """``(grid * grid,)`` bool: the anchor patch (the one holding the box centre) of each of the
+    ``evidence`` objects whose centre ``view`` shows."""
+    x0, y0, x1, _ = view
+    mask = np.zeros((grid, grid), dtype=bool)
+    for k in evidence:
+        bx0, by0, bx1, by1 = scene.objects[k].box
+        col = ((bx0 + bx1) / 2 - x0) * grid / (x1 - x0)
+        row = ((by0 + by1) / 2 - y0) * grid / (x1 - x0)
+        if 0 <= col < grid and 0 <= row < grid:
+            mask[int(row), int(col)] = True
+    return mask.reshape(-1)
 
 
 def _centres(view: tuple[int, int, int, int], grid: int) -> tuple[np.ndarray, np.ndarray]:

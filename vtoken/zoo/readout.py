@@ -6,7 +6,8 @@ cue's hidden state after the guided layer stayed near chance (0.23, chance 0.14)
 but did not read. So a linear head (discarded after training) asks the cue's hidden state after the
 guided layer for the colour, shape and grid cell of the object the answer is read from, whenever
 that is a single object (for a relation, also the reference object's cell) - the intermediate
-result of a two-hop "find it, then read it" circuit.
+result of a two-hop "find it, then read it" circuit. Count cues are asked for the count, and the
+cues of label questions that come with a crop for the digit, which the crop makes legible.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from vtoken.zoo.guidance import guided_evidence
 from vtoken.zoo.questions import QA
-from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES, Scene
+from vtoken.zoo.scenes import COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, Scene
 
 IGNORE = -100
 # (name, classes) of the readout targets, in ``readout_target`` order; ``other_cell`` is the cell of
@@ -25,27 +26,34 @@ READOUTS = (
     ("shape", len(SHAPES)),
     ("cell", len(POSITIONS)),
     ("other_cell", len(POSITIONS)),
+    ("count", MAX_OBJECTS + 1),
+    ("digit", 10),
 )
-Target = tuple[int, int, int, int]
+Target = tuple[int, int, int, int, int, int]
 
 
-def readout_target(scene: Scene, qa: QA) -> Target:
-    """``READOUTS`` targets of the cue answering ``qa``: its object, and for a relation the cell of
-    the reference object too; ``IGNORE`` where the answer is not read from one object (counts,
-    descriptions, negative existence questions)."""
+def readout_target(scene: Scene, qa: QA, legible: bool = False) -> Target:
+    """``READOUTS`` targets of the cue answering ``qa``: its object, for a relation the cell of the
+    reference object too, for a count the count, and for a label question whose crop is shown
+    (``legible``) the digit; ``IGNORE`` where there is no such target (the object attributes of
+    counts, descriptions and negative existence questions, which are not read from one object)."""
+    none = (IGNORE,) * len(READOUTS)
+    if qa.family == "count":
+        return (*none[:4], int(qa.answer), IGNORE)
     if qa.family == "relation":
         first, other = qa.evidence
-        return (*object_target(scene, first)[:3], scene.objects[other].cell)
+        return (*object_target(scene, first)[:3], scene.objects[other].cell, IGNORE, IGNORE)
     evidence = guided_evidence(qa)
     if len(evidence) != 1:
-        return IGNORE, IGNORE, IGNORE, IGNORE
-    return object_target(scene, evidence[0])
+        return none
+    digit = int(qa.answer) if qa.family == "label" and legible else IGNORE
+    return (*object_target(scene, evidence[0])[:5], digit)
 
 
 def object_target(scene: Scene, k: int) -> Target:
     """``READOUTS`` targets naming object ``k`` of ``scene`` (no other object)."""
     obj = scene.objects[k]
-    return list(COLOURS).index(obj.colour), SHAPES.index(obj.shape), obj.cell, IGNORE
+    return list(COLOURS).index(obj.colour), SHAPES.index(obj.shape), obj.cell, IGNORE, IGNORE, IGNORE
 
 
 class ReadoutHead(torch.nn.Module):

@@ -55,19 +55,24 @@ class TrainConfig:
             0 trains from answers alone.
         attn_weight: weight of the attention guidance loss: ``-log`` of the attention mass (mean
             over heads) that each cue (the ``:`` before an answer, the token before a description's
-            attribute word; ``vtoken.zoo.guidance``) puts, at decoder layer ``attn_layer``, on the
-            visual tokens showing the object(s) the word is read from; 0 off.
-        attn_layer: decoder layer (0-based) whose attention is guided.
-        text_attn_weight: weight of the same loss one layer earlier (``attn_layer - 1``) with the
+            attribute word; ``vtoken.zoo.guidance``) puts, at the guided decoder layers, on the
+            tokens holding what the word is read from (mean over those layers); 0 off.
+        attn_layer: last decoder layer (0-based) whose attention is guided; the readout loss reads
+            the hidden state after it.
+        attn_span: number of guided layers, ending at ``attn_layer``. Guiding the layer before
+            the reading one as well makes the attention that FastV-style pruning ranks by (the
+            last prompt token's, one layer before the pruning layer) point at what will be read.
+        text_attn_weight: weight of the same loss one layer before the first guided layer with the
             turn's question tokens (in a description, the position words just written) as target:
             the cue first reads what to look for, then looks for it (without it, the cue looked at
             every object alike); 0 off.
         readout_weight: weight of the readout loss: a linear head asks the cue's hidden state
             after layer ``attn_layer`` for the colour, shape and cell of the object the answer is
             read from, when that is one object (``vtoken.zoo.readout``); 0 off.
-        init_from: exported model folder or bundled model name whose weights start the run (run
-            folders are not kept in git, so a later session continues a shipped model this way;
-            the optimizer and training heads start afresh). Sizes must match ``model``.
+        init_from: exported model folder, bundled model name or training checkpoint (``.pt``)
+            whose model weights start the run (run folders are not kept in git, so a later session
+            continues a shipped model this way; the optimizer and training heads start afresh).
+            Sizes must match ``model``.
         bf16: run forward/backward under CPU bfloat16 autocast (slower on CPUs without AMX).
         threads: torch intra-op threads for the training process.
         model: model sizes.
@@ -92,6 +97,7 @@ class TrainConfig:
     aux_weight: float = 1.0
     attn_weight: float = 1.0
     attn_layer: int = 1
+    attn_span: int = 1
     text_attn_weight: float = 0.0
     readout_weight: float = 0.0
     init_from: str = ""
@@ -107,14 +113,24 @@ class TrainConfig:
         weights = (self.aux_weight, self.attn_weight, self.text_attn_weight, self.readout_weight)
         if min(weights) < 0:
             raise ValueError(f"loss weights must be >= 0, got aux/attn/text_attn/readout {weights}")
-        if self.text_attn_weight and self.attn_layer < 1:
-            raise ValueError("text_attn_weight guides layer attn_layer - 1: attn_layer must be >= 1")
         if not 0 <= self.attn_layer < self.model.text_layers:
             raise ValueError(f"attn_layer must be in [0, {self.model.text_layers}), got {self.attn_layer}")
+        if not 1 <= self.attn_span <= self.attn_layer + 1:
+            raise ValueError(f"attn_span must be in [1, attn_layer + 1], got {self.attn_span}")
+        if self.text_attn_weight and self.guided_layers[0] < 1:
+            raise ValueError(
+                "text_attn_weight guides the layer before the first guided layer: "
+                "attn_layer - attn_span + 1 must be >= 1"
+            )
         if self.steps <= 0 or self.batch_size <= 0 or self.turns <= 0:
             raise ValueError("steps, batch_size and turns must be positive")
         if self.tower_steps < 0 or (self.tower_steps and self.aux_weight == 0):
             raise ValueError("tower_steps must be >= 0, and tower pretraining needs aux_weight > 0")
+
+    @property
+    def guided_layers(self) -> range:
+        """Decoder layers whose attention is guided to the evidence."""
+        return range(self.attn_layer - self.attn_span + 1, self.attn_layer + 1)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -176,7 +192,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
 
 
 def _exported_weights(name: str) -> dict[str, torch.Tensor]:
-    """State dict of an exported model folder or bundled model (see ``vtoken.zoo.load``)."""
+    """Model state dict of a training checkpoint (``.pt``), an exported model folder or a bundled
+    model (see ``vtoken.zoo.load``)."""
+    if name.endswith(".pt"):
+        return torch.load(name, weights_only=False)["model"]
     from vtoken.zoo import load
 
     return load(name)[0].state_dict()
@@ -255,10 +274,12 @@ def _train_step(model, heads, optimizer, batch: dict[str, torch.Tensor], lr: flo
         if "patch_targets" in batch:
             losses["aux"] = heads.patch.loss(seen[0].float(), batch["patch_targets"])
         if guide:
-            losses["attn"] = attention_guidance_loss(out.attentions[cfg.attn_layer], batch)
+            layers = [attention_guidance_loss(out.attentions[k], batch) for k in cfg.guided_layers]
+            losses["attn"] = torch.stack(layers).mean()
         if guide and cfg.text_attn_weight > 0:
             question = {"cues": batch["cues"], "evidence": batch["question"]}
-            losses["text_attn"] = attention_guidance_loss(out.attentions[cfg.attn_layer - 1], question)
+            text_layer = cfg.guided_layers[0] - 1
+            losses["text_attn"] = attention_guidance_loss(out.attentions[text_layer], question)
         if read:
             cues = batch["cues"]
             states = out.hidden_states[cfg.attn_layer + 1][cues[:, 0], cues[:, 1]].float()  # (K, hidden)
