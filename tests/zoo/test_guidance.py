@@ -37,14 +37,16 @@ def test_description_cues_precede_each_attribute_of_the_listed_object():
     item = make_item(scene, qa, False, np.random.default_rng(0), grid=12)
     batch = encode(PROCESSOR, [item], with_answers=True)
     ids = batch["input_ids"][0]
-    cues = batch["cues"][:, 1].tolist()
+    first, *cues = batch["cues"][:, 1].tolist()
+    assert TOK.convert_ids_to_tokens(int(ids[first])) == ":" and batch["evidence"][0, 0]  # counts: sink
+    assert batch["readout"][0].tolist()[4] == len(scene.objects)
     visible = [k for k, (shown, _) in enumerate(item.described) if shown.any()]
     assert len(cues) == 3 * len(visible) and len(visible) >= len(scene.objects) - 1  # one may be hidden
     colours = list(COLOURS)
     for j, k in enumerate(visible):
         obj = scene.objects[k]
         for a, (cue, word) in enumerate(zip(cues[3 * j : 3 * j + 3], (obj.size, obj.colour, obj.shape))):
-            n = 3 * j + a
+            n = 1 + 3 * j + a
             assert TOK.convert_ids_to_tokens(int(ids[cue + 1])) == word
             assert " ".join(_words(ids, batch["question"][n])) == obj.position
             assert batch["evidence"][n].sum() == item.described[k][0].sum() > 0

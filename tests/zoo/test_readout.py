@@ -35,8 +35,12 @@ def test_counts_descriptions_and_negatives_have_no_object_target():
         for family in ("count", "describe", "exists"):
             qa = make_qa(scene, family, rng)
             target = dict(zip(names, readout_target(scene, qa)))
-            if family == "count":
-                assert target.pop("count") == int(qa.answer)
+            if family in ("count", "describe"):  # the objects counted, or all the description lists
+                assert (
+                    target.pop("count")
+                    == len(qa.evidence)
+                    == int(qa.answer.split()[-1 if family == "count" else 2])
+                )
             if family != "exists" or qa.answer == "no":
                 assert set(target.values()) == {IGNORE}
 

@@ -141,7 +141,8 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   (`QA.evidence`: the object asked about, both objects of a relation; in a description, the object
   being listed). A count cue is guided to one anchor patch per counted object plus the `<s>` token
   (a *sink*: the share left on it tells the count; guided to the whole objects, attention averaged
-  them and count stayed at its majority answer), a negative existence cue to the sink alone.
+  them and count stayed at its majority answer), and so is the `:` before a description (over all
+  objects: a description starts with their number); a negative existence cue to the sink alone.
   Without guidance every recipe tried here sat at the majority answers: with 144 visual tokens and
   one-word answers, the gradient reaching any one object through near-uniform attention is tiny.
   One layer before the first guided layer (weight `text_attn_weight`) the same cue is trained to

@@ -6,12 +6,15 @@ so its middle layers are guided. A *cue* is a token that predicts a word read of
 size, colour and shape words. Each cue gets:
 
 - ``evidence``: the tokens holding what the word is read from: the visual tokens showing the
-  object(s) of ``QA.evidence`` (in a description, the object being listed); for a count, the
-  *anchor* patch of each counted object (the patch holding its centre, ``anchor_mask``) plus the
-  *sink* (the ``<s>`` token); for a negative existence question, the sink alone ("nothing matches").
-  Attention averages what it looks at, so a cue guided to the whole counted objects could not tell
-  two from three (count stayed at its majority answer); with one anchor per object and the sink,
-  the share left on the sink (``1 / (1 + n)`` when all are weighted alike) tells the count;
+  object(s) of ``QA.evidence`` (for a description's attribute words, the object being listed); for
+  a count, the *anchor* patch of each counted object (the patch holding its centre,
+  ``anchor_mask``) plus the *sink* (the ``<s>`` token); for a negative existence question, the sink
+  alone ("nothing matches"). Attention averages what it looks at, so a cue guided to the whole
+  counted objects could not tell two from three (count stayed at its majority answer); with one
+  anchor per object and the sink, the share left on the sink (``1 / (1 + n)`` when all are weighted
+  alike) tells the count. A description starts with its number of objects, so the ``:`` before it
+  looks at every object's anchor and the sink in the same way (and FastV-style pruning, which keeps
+  what that last prompt token looks at, then keeps a patch of every object);
 - ``question``: the text naming what to look for (the turn's question; in a description, the
   position words just written, e.g. "top left");
 - ``readout``: what the cue should have read (``vtoken.zoo.readout``).
@@ -25,7 +28,7 @@ from vtoken.zoo.questions import QA
 from vtoken.zoo.scenes import POSITIONS
 
 DESCRIPTION_HEAD = 5  # "there are N objects :" precedes the first object
-ANCHORED = ("count",)  # families whose cues look at one anchor patch per evidence object
+ANCHORED = ("count", "describe")  # families whose first cue looks at one anchor per evidence object
 
 
 def guided_evidence(qa: QA) -> tuple[int, ...]:
@@ -35,7 +38,8 @@ def guided_evidence(qa: QA) -> tuple[int, ...]:
 
 
 def looks_at_sink(qa: QA) -> bool:
-    """Whether the cue of ``qa`` is guided to the ``<s>`` sink too: counts and negative existence."""
+    """Whether the cue of ``qa`` is guided to the ``<s>`` sink too: ``ANCHORED`` families and
+    negative existence questions."""
     return qa.family in ANCHORED or (qa.family == "exists" and qa.answer == "no")
 
 

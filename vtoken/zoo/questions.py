@@ -51,7 +51,7 @@ class QA:
             question is about the whole scene.
         evidence: indices (into ``scene.objects``) of the objects the answer is read from: the
             object asked about, both objects of a relation, the objects counted, or for a negative
-            existence question the objects sharing its colour or shape; empty for descriptions.
+            existence question the objects sharing its colour or shape; for a description, all.
     """
 
     question: str
@@ -178,7 +178,8 @@ def _ask_label(scene: Scene, rng: np.random.Generator) -> QA:
 
 
 def _ask_describe(scene: Scene, rng: np.random.Generator) -> QA:
-    return QA("describe the scene .", describe(scene.objects), "describe", None)
+    everything = tuple(range(len(scene.objects)))
+    return QA("describe the scene .", describe(scene.objects), "describe", None, everything)
 
 
 _ASKERS: dict[str, Callable[[Scene, np.random.Generator], QA]] = {

@@ -6,7 +6,8 @@ cue's hidden state after the guided layer stayed near chance (0.23, chance 0.14)
 but did not read. So a linear head (discarded after training) asks the cue's hidden state after the
 guided layer for the colour, shape and grid cell of the object the answer is read from, whenever
 that is a single object (for a relation, also the reference object's cell) - the intermediate
-result of a two-hop "find it, then read it" circuit. Count cues are asked for the count, and the
+result of a two-hop "find it, then read it" circuit. Count cues (and the ``:`` before a
+description) are asked for the number of objects, and the
 cues of label questions that come with a crop for the digit, which the crop makes legible.
 """
 
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from vtoken.zoo.guidance import guided_evidence
+from vtoken.zoo.guidance import ANCHORED, guided_evidence
 from vtoken.zoo.questions import QA
 from vtoken.zoo.scenes import COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, Scene
 
@@ -34,12 +35,13 @@ Target = tuple[int, int, int, int, int, int]
 
 def readout_target(scene: Scene, qa: QA, legible: bool = False) -> Target:
     """``READOUTS`` targets of the cue answering ``qa``: its object, for a relation the cell of the
-    reference object too, for a count the count, and for a label question whose crop is shown
+    reference object too, for a count (and the ``:`` before a description) the number of evidence
+    objects, and for a label question whose crop is shown
     (``legible``) the digit; ``IGNORE`` where there is no such target (the object attributes of
     counts, descriptions and negative existence questions, which are not read from one object)."""
     none = (IGNORE,) * len(READOUTS)
-    if qa.family == "count":
-        return (*none[:4], int(qa.answer), IGNORE)
+    if qa.family in ANCHORED:
+        return (*none[:4], len(qa.evidence), IGNORE)
     if qa.family == "relation":
         first, other = qa.evidence
         return (*object_target(scene, first)[:3], scene.objects[other].cell, IGNORE, IGNORE)
