@@ -43,10 +43,13 @@ def test_training_logs_and_round_trips(trained):
     assert len(log) == 12 and {"lm_loss", "vision_keep", "text_keep"} <= set(log[0])
     loaded = Predictors.load(folder)
     again = Predictors.load(folder)
-    hidden = torch.randn(2, 5, 64)
+    hidden, query = torch.randn(2, 5, 64), torch.randn(2, 64)
     pad = torch.zeros(2, 5, dtype=torch.bool)
-    assert torch.equal(loaded.vision(hidden, pad), again.vision(hidden, pad))
-    assert loaded.spec.layer == 2 and loaded.spec.hidden_size == 64
+    assert torch.equal(loaded.vision(hidden, pad, query), again.vision(hidden, pad, query))
+    assert loaded.spec.layer == 2 and loaded.spec.hidden_size == 64 and loaded.spec.query
+    assert not torch.equal(loaded.vision(hidden, pad, query), loaded.vision(hidden, pad, query.flip(0)))
+    with pytest.raises(ValueError, match="pass query"):
+        loaded.vision(hidden, pad)
 
 
 def test_vision_mask_keeps_exactly_the_ratio_of_each_rows_visual_tokens():
@@ -95,7 +98,8 @@ def test_learned_scorer_keeps_the_top_predicted_tokens(trained):
         layout, positions = session.state.layout, session.state.seq_positions
     for b in range(hidden.shape[0]):
         pos = layout.positions[b][layout.mask[b]]
-        logits = predictors.vision(hidden[b, pos][None], torch.zeros(1, len(pos), dtype=torch.bool))[0]
+        query = hidden[b, -1][None]  # the last prompt token (the batch is left-padded)
+        logits = predictors.vision(hidden[b, pos][None], torch.zeros(1, len(pos), dtype=torch.bool), query)[0]
         top = set(pos[logits.argsort(descending=True, stable=True)[: -(-len(pos) // 4)]].tolist())
         kept = set(positions[b].tolist()) & set(pos.tolist())
         assert kept == top

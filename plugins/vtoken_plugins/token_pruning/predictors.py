@@ -4,6 +4,9 @@ Both read the hidden states entering decoder layer K (K=2 in the paper):
 
 - :class:`VisionPredictor` - a small transformer over the visual tokens with a *local* head (each
   token on its own) and a *global* head (the pooled image), whose sum is each token's keep logit;
+  with ``PredictorSpec.query`` (our addition, on by default) a third term matches each token against
+  the last prompt token's hidden state: the paper's predictor sees the image only, and against a
+  frozen base model (the paper tunes it jointly) it cannot tell which object a question asks about;
 - :class:`TextPredictor` - a per-token MLP giving each generated token a keep logit: whether its K/V
   is kept at layers >= K.
 
@@ -34,6 +37,7 @@ class PredictorSpec:
         width: the predictors' own width (512 in the paper for 7B models).
         depth: transformer layers of the vision predictor.
         heads: its attention heads.
+        query: whether the vision predictor also reads the last prompt token (see the module).
     """
 
     hidden_size: int
@@ -41,6 +45,7 @@ class PredictorSpec:
     width: int = 128
     depth: int = 2
     heads: int = 4
+    query: bool = True
 
 
 class VisionPredictor(nn.Module):
@@ -55,15 +60,32 @@ class VisionPredictor(nn.Module):
         self.encoder = nn.TransformerEncoder(block, spec.depth, enable_nested_tensor=False)
         self.local = nn.Linear(spec.width, 1)
         self.glob = nn.Linear(spec.width, spec.width)
+        self.ask = (
+            nn.Sequential(nn.LayerNorm(spec.hidden_size), nn.Linear(spec.hidden_size, spec.width))
+            if spec.query
+            else None
+        )
 
-    def forward(self, visual: Tensor, pad: Tensor) -> Tensor:
-        """Args: visual ``(B, N, D)``; pad ``(B, N)`` True on padding. Returns ``(B, N)`` logits."""
+    def forward(self, visual: Tensor, pad: Tensor, query: Tensor | None = None) -> Tensor:
+        """Keep logits.
+
+        Args:
+            visual: ``(B, N, D)`` hidden states of the visual tokens (and padding).
+            pad: ``(B, N)`` True on padding.
+            query: ``(B, D)`` hidden state of the last prompt token (needed with ``spec.query``).
+
+        Returns:
+            ``(B, N)`` keep logits.
+        """
         x = self.encoder(self.inp(visual), src_key_padding_mask=pad)  # (B, N, W)
         weights = (~pad).to(x.dtype)[..., None]
         pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, W)
-        local = self.local(x).squeeze(-1)  # (B, N)
-        glob = torch.einsum("bnw,bw->bn", x, self.glob(pooled)) / x.shape[-1] ** 0.5
-        return local + glob
+        context = self.glob(pooled)  # (B, W)
+        if self.ask is not None:
+            if query is None:
+                raise ValueError("this vision predictor reads the last prompt token: pass query (B, D)")
+            context = context + self.ask(query)
+        return self.local(x).squeeze(-1) + torch.einsum("bnw,bw->bn", x, context) / x.shape[-1] ** 0.5
 
 
 class TextPredictor(nn.Module):

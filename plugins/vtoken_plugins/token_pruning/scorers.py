@@ -145,15 +145,18 @@ class VisionCls(Scorer):
 
 
 class Learned(Scorer):
-    """Dynamic-LLaVA's vision predictor, reading the hidden states entering the stage layer."""
+    """Dynamic-LLaVA's vision predictor, reading the hidden states entering the stage layer (of
+    the visual tokens, and of the last prompt token: the one at the highest original position)."""
 
     def bind(self, predictors: torch.nn.Module) -> None:
         self.predictors = predictors
 
     def score(self, view: PruneView, probe: Probe | None) -> Tensor:
         visual = view.hidden.gather(1, view.visual[..., None].expand(-1, -1, view.hidden.shape[-1]))
+        last = view.positions.argmax(-1)  # (B,)
+        query = view.hidden[torch.arange(len(last)), last]  # (B, D)
         with torch.no_grad():
-            return self.predictors.vision(visual.float(), view.visual_pad)  # (B, N) keep logits
+            return self.predictors.vision(visual.float(), view.visual_pad, query.float())  # (B, N)
 
 
 class Downsample(Scorer):

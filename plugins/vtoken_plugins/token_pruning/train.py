@@ -110,8 +110,10 @@ class _MaskedTraining:
         hidden = args[0].detach()  # (B, T, D) entering layer K
         ids, labels = self.batch["input_ids"], self.batch["labels"]
         visual = torch.isin(ids, torch.tensor(self.parts.image_token_ids))
-        vis_logits = self.predictors.vision(hidden, ~visual)  # (B, T): only visual entries used
         answer = labels != -100
+        last = answer.int().argmax(1) - 1  # (B,) the last prompt token, before the first answer token
+        query = hidden[torch.arange(len(last)), last]  # (B, D)
+        vis_logits = self.predictors.vision(hidden, ~visual, query)  # (B, T): only visual entries used
         txt_logits = self.predictors.text(hidden)  # (B, T)
         m_vis = gumbel_top_k(vis_logits, visual, self.cfg.keep_ratio, self.tau)
         m_txt = torch.where(answer, gumbel_mask(txt_logits, self.tau), torch.ones_like(txt_logits))
