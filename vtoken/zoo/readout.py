@@ -7,8 +7,8 @@ but did not read. So a linear head (discarded after training) asks the cue's hid
 guided layer for the colour, shape and grid cell of the object the answer is read from, whenever
 that is a single object (for a relation, also the reference object's cell) - the intermediate
 result of a two-hop "find it, then read it" circuit. Count cues (and the ``:`` before a
-description) are asked for the number of objects, and the
-cues of label questions that come with a crop for the digit, which the crop makes legible.
+description) are asked for the number of objects, and the cues of label questions that come with a
+crop for the digit, which the crop makes legible.
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ Target = tuple[int, int, int, int, int, int]
 def readout_target(scene: Scene, qa: QA, legible: bool = False) -> Target:
     """``READOUTS`` targets of the cue answering ``qa``: its object, for a relation the cell of the
     reference object too, for a count (and the ``:`` before a description) the number of evidence
-    objects, and for a label question whose crop is shown
-    (``legible``) the digit; ``IGNORE`` where there is no such target (the object attributes of
-    counts, descriptions and negative existence questions, which are not read from one object)."""
+    objects, and for a label question whose crop is shown (``legible``) the digit; ``IGNORE`` where
+    there is no such target (the object attributes of counts, descriptions and negative existence
+    questions, which are not read from one object)."""
     none = (IGNORE,) * len(READOUTS)
     if qa.family in ANCHORED:
         return (*none[:4], len(qa.evidence), IGNORE)
