@@ -28,6 +28,7 @@ def test_turn_cues_are_answer_colons_pointing_at_the_evidence_and_question():
         shown = ids[row][evidence]
         assert evidence.any() and ((shown == PROCESSOR.image_token_id) | (shown == TOK.bos_token_id)).all()
         assert " ".join(_words(ids[row], question)) in asked and question.nonzero().max() < pos
+    assert batch["spread"].tolist() == batch["evidence"][:, 0].tolist()  # the cues guided to <s>
     turns = sum(1 + len(it.follow_ups) for it in items)
     assert 0 < len(batch["cues"]) <= turns
 

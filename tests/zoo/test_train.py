@@ -130,3 +130,21 @@ def test_two_guided_layers_train_and_a_checkpoint_can_start_a_run(tmp_path):
     state = torch.load(train(again), weights_only=False)
     for name, value in torch.load(first, weights_only=False)["model"].items():
         torch.testing.assert_close(state["model"][name], value, rtol=0, atol=1e-6)
+
+
+def test_spread_cues_are_trained_to_weigh_their_evidence_evenly():
+    evidence = torch.zeros(1, 5, dtype=torch.bool)
+    evidence[0, [0, 2, 3]] = True  # the sink and two anchors
+    cues = torch.tensor([[0, 4]])
+
+    def loss(weights, spread):
+        attention = torch.zeros(1, 2, 5, 5)
+        attention[0, :, 4] = torch.tensor(weights)
+        batch = {"cues": cues, "evidence": evidence, "spread": torch.tensor([spread])}
+        return attention_guidance_loss(attention, batch).item()
+
+    all_on_sink, even = [1.0, 0, 0, 0, 0], [1 / 3, 0, 1 / 3, 1 / 3, 0]
+    assert loss(all_on_sink, False) == pytest.approx(0.0, abs=1e-6)  # the mass loss is blind to it
+    assert loss(all_on_sink, True) > 5.0
+    assert loss(even, True) == pytest.approx(0.0, abs=1e-6)
+    assert loss([0.5, 0, 0.25, 0.25, 0], True) > 0.0

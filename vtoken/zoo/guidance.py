@@ -12,7 +12,8 @@ size, colour and shape words. Each cue gets:
   alone ("nothing matches"). Attention averages what it looks at, so a cue guided to the whole
   counted objects could not tell two from three (count stayed at its majority answer); with one
   anchor per object and the sink, the share left on the sink (``1 / (1 + n)`` when all are weighted
-  alike) tells the count. A description starts with its number of objects, so the ``:`` before it
+  alike) tells the count, so these cues are trained to weigh their evidence tokens evenly
+  (``spread``). A description starts with its number of objects, so the ``:`` before it
   looks at every object's anchor and the sink in the same way (and FastV-style pruning, which keeps
   what that last prompt token looks at, then keeps a patch of every object);
 - ``question``: the text naming what to look for (the turn's question; in a description, the
@@ -55,9 +56,10 @@ def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, pr
 
     Returns:
         ``cues`` ``(K, 2)`` (row, position), ``evidence`` and ``question`` ``(K, T)`` bool,
-        ``readout`` ``(K, 4)``.
+        ``readout`` ``(K, len(READOUTS))``, ``spread`` ``(K,)`` bool (the sink-guided cues, whose
+        evidence tokens should be weighed evenly).
     """
-    cues, masks, questions, readouts = [], [], [], []
+    cues, masks, questions, readouts, spread = [], [], [], [], []
     for i, item in enumerate(items):
         visual = (ids[i] == processor.image_token_id).nonzero().squeeze(1)  # (N_images * P,)
         sink = int((ids[i] == processor.tokenizer.bos_token_id).nonzero()[0, 0])
@@ -71,6 +73,7 @@ def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, pr
                 masks.append(mask)
                 questions.append(asked)
                 readouts.append(readout)
+                spread.append(to_sink)
     if not cues:
         return {}
     return {
@@ -78,6 +81,7 @@ def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, pr
         "evidence": torch.stack(masks),
         "question": torch.stack(questions),
         "readout": torch.tensor(readouts),
+        "spread": torch.tensor(spread),
     }
 
 

@@ -319,19 +319,27 @@ def _optimize(
 
 
 def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean ``-log`` attention mass on the evidence tokens, from each answer's cue token.
+    """Mean over cues of ``-log`` the attention mass on the evidence tokens or, for cues marked
+    ``spread``, of ``KL(uniform over the evidence || attention)``: a count cue must weigh each
+    anchor and the sink alike (with the mass loss alone it put everything on the sink).
 
     Args:
         attention: ``(B, H, T, T)`` attention probabilities of one decoder layer.
-        batch: with ``cues`` ``(K, 2)`` (row, query position) and ``evidence`` ``(K, T)`` bool.
+        batch: with ``cues`` ``(K, 2)`` (row, query position), ``evidence`` ``(K, T)`` bool and
+            optionally ``spread`` ``(K,)`` bool.
 
     Returns:
         Scalar loss.
     """
-    cues = batch["cues"]
+    cues, evidence = batch["cues"], batch["evidence"]
     rows = attention[cues[:, 0], :, cues[:, 1]].float().mean(1)  # (K, T), mean over heads
-    mass = (rows * batch["evidence"]).sum(-1)  # (K,)
-    return -torch.log(mass.clamp_min(1e-6)).mean()
+    losses = -torch.log((rows * evidence).sum(-1).clamp_min(1e-6))  # (K,)
+    spread = batch.get("spread")
+    if spread is not None and spread.any():
+        n = evidence[spread].sum(-1)  # (S,)
+        logs = torch.log(rows[spread].clamp_min(1e-6)) * evidence[spread]
+        losses[spread] = -logs.sum(-1) / n - torch.log(n.float())  # KL(uniform || rows), >= 0
+    return losses.mean()
 
 
 def question_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
