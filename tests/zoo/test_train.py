@@ -148,3 +148,15 @@ def test_spread_cues_are_trained_to_weigh_their_evidence_evenly():
     assert loss(all_on_sink, True) > 5.0
     assert loss(even, True) == pytest.approx(0.0, abs=1e-6)
     assert loss([0.5, 0, 0.25, 0.25, 0], True) > 0.0
+
+
+def test_exported_card_names_the_guided_layers_and_the_runs_continued(tmp_path):
+    from vtoken.zoo.export import export_checkpoint
+
+    two_layers = dataclasses.replace(TINY, text_layers=2)
+    cfg = dataclasses.replace(_cfg(tmp_path, 1), model=two_layers, attn_layer=1, attn_span=2)
+    train(cfg)
+    (tmp_path / "HISTORY.md").write_text("- earlier run: 10 steps\n")
+    card = (export_checkpoint(tmp_path, "t", tmp_path / "out", test_per_family=1) / "README.md").read_text()
+    assert "- earlier run: 10 steps" in card
+    assert "| 0 (guided) |" in card and "| 1 (guided) |" in card

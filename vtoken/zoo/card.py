@@ -76,7 +76,8 @@ def measure(model, processor, per_family: int) -> dict:
 
 
 def write_model_card(folder: Path, model, processor, run_dir, step: int, per_family: int) -> None:
-    """Evaluate and write ``folder/README.md`` and ``folder/metrics.json``."""
+    """Evaluate and write ``folder/README.md`` and ``folder/metrics.json``; a ``HISTORY.md`` in
+    ``run_dir`` (markdown bullets: the runs this one continued) goes into the card's training section."""
     results = measure(model, processor, per_family)
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
@@ -91,9 +92,11 @@ def write_model_card(folder: Path, model, processor, run_dir, step: int, per_fam
         f"| {a['area']:.3f} | {a['ratio']:.2f}x |"
         for a in results["attention"]
     )
+    lineage = Path(run_dir) / "HISTORY.md"  # earlier runs this one continued (``init_from``)
+    history = "\n" + lineage.read_text().strip() if lineage.exists() else ""
     text = CARD.format(
-        params=params / 1e6, step=step, hours=hours, cfg=json.dumps(cfg, indent=2), rows=rows,
-        crop=results["label_with_crop"], n=results["test_questions"], base=BASE_SIZE,
+        params=params / 1e6, step=step, hours=hours, history=history, cfg=json.dumps(cfg, indent=2),
+        rows=rows, crop=results["label_with_crop"], n=results["test_questions"], base=BASE_SIZE,
         source=SOURCE_SIZE, attention=attention, date=time.strftime("%Y-%m-%d"),
     )  # fmt: skip
     (folder / "README.md").write_text(text)
@@ -121,8 +124,8 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   chat template with `add_generation_prompt=True`); the answer ends with `</s>`.
 
 ## Training
-- Steps: {step} (vision-tower pretraining included); training time: {hours:.2f} h on a shared
-  2-core CPU (fp32).
+- Last run: {step} steps (vision-tower pretraining included); training time: {hours:.2f} h on a
+  shared 2-core CPU (fp32).{history}
 - Fresh samples every step; loss on answer tokens only (averaged per question); AdamW with warm-up
   and cosine decay.
 - Up to `turns` distinct questions per training sequence about the same scene (LLaVA-style
