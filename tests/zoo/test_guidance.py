@@ -1,6 +1,7 @@
 """Cue targets: each cue predicts a word read off the image and points at the object it comes from."""
 
 import numpy as np
+import torch
 
 from vtoken.zoo.data import IGNORE_INDEX, encode, make_item, train_items
 from vtoken.zoo.guidance import description_slots
@@ -33,27 +34,42 @@ def test_turn_cues_are_answer_colons_pointing_at_the_evidence_and_question():
     assert 0 < len(batch["cues"]) <= turns
 
 
-def test_description_cues_precede_each_attribute_of_the_listed_object():
+def test_description_cues_precede_each_position_and_attribute_of_the_listed_object():
     scene, qa = sample(21, "describe")
     item = make_item(scene, qa, False, np.random.default_rng(0), grid=12)
     batch = encode(PROCESSOR, [item], with_answers=True)
-    ids = batch["input_ids"][0]
+    ids, answer_start = batch["input_ids"][0], int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0])
     first, *cues = batch["cues"][:, 1].tolist()
     assert TOK.convert_ids_to_tokens(int(ids[first])) == ":" and batch["evidence"][0, 0]  # counts: sink
     assert batch["readout"][0].tolist()[4] == len(scene.objects)
-    visible = [k for k, (shown, _) in enumerate(item.described) if shown.any()]
-    assert len(cues) == 3 * len(visible) and len(visible) >= len(scene.objects) - 1  # one may be hidden
-    colours = list(COLOURS)
-    for j, k in enumerate(visible):
-        obj = scene.objects[k]
-        for a, (cue, word) in enumerate(zip(cues[3 * j : 3 * j + 3], (obj.size, obj.colour, obj.shape))):
-            n = 1 + 3 * j + a
+    hidden = sum(1 for shown, _, _ in item.described if not shown.any())
+    assert len(cues) == 4 * len(scene.objects) - 3 * hidden and hidden <= 1
+    n, colours = 1, list(COLOURS)
+    for (shown, anchor, _), obj in zip(item.described, scene.objects):
+        cue = int(batch["cues"][n, 1])  # before the position words: looks at the object's anchor
+        assert " ".join(_words(ids, slice(cue + 1, cue + 1 + len(obj.position.split())))) == obj.position
+        assert torch.equal(batch["evidence"][n], _visual_mask(ids, anchor)) and anchor.sum() == 1
+        written = batch["question"][n].nonzero().squeeze(1)  # the description up to the cue
+        assert written.min() == answer_start and written.max() == cue - 1
+        n += 1
+        if not shown.any():
+            continue
+        for word in (obj.size, obj.colour, obj.shape):
+            cue = int(batch["cues"][n, 1])
             assert TOK.convert_ids_to_tokens(int(ids[cue + 1])) == word
             assert " ".join(_words(ids, batch["question"][n])) == obj.position
-            assert batch["evidence"][n].sum() == item.described[k][0].sum() > 0
+            assert torch.equal(batch["evidence"][n], _visual_mask(ids, shown))
             colour, shape, cell, *others = batch["readout"][n].tolist()
             named = (colours[colour], SHAPES[shape], POSITIONS[cell], *others)
             assert named == (obj.colour, obj.shape, obj.position, IGNORE, IGNORE, IGNORE)
+            n += 1
+
+
+def _visual_mask(ids, shown):
+    """``(T,)`` bool: the visual tokens flagged in ``shown`` (``(N_images * P,)``)."""
+    mask = torch.zeros(len(ids), dtype=torch.bool)
+    mask[(ids == PROCESSOR.image_token_id).nonzero().squeeze(1)[torch.from_numpy(shown)]] = True
+    return mask
 
 
 def test_description_slots_handle_one_and_two_word_positions():

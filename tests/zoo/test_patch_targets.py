@@ -14,7 +14,7 @@ from vtoken.zoo.patch_targets import (
     patch_targets,
 )
 from vtoken.zoo.questions import sample
-from vtoken.zoo.scenes import COLOURS, SHAPES, SOURCE_SIZE, crop_box, make_scene
+from vtoken.zoo.scenes import COLOURS, SHAPES, SIZES, SOURCE_SIZE, crop_box, make_scene
 
 WHOLE = (0, 0, SOURCE_SIZE, SOURCE_SIZE)
 
@@ -29,7 +29,8 @@ def test_object_centres_carry_their_colour_and_shape():
             cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
             if ids[cy, cx] != k:  # covered by a later object
                 continue
-            colour, shape, digit, anchor = targets[cy * SOURCE_SIZE + cx]
+            colour, shape, digit, anchor, size = targets[cy * SOURCE_SIZE + cx]
+            assert size == 1 + list(SIZES).index(obj.size)
             assert anchor == 1
             assert (colour, shape) == (1 + list(COLOURS).index(obj.colour), 1 + SHAPES.index(obj.shape))
             assert digit == NO_DIGIT  # never a digit target in the whole (illegible) view

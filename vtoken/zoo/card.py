@@ -131,8 +131,9 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
 - Up to `turns` distinct questions per training sequence about the same scene (LLaVA-style
   multi-turn conversations; a description is asked alone, crop batches ask one question).
 - An auxiliary per-patch loss (`vtoken.zoo.patch_targets`, weight `aux_weight`): a linear head,
-  discarded after training, predicts the colour and shape of the object under each visual token, in
-  crops the digit of the label tag, and whether the patch holds an object's centre (its *anchor*).
+  discarded after training, predicts the colour, shape and size of the object under each visual
+  token, in crops the digit of the label tag, and whether the patch holds an object's centre (its
+  *anchor*).
   The vision tower is first pretrained on this loss alone for
   `tower_steps` steps (its own warm-up and cosine schedule), standing in for the pretrained encoder a
   real LLaVA starts from: inside joint training a random tower learned colour per patch at once but
@@ -145,7 +146,9 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   being listed). A count cue is guided to one anchor patch per counted object plus the `<s>` token
   (a *sink*: the share left on it tells the count; guided to the whole objects, attention averaged
   them and count stayed at its majority answer), and so is the `:` before a description (over all
-  objects: a description starts with their number); a negative existence cue to the sink alone.
+  objects: a description starts with their number); a negative existence cue to the sink alone;
+  the token before each listed object's position words to that object's anchor (so that a
+  description still finds its objects when pruning keeps little more than the anchors).
   Without guidance every recipe tried here sat at the majority answers: with 144 visual tokens and
   one-word answers, the gradient reaching any one object through near-uniform attention is tiny.
   One layer before the first guided layer (weight `text_attn_weight`) the same cue is trained to

@@ -38,7 +38,8 @@ class Item:
         readout: per turn, the readout targets of its cue (training only, ``vtoken.zoo.readout``).
         sink: per turn, whether its cue is also guided to the ``<s>`` sink (training only, see
             ``vtoken.zoo.guidance``).
-        described: for a description, per listed object its evidence mask and readout target
+        described: for a description, per listed object its evidence mask, anchor mask and readout
+            target
             (training only, see ``vtoken.zoo.guidance``), else empty.
     """
 
@@ -50,7 +51,7 @@ class Item:
     follow_ups: tuple[tuple[str, str], ...] = ()
     evidence: tuple[np.ndarray, ...] = ()
     readout: tuple[Target, ...] = ()
-    described: tuple[tuple[np.ndarray, Target], ...] = ()
+    described: tuple[tuple[np.ndarray, np.ndarray, Target], ...] = ()
     sink: tuple[bool, ...] = ()
 
 
@@ -91,7 +92,8 @@ def make_item(
     readout = tuple(readout_target(scene, t, legible=with_crop) for t in asked)
     described = ()
     if qa.family == "describe":  # objects are listed in scene order
-        described = tuple((shown((k,)), object_target(scene, k)) for k in range(len(scene.objects)))
+        listed = range(len(scene.objects))
+        described = tuple((shown((k,)), shown((k,), True), object_target(scene, k)) for k in listed)
     sink = tuple(looks_at_sink(t) for t in asked)
     return Item(images, qa.question, qa.answer, qa.family, targets, turns, evidence, readout, described, sink)
 

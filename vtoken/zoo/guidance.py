@@ -3,7 +3,7 @@
 Training the bundled model from answers alone sat at the majority answers (see ``vtoken.zoo.train``),
 so its middle layers are guided. A *cue* is a token that predicts a word read off the image: the
 ``:`` before each short answer, and, in a scene description, the tokens just before each object's
-size, colour and shape words. Each cue gets:
+position, size, colour and shape words. Each cue gets:
 
 - ``evidence``: the tokens holding what the word is read from: the visual tokens showing the
   object(s) of ``QA.evidence`` (for a description's attribute words, the object being listed); for
@@ -15,9 +15,12 @@ size, colour and shape words. Each cue gets:
   alike) tells the count, so these cues are trained to weigh their evidence tokens evenly
   (``spread``). A description starts with its number of objects, so the ``:`` before it
   looks at every object's anchor and the sink in the same way (and FastV-style pruning, which keeps
-  what that last prompt token looks at, then keeps a patch of every object);
+  what that last prompt token looks at, then keeps a patch of every object). The token before an
+  object's position words looks at that object's anchor: with the anchors kept, a description
+  can still find the next object after pruning (before, pruned descriptions repeated objects);
 - ``question``: the text naming what to look for (the turn's question; in a description, the
-  position words just written, e.g. "top left");
+  position words just written, e.g. "top left", or before the position words, the description so
+  far);
 - ``readout``: what the cue should have read (``vtoken.zoo.readout``).
 """
 
@@ -92,7 +95,10 @@ def _row_cues(item, row: torch.Tensor, prompt_length: int, is_answer: list[bool]
         cue = prompt_length + offset - 1
         yield cue, shown, _question_tokens(row, cue, processor), readout, to_sink
     words = item.answer.split()
-    for (shown, readout), (first, attributes) in zip(item.described, description_slots(words)):
+    for (shown, anchor, readout), (first, attributes) in zip(item.described, description_slots(words)):
+        written = torch.zeros(len(row), dtype=torch.bool)
+        written[prompt_length : prompt_length + first - 1] = True  # the description so far
+        yield prompt_length + first - 1, anchor, written, readout, False  # where is the next object?
         named = torch.zeros(len(row), dtype=torch.bool)
         named[prompt_length + first : prompt_length + attributes] = True  # the object's position words
         for offset in range(attributes, attributes + 3):  # size, colour, shape

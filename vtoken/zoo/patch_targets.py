@@ -5,8 +5,8 @@ question family for thousands of steps: one-word answers are a weak signal for a
 initialised vision tower. A real LLaVA starts from a pretrained encoder; the bundled model gets the
 same head start from dense supervision instead. Each visual token is asked, through a linear head
 that is discarded after training, what lies under its patch: the colour and shape of the object
-covering the patch centre (or background), in a crop the digit of the label tag (or none), and
-whether the patch holds an object's centre (one *anchor* patch per object, which lets a cue count
+covering the patch centre (or background), its size, in a crop the digit of the label tag (or
+none), and whether the patch holds an object's centre (one *anchor* patch per object, which lets a cue count
 objects by looking at their anchors; see ``vtoken.zoo.guidance``).
 The answer loss still trains everything; the head only shapes the vision tower's features.
 """
@@ -17,12 +17,18 @@ import cv2
 import numpy as np
 import torch
 
-from vtoken.zoo.scenes import COLOURS, LABEL_HEIGHT, SHAPES, SOURCE_SIZE, Scene, outline
+from vtoken.zoo.scenes import COLOURS, LABEL_HEIGHT, SHAPES, SIZES, SOURCE_SIZE, Scene, outline
 
 BACKGROUND = 0
 NO_DIGIT = 10
 # (name, number of classes): colour and shape classes are 1 + index, 0 is background.
-HEADS = (("colour", len(COLOURS) + 1), ("shape", len(SHAPES) + 1), ("digit", 11), ("anchor", 2))
+HEADS = (
+    ("colour", len(COLOURS) + 1),
+    ("shape", len(SHAPES) + 1),
+    ("digit", 11),
+    ("anchor", 2),
+    ("size", len(SIZES) + 1),
+)
 
 
 def object_map(scene: Scene) -> np.ndarray:
@@ -48,17 +54,21 @@ def patch_targets(scene: Scene, ids: np.ndarray, view: tuple[int, int, int, int]
         grid: patches per side at the model input.
 
     Returns:
-        ``(grid * grid, 4)`` int64 array, patches in row-major order: colour class, shape class
-        (0 = background, else 1 + index), digit (0-9 on the label tag of a crop, else 10) and
-        anchor (1 on the patch holding an object's box centre, see ``anchor_mask``).
+        ``(grid * grid, len(HEADS))`` int64 array, patches in row-major order: colour class, shape
+        class (0 = background, else 1 + index), digit (0-9 on the label tag of a crop, else 10),
+        anchor (1 on the patch holding an object's box centre, see ``anchor_mask``) and size class
+        (0 = background, else 1 + index in ``SIZES``): an object's every patch, its anchor above
+        all, should tell what a description says of it even when pruning leaves only a few.
     """
     xs, ys = _centres(view, grid)
     under = ids[ys[:, None], xs[None, :]].reshape(-1)  # (grid * grid,)
-    colours, shapes = list(COLOURS), list(SHAPES)
+    colours, shapes, sizes = list(COLOURS), list(SHAPES), list(SIZES)
     colour = np.array([BACKGROUND] + [1 + colours.index(o.colour) for o in scene.objects])
     shape = np.array([BACKGROUND] + [1 + shapes.index(o.shape) for o in scene.objects])
+    size = np.array([BACKGROUND] + [1 + sizes.index(o.size) for o in scene.objects])
     anchors = anchor_mask(scene, tuple(range(len(scene.objects))), view, grid)
-    targets = np.stack([colour[under + 1], shape[under + 1], np.full_like(under, NO_DIGIT), anchors], axis=1)
+    digits = np.full_like(under, NO_DIGIT)
+    targets = np.stack([colour[under + 1], shape[under + 1], digits, anchors, size[under + 1]], axis=1)
     if view[2] - view[0] < SOURCE_SIZE:  # a crop: the digit becomes legible, so it is a target too
         targets[:, 2] = _digit_targets(scene, xs, ys)
     return targets.astype(np.int64)
