@@ -30,7 +30,7 @@ class Item:
         question: question text.
         answer: expected answer text.
         family: question family.
-        targets: per image, ``(P, 4)`` patch targets for the auxiliary vision loss (training only;
+        targets: per image, ``(P, len(HEADS))`` patch targets for the auxiliary vision loss (training only;
             see ``vtoken.zoo.patch_targets``), or empty.
         follow_ups: further ``(question, answer)`` turns about the same image(s) (training only).
         evidence: per turn (the question, then each follow-up), a ``(N_images * P,)`` bool mask of
@@ -39,8 +39,7 @@ class Item:
         sink: per turn, whether its cue is also guided to the ``<s>`` sink (training only, see
             ``vtoken.zoo.guidance``).
         described: for a description, per listed object its evidence mask, anchor mask and readout
-            target
-            (training only, see ``vtoken.zoo.guidance``), else empty.
+            target (training only, see ``vtoken.zoo.guidance``), else empty.
     """
 
     images: tuple[np.ndarray, ...]
@@ -151,7 +150,7 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
     Returns:
         ``input_ids``, ``attention_mask`` ``(B, T)``, ``pixel_values`` ``(N_images, 3, S, S)`` and,
         with answers, ``labels`` ``(B, T)`` (``-100`` outside answers) and, when every item has
-        them, ``patch_targets`` ``(N_images, P, 4)`` plus the targets of every cue with visible
+        them, ``patch_targets`` ``(N_images, P, len(HEADS))`` plus the targets of every cue with visible
         evidence (``vtoken.zoo.guidance.attention_targets``: ``cues`` ``(K, 2)``, ``evidence`` and
         ``question`` ``(K, T)``, ``readout`` ``(K, len(READOUTS))``). Without answers the batch is left-padded
         for generation.

@@ -38,13 +38,17 @@ ANCHORED = ("count", "describe")  # families whose first cue looks at one anchor
 def guided_evidence(qa: QA) -> tuple[int, ...]:
     """The objects the cue of ``qa`` is guided to: its evidence, none for a negative existence
     question (whose evidence objects only resemble what is asked)."""
-    return () if looks_at_sink(qa) and qa.family == "exists" else qa.evidence
+    return () if _nothing_matches(qa) else qa.evidence
 
 
 def looks_at_sink(qa: QA) -> bool:
     """Whether the cue of ``qa`` is guided to the ``<s>`` sink too: ``ANCHORED`` families and
     negative existence questions."""
-    return qa.family in ANCHORED or (qa.family == "exists" and qa.answer == "no")
+    return qa.family in ANCHORED or _nothing_matches(qa)
+
+
+def _nothing_matches(qa: QA) -> bool:
+    return qa.family == "exists" and qa.answer == "no"
 
 
 def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, processor) -> dict:
