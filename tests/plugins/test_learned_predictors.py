@@ -8,8 +8,14 @@ import pytest
 import torch
 from conftest import make_inputs, tiny
 from vtoken_plugins.token_pruning import TokenPruning
-from vtoken_plugins.token_pruning.predictors import Predictors
-from vtoken_plugins.token_pruning.train import TrainConfig, gumbel_top_k, train_predictors
+from vtoken_plugins.token_pruning.predictors import Predictors, PredictorSpec
+from vtoken_plugins.token_pruning.train import (
+    TrainConfig,
+    _distillation,
+    _MaskedTraining,
+    gumbel_top_k,
+    train_predictors,
+)
 
 import vtoken
 from vtoken.tiny import build_tiny
@@ -138,3 +144,44 @@ def test_missing_or_mismatched_predictors_are_explained(trained, tmp_path):
     with pytest.raises(vtoken.ConfigError, match="trained to prune at layer 2"):
         vtoken.attach(model, TokenPruning(scorer="learned", predictors=str(folder), layers=(1,)))
     assert vtoken.active_session(model) is None
+
+
+def test_distillation_is_the_kl_over_visual_tokens_only():
+    visual = torch.tensor([[False, True, True, True]])
+    teacher = torch.tensor([[0.0, 0.5, 0.25, 0.25]])
+    matching = torch.tensor([[9.0, 2.0, 1.0, 1.0]]).log()
+    assert _distillation(matching, visual, teacher).abs() < 1e-6
+    flat = torch.zeros(1, 4)
+    expected = (teacher[0, 1:] * (teacher[0, 1:] * 3).log()).sum()
+    assert torch.allclose(_distillation(flat, visual, teacher), expected)
+
+
+def test_teacher_is_the_answer_tokens_attention_at_pruned_layers_without_eos():
+    model, processor = build_tiny("llava", attn_implementation="eager")
+    batch = _labelled_batch(processor)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+    labels = batch["labels"][0]
+    predicting = [t for t in range(len(labels) - 1) if labels[t + 1] not in (-100, 3)]  # 3: </s>
+    visual = torch.isin(batch["input_ids"][0], torch.tensor(vtoken.locate_parts(model).image_token_ids))
+    mass = sum(attentions[layer][0][:, predicting].sum((0, 1)) for layer in (2, 3)) * visual
+    config = TrainConfig(layer=2, width=32)
+    trainer = _MaskedTraining(model, Predictors(PredictorSpec(hidden_size=64, width=32)), config)
+    with trainer.installed():
+        trainer.teach(batch)
+    assert torch.allclose(trainer.teacher[0], mass / mass.sum(), atol=1e-6)
+    assert len(predicting) == 3 and trainer.teacher[0][~visual].eq(0).all()
+
+
+def test_without_answer_gradient_or_distillation_the_vision_predictor_does_not_learn():
+    model, processor = build_tiny("llava", attn_implementation="eager")
+    config = TrainConfig(steps=3, layer=2, width=32, distill_weight=0.0, vision_answer_weight=0.0)
+    torch.manual_seed(config.seed)
+    initial = Predictors(PredictorSpec(hidden_size=64, layer=2, width=32))
+    trained, _ = train_predictors(model, itertools.repeat(_labelled_batch(processor)), config, progress=False)
+
+    def moved(module, before):  # largest change of any parameter (AdamW's weight decay alone: ~3e-5)
+        return max((v - before.state_dict()[k]).abs().max().item() for k, v in module.state_dict().items())
+
+    assert moved(trained.vision, initial.vision) < 1e-4 < moved(trained.text, initial.text)

@@ -6,6 +6,7 @@ import torch
 from vtoken.zoo.data import IGNORE_INDEX, encode, make_item, train_items
 from vtoken.zoo.guidance import description_slots
 from vtoken.zoo.model import ZooModelConfig, build_processor
+from vtoken.zoo.patch_targets import NO_DIGIT
 from vtoken.zoo.questions import sample
 from vtoken.zoo.readout import IGNORE
 from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES
@@ -113,3 +114,15 @@ def test_existence_cues_look_at_the_object_or_only_at_the_sink():
         else:
             assert not evidence[0] and evidence.sum() == item.evidence[0].sum() > 1
     assert answers == {"yes", "no"}
+
+
+def test_label_cues_with_a_crop_look_at_the_tag_patches_of_the_crop_only():
+    grid = 12
+    for seed in range(10):
+        scene, qa = sample(seed, "label")
+        with_crop = make_item(scene, qa, True, np.random.default_rng(0), grid=grid)
+        base, crop = with_crop.evidence[0][: grid * grid], with_crop.evidence[0][grid * grid :]
+        digits = with_crop.targets[1][:, 2]  # the crop's digit targets: the tag's patches
+        assert not base.any() and np.array_equal(crop, digits != NO_DIGIT) and 0 < crop.sum() < 16
+        without = make_item(scene, qa, False, np.random.default_rng(0), grid=grid)
+        assert without.evidence[0].sum() > 1  # no legible digit: the object, as for other questions

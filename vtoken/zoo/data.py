@@ -12,7 +12,7 @@ from transformers import LlavaProcessor
 from vtoken.tokenizer import EOS
 from vtoken.zoo.guidance import ANCHORED, attention_targets, guided_evidence, looks_at_sink
 from vtoken.zoo.model import build_prompt, follow_up
-from vtoken.zoo.patch_targets import anchor_mask, evidence_mask, object_map, patch_targets
+from vtoken.zoo.patch_targets import anchor_mask, evidence_mask, object_map, patch_targets, tag_mask
 from vtoken.zoo.questions import QA, draw_family, make_qa, sample
 from vtoken.zoo.readout import Target, object_target, readout_target
 from vtoken.zoo.scenes import MAX_OBJECTS, MIN_OBJECTS, SOURCE_SIZE, Scene, crop_box, split_seed
@@ -34,7 +34,7 @@ class Item:
             see ``vtoken.zoo.patch_targets``), or empty.
         follow_ups: further ``(question, answer)`` turns about the same image(s) (training only).
         evidence: per turn (the question, then each follow-up), a ``(N_images * P,)`` bool mask of
-            the visual tokens showing the objects the answer is read from (training only), or empty.
+            the visual tokens the answer is read from (``vtoken.zoo.guidance``; training only), or empty.
         readout: per turn, the readout targets of its cue (training only, ``vtoken.zoo.readout``).
         sink: per turn, whether its cue is also guided to the ``<s>`` sink (training only, see
             ``vtoken.zoo.guidance``).
@@ -86,8 +86,13 @@ def make_item(
             return np.concatenate([anchor_mask(scene, objects, view, grid) for view in views])
         return np.concatenate([evidence_mask(ids, objects, view, grid) for view in views])
 
+    def looked_at(t: QA) -> np.ndarray:  # (N_images * P,)
+        if t.family == "label" and with_crop:  # the digit, not the whole object, answers it
+            return np.concatenate([tag_mask(scene, view, grid) for view in views])
+        return shown(guided_evidence(t), t.family in ANCHORED)
+
     asked = (qa, *follow_ups)
-    evidence = tuple(shown(guided_evidence(t), t.family in ANCHORED) for t in asked)
+    evidence = tuple(looked_at(t) for t in asked)
     readout = tuple(readout_target(scene, t, legible=with_crop) for t in asked)
     described = ()
     if qa.family == "describe":  # objects are listed in scene order

@@ -6,18 +6,20 @@ so its middle layers are guided. A *cue* is a token that predicts a word read of
 position, size, colour and shape words. Each cue gets:
 
 - ``evidence``: the tokens holding what the word is read from: the visual tokens showing the
-  object(s) of ``QA.evidence`` (for a description's attribute words, the object being listed); for
-  a count, the *anchor* patch of each counted object (the patch holding its centre,
-  ``anchor_mask``) plus the *sink* (the ``<s>`` token); for a negative existence question, the sink
-  alone ("nothing matches"). Attention averages what it looks at, so a cue guided to the whole
-  counted objects could not tell two from three (count stayed at its majority answer); with one
-  anchor per object and the sink, the share left on the sink (``1 / (1 + n)`` when all are weighted
-  alike) tells the count, so these cues are trained to weigh their evidence tokens evenly
-  (``spread``). A description starts with its number of objects, so the ``:`` before it
-  looks at every object's anchor and the sink in the same way (and FastV-style pruning, which keeps
-  what that last prompt token looks at, then keeps a patch of every object). The token before an
-  object's position words looks at that object's anchor: with the anchors kept, a description
-  can still find the next object after pruning (before, pruned descriptions repeated objects);
+  object(s) of ``QA.evidence`` (for a description's attribute words, the object being listed); for a
+  count, the *anchor* patch of each counted object (the patch holding its centre, ``anchor_mask``)
+  plus the *sink* (the ``<s>`` token); for a negative existence question, the sink alone ("nothing
+  matches"); for a label question with a crop, the crop's patches showing the digit tag
+  (``tag_mask``: in an average over the whole object, the few digit patches weigh little). Attention
+  averages what it looks at, so a cue guided to the whole counted objects could not tell two from
+  three (count stayed at its majority answer); with one anchor per object and the sink, the share
+  left on the sink (``1 / (1 + n)`` when all are weighted alike) tells the count, so these cues are
+  trained to weigh their evidence tokens evenly (``spread``). A description starts with its number
+  of objects, so the ``:`` before it looks at every object's anchor and the sink in the same way
+  (and FastV-style pruning, which keeps what that last prompt token looks at, then keeps a patch of
+  every object). The token before an object's position words looks at that object's anchor: with the
+  anchors kept, a description can still find the next object after pruning (before, pruned
+  descriptions repeated objects);
 - ``question``: the text naming what to look for (the turn's question; in a description, the
   position words just written, e.g. "top left", or before the position words, the description so
   far);

@@ -105,6 +105,14 @@ def anchor_mask(
     return mask.reshape(-1)
 
 
+def tag_mask(scene: Scene, view: tuple[int, int, int, int], grid: int) -> np.ndarray:
+    """``(grid * grid,)`` bool: the patches of ``view`` covering the label tag, where a crop makes
+    its digit legible (all False for the full image, where it is a few pixels tall)."""
+    if view[2] - view[0] >= SOURCE_SIZE:
+        return np.zeros(grid * grid, dtype=bool)
+    return _digit_targets(scene, *_centres(view, grid)) != NO_DIGIT
+
+
 def _centres(view: tuple[int, int, int, int], grid: int) -> tuple[np.ndarray, np.ndarray]:
     """Source-pixel x and y coordinates ``(grid,)`` of the patch centres of ``view``."""
     x0, y0, x1, _ = view

@@ -7,15 +7,27 @@ query; each answer token's key by the text predictor for the answer tokens after
 sees itself, as in decoding). The text mask is Gumbel-sigmoid with the loss
 ``ratio_weight * (mean mask - target)^2``; the temperature anneals linearly.
 
-Deviations from the paper: the base model stays frozen (the paper tunes it jointly), and the vision
-mask keeps exactly ``keep_ratio`` of each row's visual tokens, the top ones by logit plus Gumbel
-noise (a relaxed top-k), instead of a Gumbel-sigmoid held at the ratio by a loss: against a frozen
-model the answer loss always prefers keeping more, and the sigmoid mask's keep rate drifted from
-0.2 to 0.97 within 600 steps on the bundled model. Inference keeps the top tokens by logit too.
+Deviations from the paper, all measured on the bundled model (40 test questions per family, 20%
+kept, 600 steps):
+
+- the base model stays frozen (the paper tunes it jointly);
+- the vision mask keeps exactly ``keep_ratio`` of each row's visual tokens, the top ones by logit
+  plus Gumbel noise (a relaxed top-k), instead of a Gumbel-sigmoid held at the ratio by a loss:
+  against a frozen model the answer loss always prefers keeping more, and the sigmoid mask's keep
+  rate drifted from 0.2 to 0.97 within 600 steps. Inference keeps the top tokens by logit too;
+- the vision predictor learns by distillation (``distill_weight``): ``KL(teacher || softmax of its
+  logits over the visual tokens)``, the teacher being the attention that the unmasked model's tokens
+  predicting the answer pay to each visual token at layers >= K (summed over those tokens, heads and
+  layers; the token predicting the end of sequence is left out, as it reads no image). Through a
+  hard top-k, the answer loss says how much the kept set helped but hardly which dropped token was
+  missed. Accuracy at 20% kept (0.82 unpruned): answer loss alone 0.73 (colour 0.85, description
+  F1 0.62); answer loss plus distillation 0.74 (the distillation loss did not fall); distillation
+  alone 0.77 (colour 1.0, description F1 0.84). So by default the answer loss trains the text
+  predictor only (``vision_answer_weight=0``).
 
 Command (bundled model, synthetic training data)::
 
-    python -m vtoken_plugins.token_pruning.train --model synth-llava-tiny --steps 600
+    python -m vtoken_plugins.token_pruning.train --model synth-llava-tiny
 """
 
 from __future__ import annotations
@@ -42,9 +54,12 @@ class TrainConfig:
     text_keep_ratio: target of the text mask (paper: 0.5). ratio_weight: weight of its loss.
     tau_start / tau_end: Gumbel temperature.
     layer: the layer K the predictors read and prune from. width: predictor width. seed: seed.
+    distill_weight: weight of the attention-distillation term (0: the paper's losses only).
+    vision_answer_weight: scale of the answer loss's gradient into the vision logits (1: the paper's
+        training; 0: the vision predictor learns from the distillation term alone).
     """
 
-    steps: int = 600
+    steps: int = 1500
     lr: float = 1e-3
     keep_ratio: float = 0.2
     text_keep_ratio: float = 0.5
@@ -54,6 +69,8 @@ class TrainConfig:
     layer: int = 2
     width: int = 128
     seed: int = 0
+    distill_weight: float = 1.0
+    vision_answer_weight: float = 0.0
 
 
 def gumbel_top_k(logits: Tensor, eligible: Tensor, keep_ratio: float, tau: float) -> Tensor:
@@ -92,8 +109,25 @@ class _MaskedTraining:
     def __init__(self, model: nn.Module, predictors: Predictors, cfg: TrainConfig) -> None:
         self.model, self.predictors, self.cfg = model, predictors, cfg
         self.parts = vtoken.locate_parts(model)
+        eos = model.generation_config.eos_token_id
+        self.eos = torch.tensor([] if eos is None else eos).long().flatten()  # its prediction reads no image
         self.tau, self.key_mask, self.ratios = cfg.tau_start, None, {}
         self.batch: dict[str, Tensor] = {}
+        self.teacher: Tensor | None = None  # (B, T) distillation target over the visual tokens
+        self.recorded: list[Tensor] | None = None  # while teaching: (B, T) attention mass per layer
+        self.distill = torch.zeros(())
+
+    def teach(self, batch: dict[str, Tensor]) -> None:
+        """Record the unmasked model's distillation target for ``batch`` (see the module)."""
+        self.batch, self.recorded = batch, []
+        try:
+            with torch.no_grad():
+                self.model(**batch)
+            visual = torch.isin(batch["input_ids"], torch.tensor(self.parts.image_token_ids))
+            mass = torch.stack(self.recorded).sum(0) * visual  # (B, T)
+            self.teacher = mass / mass.sum(1, keepdim=True).clamp(min=1e-12)
+        finally:
+            self.recorded = None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -107,6 +141,9 @@ class _MaskedTraining:
             patcher.undo_all()
 
     def _masks(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.recorded is not None:  # teaching: the model runs unmasked
+            self.key_mask = None
+            return
         hidden = args[0].detach()  # (B, T, D) entering layer K
         ids, labels = self.batch["input_ids"], self.batch["labels"]
         visual = torch.isin(ids, torch.tensor(self.parts.image_token_ids))
@@ -116,6 +153,7 @@ class _MaskedTraining:
         vis_logits = self.predictors.vision(hidden, ~visual, query)  # (B, T): only visual entries used
         txt_logits = self.predictors.text(hidden)  # (B, T)
         m_vis = gumbel_top_k(vis_logits, visual, self.cfg.keep_ratio, self.tau)
+        m_vis = m_vis.detach() + self.cfg.vision_answer_weight * (m_vis - m_vis.detach())  # scaled gradient
         m_txt = torch.where(answer, gumbel_mask(txt_logits, self.tau), torch.ones_like(txt_logits))
         length = ids.shape[1]
         later = torch.ones(length, length).tril(-1).bool()  # query i sees key j's mask iff i > j
@@ -125,11 +163,16 @@ class _MaskedTraining:
             "vision": (m_vis * visual).sum() / visual.sum().clamp(min=1),
             "text": (m_txt * answer).sum() / answer.sum().clamp(min=1),
         }
+        if self.teacher is not None:
+            self.distill = _distillation(vis_logits, visual, self.teacher)
 
     def _attention(self, eager):
         def attention(module, query, key, value, attention_mask=None, scaling=None, dropout=0.0, **kw):
             if module.layer_idx < self.cfg.layer or self.key_mask is None:
-                return eager(module, query, key, value, attention_mask, scaling=scaling, **kw)
+                out, probs = eager(module, query, key, value, attention_mask, scaling=scaling, **kw)
+                if self.recorded is not None and module.layer_idx >= self.cfg.layer:
+                    self.recorded.append(self._answer_reads(probs))
+                return out, probs
             groups = query.shape[1] // key.shape[1]
             key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
             logits = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, H, q, T)
@@ -141,6 +184,25 @@ class _MaskedTraining:
             return out.transpose(1, 2).contiguous(), probs
 
         return attention
+
+    def _answer_reads(self, probs: Tensor) -> Tensor:
+        """``(B, T)`` attention mass each key gets from the tokens predicting an answer token
+        (summed over them and the heads) out of eager probabilities ``(B, H, T, T)``."""
+        labels = self.batch["labels"][:, 1:]
+        predicting = torch.zeros_like(self.batch["labels"], dtype=probs.dtype)
+        predicting[:, :-1] = ((labels != -100) & ~torch.isin(labels, self.eos)).to(probs.dtype)
+        return torch.einsum("bhqk,bq->bk", probs.float(), predicting.float())
+
+
+def _distillation(logits: Tensor, visual: Tensor, teacher: Tensor) -> Tensor:
+    """Mean over rows of ``KL(teacher || softmax(logits))`` over each row's visual tokens.
+
+    Args:
+        logits: ``(B, T)`` keep logits. visual: ``(B, T)`` bool. teacher: ``(B, T)``, rows summing to 1
+            over ``visual``, 0 elsewhere.
+    """
+    log_p = logits.float().masked_fill(~visual, float("-inf")).log_softmax(-1).masked_fill(~visual, 0.0)
+    return (teacher * (teacher.clamp(min=1e-12).log() - log_p)).sum(-1).mean()
 
 
 def train_predictors(
@@ -157,12 +219,14 @@ def train_predictors(
         bar = tqdm(zip(range(cfg.steps), batches), total=cfg.steps, desc="predictors", disable=not progress)
         for step, batch in bar:
             trainer.tau = cfg.tau_start + (cfg.tau_end - cfg.tau_start) * step / max(cfg.steps - 1, 1)
+            if cfg.distill_weight > 0:
+                trainer.teach(batch)
             trainer.batch = batch
             lm_loss = model(**batch).loss
             ratios = trainer.ratios
             text_gap = ratios["text"] - cfg.text_keep_ratio
             ratio_loss = text_gap**2  # the vision mask keeps exactly keep_ratio (gumbel_top_k)
-            loss = lm_loss + cfg.ratio_weight * ratio_loss
+            loss = lm_loss + cfg.ratio_weight * ratio_loss + cfg.distill_weight * trainer.distill
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -171,9 +235,10 @@ def train_predictors(
                 "lm_loss": lm_loss.item(),
                 "vision_keep": ratios["vision"].item(),
                 "text_keep": ratios["text"].item(),
+                "distill": trainer.distill.item(),
             }
             log.append(entry)
-            bar.set_postfix(lm=f"{entry['lm_loss']:.3f}", vis=f"{entry['vision_keep']:.2f}")
+            bar.set_postfix(lm=f"{entry['lm_loss']:.3f}", kl=f"{entry['distill']:.3f}")
     return predictors.eval(), log
 
 
