@@ -65,13 +65,23 @@ def test_items_carry_targets_only_when_asked():
     assert [t.shape for t in item.targets] == [(144, len(HEADS))] * 2
 
 
-def test_patch_head_loss_is_cross_entropy_per_head():
+def test_patch_head_loss_is_cross_entropy_per_head_with_digits_on_tag_patches_only():
     head = PatchHead(8)
     features = torch.randn(2, 4, 8)
-    targets = torch.stack([torch.randint(0, n, (2, 4)) for _, n in HEADS], dim=-1)
+    targets = torch.stack([torch.randint(0, n - 1, (2, 4)) for _, n in HEADS], dim=-1)
+    digit = [name for name, _ in HEADS].index("digit")
+    targets[0, :3, digit] = NO_DIGIT
     ce = torch.nn.functional.cross_entropy
-    expected = sum(ce(h(features).flatten(0, 1), targets[..., k].flatten()) for k, h in enumerate(head.heads))
+
+    def per_head(k, keep=slice(None)):
+        return ce(head.heads[k](features).flatten(0, 1)[keep], targets[..., k].flatten()[keep])
+
+    tags = targets[..., digit].flatten() != NO_DIGIT
+    expected = sum(per_head(k, tags if k == digit else slice(None)) for k in range(len(HEADS)))
     torch.testing.assert_close(head.loss(features, targets), expected / len(HEADS))
+    targets[..., digit] = NO_DIGIT  # no tag in the batch: the digit head sits out
+    expected = sum(per_head(k) for k in range(len(HEADS)) if k != digit)
+    torch.testing.assert_close(head.loss(features, targets), expected / (len(HEADS) - 1))
 
 
 def test_evidence_mask_marks_patches_under_the_evidence_objects():

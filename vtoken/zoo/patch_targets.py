@@ -138,14 +138,20 @@ class PatchHead(torch.nn.Module):
         self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for _, n in HEADS)
 
     def loss(self, features: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean cross-entropy over heads.
+        """Mean cross-entropy over heads. The digit head is scored on the tag's patches only (when
+        a batch has any): scored on every patch, where the tag's few patches weigh ~3%, it read the
+        digit of 32% of tag patches in the model shipped from 3.5 h of training (chance: 10%).
 
         Args:
             features: ``(N_images, P, hidden)`` vision tower states the projector reads.
             targets: ``(N_images, P, len(HEADS))`` class ids.
         """
-        losses = [
-            torch.nn.functional.cross_entropy(head(features).flatten(0, 1), targets[..., k].flatten())
-            for k, head in enumerate(self.heads)
-        ]
+        losses = []
+        for k, ((name, _), head) in enumerate(zip(HEADS, self.heads)):
+            target = targets[..., k].flatten()
+            if name == "digit":
+                target = target.masked_fill(target == NO_DIGIT, -100)  # -100: ignored by cross_entropy
+                if not (target >= 0).any():
+                    continue
+            losses.append(torch.nn.functional.cross_entropy(head(features).flatten(0, 1), target))
         return torch.stack(losses).mean()
