@@ -5,9 +5,9 @@ question family for thousands of steps: one-word answers are a weak signal for a
 initialised vision tower. A real LLaVA starts from a pretrained encoder; the bundled model gets the
 same head start from dense supervision instead. Each visual token is asked, through a linear head
 that is discarded after training, what lies under its patch: the colour and shape of the object
-covering the patch centre (or background), its size, in a crop the digit of the label tag (or
-none), and whether the patch holds an object's centre (one *anchor* patch per object, which lets a cue count
-objects by looking at their anchors; see ``vtoken.zoo.guidance``).
+covering the patch centre (or background), its size, in a crop the digit of the label tag (asked of
+the tag's patches only), and whether the patch holds an object's centre (one *anchor* patch per
+object, which lets a cue count objects by looking at their anchors; see ``vtoken.zoo.guidance``).
 The answer loss still trains everything; the head only shapes the vision tower's features.
 """
 
