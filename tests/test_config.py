@@ -27,6 +27,11 @@ def test_defaults_are_valid():
     assert DemoConfig().to_dict() == {"ratio": 0.5, "layers": (2,), "mode": "a", "budget": None}
 
 
+def test_lists_from_yaml_become_tuples():
+    assert DemoConfig(layers=[1, 3]).layers == (1, 3)
+    assert DemoConfig.from_dict({"layers": [2]}) == DemoConfig()
+
+
 @pytest.mark.parametrize(
     ("field", "value", "message"),
     [

@@ -33,7 +33,10 @@ class PluginConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_type(f"{self._prefix()}{f.name}", getattr(self, f.name), self._hints()[f.name])
+            value, hint = getattr(self, f.name), self._hints()[f.name]
+            _check_type(f"{self._prefix()}{f.name}", value, hint)
+            if isinstance(value, list) and _wants_tuple(hint):  # YAML and JSON give lists
+                object.__setattr__(self, f.name, tuple(value))
         self.validate()
 
     def validate(self) -> None:
@@ -121,6 +124,13 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, origin or hint)
+
+
+def _wants_tuple(hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        return any(_wants_tuple(a) for a in typing.get_args(hint))
+    return origin is tuple
 
 
 def _describe(hint: Any) -> str:

@@ -143,6 +143,7 @@ def test_missing_or_mismatched_predictors_are_explained(trained, tmp_path):
         vtoken.attach(model, TokenPruning(scorer="learned", predictors=str(tmp_path), layers=(2,)))
     with pytest.raises(vtoken.ConfigError, match="trained to prune at layer 2"):
         vtoken.attach(model, TokenPruning(scorer="learned", predictors=str(folder), layers=(1,)))
+    vtoken.attach(model, TokenPruning(scorer="learned", predictors=str(folder), layers=[2])).detach()  # YAML
     assert vtoken.active_session(model) is None
 
 
