@@ -123,8 +123,7 @@ class _MaskedTraining:
         try:
             with torch.no_grad():
                 self.model(**batch)
-            visual = torch.isin(batch["input_ids"], torch.tensor(self.parts.image_token_ids))
-            mass = torch.stack(self.recorded).sum(0) * visual  # (B, T)
+            mass = torch.stack(self.recorded).sum(0) * self._visual(batch["input_ids"])  # (B, T)
             self.teacher = mass / mass.sum(1, keepdim=True).clamp(min=1e-12)
         finally:
             self.recorded = None
@@ -146,7 +145,7 @@ class _MaskedTraining:
             return
         hidden = args[0].detach()  # (B, T, D) entering layer K
         ids, labels = self.batch["input_ids"], self.batch["labels"]
-        visual = torch.isin(ids, torch.tensor(self.parts.image_token_ids))
+        visual = self._visual(ids)
         answer = labels != -100
         last = answer.int().argmax(1) - 1  # (B,) the last prompt token, before the first answer token
         query = hidden[torch.arange(len(last)), last]  # (B, D)
@@ -184,6 +183,10 @@ class _MaskedTraining:
             return out.transpose(1, 2).contiguous(), probs
 
         return attention
+
+    def _visual(self, ids: Tensor) -> Tensor:
+        """``(B, T)`` bool: the image tokens of ``ids``."""
+        return torch.isin(ids, torch.tensor(self.parts.image_token_ids))
 
     def _answer_reads(self, probs: Tensor) -> Tensor:
         """``(B, T)`` attention mass each key gets from the tokens predicting an answer token
