@@ -103,17 +103,47 @@ def test_count_cues_look_at_one_anchor_per_counted_object_and_the_sink():
         assert item.evidence[0].sum() == int(qa.answer)
 
 
-def test_existence_cues_look_at_the_object_or_only_at_the_sink():
+def test_existence_cues_look_at_the_object_anchor_and_the_sink_or_only_at_the_sink():
     answers = set()
     for seed in range(20):
         scene, qa = sample(seed, "exists")
         item, ids, evidence = _guided(qa, scene)
         answers.add(qa.answer)
-        if qa.answer == "no":
-            assert evidence.nonzero().squeeze(1).tolist() == [0]
-        else:
-            assert not evidence[0] and evidence.sum() == item.evidence[0].sum() > 1
+        expected = [0] if qa.answer == "no" else [0, int(_visual_mask(ids, item.evidence[0]).nonzero())]
+        assert evidence.nonzero().squeeze(1).tolist() == expected
+        assert item.evidence[0].sum() == (qa.answer == "yes")
     assert answers == {"yes", "no"}
+
+
+def test_match_targets_mark_the_matching_anchors_of_the_first_image_for_counts_and_existence():
+    rng, grid = np.random.default_rng(0), 12
+    items = []
+    for seed in range(12):
+        scene, qa = sample(seed, ("count", "exists", "colour")[seed % 3])
+        items.append(make_item(scene, qa, seed % 2 == 0, rng, grid=grid))  # half with a crop
+    batch = encode(PROCESSOR, items, with_answers=True)
+    rows = batch["match_rows"].tolist()
+    assert rows == [i for i, it in enumerate(items) if it.family in ("count", "exists")]
+    for m, i in enumerate(rows):
+        ids, item = batch["input_ids"][i], items[i]
+        scene, qa = sample(i, item.family)
+        attributes = [w for w in qa.question.split() if w in COLOURS or w in SHAPES]
+        assert _words(ids, batch["match_words"][m]) == attributes and attributes
+        visual = batch["match_visual"][m]
+        image = (ids == PROCESSOR.image_token_id).nonzero().squeeze(1)
+        assert visual.sum() == grid * grid and torch.equal(visual.nonzero().squeeze(1), image[: grid * grid])
+        marked = ids[batch["match_anchors"][m]]
+        assert (marked == PROCESSOR.image_token_id).all() and not (batch["match_anchors"][m] & ~visual).any()
+        matching = [o for o in scene.objects if all(w in (o.colour, o.shape) for w in attributes)]
+        assert (
+            len(marked) == len(matching) == (int(qa.answer) if qa.family == "count" else qa.answer == "yes")
+        )
+
+
+def test_follow_up_turns_never_ask_counts_or_existence():
+    items = train_items(11, 32, crop_prob=0.0, grid=12, turns=3)
+    follow_ups = [q for it in items for q, _ in it.follow_ups]
+    assert follow_ups and not any(q.startswith(("how many", "is there")) for q in follow_ups)
 
 
 def test_label_cues_with_a_crop_look_at_the_tag_patches_of_the_crop_only():

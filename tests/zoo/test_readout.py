@@ -27,7 +27,7 @@ def test_relation_target_adds_the_reference_objects_cell():
     assert f"the {first.shape} " in qa.question and qa.question.endswith(f"the {reference.shape} ?")
 
 
-def test_counts_descriptions_and_negatives_have_no_object_target():
+def test_counts_existence_and_descriptions_read_a_number_and_no_object():
     rng = np.random.default_rng(0)
     names = [name for name, _ in READOUTS]
     for seed in range(20):
@@ -35,14 +35,11 @@ def test_counts_descriptions_and_negatives_have_no_object_target():
         for family in ("count", "describe", "exists"):
             qa = make_qa(scene, family, rng)
             target = dict(zip(names, readout_target(scene, qa)))
-            if family in ("count", "describe"):  # the objects counted, or all the description lists
-                assert (
-                    target.pop("count")
-                    == len(qa.evidence)
-                    == int(qa.answer.split()[-1 if family == "count" else 2])
-                )
-            if family != "exists" or qa.answer == "no":
-                assert set(target.values()) == {IGNORE}
+            words = qa.answer.split()
+            number = {"count": 0, "describe": 2}.get(family)
+            expected = int(words[number]) if number is not None else int(words[0] == "yes")
+            assert target.pop("count") == expected  # counted, matching, or listed objects
+            assert set(target.values()) == {IGNORE}
 
 
 def test_label_cues_read_the_digit_only_when_the_crop_shows_it():

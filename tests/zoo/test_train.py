@@ -8,7 +8,15 @@ import pytest
 import torch
 
 from vtoken.zoo.model import ZooModelConfig
-from vtoken.zoo.train import TrainConfig, attention_guidance_loss, lr_factor, question_mean_loss, train
+from vtoken.zoo.train import (
+    MatchHead,
+    TrainConfig,
+    attention_guidance_loss,
+    lr_factor,
+    match_attention_loss,
+    question_mean_loss,
+    train,
+)
 
 TINY = ZooModelConfig(
     vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=16, text_layers=1, text_heads=2
@@ -60,14 +68,52 @@ def test_attention_guidance_loss_is_minus_log_head_mean_mass():
     torch.testing.assert_close(loss, expected)
 
 
+def test_match_attention_loss_is_minus_log_mass_on_the_words_averaged_over_visual_tokens():
+    attention = torch.softmax(torch.randn(2, 3, 7, 7), dim=-1)
+    words = torch.zeros(2, 7, dtype=torch.bool)
+    visual = torch.zeros(2, 7, dtype=torch.bool)
+    words[0, 1], words[1, 1:3], visual[0, 4:7], visual[1, 5:7] = True, True, True, True
+    terms = [
+        -attention[m, :, q][:, words[m]].sum(-1).mean().log()
+        for m in range(2)
+        for q in range(7)
+        if visual[m, q]
+    ]
+    loss = match_attention_loss(attention, {"match_words": words, "match_visual": visual})
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+
+
+def test_match_head_weighs_marked_and_unmarked_tokens_alike():
+    head = MatchHead(8)
+    states = torch.randn(1, 6, 8)
+    visual = torch.tensor([[False, True, True, True, True, True]])
+    marked = torch.tensor([[False, True, False, False, False, False]])
+    p = torch.sigmoid(head.head(head.norm(states)).squeeze(-1))[0]
+    expected = 0.5 * (-p[1].log() - (1 - p[2:]).log().mean())
+    torch.testing.assert_close(head.loss(states, visual, marked), expected)
+    torch.testing.assert_close(head.loss(states, visual, torch.zeros_like(marked)), -(1 - p[1:]).log().mean())
+
+
+def test_match_losses_train_and_are_logged(tmp_path):
+    two_layers = dataclasses.replace(TINY, text_layers=2)
+    cfg = dataclasses.replace(
+        _cfg(tmp_path, 1), model=two_layers, batch_size=16, crop_prob=0.0, attn_layer=1, match_weight=1.0
+    )
+    train(cfg)
+    last = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert math.isfinite(last["match"]) and last["match"] > 0 and last["match_attn"] > 0
+
+
 def test_guidance_settings_are_validated():
     with pytest.raises(ValueError, match="attn_layer"):
         TrainConfig(attn_layer=4)
-    for name in ("attn_weight", "text_attn_weight", "readout_weight"):
+    for name in ("attn_weight", "text_attn_weight", "readout_weight", "match_weight"):
         with pytest.raises(ValueError, match="weights must be >= 0"):
             TrainConfig(**{name: -1.0})
     with pytest.raises(ValueError, match="attn_layer - attn_span \+ 1 must be >= 1"):
         TrainConfig(attn_layer=0, text_attn_weight=1.0)
+    with pytest.raises(ValueError, match="attn_layer - attn_span \+ 1 must be >= 1"):
+        TrainConfig(attn_layer=0, match_weight=1.0)
     with pytest.raises(ValueError, match="attn_layer - attn_span \+ 1 must be >= 1"):
         TrainConfig(attn_layer=1, attn_span=2, text_attn_weight=1.0)
     with pytest.raises(ValueError, match="attn_span"):

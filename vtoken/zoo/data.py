@@ -10,7 +10,14 @@ import torch
 from transformers import LlavaProcessor
 
 from vtoken.tokenizer import EOS
-from vtoken.zoo.guidance import ANCHORED, attention_targets, guided_evidence, looks_at_sink
+from vtoken.zoo.guidance import (
+    ANCHORED,
+    FILTERED,
+    attention_targets,
+    guided_evidence,
+    looks_at_sink,
+    match_targets,
+)
 from vtoken.zoo.model import build_prompt, follow_up
 from vtoken.zoo.patch_targets import anchor_mask, evidence_mask, object_map, patch_targets, tag_mask
 from vtoken.zoo.questions import QA, draw_family, make_qa, sample
@@ -82,8 +89,9 @@ def make_item(
     targets = tuple(patch_targets(scene, ids, view, grid) for view in views)
 
     def shown(objects: tuple[int, ...], anchors: bool = False) -> np.ndarray:  # (N_images * P,)
-        if anchors:
-            return np.concatenate([anchor_mask(scene, objects, view, grid) for view in views])
+        if anchors:  # in the scene only: a crop showing an object again must not count it twice
+            none = [np.zeros(grid * grid, dtype=bool) for _ in views[1:]]
+            return np.concatenate([anchor_mask(scene, objects, views[0], grid), *none])
         return np.concatenate([evidence_mask(ids, objects, view, grid) for view in views])
 
     def looked_at(t: QA) -> np.ndarray:  # (N_images * P,)
@@ -134,13 +142,17 @@ def train_items(
 
 
 def _follow_ups(scene: Scene, first: QA, n: int, seed: int) -> tuple[QA, ...]:
-    """Up to ``n`` further distinct questions; none after a description (it would give them away)."""
+    """Up to ``n`` further distinct questions; none after a description (it would give them away).
+
+    Count and existence questions (``FILTERED``) are only asked first: the visual tokens match
+    themselves against the question, which must therefore come before the image.
+    """
     if first.family == "describe":
         return ()
     rng = np.random.default_rng([seed, 2])
     asked, turns = {first.question}, []
     for _ in range(4 * n):
-        qa = make_qa(scene, draw_family(rng, exclude=("describe",)), rng)
+        qa = make_qa(scene, draw_family(rng, exclude=("describe", *FILTERED)), rng)
         if qa.question not in asked:
             asked.add(qa.question)
             turns.append(qa)
@@ -157,8 +169,9 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
         with answers, ``labels`` ``(B, T)`` (``-100`` outside answers) and, when every item has
         them, ``patch_targets`` ``(N_images, P, len(HEADS))`` plus the targets of every cue with visible
         evidence (``vtoken.zoo.guidance.attention_targets``: ``cues`` ``(K, 2)``, ``evidence`` and
-        ``question`` ``(K, T)``, ``readout`` ``(K, len(READOUTS))``). Without answers the batch is left-padded
-        for generation.
+        ``question`` ``(K, T)``, ``readout`` ``(K, len(READOUTS))``) and of the visual tokens of rows
+        asking a count or existence question (``vtoken.zoo.guidance.match_targets``). Without
+        answers the batch is left-padded for generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]
     images = [img for it in items for img in it.images]
@@ -183,6 +196,7 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
         batch["patch_targets"] = torch.from_numpy(np.stack([t for it in items for t in it.targets]))
         flags = [is_answer for _, is_answer in rows]
         batch.update(attention_targets(items, ids, [len(p) for p in expanded], flags, processor))
+        batch.update(match_targets(items, ids, processor))
     return batch
 
 

@@ -8,8 +8,8 @@ position, size, colour and shape words. Each cue gets:
 - ``evidence``: the tokens holding what the word is read from: the visual tokens showing the
   object(s) of ``QA.evidence`` (for a description's attribute words, the object being listed); for a
   count, the *anchor* patch of each counted object (the patch holding its centre, ``anchor_mask``)
-  plus the *sink* (the ``<s>`` token); for a negative existence question, the sink alone ("nothing
-  matches"); for a label question with a crop, the crop's patches showing the digit tag
+  plus the *sink* (the ``<s>`` token), and so for an existence question (a negative one: the sink
+  alone, "nothing matches"); for a label question with a crop, the crop's patches showing the digit tag
   (``tag_mask``: in an average over the whole object, the few digit patches weigh little). Attention
   averages what it looks at, so a cue guided to the whole counted objects could not tell two from
   three (count stayed at its majority answer); with one anchor per object and the sink, the share
@@ -24,6 +24,11 @@ position, size, colour and shape words. Each cue gets:
   position words just written, e.g. "top left", or before the position words, the description so
   far);
 - ``readout``: what the cue should have read (``vtoken.zoo.readout``).
+
+Count and existence questions (``FILTERED``) are asked first, before the image, so the visual tokens
+themselves can check the question's colour and shape words: each is trained to read them and to mark
+whether it is the anchor of a matching object (``match_targets``); the cue then weighs the marked
+anchors and the sink evenly (none marked: the sink alone, "0" or "no").
 """
 
 from __future__ import annotations
@@ -31,10 +36,11 @@ from __future__ import annotations
 import torch
 
 from vtoken.zoo.questions import QA
-from vtoken.zoo.scenes import POSITIONS
+from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES
 
 DESCRIPTION_HEAD = 5  # "there are N objects :" precedes the first object
-ANCHORED = ("count", "describe")  # families whose first cue looks at one anchor per evidence object
+ANCHORED = ("count", "exists", "describe")  # first cue looks at one anchor per evidence object + sink
+FILTERED = ("count", "exists")  # the visual tokens match themselves against the question's attributes
 
 
 def guided_evidence(qa: QA) -> tuple[int, ...]:
@@ -44,9 +50,8 @@ def guided_evidence(qa: QA) -> tuple[int, ...]:
 
 
 def looks_at_sink(qa: QA) -> bool:
-    """Whether the cue of ``qa`` is guided to the ``<s>`` sink too: ``ANCHORED`` families and
-    negative existence questions."""
-    return qa.family in ANCHORED or _nothing_matches(qa)
+    """Whether the cue of ``qa`` is guided to the ``<s>`` sink too (the ``ANCHORED`` families)."""
+    return qa.family in ANCHORED
 
 
 def _nothing_matches(qa: QA) -> bool:
@@ -91,6 +96,49 @@ def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, pr
         "question": torch.stack(questions),
         "readout": torch.tensor(readouts),
         "spread": torch.tensor(spread),
+    }
+
+
+def match_targets(items, ids: torch.Tensor, processor) -> dict:
+    """Per-visual-token targets of the rows asking a ``FILTERED`` family first (``{}`` if none).
+
+    A count or existence question names attributes ("how many red objects", "is there a red
+    star"); choosing the matching objects by the cue's query alone failed (its attention stayed half
+    on the sink whatever the count, and probes found no count at the cue). The question comes before
+    the image, so each visual token can read the named attributes itself and mark whether it is the
+    anchor of a matching object; the cue then only has to look for marked anchors.
+
+    Args:
+        items: the batch's ``vtoken.zoo.data.Item`` s, with evidence.
+        ids: ``(B, T)`` token ids (the question before the images).
+        processor: the model's processor.
+
+    Returns:
+        ``match_rows`` ``(M,)``; ``match_words`` ``(M, T)`` bool, the question's colour and shape
+        words; ``match_visual`` ``(M, T)`` bool, the first image's visual tokens;
+        ``match_anchors`` ``(M, T)`` bool, the anchors of the matching objects among them.
+    """
+    named = torch.tensor(processor.tokenizer.convert_tokens_to_ids([*COLOURS, *SHAPES]))
+    rows, words, visual, anchors = [], [], [], []
+    for i, item in enumerate(items):
+        if item.family not in FILTERED:
+            continue
+        image = (ids[i] == processor.image_token_id).nonzero().squeeze(1)[: len(item.targets[0])]  # (P,)
+        question = torch.arange(ids.shape[1]) < image[0]
+        rows.append(i)
+        words.append(question & torch.isin(ids[i], named))
+        visual.append(torch.zeros(ids.shape[1], dtype=torch.bool).index_fill_(0, image, True))
+        marked = torch.zeros(ids.shape[1], dtype=torch.bool)
+        marked[image[torch.from_numpy(item.evidence[0][: len(image)])]] = True
+        anchors.append(marked)
+    if not rows:
+        return {}
+    stack = torch.stack
+    return {
+        "match_rows": torch.tensor(rows),
+        "match_words": stack(words),
+        "match_visual": stack(visual),
+        "match_anchors": stack(anchors),
     }
 
 

@@ -69,6 +69,12 @@ class TrainConfig:
         readout_weight: weight of the readout loss: a linear head asks the cue's hidden state
             after layer ``attn_layer`` for the colour, shape and cell of the object the answer is
             read from, when that is one object (``vtoken.zoo.readout``); 0 off.
+        match_weight: weight of the two match losses of count and existence questions
+            (``vtoken.zoo.guidance.match_targets``), both one layer before the first guided layer:
+            ``match_attn``, ``-log`` of the attention mass each visual token of the first image
+            puts on the question's colour and shape words, and ``match``, a linear head (discarded
+            after training) asking each of them, after that layer, whether it is the anchor of a
+            matching object (class-balanced binary cross-entropy); 0 off.
         init_from: exported model folder, bundled model name or training checkpoint (``.pt``)
             whose model weights start the run (run folders are not kept in git, so a later session
             continues a shipped model this way; the optimizer and training heads start afresh).
@@ -100,6 +106,7 @@ class TrainConfig:
     attn_span: int = 1
     text_attn_weight: float = 0.0
     readout_weight: float = 0.0
+    match_weight: float = 0.0
     init_from: str = ""
     bf16: bool = False
     threads: int = 2
@@ -110,16 +117,22 @@ class TrainConfig:
             self.model = ZooModelConfig(**self.model)
         if not 0.0 <= self.crop_prob <= 1.0:
             raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
-        weights = (self.aux_weight, self.attn_weight, self.text_attn_weight, self.readout_weight)
+        weights = (
+            self.aux_weight,
+            self.attn_weight,
+            self.text_attn_weight,
+            self.readout_weight,
+            self.match_weight,
+        )
         if min(weights) < 0:
-            raise ValueError(f"loss weights must be >= 0, got aux/attn/text_attn/readout {weights}")
+            raise ValueError(f"loss weights must be >= 0, got aux/attn/text_attn/readout/match {weights}")
         if not 0 <= self.attn_layer < self.model.text_layers:
             raise ValueError(f"attn_layer must be in [0, {self.model.text_layers}), got {self.attn_layer}")
         if not 1 <= self.attn_span <= self.attn_layer + 1:
             raise ValueError(f"attn_span must be in [1, attn_layer + 1], got {self.attn_span}")
-        if self.text_attn_weight and self.guided_layers[0] < 1:
+        if (self.text_attn_weight or self.match_weight) and self.guided_layers[0] < 1:
             raise ValueError(
-                "text_attn_weight guides the layer before the first guided layer: "
+                "text_attn_weight and match_weight train the layer before the first guided layer: "
                 "attn_layer - attn_span + 1 must be >= 1"
             )
         if self.steps <= 0 or self.batch_size <= 0 or self.turns <= 0:
@@ -202,12 +215,14 @@ def _exported_weights(name: str) -> dict[str, torch.Tensor]:
 
 
 class TrainingHeads(torch.nn.Module):
-    """The training-only heads (discarded on export): ``patch`` (vision loss) and ``readout``."""
+    """The training-only heads (discarded on export): ``patch`` (vision loss), ``readout`` and
+    ``match``."""
 
     def __init__(self, model: ZooModelConfig):
         super().__init__()
         self.patch = PatchHead(model.vision_hidden)
         self.readout = ReadoutHead(model.text_hidden)
+        self.match = MatchHead(model.text_hidden)
 
 
 def _loop(cfg: TrainConfig, model, heads, processor, optimizer, start: int, ckpt: Path) -> None:
@@ -259,12 +274,13 @@ def _tower_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: floa
 
 def _train_step(model, heads, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> dict:
     """One optimizer step; returns the answer ``loss`` and, when used, the ``aux``, ``attn``,
-    ``text_attn`` and ``readout`` losses."""
+    ``text_attn``, ``readout``, ``match_attn`` and ``match`` losses."""
     with _projector_input(model) as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
         guide = cfg.attn_weight > 0 and "cues" in batch
         read = cfg.readout_weight > 0 and "cues" in batch
-        out = model(**inputs, output_attentions=guide, output_hidden_states=read)
+        match = cfg.match_weight > 0 and "match_rows" in batch
+        out = model(**inputs, output_attentions=guide or match, output_hidden_states=read or match)
         logits = out.logits.float()
         if cfg.per_question_loss:
             loss = question_mean_loss(logits, batch["labels"])
@@ -284,9 +300,14 @@ def _train_step(model, heads, optimizer, batch: dict[str, torch.Tensor], lr: flo
             cues = batch["cues"]
             states = out.hidden_states[cfg.attn_layer + 1][cues[:, 0], cues[:, 1]].float()  # (K, hidden)
             losses["readout"] = heads.readout.loss(states, batch["readout"])
+        if match:
+            layer, rows = cfg.guided_layers[0] - 1, batch["match_rows"]
+            losses["match_attn"] = match_attention_loss(out.attentions[layer][rows], batch)
+            states = out.hidden_states[layer + 1][rows].float()  # (M, T, hidden)
+            losses["match"] = heads.match.loss(states, batch["match_visual"], batch["match_anchors"])
     weights = {
-        "loss": 1.0, "aux": cfg.aux_weight, "attn": cfg.attn_weight,
-        "text_attn": cfg.text_attn_weight, "readout": cfg.readout_weight,
+        "loss": 1.0, "aux": cfg.aux_weight, "attn": cfg.attn_weight, "text_attn": cfg.text_attn_weight,
+        "readout": cfg.readout_weight, "match_attn": cfg.match_weight, "match": cfg.match_weight,
     }  # fmt: skip
     return _optimize(optimizer, losses, weights, lr, clip=1.0)
 
@@ -340,6 +361,48 @@ def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tens
         logs = torch.log(rows[spread].clamp_min(1e-6)) * evidence[spread]
         losses[spread] = -logs.sum(-1) / n - torch.log(n.float())  # KL(uniform || rows), >= 0
     return losses.mean()
+
+
+def match_attention_loss(attention: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over the first image's visual tokens of ``-log`` the attention mass (mean over heads)
+    they put on the question's colour and shape words.
+
+    Args:
+        attention: ``(M, H, T, T)`` attention probabilities of the ``match_rows``, one layer.
+        batch: with ``match_visual`` and ``match_words`` ``(M, T)`` bool.
+
+    Returns:
+        Scalar loss.
+    """
+    visual, words = batch["match_visual"], batch["match_words"]
+    mass = (attention.float().mean(1) * words[:, None, :]).sum(-1)  # (M, T): per query token
+    return -torch.log(mass[visual].clamp_min(1e-6)).mean()
+
+
+class MatchHead(torch.nn.Module):
+    """Linear classifier over normalised hidden states: is this visual token a marked anchor?"""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.norm = torch.nn.LayerNorm(hidden, elementwise_affine=False)
+        self.head = torch.nn.Linear(hidden, 1)
+
+    def loss(self, states: torch.Tensor, visual: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
+        """Binary cross-entropy, the marked and unmarked visual tokens weighing half each (a scene
+        has a few anchors among its 144 patches; all unmarked when nothing matches).
+
+        Args:
+            states: ``(M, T, hidden)`` hidden states.
+            visual: ``(M, T)`` bool, the tokens scored.
+            marked: ``(M, T)`` bool, the positives (a subset of ``visual``).
+
+        Returns:
+            Scalar loss.
+        """
+        logits = self.head(self.norm(states)).squeeze(-1)  # (M, T)
+        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, marked.float(), reduction="none")
+        unmarked = bce[visual & ~marked].mean()
+        return 0.5 * (bce[marked].mean() + unmarked) if marked.any() else unmarked
 
 
 def question_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
