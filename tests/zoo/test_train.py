@@ -194,6 +194,10 @@ def test_spread_cues_are_trained_to_weigh_their_evidence_evenly():
     assert loss(all_on_sink, True) > 5.0
     assert loss(even, True) == pytest.approx(0.0, abs=1e-6)
     assert loss([0.5, 0, 0.25, 0.25, 0], True) > 0.0
+    specialised = torch.zeros(1, 3, 5, 5)  # one head per evidence token: even only on average
+    specialised[0, [0, 1, 2], 4, [0, 2, 3]] = 1.0
+    batch = {"cues": cues, "evidence": evidence, "spread": torch.tensor([True])}
+    assert attention_guidance_loss(specialised, batch).item() > 5.0  # every head must spread
 
 
 def test_exported_card_names_the_guided_layers_and_the_runs_continued(tmp_path):

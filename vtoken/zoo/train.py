@@ -340,9 +340,12 @@ def _optimize(
 
 
 def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over cues of ``-log`` the attention mass on the evidence tokens or, for cues marked
-    ``spread``, of ``KL(uniform over the evidence || attention)``: a count cue must weigh each
-    anchor and the sink alike (with the mass loss alone it put everything on the sink).
+    """Mean over cues of ``-log`` the attention mass on the evidence tokens (mean over heads) or,
+    for cues marked ``spread``, of ``KL(uniform over the evidence || attention)`` in every head
+    (mean over heads): a count cue must weigh each anchor and the sink alike (with the mass loss
+    alone it put everything on the sink; with the KL on the head mean, two heads sat wholly on the
+    sink, where the softmax passes no gradient, so the head mean never fell below half on the sink
+    whatever the count).
 
     Args:
         attention: ``(B, H, T, T)`` attention probabilities of one decoder layer.
@@ -353,13 +356,15 @@ def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tens
         Scalar loss.
     """
     cues, evidence = batch["cues"], batch["evidence"]
-    rows = attention[cues[:, 0], :, cues[:, 1]].float().mean(1)  # (K, T), mean over heads
-    losses = -torch.log((rows * evidence).sum(-1).clamp_min(1e-6))  # (K,)
+    heads = attention[cues[:, 0], :, cues[:, 1]].float()  # (K, H, T)
+    losses = -torch.log((heads.mean(1) * evidence).sum(-1).clamp_min(1e-6))  # (K,)
     spread = batch.get("spread")
     if spread is not None and spread.any():
-        n = evidence[spread].sum(-1)  # (S,)
-        logs = torch.log(rows[spread].clamp_min(1e-6)) * evidence[spread]
-        losses[spread] = -logs.sum(-1) / n - torch.log(n.float())  # KL(uniform || rows), >= 0
+        shown = evidence[spread][:, None, :]  # (S, 1, T)
+        n = shown.sum(-1)  # (S, 1)
+        logs = torch.log(heads[spread].clamp_min(1e-6)) * shown  # (S, H, T)
+        kl = -logs.sum(-1) / n - torch.log(n.float())  # (S, H): KL(uniform || head), >= 0
+        losses[spread] = kl.mean(-1)
     return losses.mean()
 
 
