@@ -103,19 +103,23 @@ def test_count_cues_look_at_one_anchor_per_counted_object_and_the_sink():
         assert item.evidence[0].sum() == int(qa.answer)
 
 
-def test_existence_cues_look_at_the_object_anchor_and_the_sink_or_only_at_the_sink():
-    answers = set()
-    for seed in range(20):
+def test_existence_cues_look_at_the_object_of_the_asked_shape_or_only_at_the_sink():
+    seen = set()
+    for seed in range(40):
         scene, qa = sample(seed, "exists")
         item, ids, evidence = _guided(qa, scene)
-        answers.add(qa.answer)
-        expected = [0] if qa.answer == "no" else [0, int(_visual_mask(ids, item.evidence[0]).nonzero())]
-        assert evidence.nonzero().squeeze(1).tolist() == expected
-        assert item.evidence[0].sum() == (qa.answer == "yes")
-    assert answers == {"yes", "no"}
+        colour, shape = qa.question.split()[3:5]
+        objects = [o for o in scene.objects if o.shape == shape]
+        seen.add((qa.answer, bool(objects)))
+        if objects:  # like a colour question: its patches, whose colour tells the answer
+            assert not evidence[0] and torch.equal(evidence, _visual_mask(ids, item.evidence[0]))
+            assert evidence.sum() >= 1 and (objects[0].colour == colour) == (qa.answer == "yes")
+        else:
+            assert evidence.nonzero().squeeze(1).tolist() == [0] and qa.answer == "no"
+    assert seen == {("yes", True), ("no", True), ("no", False)}
 
 
-def test_match_targets_mark_the_matching_anchors_of_the_first_image_for_counts_and_existence():
+def test_match_targets_mark_the_anchors_of_the_asked_colour_in_the_first_image_for_counts():
     rng, grid = np.random.default_rng(0), 12
     items = []
     for seed in range(12):
@@ -123,27 +127,24 @@ def test_match_targets_mark_the_matching_anchors_of_the_first_image_for_counts_a
         items.append(make_item(scene, qa, seed % 2 == 0, rng, grid=grid))  # half with a crop
     batch = encode(PROCESSOR, items, with_answers=True)
     rows = batch["match_rows"].tolist()
-    assert rows == [i for i, it in enumerate(items) if it.family in ("count", "exists")]
+    assert rows == [i for i, it in enumerate(items) if it.family == "count"]
     for m, i in enumerate(rows):
-        ids, item = batch["input_ids"][i], items[i]
-        scene, qa = sample(i, item.family)
-        attributes = [w for w in qa.question.split() if w in COLOURS or w in SHAPES]
-        assert _words(ids, batch["match_words"][m]) == attributes and attributes
+        ids = batch["input_ids"][i]
+        scene, qa = sample(i, "count")
+        colour = qa.question.split()[2]
+        assert _words(ids, batch["match_words"][m]) == [colour]
         visual = batch["match_visual"][m]
         image = (ids == PROCESSOR.image_token_id).nonzero().squeeze(1)
         assert visual.sum() == grid * grid and torch.equal(visual.nonzero().squeeze(1), image[: grid * grid])
         marked = ids[batch["match_anchors"][m]]
         assert (marked == PROCESSOR.image_token_id).all() and not (batch["match_anchors"][m] & ~visual).any()
-        matching = [o for o in scene.objects if all(w in (o.colour, o.shape) for w in attributes)]
-        assert (
-            len(marked) == len(matching) == (int(qa.answer) if qa.family == "count" else qa.answer == "yes")
-        )
+        assert len(marked) == sum(o.colour == colour for o in scene.objects) == int(qa.answer)
 
 
-def test_follow_up_turns_never_ask_counts_or_existence():
+def test_follow_up_turns_never_ask_counts():
     items = train_items(11, 32, crop_prob=0.0, grid=12, turns=3)
     follow_ups = [q for it in items for q, _ in it.follow_ups]
-    assert follow_ups and not any(q.startswith(("how many", "is there")) for q in follow_ups)
+    assert follow_ups and not any(q.startswith("how many") for q in follow_ups)
 
 
 def test_label_cues_with_a_crop_look_at_the_tag_patches_of_the_crop_only():

@@ -6,7 +6,7 @@ import torch
 from vtoken.zoo.data import encode, train_items
 from vtoken.zoo.model import ZooModelConfig, build_processor
 from vtoken.zoo.questions import make_qa, sample
-from vtoken.zoo.readout import IGNORE, READOUTS, ReadoutHead, readout_target
+from vtoken.zoo.readout import IGNORE, READOUTS, ReadoutHead, object_target, readout_target
 from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES
 
 
@@ -27,7 +27,7 @@ def test_relation_target_adds_the_reference_objects_cell():
     assert f"the {first.shape} " in qa.question and qa.question.endswith(f"the {reference.shape} ?")
 
 
-def test_counts_existence_and_descriptions_read_a_number_and_no_object():
+def test_counts_and_descriptions_read_a_number_and_existence_reads_the_asked_shape():
     rng = np.random.default_rng(0)
     names = [name for name, _ in READOUTS]
     for seed in range(20):
@@ -35,10 +35,13 @@ def test_counts_existence_and_descriptions_read_a_number_and_no_object():
         for family in ("count", "describe", "exists"):
             qa = make_qa(scene, family, rng)
             target = dict(zip(names, readout_target(scene, qa)))
-            words = qa.answer.split()
-            number = {"count": 0, "describe": 2}.get(family)
-            expected = int(words[number]) if number is not None else int(words[0] == "yes")
-            assert target.pop("count") == expected  # counted, matching, or listed objects
+            if family == "exists":  # the object of the asked shape, if the scene has one
+                shape = qa.question.split()[4]
+                present = [k for k, o in enumerate(scene.objects) if o.shape == shape]
+                expected = object_target(scene, present[0]) if present else (IGNORE,) * len(READOUTS)
+                assert tuple(target.values()) == expected
+                continue
+            assert target.pop("count") == int(qa.answer.split()[0 if family == "count" else 2])
             assert set(target.values()) == {IGNORE}
 
 

@@ -144,8 +144,8 @@ def train_items(
 def _follow_ups(scene: Scene, first: QA, n: int, seed: int) -> tuple[QA, ...]:
     """Up to ``n`` further distinct questions; none after a description (it would give them away).
 
-    Count and existence questions (``FILTERED``) are only asked first: the visual tokens match
-    themselves against the question, which must therefore come before the image.
+    Count questions (``FILTERED``) are only asked first: the visual tokens match themselves
+    against the question, which must therefore come before the image.
     """
     if first.family == "describe":
         return ()
@@ -170,7 +170,7 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
         them, ``patch_targets`` ``(N_images, P, len(HEADS))`` plus the targets of every cue with visible
         evidence (``vtoken.zoo.guidance.attention_targets``: ``cues`` ``(K, 2)``, ``evidence`` and
         ``question`` ``(K, T)``, ``readout`` ``(K, len(READOUTS))``) and of the visual tokens of rows
-        asking a count or existence question (``vtoken.zoo.guidance.match_targets``). Without
+        asking a count question (``vtoken.zoo.guidance.match_targets``). Without
         answers the batch is left-padded for generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]

@@ -8,8 +8,9 @@ position, size, colour and shape words. Each cue gets:
 - ``evidence``: the tokens holding what the word is read from: the visual tokens showing the
   object(s) of ``QA.evidence`` (for a description's attribute words, the object being listed); for a
   count, the *anchor* patch of each counted object (the patch holding its centre, ``anchor_mask``)
-  plus the *sink* (the ``<s>`` token), and so for an existence question (a negative one: the sink
-  alone, "nothing matches"); for a label question with a crop, the crop's patches showing the digit tag
+  plus the *sink* (the ``<s>`` token); for an existence question, the object of the asked shape
+  (whose colour tells the answer, as for a colour question), or the sink alone when the shape is
+  absent; for a label question with a crop, the crop's patches showing the digit tag
   (``tag_mask``: in an average over the whole object, the few digit patches weigh little). Attention
   averages what it looks at, so a cue guided to the whole counted objects could not tell two from
   three (count stayed at its majority answer); with one anchor per object and the sink, the share
@@ -25,10 +26,10 @@ position, size, colour and shape words. Each cue gets:
   far);
 - ``readout``: what the cue should have read (``vtoken.zoo.readout``).
 
-Count and existence questions (``FILTERED``) are asked first, before the image, so the visual tokens
-themselves can check the question's colour and shape words: each is trained to read them and to mark
-whether it is the anchor of a matching object (``match_targets``); the cue then weighs the marked
-anchors and the sink evenly (none marked: the sink alone, "0" or "no").
+Count questions (``FILTERED``) are asked first, before the image, so the visual tokens themselves
+can check the question's colour word: each is trained to read it and to mark whether it is the
+anchor of an object of that colour (``match_targets``); the cue then weighs the marked anchors and
+the sink evenly (none marked: the sink alone, "0").
 """
 
 from __future__ import annotations
@@ -39,23 +40,19 @@ from vtoken.zoo.questions import QA
 from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES
 
 DESCRIPTION_HEAD = 5  # "there are N objects :" precedes the first object
-ANCHORED = ("count", "exists", "describe")  # first cue looks at one anchor per evidence object + sink
-FILTERED = ("count", "exists")  # the visual tokens match themselves against the question's attributes
+ANCHORED = ("count", "describe")  # families whose first cue looks at one anchor per evidence object
+FILTERED = ("count",)  # the visual tokens match themselves against the question's colour
 
 
 def guided_evidence(qa: QA) -> tuple[int, ...]:
-    """The objects the cue of ``qa`` is guided to: its evidence, none for a negative existence
-    question (whose evidence objects only resemble what is asked)."""
-    return () if _nothing_matches(qa) else qa.evidence
+    """The objects the cue of ``qa`` is guided to (its evidence)."""
+    return qa.evidence
 
 
 def looks_at_sink(qa: QA) -> bool:
-    """Whether the cue of ``qa`` is guided to the ``<s>`` sink too (the ``ANCHORED`` families)."""
-    return qa.family in ANCHORED
-
-
-def _nothing_matches(qa: QA) -> bool:
-    return qa.family == "exists" and qa.answer == "no"
+    """Whether the cue of ``qa`` is guided to the ``<s>`` sink too: ``ANCHORED`` families, and
+    existence questions about an absent shape (nothing to look at)."""
+    return qa.family in ANCHORED or not qa.evidence
 
 
 def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, processor) -> dict:
@@ -102,11 +99,11 @@ def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, pr
 def match_targets(items, ids: torch.Tensor, processor) -> dict:
     """Per-visual-token targets of the rows asking a ``FILTERED`` family first (``{}`` if none).
 
-    A count or existence question names attributes ("how many red objects", "is there a red
-    star"); choosing the matching objects by the cue's query alone failed (its attention stayed half
-    on the sink whatever the count, and probes found no count at the cue). The question comes before
-    the image, so each visual token can read the named attributes itself and mark whether it is the
-    anchor of a matching object; the cue then only has to look for marked anchors.
+    A count question names a colour ("how many red objects"); choosing the objects of that colour
+    by the cue's query alone failed (its attention stayed half on the sink whatever the count, and
+    probes found no count at the cue). The question comes before the image, so each visual token can
+    read the colour itself and mark whether it is the anchor of an object of that colour; the cue
+    then only has to look for marked anchors.
 
     Args:
         items: the batch's ``vtoken.zoo.data.Item`` s, with evidence.
@@ -114,8 +111,8 @@ def match_targets(items, ids: torch.Tensor, processor) -> dict:
         processor: the model's processor.
 
     Returns:
-        ``match_rows`` ``(M,)``; ``match_words`` ``(M, T)`` bool, the question's colour and shape
-        words; ``match_visual`` ``(M, T)`` bool, the first image's visual tokens;
+        ``match_rows`` ``(M,)``; ``match_words`` ``(M, T)`` bool, the question's colour (and
+        shape) words; ``match_visual`` ``(M, T)`` bool, the first image's visual tokens;
         ``match_anchors`` ``(M, T)`` bool, the anchors of the matching objects among them.
     """
     named = torch.tensor(processor.tokenizer.convert_tokens_to_ids([*COLOURS, *SHAPES]))

@@ -34,7 +34,7 @@ from vtoken.zoo.scenes import (
 FAMILIES = ("colour", "shape", "count", "relation", "exists", "label", "describe")
 FINE_GRAINED = ("label",)
 TRAIN_WEIGHTS = {
-    "colour": 0.17, "shape": 0.15, "count": 0.1, "relation": 0.12,
+    "colour": 0.17, "shape": 0.15, "count": 0.15, "relation": 0.12,
     "exists": 0.12, "label": 0.14, "describe": 0.2,
 }  # fmt: skip
 
@@ -50,8 +50,9 @@ class QA:
         box: ``(x0, y0, x1, y1)`` source-pixel box of the object asked about, or ``None`` when the
             question is about the whole scene.
         evidence: indices (into ``scene.objects``) of the objects the answer is read from: the
-            object asked about, both objects of a relation, the objects counted, or for a negative
-            existence question the objects sharing its colour or shape; for a description, all.
+            object asked about, both objects of a relation, the objects counted, for an existence
+            question the object of the asked shape (shapes are unique in a scene; none if absent,
+            and the answer is "yes" when its colour is the asked one); for a description, all.
     """
 
     question: str
@@ -167,8 +168,8 @@ def _ask_exists(scene: Scene, rng: np.random.Generator) -> QA:
     hard = [p for p in absent if p[1] in shapes_here]
     pool = hard if hard and rng.random() < 0.5 else absent
     colour, shape = pool[int(rng.integers(len(pool)))]
-    alike = tuple(k for k, o in enumerate(scene.objects) if o.colour == colour or o.shape == shape)
-    return QA(f"is there a {colour} {shape} ?", "no", "exists", None, alike)
+    same_shape = tuple(k for k, o in enumerate(scene.objects) if o.shape == shape)  # shapes are unique
+    return QA(f"is there a {colour} {shape} ?", "no", "exists", None, same_shape)
 
 
 def _ask_label(scene: Scene, rng: np.random.Generator) -> QA:

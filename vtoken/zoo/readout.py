@@ -6,8 +6,8 @@ cue's hidden state after the guided layer stayed near chance (0.23, chance 0.14)
 but did not read. So a linear head (discarded after training) asks the cue's hidden state after the
 guided layer for the colour, shape and grid cell of the object the answer is read from, whenever
 that is a single object (for a relation, also the reference object's cell) - the intermediate
-result of a two-hop "find it, then read it" circuit. Count and existence cues (and the ``:``
-before a description) are asked for the number of matching objects, and the cues of label
+result of a two-hop "find it, then read it" circuit. Count cues (and the ``:`` before a
+description) are asked for the number of objects, and the cues of label
 questions that come with a crop for the digit, which the crop makes legible.
 """
 
@@ -35,10 +35,10 @@ Target = tuple[int, int, int, int, int, int]
 
 def readout_target(scene: Scene, qa: QA, legible: bool = False) -> Target:
     """``READOUTS`` targets of the cue answering ``qa``: its object, for a relation the cell of the
-    reference object too, for a count, an existence question (and the ``:`` before a description)
-    the number of matching objects, and for a label question whose crop is shown (``legible``) the
-    digit; ``IGNORE`` where there is no such target (the object attributes of counts, existence questions and
-    descriptions, which are read from anchors)."""
+    reference object too, for a count (and the ``:`` before a description) the number of
+    counted objects, and for a label question whose crop is shown (``legible``) the digit;
+    ``IGNORE`` where there is no such target (the object attributes of counts and descriptions,
+    which are read from anchors, and of existence questions about an absent shape)."""
     none = (IGNORE,) * len(READOUTS)
     if qa.family in ANCHORED:
         return (*none[:4], len(guided_evidence(qa)), IGNORE)

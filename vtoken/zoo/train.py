@@ -69,10 +69,10 @@ class TrainConfig:
         readout_weight: weight of the readout loss: a linear head asks the cue's hidden state
             after layer ``attn_layer`` for the colour, shape and cell of the object the answer is
             read from, when that is one object (``vtoken.zoo.readout``); 0 off.
-        match_weight: weight of the two match losses of count and existence questions
+        match_weight: weight of the two match losses of count questions
             (``vtoken.zoo.guidance.match_targets``), both one layer before the first guided layer:
             ``match_attn``, ``-log`` of the attention mass each visual token of the first image
-            puts on the question's colour and shape words, and ``match``, a linear head (discarded
+            puts on the question's colour word, and ``match``, a linear head (discarded
             after training) asking each of them, after that layer, whether it is the anchor of a
             matching object (class-balanced binary cross-entropy); 0 off.
         init_from: exported model folder, bundled model name or training checkpoint (``.pt``)
@@ -370,7 +370,7 @@ def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tens
 
 def match_attention_loss(attention: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over the first image's visual tokens of ``-log`` the attention mass (mean over heads)
-    they put on the question's colour and shape words.
+    they put on the question's colour (and shape) words.
 
     Args:
         attention: ``(M, H, T, T)`` attention probabilities of the ``match_rows``, one layer.
