@@ -22,8 +22,8 @@ kept, 600 steps; accuracy as in its card: the non-fine-grained families, descrip
   hard top-k, the answer loss says how much the kept set helped but hardly which dropped token was
   missed. Accuracy at 20% kept (previous release of the bundled model, 0.82 unpruned): answer loss
   alone 0.73 (colour 0.85, description F1 0.62); answer loss plus distillation 0.74 (the
-  distillation loss did not fall); distillation alone 0.77 (colour 1.0, description F1 0.84). So by default the answer loss trains the text
-  predictor only (``vision_answer_weight=0``).
+  distillation loss did not fall); distillation alone 0.77 (colour 1.0, description F1 0.84). So by
+  default the answer loss trains the text predictor only (``vision_answer_weight=0``).
 
 Command (bundled model, synthetic training data)::
 
