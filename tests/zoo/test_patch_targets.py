@@ -65,16 +65,22 @@ def test_items_carry_targets_only_when_asked():
     assert [t.shape for t in item.targets] == [(144, len(HEADS))] * 2
 
 
-def test_patch_head_loss_is_cross_entropy_per_head_with_digits_on_tag_patches_only():
+def test_patch_head_loss_is_cross_entropy_per_head_digits_on_tag_patches_anchors_balanced():
     head = PatchHead(8)
     features = torch.randn(2, 4, 8)
     targets = torch.stack([torch.randint(0, n - 1, (2, 4)) for _, n in HEADS], dim=-1)
-    digit = [name for name, _ in HEADS].index("digit")
+    names = [name for name, _ in HEADS]
+    digit, anchor = names.index("digit"), names.index("anchor")
     targets[0, :3, digit] = NO_DIGIT
+    targets[..., anchor] = torch.tensor([[1, 0, 0, 0], [0, 0, 1, 0]])  # 2 anchors, 6 other patches
     ce = torch.nn.functional.cross_entropy
 
     def per_head(k, keep=slice(None)):
-        return ce(head.heads[k](features).flatten(0, 1)[keep], targets[..., k].flatten()[keep])
+        logits, target = head.heads[k](features).flatten(0, 1), targets[..., k].flatten()
+        if k == anchor:  # the mean over anchors and the mean over the rest weigh half each
+            losses = ce(logits, target, reduction="none")
+            return 0.5 * (losses[target == 1].mean() + losses[target == 0].mean())
+        return ce(logits[keep], target[keep])
 
     tags = targets[..., digit].flatten() != NO_DIGIT
     expected = sum(per_head(k, tags if k == digit else slice(None)) for k in range(len(HEADS)))
