@@ -14,7 +14,6 @@ from vtoken.zoo.guidance import (
     ANCHORED,
     FILTERED,
     attention_targets,
-    guided_evidence,
     looks_at_sink,
     match_targets,
 )
@@ -97,7 +96,7 @@ def make_item(
     def looked_at(t: QA) -> np.ndarray:  # (N_images * P,)
         if t.family == "label" and with_crop:  # the digit, not the whole object, answers it
             return np.concatenate([tag_mask(scene, view, grid) for view in views])
-        return shown(guided_evidence(t), t.family in ANCHORED)
+        return shown(t.evidence, t.family in ANCHORED)
 
     asked = (qa, *follow_ups)
     evidence = tuple(looked_at(t) for t in asked)
@@ -170,8 +169,8 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
         them, ``patch_targets`` ``(N_images, P, len(HEADS))`` plus the targets of every cue with visible
         evidence (``vtoken.zoo.guidance.attention_targets``: ``cues`` ``(K, 2)``, ``evidence`` and
         ``question`` ``(K, T)``, ``readout`` ``(K, len(READOUTS))``) and of the visual tokens of rows
-        asking a count question (``vtoken.zoo.guidance.match_targets``). Without
-        answers the batch is left-padded for generation.
+        asking a count question (``vtoken.zoo.guidance.match_targets``). Without answers the
+        batch is left-padded for generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]
     images = [img for it in items for img in it.images]

@@ -37,16 +37,11 @@ from __future__ import annotations
 import torch
 
 from vtoken.zoo.questions import QA
-from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES
+from vtoken.zoo.scenes import COLOURS, POSITIONS
 
 DESCRIPTION_HEAD = 5  # "there are N objects :" precedes the first object
 ANCHORED = ("count", "describe")  # families whose first cue looks at one anchor per evidence object
 FILTERED = ("count",)  # the visual tokens match themselves against the question's colour
-
-
-def guided_evidence(qa: QA) -> tuple[int, ...]:
-    """The objects the cue of ``qa`` is guided to (its evidence)."""
-    return qa.evidence
 
 
 def looks_at_sink(qa: QA) -> bool:
@@ -111,11 +106,11 @@ def match_targets(items, ids: torch.Tensor, processor) -> dict:
         processor: the model's processor.
 
     Returns:
-        ``match_rows`` ``(M,)``; ``match_words`` ``(M, T)`` bool, the question's colour (and
-        shape) words; ``match_visual`` ``(M, T)`` bool, the first image's visual tokens;
-        ``match_anchors`` ``(M, T)`` bool, the anchors of the matching objects among them.
+        ``match_rows`` ``(M,)``; ``match_words`` ``(M, T)`` bool, the question's colour word;
+        ``match_visual`` ``(M, T)`` bool, the first image's visual tokens; ``match_anchors``
+        ``(M, T)`` bool, the anchors of the objects of that colour among them.
     """
-    named = torch.tensor(processor.tokenizer.convert_tokens_to_ids([*COLOURS, *SHAPES]))
+    colours = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(COLOURS)))
     rows, words, visual, anchors = [], [], [], []
     for i, item in enumerate(items):
         if item.family not in FILTERED:
@@ -123,19 +118,18 @@ def match_targets(items, ids: torch.Tensor, processor) -> dict:
         image = (ids[i] == processor.image_token_id).nonzero().squeeze(1)[: len(item.targets[0])]  # (P,)
         question = torch.arange(ids.shape[1]) < image[0]
         rows.append(i)
-        words.append(question & torch.isin(ids[i], named))
+        words.append(question & torch.isin(ids[i], colours))
         visual.append(torch.zeros(ids.shape[1], dtype=torch.bool).index_fill_(0, image, True))
         marked = torch.zeros(ids.shape[1], dtype=torch.bool)
         marked[image[torch.from_numpy(item.evidence[0][: len(image)])]] = True
         anchors.append(marked)
     if not rows:
         return {}
-    stack = torch.stack
     return {
         "match_rows": torch.tensor(rows),
-        "match_words": stack(words),
-        "match_visual": stack(visual),
-        "match_anchors": stack(anchors),
+        "match_words": torch.stack(words),
+        "match_visual": torch.stack(visual),
+        "match_anchors": torch.stack(anchors),
     }
 
 

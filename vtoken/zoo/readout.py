@@ -7,15 +7,15 @@ but did not read. So a linear head (discarded after training) asks the cue's hid
 guided layer for the colour, shape and grid cell of the object the answer is read from, whenever
 that is a single object (for a relation, also the reference object's cell) - the intermediate
 result of a two-hop "find it, then read it" circuit. Count cues (and the ``:`` before a
-description) are asked for the number of objects, and the cues of label
-questions that come with a crop for the digit, which the crop makes legible.
+description) are asked for the number of objects, and the cues of label questions that come with a
+crop for the digit, which the crop makes legible.
 """
 
 from __future__ import annotations
 
 import torch
 
-from vtoken.zoo.guidance import ANCHORED, guided_evidence
+from vtoken.zoo.guidance import ANCHORED
 from vtoken.zoo.questions import QA
 from vtoken.zoo.scenes import COLOURS, MAX_OBJECTS, POSITIONS, SHAPES, Scene
 
@@ -35,17 +35,17 @@ Target = tuple[int, int, int, int, int, int]
 
 def readout_target(scene: Scene, qa: QA, legible: bool = False) -> Target:
     """``READOUTS`` targets of the cue answering ``qa``: its object, for a relation the cell of the
-    reference object too, for a count (and the ``:`` before a description) the number of
-    counted objects, and for a label question whose crop is shown (``legible``) the digit;
+    reference object too, for a count (and the ``:`` before a description) the number of evidence
+    objects, and for a label question whose crop is shown (``legible``) the digit;
     ``IGNORE`` where there is no such target (the object attributes of counts and descriptions,
     which are read from anchors, and of existence questions about an absent shape)."""
     none = (IGNORE,) * len(READOUTS)
     if qa.family in ANCHORED:
-        return (*none[:4], len(guided_evidence(qa)), IGNORE)
+        return (*none[:4], len(qa.evidence), IGNORE)
     if qa.family == "relation":
         first, other = qa.evidence
         return (*object_target(scene, first)[:3], scene.objects[other].cell, IGNORE, IGNORE)
-    evidence = guided_evidence(qa)
+    evidence = qa.evidence
     if len(evidence) != 1:
         return none
     digit = int(qa.answer) if qa.family == "label" and legible else IGNORE

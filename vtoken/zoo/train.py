@@ -370,7 +370,7 @@ def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tens
 
 def match_attention_loss(attention: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over the first image's visual tokens of ``-log`` the attention mass (mean over heads)
-    they put on the question's colour (and shape) words.
+    they put on the question's colour word.
 
     Args:
         attention: ``(M, H, T, T)`` attention probabilities of the ``match_rows``, one layer.
