@@ -151,7 +151,7 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   tells the answer, as for a colour question) or, if the shape is absent, to the sink; the token before each
   listed object's position words to that object's anchor (so that a description still finds its
   objects when pruning keeps little more than the anchors).
-- Matching (weight `match_weight`; `vtoken.zoo.guidance.match_targets`): count questions are asked
+- Matching (weight `match_weight`; `vtoken.zoo.matching`): count questions are asked
   first, before the image, and one layer before the first guided layer every visual token is
   trained to attend to the question's colour word and (a linear head, discarded after training) to
   mark whether it is the anchor of an object of that colour; the cue then

@@ -10,13 +10,8 @@ import torch
 from transformers import LlavaProcessor
 
 from vtoken.tokenizer import EOS
-from vtoken.zoo.guidance import (
-    ANCHORED,
-    FILTERED,
-    attention_targets,
-    looks_at_sink,
-    match_targets,
-)
+from vtoken.zoo.guidance import ANCHORED, FILTERED, attention_targets, looks_at_sink
+from vtoken.zoo.matching import match_targets
 from vtoken.zoo.model import build_prompt, follow_up
 from vtoken.zoo.patch_targets import anchor_mask, evidence_mask, object_map, patch_targets, tag_mask
 from vtoken.zoo.questions import QA, draw_family, make_qa, sample
@@ -169,7 +164,7 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
         them, ``patch_targets`` ``(N_images, P, len(HEADS))`` plus the targets of every cue with visible
         evidence (``vtoken.zoo.guidance.attention_targets``: ``cues`` ``(K, 2)``, ``evidence`` and
         ``question`` ``(K, T)``, ``readout`` ``(K, len(READOUTS))``) and of the visual tokens of rows
-        asking a count question (``vtoken.zoo.guidance.match_targets``). Without answers the
+        asking a count question (``vtoken.zoo.matching.match_targets``). Without answers the
         batch is left-padded for generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]

@@ -26,10 +26,9 @@ position, size, colour and shape words. Each cue gets:
   far);
 - ``readout``: what the cue should have read (``vtoken.zoo.readout``).
 
-Count questions (``FILTERED``) are asked first, before the image, so the visual tokens themselves
-can check the question's colour word: each is trained to read it and to mark whether it is the
-anchor of an object of that colour (``match_targets``); the cue then weighs the marked anchors and
-the sink evenly (none marked: the sink alone, "0").
+Count questions (``FILTERED``) are asked first, before the image, so that the visual tokens
+themselves can check the question's colour (``vtoken.zoo.matching``); the cue then weighs the marked
+anchors and the sink evenly (none marked: the sink alone, "0").
 """
 
 from __future__ import annotations
@@ -37,7 +36,7 @@ from __future__ import annotations
 import torch
 
 from vtoken.zoo.questions import QA
-from vtoken.zoo.scenes import COLOURS, POSITIONS
+from vtoken.zoo.scenes import POSITIONS
 
 DESCRIPTION_HEAD = 5  # "there are N objects :" precedes the first object
 ANCHORED = ("count", "describe")  # families whose first cue looks at one anchor per evidence object
@@ -88,48 +87,6 @@ def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, pr
         "question": torch.stack(questions),
         "readout": torch.tensor(readouts),
         "spread": torch.tensor(spread),
-    }
-
-
-def match_targets(items, ids: torch.Tensor, processor) -> dict:
-    """Per-visual-token targets of the rows asking a ``FILTERED`` family first (``{}`` if none).
-
-    A count question names a colour ("how many red objects"); choosing the objects of that colour
-    by the cue's query alone failed (its attention stayed half on the sink whatever the count, and
-    probes found no count at the cue). The question comes before the image, so each visual token can
-    read the colour itself and mark whether it is the anchor of an object of that colour; the cue
-    then only has to look for marked anchors.
-
-    Args:
-        items: the batch's ``vtoken.zoo.data.Item`` s, with evidence.
-        ids: ``(B, T)`` token ids (the question before the images).
-        processor: the model's processor.
-
-    Returns:
-        ``match_rows`` ``(M,)``; ``match_words`` ``(M, T)`` bool, the question's colour word;
-        ``match_visual`` ``(M, T)`` bool, the first image's visual tokens; ``match_anchors``
-        ``(M, T)`` bool, the anchors of the objects of that colour among them.
-    """
-    colours = torch.tensor(processor.tokenizer.convert_tokens_to_ids(list(COLOURS)))
-    rows, words, visual, anchors = [], [], [], []
-    for i, item in enumerate(items):
-        if item.family not in FILTERED:
-            continue
-        image = (ids[i] == processor.image_token_id).nonzero().squeeze(1)[: len(item.targets[0])]  # (P,)
-        question = torch.arange(ids.shape[1]) < image[0]
-        rows.append(i)
-        words.append(question & torch.isin(ids[i], colours))
-        visual.append(torch.zeros(ids.shape[1], dtype=torch.bool).index_fill_(0, image, True))
-        marked = torch.zeros(ids.shape[1], dtype=torch.bool)
-        marked[image[torch.from_numpy(item.evidence[0][: len(image)])]] = True
-        anchors.append(marked)
-    if not rows:
-        return {}
-    return {
-        "match_rows": torch.tensor(rows),
-        "match_words": torch.stack(words),
-        "match_visual": torch.stack(visual),
-        "match_anchors": torch.stack(anchors),
     }
 
 

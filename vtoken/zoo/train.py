@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from vtoken.zoo.data import IGNORE_INDEX, TrainStream, train_items
 from vtoken.zoo.evaluate import predict, score, split_items
+from vtoken.zoo.matching import MatchHead, match_attention_loss
 from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
 from vtoken.zoo.patch_targets import PatchHead
 from vtoken.zoo.readout import ReadoutHead
@@ -70,7 +71,7 @@ class TrainConfig:
             after layer ``attn_layer`` for the colour, shape and cell of the object the answer is
             read from, when that is one object (``vtoken.zoo.readout``); 0 off.
         match_weight: weight of the two match losses of count questions
-            (``vtoken.zoo.guidance.match_targets``), both one layer before the first guided layer:
+            (``vtoken.zoo.matching``), both one layer before the first guided layer:
             ``match_attn``, ``-log`` of the attention mass each visual token of the first image
             puts on the question's colour word, and ``match``, a linear head (discarded
             after training) asking each of them, after that layer, whether it is the anchor of a
@@ -366,48 +367,6 @@ def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tens
         kl = -logs.sum(-1) / n - torch.log(n.float())  # (S, H): KL(uniform || head), >= 0
         losses[spread] = kl.mean(-1)
     return losses.mean()
-
-
-def match_attention_loss(attention: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over the first image's visual tokens of ``-log`` the attention mass (mean over heads)
-    they put on the question's colour word.
-
-    Args:
-        attention: ``(M, H, T, T)`` attention probabilities of the ``match_rows``, one layer.
-        batch: with ``match_visual`` and ``match_words`` ``(M, T)`` bool.
-
-    Returns:
-        Scalar loss.
-    """
-    visual, words = batch["match_visual"], batch["match_words"]
-    mass = (attention.float().mean(1) * words[:, None, :]).sum(-1)  # (M, T): per query token
-    return -torch.log(mass[visual].clamp_min(1e-6)).mean()
-
-
-class MatchHead(torch.nn.Module):
-    """Linear classifier over normalised hidden states: is this visual token a marked anchor?"""
-
-    def __init__(self, hidden: int):
-        super().__init__()
-        self.norm = torch.nn.LayerNorm(hidden, elementwise_affine=False)
-        self.head = torch.nn.Linear(hidden, 1)
-
-    def loss(self, states: torch.Tensor, visual: torch.Tensor, marked: torch.Tensor) -> torch.Tensor:
-        """Binary cross-entropy, the marked and unmarked visual tokens weighing half each (a scene
-        has a few anchors among its 144 patches; all unmarked when nothing matches).
-
-        Args:
-            states: ``(M, T, hidden)`` hidden states.
-            visual: ``(M, T)`` bool, the tokens scored.
-            marked: ``(M, T)`` bool, the positives (a subset of ``visual``).
-
-        Returns:
-            Scalar loss.
-        """
-        logits = self.head(self.norm(states)).squeeze(-1)  # (M, T)
-        bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, marked.float(), reduction="none")
-        unmarked = bce[visual & ~marked].mean()
-        return 0.5 * (bce[marked].mean() + unmarked) if marked.any() else unmarked
 
 
 def question_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
