@@ -19,7 +19,8 @@ TINY = ZooModelConfig(
 def _cfg(run_dir, steps):
     return TrainConfig(
         run_dir=str(run_dir), steps=steps, batch_size=2, warmup=1, eval_every=1000, eval_per_family=1,
-        threads=1, crop_prob=0.5, attn_layer=0, model=TINY,
+        threads=1, crop_prob=0.5, tower_steps=0, attn_layer=0, attn_span=1, text_attn_weight=0.0,
+        readout_weight=0.0, match_weight=0.0, model=TINY,
     )  # fmt: skip
 
 
@@ -33,7 +34,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 
 def test_lr_schedule_warms_up_then_decays():
-    cfg = TrainConfig(steps=100, warmup=10, min_lr_ratio=0.1)
+    cfg = TrainConfig(steps=100, tower_steps=0, warmup=10, min_lr_ratio=0.1)
     assert lr_factor(0, cfg) == 0.1 and lr_factor(9, cfg) == 1.0
     assert abs(lr_factor(100, cfg) - 0.1) < 1e-9
     assert lr_factor(50, cfg) < lr_factor(20, cfg)
@@ -104,9 +105,9 @@ def test_guidance_settings_are_validated():
         with pytest.raises(ValueError, match="weights must be >= 0"):
             TrainConfig(**{name: -1.0})
     with pytest.raises(ValueError, match="attn_layer - attn_span \+ 1 must be >= 1"):
-        TrainConfig(attn_layer=0, text_attn_weight=1.0)
+        TrainConfig(attn_layer=0, attn_span=1, text_attn_weight=1.0)
     with pytest.raises(ValueError, match="attn_layer - attn_span \+ 1 must be >= 1"):
-        TrainConfig(attn_layer=0, match_weight=1.0)
+        TrainConfig(attn_layer=0, attn_span=1, match_weight=1.0)
     with pytest.raises(ValueError, match="attn_layer - attn_span \+ 1 must be >= 1"):
         TrainConfig(attn_layer=1, attn_span=2, text_attn_weight=1.0)
     with pytest.raises(ValueError, match="attn_span"):

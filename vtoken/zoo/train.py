@@ -28,7 +28,7 @@ from vtoken.zoo.readout import ReadoutHead
 
 @dataclass
 class TrainConfig:
-    """Training recipe.
+    """Training recipe; the defaults train the bundled model from scratch (``vtoken zoo train``).
 
     Args:
         run_dir: where checkpoints (``last.pt``) and ``log.jsonl`` go (keep it out of git).
@@ -86,28 +86,28 @@ class TrainConfig:
     """
 
     run_dir: str = "runs/zoo"
-    steps: int = 6000
-    tower_steps: int = 0
-    batch_size: int = 64
+    steps: int = 3000
+    tower_steps: int = 1000
+    batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 300
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
-    crop_prob: float = 0.2
+    crop_prob: float = 0.5
     seed: int = 0
     checkpoint_minutes: float = 5.0
     eval_every: int = 500
     eval_per_family: int = 30
     per_question_loss: bool = True
     curriculum: int = 0
-    turns: int = 6
+    turns: int = 3
     aux_weight: float = 1.0
     attn_weight: float = 1.0
-    attn_layer: int = 1
-    attn_span: int = 1
-    text_attn_weight: float = 0.0
-    readout_weight: float = 0.0
-    match_weight: float = 0.0
+    attn_layer: int = 2
+    attn_span: int = 2
+    text_attn_weight: float = 1.0
+    readout_weight: float = 1.0
+    match_weight: float = 1.0
     init_from: str = ""
     bf16: bool = False
     threads: int = 2
