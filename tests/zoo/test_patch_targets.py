@@ -1,6 +1,7 @@
 """Per-patch targets of the auxiliary vision loss agree with what the scene draws."""
 
 import numpy as np
+import pytest
 import torch
 
 from vtoken.zoo.data import make_item
@@ -88,6 +89,26 @@ def test_patch_head_loss_is_cross_entropy_per_head_digits_on_tag_patches_anchors
     targets[..., digit] = NO_DIGIT  # no tag in the batch: the digit head sits out
     expected = sum(per_head(k) for k in range(len(HEADS)) if k != digit)
     torch.testing.assert_close(head.loss(features, targets), expected / (len(HEADS) - 1))
+
+
+def test_patch_head_accuracy_scores_object_patches_tag_patches_and_anchors_both_ways():
+    head = PatchHead(2)
+    names = [name for name, _ in HEADS]
+    for linear in head.heads:  # every head answers class 1 on every patch
+        torch.nn.init.zeros_(linear.weight)
+        bias = torch.zeros(linear.out_features)
+        bias[1] = 1.0
+        linear.bias.data = bias
+    targets = torch.zeros(1, 4, len(HEADS), dtype=torch.long)
+    targets[0, :, names.index("colour")] = torch.tensor([0, 1, 1, 2])  # background, hit, hit, miss
+    targets[0, :, names.index("shape")] = torch.tensor([0, 0, 0, 3])  # one object patch, missed
+    targets[0, :, names.index("size")] = torch.tensor([1, 1, 1, 1])
+    targets[0, :, names.index("anchor")] = torch.tensor([1, 0, 0, 0])  # anchor found, others not
+    targets[0, :, names.index("digit")] = NO_DIGIT  # no tag: no digit score
+    result = head.accuracy(torch.randn(1, 4, 2), targets)
+    assert result == pytest.approx({"colour": 2 / 3, "shape": 0.0, "anchor": 0.5, "size": 1.0})
+    targets[0, :, names.index("digit")] = torch.tensor([NO_DIGIT, 1, 7, NO_DIGIT])
+    assert head.accuracy(torch.randn(1, 4, 2), targets)["digit"] == 0.5
 
 
 def test_evidence_mask_marks_patches_under_the_evidence_objects():

@@ -140,7 +140,11 @@ def test_training_runs_through_the_stage_switch(tmp_path):
     cfg = dataclasses.replace(_cfg(tmp_path, 2), tower_steps=2, readout_weight=1.0)
     state = torch.load(train(cfg), weights_only=False)
     assert state["step"] == 4
-    assert "readout" in (tmp_path / "log.jsonl").read_text()  # the readout loss was trained and logged
+    log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert "readout" in log[-1]  # the readout loss was trained and logged
+    assert [r["step"] for r in log] == [2, 4]  # evaluated at the end of each stage
+    assert set(log[0]) >= {"aux", "tower"} and "val" not in log[0]  # the tower alone: patch probe only
+    assert set(log[0]["tower"]) >= {"colour", "shape", "anchor", "size"} and set(log[1]) >= {"tower", "val"}
 
 
 def test_init_from_an_exported_folder_starts_from_its_weights(tmp_path):

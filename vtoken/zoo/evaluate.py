@@ -13,13 +13,14 @@ from vtoken.zoo.questions import FAMILIES, parse_description, sample
 from vtoken.zoo.scenes import split_seed
 
 
-def split_items(split: str, per_family: int, with_crop: bool = False) -> list[Item]:
-    """``per_family`` items of every family from ``split``; item ``k`` uses the split's seed ``k``."""
+def split_items(split: str, per_family: int, with_crop: bool = False, grid: int | None = None) -> list[Item]:
+    """``per_family`` items of every family from ``split``; item ``k`` uses the split's seed ``k``.
+    With ``grid``, items carry their training targets (see ``vtoken.zoo.data.make_item``)."""
     items = []
     for k in range(per_family * len(FAMILIES)):
         family = FAMILIES[k % len(FAMILIES)]
         scene, qa = sample(split_seed(split, k), family)
-        items.append(make_item(scene, qa, with_crop, np.random.default_rng([k, 3])))
+        items.append(make_item(scene, qa, with_crop, np.random.default_rng([k, 3]), grid))
     return items
 
 

@@ -160,6 +160,28 @@ class PatchHead(torch.nn.Module):
             losses.append(torch.nn.functional.cross_entropy(logits, target, weight=weight))
         return torch.stack(losses).mean()
 
+    @torch.no_grad()
+    def accuracy(self, features: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """What the tower's features tell the heads, per head: colour, shape and size accuracy on
+        object patches, digit accuracy on label-tag patches (absent without tags), and the mean of
+        the anchor head's recall on anchors and on other patches.
+
+        Args:
+            features: ``(N_images, P, hidden)`` vision tower states the projector reads.
+            targets: ``(N_images, P, len(HEADS))`` class ids.
+        """
+        result = {}
+        for k, ((name, _), head) in enumerate(zip(HEADS, self.heads)):
+            target = targets[..., k].flatten()
+            hit = head(features).flatten(0, 1).argmax(-1) == target
+            if name == "anchor":
+                result[name] = (hit[target == 1].float().mean() + hit[target == 0].float().mean()).item() / 2
+                continue
+            scored = target != (NO_DIGIT if name == "digit" else BACKGROUND)
+            if scored.any():
+                result[name] = hit[scored].float().mean().item()
+        return result
+
 
 def _balanced(target: torch.Tensor) -> torch.Tensor:
     """Class weights ``(2,)`` under which both classes of a binary ``target`` weigh half."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from vtoken.zoo.data import IGNORE_INDEX, TrainStream, train_items
+from vtoken.zoo.data import IGNORE_INDEX, TrainStream, encode, train_items
 from vtoken.zoo.evaluate import predict, score, split_items
 from vtoken.zoo.matching import MatchHead, match_attention_loss
 from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
@@ -35,8 +35,12 @@ class TrainConfig:
         steps: optimizer steps of full training (the learning-rate schedule spans them).
         tower_steps: vision-tower pretraining steps before full training: the tower and the patch
             head learn from the auxiliary patch loss alone (a real LLaVA starts from a pretrained
-            encoder; reading shapes off 8-pixel patches took ~1,000 such steps, while answer
-            training from a random tower never got past the majority answers). Own schedule.
+            encoder; answer training from a random tower never got past the majority answers).
+            Shapes are what the tower learns last: from scratch, its patch head named the shape
+            under 28% of object patches after 326 tower steps, 58% after 1,293 and 72% after
+            1,965 (colour: 97-99% throughout); after 1,000 tower and 1,000 full steps, 38%, and
+            every question names a shape. Tower steps cost ~0.75 s here, full steps ~2 s. Own
+            schedule.
         batch_size: questions per step.
         lr: peak AdamW learning rate.
         warmup: linear warm-up steps.
@@ -86,8 +90,8 @@ class TrainConfig:
     """
 
     run_dir: str = "runs/zoo"
-    steps: int = 3000
-    tower_steps: int = 1000
+    steps: int = 2500
+    tower_steps: int = 2500
     batch_size: int = 32
     lr: float = 1e-3
     warmup: int = 300
@@ -237,6 +241,7 @@ def _loop(cfg: TrainConfig, model, heads, processor, optimizer, start: int, ckpt
     stream = TrainStream(processor, start, items)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4)
     val_items = split_items("val", cfg.eval_per_family)
+    probe = _probe_batch(cfg, processor) if cfg.aux_weight > 0 else None
     log = (Path(cfg.run_dir) / "log.jsonl").open("a")
     last_save, ema = time.time(), None
     bar = tqdm(range(start, total), initial=start, total=total, desc="zoo train")
@@ -252,12 +257,16 @@ def _loop(cfg: TrainConfig, model, heads, processor, optimizer, start: int, ckpt
         bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
         done = step + 1
         record = {"step": done, **{k: round(v, 4) for k, v in ema.items()}, "time": round(time.time(), 1)}
-        if done > cfg.tower_steps and (done % cfg.eval_every == 0 or done == total):
+        evaluating = done % cfg.eval_every == 0 or done in (cfg.tower_steps, total)
+        if evaluating:
             model.eval()
-            record["val"] = score(val_items, predict(model, processor, val_items))
+            if probe is not None:
+                record["tower"] = _tower_accuracy(model, heads.patch, probe)
+            if done > cfg.tower_steps:
+                record["val"] = score(val_items, predict(model, processor, val_items))
             model.train()
             bar.write(json.dumps(record))
-        if done % 50 == 0 or "val" in record:
+        if done % 50 == 0 or evaluating:
             log.write(json.dumps(record) + "\n")
             log.flush()
         if time.time() - last_save > 60 * cfg.checkpoint_minutes or done in (cfg.tower_steps, total):
@@ -271,6 +280,19 @@ def _tower_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: floa
         model.model.get_image_features(pixel_values=batch["pixel_values"])
     losses = {"aux": head.loss(seen[0], batch["patch_targets"])}
     return _optimize(optimizer, losses, {"aux": 1.0}, lr, clip=None)
+
+
+def _probe_batch(cfg: TrainConfig, processor) -> dict[str, torch.Tensor]:
+    """Validation scenes with crops (70 items, 140 images) and their patch targets."""
+    grid = cfg.model.image_size // cfg.model.patch_size
+    return encode(processor, split_items("val", 10, with_crop=True, grid=grid), with_answers=True)
+
+
+def _tower_accuracy(model, head, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+    """``PatchHead.accuracy`` of the vision tower on ``batch`` (fixed validation scenes and crops)."""
+    with torch.no_grad(), _projector_input(model) as seen:
+        model.model.get_image_features(pixel_values=batch["pixel_values"])
+    return {k: round(v, 3) for k, v in head.accuracy(seen[0], batch["patch_targets"]).items()}
 
 
 def _train_step(model, heads, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> dict:
