@@ -207,4 +207,5 @@ def test_exported_card_names_the_guided_layers_and_the_runs_continued(tmp_path):
     (tmp_path / "HISTORY.md").write_text("- earlier run: 10 steps\n")
     card = (export_checkpoint(tmp_path, "t", tmp_path / "out", test_per_family=1) / "README.md").read_text()
     assert "- earlier run: 10 steps" in card
+    assert "- Vision tower at step 1 (its patch heads" in card and ", shape " in card
     assert "| 0 (guided) |" in card and "| 1 (guided) |" in card

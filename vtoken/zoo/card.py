@@ -94,12 +94,26 @@ def write_model_card(folder: Path, model, processor, run_dir, step: int, per_fam
     )
     lineage = Path(run_dir) / "HISTORY.md"  # earlier runs this one continued (``init_from``)
     history = "\n" + lineage.read_text().strip() if lineage.exists() else ""
+    history += _tower_summary(Path(run_dir) / "log.jsonl")
     text = CARD.format(
         params=params / 1e6, step=step, hours=hours, history=history, cfg=json.dumps(cfg, indent=2),
         rows=rows, crop=results["label_with_crop"], n=results["test_questions"], base=BASE_SIZE,
         source=SOURCE_SIZE, attention=attention, date=time.strftime("%Y-%m-%d"),
     )  # fmt: skip
     (folder / "README.md").write_text(text)
+
+
+def _tower_summary(log: Path) -> str:
+    """Card line with the vision tower's last logged patch-head accuracies ("" if none logged)."""
+    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    towers = [r for r in records if "tower" in r]
+    if not towers:
+        return ""
+    scores = ", ".join(f"{name} {value:.3f}" for name, value in towers[-1]["tower"].items())
+    return (
+        f"\n- Vision tower at step {towers[-1]['step']} (its patch heads on 70 validation scenes and"
+        f" their crops; anchors: mean recall of anchors and other patches): {scores}."
+    )
 
 
 def _training_hours(log: Path) -> float:
