@@ -147,6 +147,22 @@ def test_training_runs_through_the_stage_switch(tmp_path):
     assert set(log[0]["tower"]) >= {"colour", "shape", "anchor", "size"} and set(log[1]) >= {"tower", "val"}
 
 
+def test_a_frozen_tower_stays_as_pretrained_while_the_rest_trains(tmp_path):
+    from vtoken.zoo.export import save_model_folder
+    from vtoken.zoo.model import build_model, build_processor
+
+    processor = build_processor(TINY)
+    start = build_model(TINY, processor.tokenizer)
+    save_model_folder(start, processor, tmp_path / "start")
+    cfg = dataclasses.replace(_cfg(tmp_path / "run", 2), init_from=str(tmp_path / "start"), lr=1e-2)
+    trained = torch.load(train(dataclasses.replace(cfg, freeze_tower=True)), weights_only=False)["model"]
+    unfrozen = torch.load(train(dataclasses.replace(cfg, run_dir=str(tmp_path / "b"))), weights_only=False)
+    moved = {name for name, value in start.state_dict().items() if not torch.equal(trained[name], value)}
+    tower = {name for name in start.state_dict() if name.startswith("model.vision_tower.")}
+    assert moved == set(start.state_dict()) - tower  # everything but the tower trained
+    assert any(not torch.equal(unfrozen["model"][name], start.state_dict()[name]) for name in tower)
+
+
 def test_init_from_an_exported_folder_starts_from_its_weights(tmp_path):
     from vtoken.zoo import load
     from vtoken.zoo.export import save_model_folder

@@ -84,6 +84,9 @@ class TrainConfig:
             whose model weights start the run (run folders are not kept in git, so a later session
             continues a shipped model this way; the optimizer and training heads start afresh).
             Sizes must match ``model``.
+        freeze_tower: keep the vision tower fixed in full training, as LLaVA keeps its pretrained
+            encoder: no backward pass through its images, and the answer losses cannot undo what
+            tower pretraining taught it (the patch head still trains, on fixed features).
         bf16: run forward/backward under CPU bfloat16 autocast (slower on CPUs without AMX).
         threads: torch intra-op threads for the training process.
         model: model sizes.
@@ -113,6 +116,7 @@ class TrainConfig:
     readout_weight: float = 1.0
     match_weight: float = 1.0
     init_from: str = ""
+    freeze_tower: bool = False
     bf16: bool = False
     threads: int = 2
     model: ZooModelConfig = field(default_factory=ZooModelConfig)
@@ -248,6 +252,7 @@ def _loop(cfg: TrainConfig, model, heads, processor, optimizer, start: int, ckpt
     for step, batch in zip(bar, loader):
         bar.set_description("zoo train (tower)" if step < cfg.tower_steps else "zoo train")
         lr = lr_factor(step, cfg) * cfg.lr
+        model.model.vision_tower.requires_grad_(step < cfg.tower_steps or not cfg.freeze_tower)
         if step < cfg.tower_steps:
             losses = _tower_step(model, heads.patch, optimizer, batch, lr)
         else:
