@@ -156,7 +156,8 @@ def test_a_frozen_tower_stays_as_pretrained_while_the_rest_trains(tmp_path):
     save_model_folder(start, processor, tmp_path / "start")
     cfg = dataclasses.replace(_cfg(tmp_path / "run", 2), init_from=str(tmp_path / "start"), lr=1e-2)
     trained = torch.load(train(dataclasses.replace(cfg, freeze_tower=True)), weights_only=False)["model"]
-    unfrozen = torch.load(train(dataclasses.replace(cfg, run_dir=str(tmp_path / "b"))), weights_only=False)
+    unfrozen = dataclasses.replace(cfg, run_dir=str(tmp_path / "b"), freeze_tower=False)
+    unfrozen = torch.load(train(unfrozen), weights_only=False)
     moved = {name for name, value in start.state_dict().items() if not torch.equal(trained[name], value)}
     tower = {name for name in start.state_dict() if name.startswith("model.vision_tower.")}
     assert moved == set(start.state_dict()) - tower  # everything but the tower trained
