@@ -28,7 +28,8 @@ from vtoken.zoo.readout import ReadoutHead
 
 @dataclass
 class TrainConfig:
-    """Training recipe; the defaults train the bundled model from scratch (``vtoken zoo train``).
+    """Training recipe; the defaults are the from-scratch recipe under test (the bundled model's
+    card gives the runs that trained it).
 
     Args:
         run_dir: where checkpoints (``last.pt``) and ``log.jsonl`` go (keep it out of git).
