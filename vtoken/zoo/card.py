@@ -81,7 +81,9 @@ def write_model_card(folder: Path, model, processor, run_dir, step: int, per_fam
     results = measure(model, processor, per_family)
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
-    hours = _training_hours(Path(run_dir) / "log.jsonl")
+    lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
+    log = [json.loads(line) for line in lines if line.strip()]
+    hours = _training_hours(log)
     params = sum(p.numel() for p in model.parameters())
     full = results["full_view"]
     rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in full.items())
@@ -94,7 +96,7 @@ def write_model_card(folder: Path, model, processor, run_dir, step: int, per_fam
     )
     lineage = Path(run_dir) / "HISTORY.md"  # earlier runs this one continued (``init_from``)
     history = "\n" + lineage.read_text().strip() if lineage.exists() else ""
-    history += _tower_summary(Path(run_dir) / "log.jsonl")
+    history += _tower_summary(log)
     text = CARD.format(
         params=params / 1e6, step=step, hours=hours, history=history, cfg=json.dumps(cfg, indent=2),
         rows=rows, crop=results["label_with_crop"], n=results["test_questions"], base=BASE_SIZE,
@@ -103,10 +105,9 @@ def write_model_card(folder: Path, model, processor, run_dir, step: int, per_fam
     (folder / "README.md").write_text(text)
 
 
-def _tower_summary(log: Path) -> str:
+def _tower_summary(log: list[dict]) -> str:
     """Card line with the vision tower's last logged patch-head accuracies ("" if none logged)."""
-    records = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
-    towers = [r for r in records if "tower" in r]
+    towers = [r for r in log if "tower" in r]
     if not towers:
         return ""
     scores = ", ".join(f"{name} {value:.3f}" for name, value in towers[-1]["tower"].items())
@@ -116,8 +117,8 @@ def _tower_summary(log: Path) -> str:
     )
 
 
-def _training_hours(log: Path) -> float:
-    times = [json.loads(line)["time"] for line in log.read_text().splitlines() if line.strip()]
+def _training_hours(log: list[dict]) -> float:
+    times = [r["time"] for r in log]
     gaps = np.diff(times)
     return float(gaps[gaps < 600].sum() / 3600) if len(times) > 1 else 0.0  # skip resume gaps
 

@@ -71,8 +71,7 @@ def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, pr
         row_cues = _row_cues(item, ids[i], prompt_lengths[i], answer_flags[i], processor)
         for cue, shown, asked, readout, to_sink in row_cues:
             if shown.any() or to_sink:
-                mask = torch.zeros(ids.shape[1], dtype=torch.bool)
-                mask[visual[torch.from_numpy(shown)]] = True
+                mask = token_mask(ids.shape[1], visual[torch.from_numpy(shown)])
                 mask[sink] = to_sink
                 cues.append((i, cue))
                 masks.append(mask)
@@ -88,6 +87,11 @@ def attention_targets(items, ids: torch.Tensor, prompt_lengths, answer_flags, pr
         "readout": torch.tensor(readouts),
         "spread": torch.tensor(spread),
     }
+
+
+def token_mask(length: int, positions: torch.Tensor) -> torch.Tensor:
+    """``(length,)`` bool mask, True at ``positions``."""
+    return torch.zeros(length, dtype=torch.bool).index_fill_(0, positions, True)
 
 
 def _row_cues(item, row: torch.Tensor, prompt_length: int, is_answer: list[bool], processor):

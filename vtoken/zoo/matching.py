@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vtoken.zoo.guidance import FILTERED
+from vtoken.zoo.guidance import FILTERED, token_mask
 from vtoken.zoo.scenes import COLOURS
 
 
@@ -39,10 +39,8 @@ def match_targets(items, ids: torch.Tensor, processor) -> dict:
         question = torch.arange(ids.shape[1]) < image[0]
         rows.append(i)
         words.append(question & torch.isin(ids[i], colours))
-        visual.append(torch.zeros(ids.shape[1], dtype=torch.bool).index_fill_(0, image, True))
-        marked = torch.zeros(ids.shape[1], dtype=torch.bool)
-        marked[image[torch.from_numpy(item.evidence[0][: len(image)])]] = True
-        anchors.append(marked)
+        visual.append(token_mask(ids.shape[1], image))
+        anchors.append(token_mask(ids.shape[1], image[torch.from_numpy(item.evidence[0][: len(image)])]))
     if not rows:
         return {}
     return {

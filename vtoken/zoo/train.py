@@ -283,9 +283,7 @@ def _loop(cfg: TrainConfig, model, heads, processor, optimizer, start: int, ckpt
 
 def _tower_step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: float) -> dict:
     """One vision-tower pretraining step on the patch loss alone; returns ``{"aux": loss}``."""
-    with _projector_input(model) as seen:
-        model.model.get_image_features(pixel_values=batch["pixel_values"])
-    losses = {"aux": head.loss(seen[0], batch["patch_targets"])}
+    losses = {"aux": head.loss(_tower_states(model, batch["pixel_values"]), batch["patch_targets"])}
     return _optimize(optimizer, losses, {"aux": 1.0}, lr, clip=None)
 
 
@@ -297,9 +295,16 @@ def _probe_batch(cfg: TrainConfig, processor) -> dict[str, torch.Tensor]:
 
 def _tower_accuracy(model, head, batch: dict[str, torch.Tensor]) -> dict[str, float]:
     """``PatchHead.accuracy`` of the vision tower on ``batch`` (fixed validation scenes and crops)."""
-    with torch.no_grad(), _projector_input(model) as seen:
-        model.model.get_image_features(pixel_values=batch["pixel_values"])
-    return {k: round(v, 3) for k, v in head.accuracy(seen[0], batch["patch_targets"]).items()}
+    with torch.no_grad():
+        states = _tower_states(model, batch["pixel_values"])
+    return {k: round(v, 3) for k, v in head.accuracy(states, batch["patch_targets"]).items()}
+
+
+def _tower_states(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``(N_images, P, hidden)`` vision tower states the projector reads, for ``pixel_values``."""
+    with _projector_input(model) as seen:
+        model.model.get_image_features(pixel_values=pixel_values)
+    return seen[0]
 
 
 def _train_step(model, heads, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> dict:
