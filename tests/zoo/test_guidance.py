@@ -4,7 +4,7 @@ import numpy as np
 import torch
 
 from vtoken.zoo.data import IGNORE_INDEX, encode, make_item, train_items
-from vtoken.zoo.guidance import description_slots
+from vtoken.zoo.guidance import NAMING, description_slots
 from vtoken.zoo.model import ZooModelConfig, build_processor
 from vtoken.zoo.patch_targets import NO_DIGIT
 from vtoken.zoo.questions import sample
@@ -23,7 +23,8 @@ def test_turn_cues_are_answer_colons_pointing_at_the_evidence_and_question():
     items = [it for it in train_items(5, 6, crop_prob=0.0, grid=12, turns=3) if it.family != "describe"]
     batch = encode(PROCESSOR, items, with_answers=True)
     ids, labels = batch["input_ids"], batch["labels"]
-    asked = [it.question for it in items] + [q for it in items for q, _ in it.follow_ups]
+    questions = [it.question for it in items] + [q for it in items for q, _ in it.follow_ups]
+    asked = [" ".join(w for w in q.split() if w in NAMING) or q for q in questions]  # naming words
     for (row, pos), evidence, question in zip(batch["cues"].tolist(), batch["evidence"], batch["question"]):
         assert labels[row, pos] == IGNORE_INDEX and labels[row, pos + 1] != IGNORE_INDEX  # cue, answer
         assert TOK.convert_ids_to_tokens(int(ids[row, pos])) == ":"

@@ -176,10 +176,10 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   Without guidance every recipe tried here sat at the majority answers: with 144 visual tokens and
   one-word answers, the gradient reaching any one object through near-uniform attention is tiny.
   One layer before the first guided layer (weight `text_attn_weight`) the same cue is trained to
-  attend to what names its object - the turn's question, or in a description the position words
-  just written - so that it knows what to look for: with the object guidance alone it looked at every
-  object alike. Guiding two layers (the one before the reading layer too) makes the attention that
-  FastV-style pruning ranks by point at what will be read.
+  attend to what names its object - the shape, colour and position words of the turn's question, or
+  in a description the position words just written - so that it knows what to look for: with the
+  object guidance alone it looked at every object alike. Guiding two layers (the one before the
+  reading layer too) makes the attention that FastV-style pruning ranks by point at what will be read.
 - Readout (weight `readout_weight`; `vtoken.zoo.readout`): a linear head, discarded after training,
   predicts from the cue's hidden state after the last guided layer the colour, shape and grid cell
   of the object it looks at (when that is one object; for a relation also the reference object's
