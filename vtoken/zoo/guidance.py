@@ -22,11 +22,12 @@ position, size, colour and shape words. Each cue gets:
   anchors kept, a description can still find the next object after pruning (before, pruned
   descriptions repeated objects);
 - ``question``: the words naming what to look for: the turn's question's shape, colour and position
-  words (``NAMING``; the whole question if it has none); in a description, the position words just
-  written, e.g. "top left", or before the position words, the description so far. Guided to the
-  whole question, a colour question's cue looked at the asked shape with only 0.25 of its mass
-  after a 2 h from-scratch run (``runs/scratch3``), and 32 of its 33 wrong answers were another
-  object's colour: the shape word was one of six words averaged into its query;
+  words (``NAMING``, which also holds a relation's "left or right"; the whole question if it has
+  none); in a description, the position words just written, e.g. "top left", or before the position
+  words, the description so far. Guided to the whole question, a colour question's cue looked at the
+  asked shape with only 0.25 of its mass after a 2 h from-scratch run (``runs/scratch3``), and 32 of
+  its 33 wrong answers were another object's colour; the hypothesis under test (``runs/scratch4``)
+  is that the shape word, one of six words averaged into the cue's query, was too faint in it;
 - ``readout``: what the cue should have read (``vtoken.zoo.readout``).
 
 Count questions (``FILTERED``) are asked first, before the image, so that the visual tokens
