@@ -52,7 +52,7 @@ class TrainConfig:
         crop_prob: fraction of steps whose items all carry a second (cropped) image. Crop steps
             cost 2.5 s here against 0.85 s (tower frozen; twice the tokens, one question per row):
             at 0.5 they took three quarters of ``runs/scratch3``'s full training (4,000 tower then
-            2,600 full steps, 2.1 h), which ended at 0.68 overall on validation (colour 0.37:
+            2,600 full steps, 2.3 h), which ended at 0.68 overall on validation (colour 0.37:
             wrong object; count 0.80, shape 0.87; per family ``vtoken.zoo.evaluate.score``).
         seed: initialisation seed.
         checkpoint_minutes: wall-clock minutes between checkpoints.
