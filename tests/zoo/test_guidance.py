@@ -1,5 +1,7 @@
 """Cue targets: each cue predicts a word read off the image and points at the object it comes from."""
 
+import dataclasses
+
 import numpy as np
 import torch
 
@@ -28,10 +30,13 @@ def test_turn_cues_are_answer_colons_pointing_at_the_evidence_and_question():
     for (row, pos), evidence, question in zip(batch["cues"].tolist(), batch["evidence"], batch["question"]):
         assert labels[row, pos] == IGNORE_INDEX and labels[row, pos + 1] != IGNORE_INDEX  # cue, answer
         assert TOK.convert_ids_to_tokens(int(ids[row, pos])) == ":"
-        shown = ids[row][evidence]
-        assert evidence.any() and ((shown == PROCESSOR.image_token_id) | (shown == TOK.bos_token_id)).all()
-        assert " ".join(_words(ids[row], question)) in asked and question.nonzero().max() < pos
-    assert batch["spread"].tolist() == batch["evidence"][:, 0].tolist()  # the cues guided to <s>
+        shown = ids[row][evidence.any(0)]
+        assert evidence.any(1).all()
+        assert ((shown == PROCESSOR.image_token_id) | (shown == TOK.bos_token_id)).all()
+        if torch.equal(question[0], question[1]):  # not a relation: every head alike
+            assert torch.equal(evidence[0], evidence[1])
+            assert " ".join(_words(ids[row], question[0])) in asked and question.nonzero()[:, 1].max() < pos
+    assert batch["spread"].tolist() == batch["evidence"][:, 0, 0].tolist()  # the cues guided to <s>
     turns = sum(1 + len(it.follow_ups) for it in items)
     assert 0 < len(batch["cues"]) <= turns
 
@@ -42,7 +47,7 @@ def test_description_cues_precede_each_position_and_attribute_of_the_listed_obje
     batch = encode(PROCESSOR, [item], with_answers=True)
     ids, answer_start = batch["input_ids"][0], int((batch["labels"][0] != IGNORE_INDEX).nonzero()[0])
     first, *cues = batch["cues"][:, 1].tolist()
-    assert TOK.convert_ids_to_tokens(int(ids[first])) == ":" and batch["evidence"][0, 0]  # counts: sink
+    assert TOK.convert_ids_to_tokens(int(ids[first])) == ":" and batch["evidence"][0, :, 0].all()  # sink
     assert batch["readout"][0].tolist()[4] == len(scene.objects)
     hidden = sum(1 for shown, _, _ in item.described if not shown.any())
     assert len(cues) == 4 * len(scene.objects) - 3 * hidden and hidden <= 1
@@ -50,8 +55,9 @@ def test_description_cues_precede_each_position_and_attribute_of_the_listed_obje
     for (shown, anchor, _), obj in zip(item.described, scene.objects):
         cue = int(batch["cues"][n, 1])  # before the position words: looks at the object's anchor
         assert " ".join(_words(ids, slice(cue + 1, cue + 1 + len(obj.position.split())))) == obj.position
-        assert torch.equal(batch["evidence"][n], _visual_mask(ids, anchor)) and anchor.sum() == 1
-        written = batch["question"][n].nonzero().squeeze(1)  # the description up to the cue
+        assert (batch["evidence"][n] == _visual_mask(ids, anchor)).all() and anchor.sum() == 1
+        written = batch["question"][n, 0].nonzero().squeeze(1)  # the description up to the cue
+        assert torch.equal(batch["question"][n, 0], batch["question"][n, 1])
         assert written.min() == answer_start and written.max() == cue - 1
         n += 1
         if not shown.any():
@@ -59,8 +65,8 @@ def test_description_cues_precede_each_position_and_attribute_of_the_listed_obje
         for word in (obj.size, obj.colour, obj.shape):
             cue = int(batch["cues"][n, 1])
             assert TOK.convert_ids_to_tokens(int(ids[cue + 1])) == word
-            assert " ".join(_words(ids, batch["question"][n])) == obj.position
-            assert torch.equal(batch["evidence"][n], _visual_mask(ids, shown))
+            assert all(" ".join(_words(ids, group)) == obj.position for group in batch["question"][n])
+            assert (batch["evidence"][n] == _visual_mask(ids, shown)).all()
             colour, shape, cell, *others = batch["readout"][n].tolist()
             named = (colours[colour], SHAPES[shape], POSITIONS[cell], *others)
             assert named == (obj.colour, obj.shape, obj.position, IGNORE, IGNORE, IGNORE)
@@ -90,7 +96,8 @@ def test_items_without_descriptions_have_no_object_slots():
 def _guided(qa, scene):
     item = make_item(scene, qa, False, np.random.default_rng(0), grid=12)
     batch = encode(PROCESSOR, [item], with_answers=True)
-    (evidence,) = batch["evidence"]
+    ((evidence, again),) = batch["evidence"]  # per group of heads: the same unless a relation
+    assert torch.equal(evidence, again)
     return item, batch["input_ids"][0], evidence
 
 
@@ -118,6 +125,21 @@ def test_existence_cues_look_at_the_object_of_the_asked_shape_or_only_at_the_sin
         else:
             assert evidence.nonzero().squeeze(1).tolist() == [0] and qa.answer == "no"
     assert seen == {("yes", True), ("no", True), ("no", False)}
+
+
+def test_relation_cues_guide_half_the_heads_to_the_subject_and_half_to_the_reference():
+    for seed in range(12):
+        scene, qa = sample(seed, "relation")
+        item = make_item(scene, qa, False, np.random.default_rng(0), grid=12)
+        batch = encode(PROCESSOR, [item], with_answers=True)
+        ids, (evidence,), (question,) = batch["input_ids"][0], batch["evidence"], batch["question"]
+        subject, reference = qa.question.split()[2], qa.question.split()[-2]
+        assert [_words(ids, group) for group in question] == [[subject], [reference]]
+        for group, k in zip(evidence, qa.evidence):
+            own = make_item(scene, dataclasses.replace(qa, evidence=(k,), family="colour"), False,
+                            np.random.default_rng(0), grid=12).evidence[0]  # fmt: skip
+            assert torch.equal(group, _visual_mask(ids, own)) and group.any()
+        assert not (evidence[0] & evidence[1]).any()  # objects do not share patches here
 
 
 def test_match_targets_mark_the_anchors_of_the_asked_colour_in_the_first_image_for_counts():

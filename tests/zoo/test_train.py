@@ -62,6 +62,21 @@ def test_attention_guidance_loss_is_minus_log_head_mean_mass():
     torch.testing.assert_close(loss, expected)
 
 
+def test_grouped_evidence_guides_each_half_of_the_heads_to_its_own_tokens():
+    attention = torch.softmax(torch.randn(1, 4, 6, 6), dim=-1)
+    cues = torch.tensor([[0, 5]])
+    groups = torch.zeros(1, 2, 6, dtype=torch.bool)
+    groups[0, 0, 1], groups[0, 1, 3] = True, True  # heads 0-1: token 1; heads 2-3: token 3
+    expected = -attention[0, [0, 1, 2, 3], 5, [1, 1, 3, 3]].mean().log()
+    loss = attention_guidance_loss(attention, {"cues": cues, "evidence": groups})
+    torch.testing.assert_close(loss, expected)
+    same = groups[:, :1].expand(1, 2, 6)  # both groups alike: as an ungrouped mask
+    ungrouped = attention_guidance_loss(attention, {"cues": cues, "evidence": groups[:, 0]})
+    torch.testing.assert_close(
+        attention_guidance_loss(attention, {"cues": cues, "evidence": same}), ungrouped
+    )
+
+
 def test_match_attention_loss_is_minus_log_mass_on_the_words_averaged_over_visual_tokens():
     attention = torch.softmax(torch.randn(2, 3, 7, 7), dim=-1)
     words = torch.zeros(2, 7, dtype=torch.bool)

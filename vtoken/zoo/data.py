@@ -35,7 +35,8 @@ class Item:
             see ``vtoken.zoo.patch_targets``), or empty.
         follow_ups: further ``(question, answer)`` turns about the same image(s) (training only).
         evidence: per turn (the question, then each follow-up), a ``(N_images * P,)`` bool mask of
-            the visual tokens the answer is read from (``vtoken.zoo.guidance``; training only), or empty.
+            the visual tokens the answer is read from, for a relation ``(2, N_images * P)``: its
+            subject, then its reference (``vtoken.zoo.guidance``; training only), or empty.
         readout: per turn, the readout targets of its cue (training only, ``vtoken.zoo.readout``).
         sink: per turn, whether its cue is also guided to the ``<s>`` sink (training only, see
             ``vtoken.zoo.guidance``).
@@ -88,9 +89,11 @@ def make_item(
             return np.concatenate([anchor_mask(scene, objects, views[0], grid), *none])
         return np.concatenate([evidence_mask(ids, objects, view, grid) for view in views])
 
-    def looked_at(t: QA) -> np.ndarray:  # (N_images * P,)
+    def looked_at(t: QA) -> np.ndarray:  # (N_images * P,); a relation's: (2, N_images * P)
         if t.family == "label" and with_crop:  # the digit, not the whole object, answers it
             return np.concatenate([tag_mask(scene, view, grid) for view in views])
+        if t.family == "relation":  # subject, reference: separate groups of heads read them
+            return np.stack([shown((k,)) for k in t.evidence])
         return shown(t.evidence, t.family in ANCHORED)
 
     asked = (qa, *follow_ups)

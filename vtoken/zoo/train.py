@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from vtoken.zoo.data import IGNORE_INDEX, TrainStream, encode, train_items
 from vtoken.zoo.evaluate import predict, score, split_items
+from vtoken.zoo.guidance import HEAD_GROUPS
 from vtoken.zoo.matching import MatchHead, match_attention_loss
 from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
 from vtoken.zoo.patch_targets import PatchHead
@@ -68,7 +69,9 @@ class TrainConfig:
         attn_weight: weight of the attention guidance loss: ``-log`` of the attention mass (mean
             over heads) that each cue (the ``:`` before an answer, the token before a description's
             attribute word; ``vtoken.zoo.guidance``) puts, at the guided decoder layers, on the
-            tokens holding what the word is read from (mean over those layers); 0 off.
+            tokens holding what the word is read from (mean over those layers); a relation cue's
+            first half of heads is guided to its subject, the second half to its reference object
+            (``vtoken.zoo.guidance.HEAD_GROUPS``); 0 off.
         attn_layer: last decoder layer (0-based) whose attention is guided; the readout loss reads
             the hidden state after it.
         attn_span: number of guided layers, ending at ``attn_layer``. Guiding the layer before
@@ -151,6 +154,11 @@ class TrainConfig:
             raise ValueError(
                 "text_attn_weight and match_weight train the layer before the first guided layer: "
                 "attn_layer - attn_span + 1 must be >= 1"
+            )
+        if self.attn_weight and self.model.text_heads < HEAD_GROUPS:
+            raise ValueError(
+                f"attention guidance splits the decoder heads into {HEAD_GROUPS} groups: "
+                f"text_heads must be >= {HEAD_GROUPS}, got {self.model.text_heads}"
             )
         if self.steps <= 0 or self.batch_size <= 0 or self.turns <= 0:
             raise ValueError("steps, batch_size and turns must be positive")
@@ -390,23 +398,33 @@ def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tens
 
     Args:
         attention: ``(B, H, T, T)`` attention probabilities of one decoder layer.
-        batch: with ``cues`` ``(K, 2)`` (row, query position), ``evidence`` ``(K, T)`` bool and
-            optionally ``spread`` ``(K,)`` bool.
+        batch: with ``cues`` ``(K, 2)`` (row, query position), ``evidence`` ``(K, T)`` bool (every
+            head alike) or ``(K, G, T)`` (per group of heads, see ``head_masks``) and optionally
+            ``spread`` ``(K,)`` bool.
 
     Returns:
         Scalar loss.
     """
-    cues, evidence = batch["cues"], batch["evidence"]
+    cues = batch["cues"]
     heads = attention[cues[:, 0], :, cues[:, 1]].float()  # (K, H, T)
-    losses = -torch.log((heads.mean(1) * evidence).sum(-1).clamp_min(1e-6))  # (K,)
+    evidence = head_masks(batch["evidence"], heads.shape[1])  # (K, 1 or H, T)
+    losses = -torch.log((heads * evidence).sum(-1).mean(1).clamp_min(1e-6))  # (K,)
     spread = batch.get("spread")
     if spread is not None and spread.any():
-        shown = evidence[spread][:, None, :]  # (S, 1, T)
-        n = shown.sum(-1)  # (S, 1)
+        shown = evidence[spread]  # (S, 1 or H, T)
+        n = shown.sum(-1)  # (S, 1 or H)
         logs = torch.log(heads[spread].clamp_min(1e-6)) * shown  # (S, H, T)
         kl = -logs.sum(-1) / n - torch.log(n.float())  # (S, H): KL(uniform || head), >= 0
         losses[spread] = kl.mean(-1)
     return losses.mean()
+
+
+def head_masks(masks: torch.Tensor, heads: int) -> torch.Tensor:
+    """Per-head target masks: ``(K, T)`` -> ``(K, 1, T)`` (every head alike); ``(K, G, T)`` ->
+    ``(K, heads, T)``, head ``h`` taking group ``h * G // heads`` (consecutive heads share a group)."""
+    if masks.dim() == 2:
+        return masks[:, None]
+    return masks[:, torch.arange(heads) * masks.shape[1] // heads]
 
 
 def question_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
