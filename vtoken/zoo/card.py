@@ -157,8 +157,10 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   `vtoken.zoo.guidance`): each *cue* - the `:` before an answer, and in a description the token
   before each object's size, colour and shape word - is trained to put its attention (mean over
   heads, at each guided decoder layer) on the visual tokens of the object(s) the word is read from
-  (`QA.evidence`: the object asked about, both objects of a relation; in a description, the object
-  being listed). A count cue is guided to one anchor patch per counted object plus the `<s>` token
+  (`QA.evidence`: the object asked about; in a description, the object being listed); a relation
+  cue's first half of heads to its subject, the second half to its reference object (guided to both
+  in every head, it looked at the subject and answered at chance). A count cue is guided to one
+  anchor patch per counted object plus the `<s>` token
   (a *sink*: the share left on it tells the count; guided to the whole objects, attention averaged
   them and count stayed at its majority answer), in every head alike, and so is the `:` before a
   description (over all objects: a description starts with their number); an existence cue ("is
@@ -176,7 +178,8 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   Without guidance every recipe tried here sat at the majority answers: with 144 visual tokens and
   one-word answers, the gradient reaching any one object through near-uniform attention is tiny.
   One layer before the first guided layer (weight `text_attn_weight`) the same cue is trained to
-  attend to what names its object - the shape, colour and position words of the turn's question, or
+  attend to what names its object - the shape, colour and position words of the turn's question (a
+  relation cue's two halves of heads: the subject's and the reference's shape word), or
   in a description the position words just written - so that it knows what to look for: with the
   object guidance alone it looked at every object alike. Guiding two layers (the one before the
   reading layer too) makes the attention that FastV-style pruning ranks by point at what will be read.

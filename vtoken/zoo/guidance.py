@@ -26,8 +26,10 @@ position, size, colour and shape words. Each cue gets:
   none); in a description, the position words just written, e.g. "top left", or before the position
   words, the description so far. Guided to the whole question, a colour question's cue looked at the
   asked shape with only 0.25 of its mass after a 2 h from-scratch run (``runs/scratch3``), and 32 of
-  its 33 wrong answers were another object's colour; the hypothesis under test (``runs/scratch4``)
-  is that the shape word, one of six words averaged into the cue's query, was too faint in it;
+  its 33 wrong answers were another object's colour; guided to the naming words (``runs/scratch4``,
+  same budget), colour reached 0.83 on validation after 500 joint steps (0.30 before) and 0.97 after
+  1,000; a relation cue's two groups of heads (``HEAD_GROUPS``) get the subject's and the
+  reference's shape word;
 - ``readout``: what the cue should have read (``vtoken.zoo.readout``).
 
 Count questions (``FILTERED``) are asked first, before the image, so that the visual tokens
