@@ -159,7 +159,7 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   heads, at each guided decoder layer) on the visual tokens of the object(s) the word is read from
   (`QA.evidence`: the object asked about; in a description, the object being listed); a relation
   cue's first half of heads to its subject, the second half to its reference object (guided to both
-  in every head, it looked at the subject and answered at chance). A count cue is guided to one
+  in every head, it looked mostly at the subject and answered near chance). A count cue is guided to one
   anchor patch per counted object plus the `<s>` token
   (a *sink*: the share left on it tells the count; guided to the whole objects, attention averaged
   them and count stayed at its majority answer), in every head alike, and so is the `:` before a
