@@ -7,6 +7,7 @@ import torch
 from vtoken.zoo.data import make_item
 from vtoken.zoo.patch_targets import (
     HEADS,
+    IGNORE,
     NO_DIGIT,
     PatchHead,
     anchor_mask,
@@ -30,8 +31,9 @@ def test_object_centres_carry_their_colour_and_shape():
             cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
             if ids[cy, cx] != k:  # covered by a later object
                 continue
-            colour, shape, digit, anchor, size = targets[cy * SOURCE_SIZE + cx]
+            colour, shape, digit, anchor, size, cell = targets[cy * SOURCE_SIZE + cx]
             assert size == 1 + list(SIZES).index(obj.size)
+            assert cell == 1 + obj.cell
             assert anchor == 1
             assert (colour, shape) == (1 + list(COLOURS).index(obj.colour), 1 + SHAPES.index(obj.shape))
             assert digit == NO_DIGIT  # never a digit target in the whole (illegible) view
@@ -56,6 +58,7 @@ def test_crop_targets_mark_the_label_tag_with_its_digit():
     assert set(np.unique(digits)) == {obj.label, NO_DIGIT}
     centre = digits[5:7, 5:7]  # the tag sits at the object's centre, near the crop's centre
     assert (centre == obj.label).any()
+    assert (targets[:, 5] == IGNORE).all()  # a crop does not show where in the scene it lies
 
 
 def test_items_carry_targets_only_when_asked():
@@ -89,6 +92,11 @@ def test_patch_head_loss_is_cross_entropy_per_head_digits_on_tag_patches_anchors
     targets[..., digit] = NO_DIGIT  # no tag in the batch: the digit head sits out
     expected = sum(per_head(k) for k in range(len(HEADS)) if k != digit)
     torch.testing.assert_close(head.loss(features, targets), expected / (len(HEADS) - 1))
+    cell = names.index("cell")
+    targets[0, :, cell] = IGNORE  # crop patches: scored on the other image's patches only
+    seen = targets[..., cell].flatten() != IGNORE
+    expected = sum(per_head(k, seen if k == cell else slice(None)) for k in range(len(HEADS)) if k != digit)
+    torch.testing.assert_close(head.loss(features, targets), expected / (len(HEADS) - 1))
 
 
 def test_patch_head_accuracy_scores_object_patches_tag_patches_and_anchors_both_ways():
@@ -104,9 +112,11 @@ def test_patch_head_accuracy_scores_object_patches_tag_patches_and_anchors_both_
     targets[0, :, names.index("shape")] = torch.tensor([0, 0, 0, 3])  # one object patch, missed
     targets[0, :, names.index("size")] = torch.tensor([1, 1, 1, 1])
     targets[0, :, names.index("anchor")] = torch.tensor([1, 0, 0, 0])  # anchor found, others not
+    targets[0, :, names.index("cell")] = torch.tensor([IGNORE, 1, 0, 2])  # crop patch, hit, background, miss
     targets[0, :, names.index("digit")] = NO_DIGIT  # no tag: no digit score
     result = head.accuracy(torch.randn(1, 4, 2), targets)
-    assert result == pytest.approx({"colour": 2 / 3, "shape": 0.0, "anchor": 0.5, "size": 1.0})
+    expected = {"colour": 2 / 3, "shape": 0.0, "anchor": 0.5, "size": 1.0, "cell": 0.5}
+    assert result == pytest.approx(expected)
     targets[0, :, names.index("digit")] = torch.tensor([NO_DIGIT, 1, 7, NO_DIGIT])
     assert head.accuracy(torch.randn(1, 4, 2), targets)["digit"] == 0.5
 

@@ -147,8 +147,9 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   multi-turn conversations; a description is asked alone, crop batches ask one question).
 - An auxiliary per-patch loss (`vtoken.zoo.patch_targets`, weight `aux_weight`): a linear head,
   discarded after training, predicts the colour, shape and size of the object under each visual
-  token, in crops the digit of the label tag, and whether the patch holds an object's centre (its
-  *anchor*).
+  token, in crops the digit of the label tag, whether the patch holds an object's centre (its
+  *anchor*), and in the whole image the grid cell of the object (so that a frozen tower still tells
+  where an object is, which relation questions and descriptions need).
   The vision tower is first pretrained on this loss alone for
   `tower_steps` steps (its own warm-up and cosine schedule), standing in for the pretrained encoder a
   real LLaVA starts from: inside joint training a random tower learned colour per patch at once but
