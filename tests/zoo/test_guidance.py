@@ -142,7 +142,7 @@ def test_relation_cues_guide_half_the_heads_to_the_subject_and_half_to_the_refer
         assert not (evidence[0] & evidence[1]).any()  # objects do not share patches here
 
 
-def test_match_targets_mark_the_anchors_of_the_asked_colour_in_the_first_image_for_counts():
+def test_match_targets_mark_the_asked_colour_and_the_counted_anchors_in_the_first_image():
     rng, grid = np.random.default_rng(0), 12
     items = []
     for seed in range(12):
@@ -150,18 +150,28 @@ def test_match_targets_mark_the_anchors_of_the_asked_colour_in_the_first_image_f
         items.append(make_item(scene, qa, seed % 2 == 0, rng, grid=grid))  # half with a crop
     batch = encode(PROCESSOR, items, with_answers=True)
     rows = batch["match_rows"].tolist()
-    assert rows == [i for i, it in enumerate(items) if it.family == "count"]
+    assert rows == [i for i, it in enumerate(items) if it.family in ("count", "exists")]
+    assert batch["match_counted"].tolist() == [items[i].family == "count" for i in rows]
     for m, i in enumerate(rows):
         ids = batch["input_ids"][i]
-        scene, qa = sample(i, "count")
-        colour = qa.question.split()[2]
+        scene, qa = sample(i, items[i].family)
+        colour = qa.question.split()[2 if qa.family == "count" else 3]
         assert _words(ids, batch["match_words"][m]) == [colour]
         visual = batch["match_visual"][m]
         image = (ids == PROCESSOR.image_token_id).nonzero().squeeze(1)
         assert visual.sum() == grid * grid and torch.equal(visual.nonzero().squeeze(1), image[: grid * grid])
-        marked = ids[batch["match_anchors"][m]]
-        assert (marked == PROCESSOR.image_token_id).all() and not (batch["match_anchors"][m] & ~visual).any()
-        assert len(marked) == sum(o.colour == colour for o in scene.objects) == int(qa.answer)
+        shown, anchors, others = (batch[k][m] for k in ("match_colour", "match_anchors", "match_others"))
+        for mask in (shown, anchors, others):
+            assert not (mask & ~visual).any()
+        assert bool(shown.any()) == any(o.colour == colour for o in scene.objects)
+        if qa.family == "exists" and qa.answer == "yes":  # the asked object's patches show its colour
+            in_scene = items[i].evidence[0] & (np.arange(len(items[i].evidence[0])) < grid * grid)
+            assert torch.equal(_visual_mask(ids, in_scene) & shown, _visual_mask(ids, in_scene))
+        if qa.family == "count":
+            assert anchors.sum() == sum(o.colour == colour for o in scene.objects) == int(qa.answer)
+            assert anchors.sum() + others.sum() == len(scene.objects) and not (anchors & others).any()
+        else:
+            assert not anchors.any()
 
 
 def test_follow_up_turns_never_ask_counts():

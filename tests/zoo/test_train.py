@@ -92,15 +92,26 @@ def test_match_attention_loss_is_minus_log_mass_on_the_words_averaged_over_visua
     torch.testing.assert_close(loss, torch.stack(terms).mean())
 
 
-def test_match_head_weighs_marked_and_unmarked_tokens_alike():
+def test_match_head_weighs_each_group_of_tokens_alike():
     head = MatchHead(8)
-    states = torch.randn(1, 6, 8)
-    visual = torch.tensor([[False, True, True, True, True, True]])
-    marked = torch.tensor([[False, True, False, False, False, False]])
-    p = torch.sigmoid(head.head(head.norm(states)).squeeze(-1))[0]
-    expected = 0.5 * (-p[1].log() - (1 - p[2:]).log().mean())
-    torch.testing.assert_close(head.loss(states, visual, marked), expected)
-    torch.testing.assert_close(head.loss(states, visual, torch.zeros_like(marked)), -(1 - p[1:]).log().mean())
+    states = torch.randn(2, 6, 8)
+    visual = torch.tensor([[False, True, True, True, True, True]] * 2)
+    colour = torch.tensor([[False, True, True, False, False, False], [False] * 6])
+    anchors = torch.tensor([[False, True, False, False, False, False], [False] * 6])
+    others = torch.tensor([[False, False, False, True, False, False], [False] * 6])
+    batch = {"match_visual": visual, "match_colour": colour, "match_anchors": anchors, "match_others": others}
+    p = torch.sigmoid(head.head(head.norm(states)))  # (2, 6, 2)
+    shown, rest = p[..., 0][colour], 1 - p[..., 0][visual & ~colour]
+    colour_loss = 0.5 * (-shown.log().mean() - rest.log().mean())
+    anchor_loss = (-p[0, 1, 1].log() - (1 - p[0, 3, 1]).log() - (1 - p[0, [2, 4, 5], 1]).log().mean()) / 3
+    counted = torch.tensor([True, False])
+    torch.testing.assert_close(
+        head.loss(states, {**batch, "match_counted": counted}), colour_loss + anchor_loss
+    )
+    only_empty = {**batch, "match_counted": torch.tensor([False, True])}  # a count with no anchor in view
+    torch.testing.assert_close(head.loss(states, only_empty), colour_loss - (1 - p[1, 1:, 1]).log().mean())
+    uncounted = {**batch, "match_counted": torch.tensor([False, False])}
+    torch.testing.assert_close(head.loss(states, uncounted), colour_loss)
 
 
 def test_match_losses_train_and_are_logged(tmp_path):

@@ -353,7 +353,7 @@ def _train_step(model, heads, optimizer, batch: dict[str, torch.Tensor], lr: flo
             layer, rows = cfg.guided_layers[0] - 1, batch["match_rows"]
             losses["match_attn"] = match_attention_loss(out.attentions[layer][rows], batch)
             states = out.hidden_states[layer + 1][rows].float()  # (M, T, hidden)
-            losses["match"] = heads.match.loss(states, batch["match_visual"], batch["match_anchors"])
+            losses["match"] = heads.match.loss(states, batch)
     weights = {
         "loss": 1.0, "aux": cfg.aux_weight, "attn": cfg.attn_weight, "text_attn": cfg.text_attn_weight,
         "readout": cfg.readout_weight, "match_attn": cfg.match_weight, "match": cfg.match_weight,
