@@ -169,11 +169,14 @@ Load it offline with `vtoken.zoo.load("synth-llava-tiny")`.
   tells the answer, as for a colour question) or, if the shape is absent, to the sink; the token before each
   listed object's position words to that object's anchor (so that a description still finds its
   objects when pruning keeps little more than the anchors).
-- Matching (weight `match_weight`; `vtoken.zoo.matching`): count questions are asked
-  first, before the image, and one layer before the first guided layer every visual token is
-  trained to attend to the question's colour word and (a linear head, discarded after training) to
-  mark whether it is the anchor of an object of that colour; the cue then
-  only looks for marked anchors. Choosing the counted objects by the cue's query alone failed: its
+- Matching (weight `match_weight`; `vtoken.zoo.matching`): count questions are only asked
+  first, before the image, and in the rows asking a count or an existence question first, one layer
+  before the first guided layer every visual token is trained to attend to the question's colour
+  word and (a linear head, discarded after training) to mark whether it shows an object of that
+  colour and, for a count, whether it is the anchor of a counted object (the anchors of other
+  colours weighing as a group of their own: with the anchor mark alone, the head marked every anchor
+  whatever its colour); the cue then only looks for marked anchors, or reads the mark of the object
+  of the asked shape. Choosing the counted objects by the cue's query alone failed: its
   attention stayed half on the sink whatever the count, and linear probes of the cue's state read
   neither count nor existence (0.45-0.58, majority 0.505).
   Without guidance every recipe tried here sat at the majority answers: with 144 visual tokens and

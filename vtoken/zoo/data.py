@@ -167,8 +167,8 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
         them, ``patch_targets`` ``(N_images, P, len(HEADS))`` plus the targets of every cue with visible
         evidence (``vtoken.zoo.guidance.attention_targets``: ``cues`` ``(K, 2)``, ``evidence`` and
         ``question`` ``(K, T)``, ``readout`` ``(K, len(READOUTS))``) and of the visual tokens of rows
-        asking a count question (``vtoken.zoo.matching.match_targets``). Without answers the
-        batch is left-padded for generation.
+        asking a count or existence question first (``vtoken.zoo.matching.match_targets``).
+        Without answers the batch is left-padded for generation.
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]
     images = [img for it in items for img in it.images]

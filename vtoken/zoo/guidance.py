@@ -34,7 +34,8 @@ position, size, colour and shape words. Each cue gets:
 
 Count questions (``FILTERED``) are asked first, before the image, so that the visual tokens
 themselves can check the question's colour (``vtoken.zoo.matching``); the cue then weighs the marked
-anchors and the sink evenly (none marked: the sink alone, "0").
+anchors and the sink evenly (none marked: the sink alone, "0"). Existence questions asked first are
+matched the same way, and their cue reads the mark of the object of the asked shape.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from vtoken.zoo.scenes import COLOURS, POSITIONS, SHAPES
 DESCRIPTION_HEAD = 5  # "there are N objects :" precedes the first object
 HEAD_GROUPS = 2  # a relation cue's first half of heads looks at its subject, the second at the reference
 ANCHORED = ("count", "describe")  # families whose first cue looks at one anchor per evidence object
-FILTERED = ("count",)  # the visual tokens match themselves against the question's colour
+FILTERED = ("count",)  # only asked first, so that the visual tokens can match its colour (``matching``)
 NAMING = frozenset([*SHAPES, *COLOURS, *" ".join(POSITIONS).split()])  # words that pick out objects
 
 

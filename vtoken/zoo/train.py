@@ -85,12 +85,13 @@ class TrainConfig:
         readout_weight: weight of the readout loss: a linear head asks the cue's hidden state
             after layer ``attn_layer`` for the colour, shape and cell of the object the answer is
             read from, when that is one object (``vtoken.zoo.readout``); 0 off.
-        match_weight: weight of the two match losses of count questions
+        match_weight: weight of the two match losses of count and existence questions asked first
             (``vtoken.zoo.matching``), both one layer before the first guided layer:
             ``match_attn``, ``-log`` of the attention mass each visual token of the first image
             puts on the question's colour word, and ``match``, a linear head (discarded
-            after training) asking each of them, after that layer, whether it is the anchor of a
-            matching object (class-balanced binary cross-entropy); 0 off.
+            after training) asking each of them, after that layer, whether it shows an object of
+            that colour and, in count rows, whether it is the anchor of a counted object
+            (binary cross-entropies, groups of tokens weighing alike, see ``MatchHead``); 0 off.
         init_from: exported model folder, bundled model name or training checkpoint (``.pt``)
             whose model weights start the run (run folders are not kept in git, so a later session
             continues a shipped model this way; the optimizer and training heads start afresh).
