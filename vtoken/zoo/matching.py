@@ -17,6 +17,9 @@ only decided the few anchors of other colours among ~140 unmarked tokens, and in
 (2,000 joint steps) the head still marked every anchor whatever its colour (recall 1.00, precision
 0.18 on 24 validation counts) and count questions stayed at 0.30 on validation. The anchors of other
 colours also weigh as much as all the other unmarked tokens together in the anchor mark's loss.
+With both marks (``runs/scratch7``, the default recipe, same seed), the match loss left its plateau
+after ~650 joint steps, and the test split (300 questions per family) gave count 0.973 and existence
+0.990.
 """
 
 from __future__ import annotations
