@@ -26,12 +26,11 @@ from __future__ import annotations
 
 import torch
 
-from vtoken.zoo.guidance import token_mask
+from vtoken.zoo.guidance import ANCHORED, token_mask
 from vtoken.zoo.patch_targets import HEADS
 from vtoken.zoo.scenes import COLOURS
 
 MATCHED = ("count", "exists")  # families whose rows, asked first, train the visual tokens' colour match
-COUNTED = ("count",)  # ... and whose rows also train the anchor mark
 _COLOUR, _ANCHOR = ([name for name, _ in HEADS].index(key) for key in ("colour", "anchor"))  # target columns
 
 
@@ -51,6 +50,7 @@ def match_targets(items, ids: torch.Tensor, processor) -> dict:
         counted objects (their evidence); ``match_others`` ``(M, T)`` bool, the other anchors.
     """
     colours = processor.tokenizer.convert_tokens_to_ids(list(COLOURS))
+    colour_ids = torch.tensor(colours)
     rows, counted, words, visual, colour, anchors, others = [], [], [], [], [], [], []
     for i, item in enumerate(items):
         if item.family not in MATCHED:
@@ -58,9 +58,9 @@ def match_targets(items, ids: torch.Tensor, processor) -> dict:
         targets = torch.from_numpy(item.targets[0])  # (P, len(HEADS))
         image = (ids[i] == processor.image_token_id).nonzero().squeeze(1)[: len(targets)]  # (P,)
         question = torch.arange(ids.shape[1]) < image[0]
-        word = question & torch.isin(ids[i], torch.tensor(colours))
+        word = question & torch.isin(ids[i], colour_ids)
         asked = 1 + colours.index(int(ids[i][word][0]))  # the patch targets' colour class
-        is_counted = item.family in COUNTED
+        is_counted = item.family in ANCHORED  # its cue looks at one anchor per counted object
         marked = torch.from_numpy(item.evidence[0][: len(image)]) & is_counted  # (P,) the counted anchors
         rows.append(i)
         counted.append(is_counted)
