@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from vtoken.zoo.config import TrainConfig
+from vtoken.zoo.losses import attention_guidance_loss, question_mean_loss
 from vtoken.zoo.matching import MatchHead, match_attention_loss
 from vtoken.zoo.model import ZooModelConfig
-from vtoken.zoo.train import TrainConfig, attention_guidance_loss, lr_factor, question_mean_loss, train
+from vtoken.zoo.train import lr_factor, train
 
 TINY = ZooModelConfig(
     vision_hidden=16, vision_layers=1, vision_heads=2, text_hidden=16, text_layers=1, text_heads=2

@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
+from vtoken.zoo.config import TrainConfig
 from vtoken.zoo.model import ZooModelConfig
-from vtoken.zoo.train import TrainConfig
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:

@@ -1,9 +1,9 @@
 """Where each answer should look: cue tokens with their evidence, question and readout targets.
 
-Training the bundled model from answers alone sat at the majority answers (see ``vtoken.zoo.train``),
-so its middle layers are guided. A *cue* is a token that predicts a word read off the image: the
-``:`` before each short answer, and, in a scene description, the tokens just before each object's
-position, size, colour and shape words. Each cue gets:
+Training the bundled model from answers alone sat at the majority answers (see
+``vtoken.zoo.config.TrainConfig``), so its middle layers are guided. A *cue* is a token that
+predicts a word read off the image: the ``:`` before each short answer, and, in a scene description,
+the tokens just before each object's position, size, colour and shape words. Each cue gets:
 
 - ``evidence``: the tokens holding what the word is read from: the visual tokens showing the
   object(s) of ``QA.evidence`` (for a description's attribute words, the object being listed); for a

@@ -1,12 +1,12 @@
 """Readout supervision while training the bundled model: what the answer cue has read, mid-decoder.
 
-Attention guidance (``vtoken.zoo.train``) taught the ``:`` before each answer to look at the asked
-object, yet the answers still ignored the image: a linear probe of the object's colour from the
-cue's hidden state after the guided layer stayed near chance (0.23, chance 0.14). The cue looked
-but did not read. So a linear head (discarded after training) asks the cue's hidden state after the
-guided layer for the colour, shape and grid cell of the object the answer is read from, whenever
-that is a single object (for a relation, also the reference object's cell) - the intermediate
-result of a two-hop "find it, then read it" circuit. Count cues (and the ``:`` before a
+Attention guidance (``vtoken.zoo.losses.attention_guidance_loss``) taught the ``:`` before each
+answer to look at the asked object, yet the answers still ignored the image: a linear probe of the
+object's colour from the cue's hidden state after the guided layer stayed near chance (0.23, chance
+0.14). The cue looked but did not read. So a linear head (discarded after training) asks the cue's
+hidden state after the guided layer for the colour, shape and grid cell of the object the answer is
+read from, whenever that is a single object (for a relation, also the reference object's cell) - the
+intermediate result of a two-hop "find it, then read it" circuit. Count cues (and the ``:`` before a
 description) are asked for the number of objects, and the cues of label questions that come with a
 crop for the digit, which the crop makes legible.
 """

@@ -11,165 +11,21 @@ import math
 import os
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from vtoken.zoo.data import IGNORE_INDEX, TrainStream, encode, train_items
+from vtoken.zoo.config import TrainConfig
+from vtoken.zoo.data import TrainStream, encode, train_items
 from vtoken.zoo.evaluate import predict, score, split_items
-from vtoken.zoo.guidance import HEAD_GROUPS
+from vtoken.zoo.losses import attention_guidance_loss, question_mean_loss
 from vtoken.zoo.matching import MatchHead, match_attention_loss
 from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
 from vtoken.zoo.patch_targets import PatchHead
 from vtoken.zoo.readout import ReadoutHead
-
-
-@dataclass
-class TrainConfig:
-    """Training recipe; the defaults are the from-scratch recipe under test (the bundled model's
-    card gives the runs that trained it).
-
-    Args:
-        run_dir: where checkpoints (``last.pt``) and ``log.jsonl`` go (keep it out of git).
-        steps: optimizer steps of full training (the learning-rate schedule spans them).
-        tower_steps: vision-tower pretraining steps before full training: the tower and the patch
-            head learn from the auxiliary patch loss alone (a real LLaVA starts from a pretrained
-            encoder; answer training from a random tower never got past the majority answers).
-            Shapes are what the tower learns last: from scratch, its patch head named the shape
-            under 28% of object patches after 326 tower steps, 58% after 1,293 and 72% after
-            1,965 and 2,500 (2,500-step schedule; colour: 97-99% throughout); after 1,000 tower and
-            1,000 full steps, 38%, and every question names a shape. A peak rate of 3e-3 instead
-            of 1e-3 was slower (36% at step 1,034). With a 4,000-step schedule (``runs/scratch3``):
-            60% at step 1,000, 81% at 2,500, 85% at 3,000 and 86% at 4,000. Tower steps cost
-            ~0.75 s here. Own schedule.
-        batch_size: questions per step.
-        lr: peak AdamW learning rate.
-        warmup: linear warm-up steps.
-        min_lr_ratio: final learning rate as a fraction of ``lr`` (cosine decay).
-        weight_decay: AdamW weight decay.
-        crop_prob: fraction of steps whose items all carry a second (cropped) image. Crop steps
-            cost 2.5 s here against 0.85 s (tower frozen; twice the tokens, one question per row):
-            at 0.5 they took three quarters of ``runs/scratch3``'s full training (4,000 tower then
-            2,600 full steps, 2.3 h), which ended at 0.68 overall on validation (colour 0.37:
-            wrong object; count 0.80, shape 0.87; per family ``vtoken.zoo.evaluate.score``).
-        seed: initialisation seed.
-        checkpoint_minutes: wall-clock minutes between checkpoints.
-        eval_every: steps between quick validation runs.
-        eval_per_family: validation questions per family.
-        per_question_loss: average the loss over each question's answer tokens, then over
-            questions, so long descriptions do not drown the one-word answers (token-mean if False).
-        curriculum: steps over which the maximum number of objects per scene grows from 2 to
-            the full range (0: no curriculum).
-        turns: questions per training sequence about the same scene (crop batches ask one).
-        aux_weight: weight of the auxiliary per-patch vision loss (``vtoken.zoo.patch_targets``);
-            0 trains from answers alone.
-        attn_weight: weight of the attention guidance loss: ``-log`` of the attention mass (mean
-            over heads) that each cue (the ``:`` before an answer, the token before a description's
-            attribute word; ``vtoken.zoo.guidance``) puts, at the guided decoder layers, on the
-            tokens holding what the word is read from (mean over those layers); a relation cue's
-            first half of heads is guided to its subject, the second half to its reference object
-            (``vtoken.zoo.guidance.HEAD_GROUPS``); 0 off.
-        attn_layer: last decoder layer (0-based) whose attention is guided; the readout loss reads
-            the hidden state after it.
-        attn_span: number of guided layers, ending at ``attn_layer``. Guiding the layer before
-            the reading one as well makes the attention that FastV-style pruning ranks by (the
-            last prompt token's, one layer before the pruning layer) point at what will be read.
-        text_attn_weight: weight of the same loss one layer before the first guided layer with the
-            turn's naming words (``vtoken.zoo.guidance.NAMING``; in a description, the position
-            words just written) as target:
-            the cue first reads what to look for, then looks for it (without it, the cue looked at
-            every object alike); 0 off.
-        readout_weight: weight of the readout loss: a linear head asks the cue's hidden state
-            after layer ``attn_layer`` for the colour, shape and cell of the object the answer is
-            read from, when that is one object (``vtoken.zoo.readout``); 0 off.
-        match_weight: weight of the two match losses of count and existence questions asked first
-            (``vtoken.zoo.matching``), both one layer before the first guided layer:
-            ``match_attn``, ``-log`` of the attention mass each visual token of the first image
-            puts on the question's colour word, and ``match``, a linear head (discarded
-            after training) asking each of them, after that layer, whether it shows an object of
-            that colour and, in count rows, whether it is the anchor of a counted object
-            (binary cross-entropies, groups of tokens weighing alike, see ``MatchHead``); 0 off.
-        init_from: exported model folder, bundled model name or training checkpoint (``.pt``)
-            whose model weights start the run (run folders are not kept in git, so a later session
-            continues a shipped model this way; the optimizer and training heads start afresh).
-            Sizes must match ``model``.
-        freeze_tower: keep the vision tower fixed in full training, as LLaVA keeps its pretrained
-            encoder: no backward pass through its images, and the answer losses cannot undo what
-            tower pretraining taught it (the patch head still trains, on fixed features).
-        bf16: run forward/backward under CPU bfloat16 autocast (slower on CPUs without AMX).
-        threads: torch intra-op threads for the training process.
-        model: model sizes.
-    """
-
-    run_dir: str = "runs/zoo"
-    steps: int = 4000
-    tower_steps: int = 3000
-    batch_size: int = 32
-    lr: float = 1e-3
-    warmup: int = 300
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.05
-    crop_prob: float = 0.2
-    seed: int = 0
-    checkpoint_minutes: float = 5.0
-    eval_every: int = 500
-    eval_per_family: int = 30
-    per_question_loss: bool = True
-    curriculum: int = 0
-    turns: int = 3
-    aux_weight: float = 1.0
-    attn_weight: float = 1.0
-    attn_layer: int = 2
-    attn_span: int = 2
-    text_attn_weight: float = 1.0
-    readout_weight: float = 1.0
-    match_weight: float = 1.0
-    init_from: str = ""
-    freeze_tower: bool = True
-    bf16: bool = False
-    threads: int = 2
-    model: ZooModelConfig = field(default_factory=ZooModelConfig)
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, dict):
-            self.model = ZooModelConfig(**self.model)
-        if not 0.0 <= self.crop_prob <= 1.0:
-            raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
-        weights = (
-            self.aux_weight,
-            self.attn_weight,
-            self.text_attn_weight,
-            self.readout_weight,
-            self.match_weight,
-        )
-        if min(weights) < 0:
-            raise ValueError(f"loss weights must be >= 0, got aux/attn/text_attn/readout/match {weights}")
-        if not 0 <= self.attn_layer < self.model.text_layers:
-            raise ValueError(f"attn_layer must be in [0, {self.model.text_layers}), got {self.attn_layer}")
-        if not 1 <= self.attn_span <= self.attn_layer + 1:
-            raise ValueError(f"attn_span must be in [1, attn_layer + 1], got {self.attn_span}")
-        if (self.text_attn_weight or self.match_weight) and self.guided_layers[0] < 1:
-            raise ValueError(
-                "text_attn_weight and match_weight train the layer before the first guided layer: "
-                "attn_layer - attn_span + 1 must be >= 1"
-            )
-        if self.attn_weight and self.model.text_heads < HEAD_GROUPS:
-            raise ValueError(
-                f"attention guidance splits the decoder heads into {HEAD_GROUPS} groups: "
-                f"text_heads must be >= {HEAD_GROUPS}, got {self.model.text_heads}"
-            )
-        if self.steps <= 0 or self.batch_size <= 0 or self.turns <= 0:
-            raise ValueError("steps, batch_size and turns must be positive")
-        if self.tower_steps < 0 or (self.tower_steps and self.aux_weight == 0):
-            raise ValueError("tower_steps must be >= 0, and tower pretraining needs aux_weight > 0")
-
-    @property
-    def guided_layers(self) -> range:
-        """Decoder layers whose attention is guided to the evidence."""
-        return range(self.attn_layer - self.attn_span + 1, self.attn_layer + 1)
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -387,60 +243,3 @@ def _optimize(
         torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], clip)
     optimizer.step()
     return {k: v.item() for k, v in losses.items()}
-
-
-def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean over cues of ``-log`` the attention mass on the evidence tokens (mean over heads) or,
-    for cues marked ``spread``, of ``KL(uniform over the evidence || attention)`` in every head
-    (mean over heads): a count cue must weigh each anchor and the sink alike (with the mass loss
-    alone it put everything on the sink; with the KL on the head mean, two heads sat wholly on the
-    sink, where the softmax passes no gradient, so the head mean never fell below half on the sink
-    whatever the count).
-
-    Args:
-        attention: ``(B, H, T, T)`` attention probabilities of one decoder layer.
-        batch: with ``cues`` ``(K, 2)`` (row, query position), ``evidence`` ``(K, T)`` bool (every
-            head alike) or ``(K, G, T)`` (per group of heads, see ``head_masks``) and optionally
-            ``spread`` ``(K,)`` bool.
-
-    Returns:
-        Scalar loss.
-    """
-    cues = batch["cues"]
-    heads = attention[cues[:, 0], :, cues[:, 1]].float()  # (K, H, T)
-    evidence = head_masks(batch["evidence"], heads.shape[1])  # (K, 1 or H, T)
-    losses = -torch.log((heads * evidence).sum(-1).mean(1).clamp_min(1e-6))  # (K,)
-    spread = batch.get("spread")
-    if spread is not None and spread.any():
-        shown = evidence[spread]  # (S, 1 or H, T)
-        n = shown.sum(-1)  # (S, 1 or H)
-        logs = torch.log(heads[spread].clamp_min(1e-6)) * shown  # (S, H, T)
-        kl = -logs.sum(-1) / n - torch.log(n.float())  # (S, H): KL(uniform || head), >= 0
-        losses[spread] = kl.mean(-1)
-    return losses.mean()
-
-
-def head_masks(masks: torch.Tensor, heads: int) -> torch.Tensor:
-    """Per-head target masks: ``(K, T)`` -> ``(K, 1, T)`` (every head alike); ``(K, G, T)`` ->
-    ``(K, heads, T)``, head ``h`` taking group ``h * G // heads`` (consecutive heads share a group)."""
-    if masks.dim() == 2:
-        return masks[:, None]
-    return masks[:, torch.arange(heads) * masks.shape[1] // heads]
-
-
-def question_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy averaged over each row's labelled tokens, then over rows.
-
-    Args:
-        logits: ``(B, T, V)`` next-token logits.
-        labels: ``(B, T)`` target ids, ``-100`` where there is no loss.
-
-    Returns:
-        Scalar loss.
-    """
-    targets = labels[:, 1:]  # (B, T-1): position t predicts token t+1
-    ce = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-    )  # (B, T-1)
-    counts = (targets != IGNORE_INDEX).sum(1).clamp(min=1)  # (B,)
-    return (ce.sum(1) / counts).mean()
