@@ -2,9 +2,10 @@
 
 import numpy as np
 import torch
+from PIL import Image
 
 from vtoken.zoo import build_prompt, load
-from vtoken.zoo.card import attention_share
+from vtoken.zoo.attention import attention_share, plot_attention
 from vtoken.zoo.data import IGNORE_INDEX, encode, make_item, train_items
 from vtoken.zoo.export import export_split, save_model_folder
 from vtoken.zoo.model import ZooModelConfig, build_model, build_processor
@@ -137,3 +138,12 @@ def test_attention_share_normalises_over_the_first_image():
     for a, b in zip(left, right):
         assert a["area"] == b["area"] == 0.5 and abs(a["mass"] + b["mass"] - 1) < 1e-5
         assert a["ratio"] == a["mass"] / 0.5
+
+
+def test_attention_figure_has_a_row_per_question(tmp_path):
+    model, processor = _tiny()
+    pairs = [sample(k, "colour") for k in (2, 3)]
+    items = [make_item(scene, qa, False, np.random.default_rng(0)) for scene, qa in pairs]
+    boxes = [qa.box for _, qa in pairs]
+    path = plot_attention(model, processor, items, boxes, tmp_path / "a.png", range(1, 2))
+    assert Image.open(path).size == (3 * 2 * 72, round(2 * 2.1 * 72))  # 2 rows of scene + 2 layers, 72 dpi

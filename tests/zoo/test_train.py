@@ -243,14 +243,19 @@ def test_spread_cues_are_trained_to_weigh_their_evidence_evenly():
     assert attention_guidance_loss(specialised, batch).item() > 5.0  # every head must spread
 
 
-def test_exported_card_names_the_guided_layers_and_the_runs_continued(tmp_path):
+def test_exported_card_names_the_guided_layers_the_runs_continued_and_shows_attention(tmp_path):
     from vtoken.zoo.export import export_checkpoint
 
     two_layers = dataclasses.replace(TINY, text_layers=2)
     cfg = dataclasses.replace(_cfg(tmp_path, 1), model=two_layers, attn_layer=1, attn_span=2)
     train(cfg)
     (tmp_path / "HISTORY.md").write_text("- earlier run: 10 steps\n")
-    card = (export_checkpoint(tmp_path, "t", tmp_path / "out", test_per_family=1) / "README.md").read_text()
-    assert "- earlier run: 10 steps" in card
+    folder = export_checkpoint(tmp_path, "t", tmp_path / "out", test_per_family=1)
+    card = (folder / "README.md").read_text()
+    assert (
+        "- earlier run: 10 steps" in card
+        and "](attention.png)" in card
+        and (folder / "attention.png").is_file()
+    )
     assert "- Vision tower at step 1 (its patch heads" in card and ", shape " in card
     assert "| 0 (guided) |" in card and "| 1 (guided) |" in card

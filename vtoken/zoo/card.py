@@ -7,63 +7,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from vtoken.zoo.data import Item, encode
+from vtoken.zoo.attention import attention_share, plot_attention
 from vtoken.zoo.evaluate import predict, score, split_items
 from vtoken.zoo.questions import sample
 from vtoken.zoo.scenes import BASE_SIZE, SOURCE_SIZE, split_seed
 
 
-@torch.no_grad()
-def attention_share(model, processor, items: list[Item], boxes: list[tuple]) -> list[dict]:
-    """Share of the last prompt token's attention on the asked object's patches vs their area.
-
-    For each item and decoder layer, the attention of the last prompt token (averaged over heads)
-    is restricted to the first image's visual tokens and renormalised; ``mass`` is the part falling
-    on patches whose centre lies inside the object's box, ``area`` is those patches' share of the
-    image. Needs eager attention (set on the language model for the measurement).
-
-    Returns:
-        Per layer, ``{"layer", "mass": mean mass, "area": mean area share, "ratio": mass / area}``.
-    """
-    grid = int(model.config.image_seq_length**0.5)
-    image_id = model.config.image_token_id
-    layers = model.config.text_config.num_hidden_layers
-    masses, areas = [[] for _ in range(layers)], []
-    previous = model.config.text_config._attn_implementation
-    model.model.language_model.set_attn_implementation("eager")
-    try:
-        for item, box in zip(items, boxes):
-            batch = encode(processor, [item], with_answers=False)
-            out = model(**batch, output_attentions=True)
-            positions = (batch["input_ids"][0] == image_id).nonzero()[:, 0][: grid * grid]
-            inside = _patches_inside(box, grid).flatten()
-            areas.append(float(inside.mean()))
-            for layer, attention in enumerate(out.attentions):
-                attn = attention[0].mean(0)[-1]  # (T,) last prompt token, head mean
-                visual = attn[positions] / attn[positions].sum()  # (grid*grid,)
-                masses[layer].append(float(visual[inside].sum()))
-    finally:
-        model.model.language_model.set_attn_implementation(previous)
-    area = float(np.mean(areas))
-    return [
-        {"layer": k, "mass": float(np.mean(m)), "area": area, "ratio": float(np.mean(m)) / area}
-        for k, m in enumerate(masses)
-    ]
-
-
-def _patches_inside(box: tuple, grid: int) -> np.ndarray:
-    """``(grid, grid)`` bool: patch centres inside ``box`` (source pixels)."""
-    centres = (np.arange(grid) + 0.5) * SOURCE_SIZE / grid
-    x0, y0, x1, y1 = box
-    cols = (centres >= x0) & (centres < x1)
-    rows = (centres >= y0) & (centres < y1)
-    return rows[:, None] & cols[None, :]
-
-
-def measure(model, processor, per_family: int) -> dict:
-    """Test-split scores: full view, ground-truth crop for ``label``, and attention share."""
+def measure(model, processor, per_family: int) -> tuple[dict, list[tuple]]:
+    """Test-split scores (full view, ground-truth crop for ``label``, attention share) and the
+    ``(item, box)`` pairs the attention was measured on."""
     items = split_items("test", per_family)
     results = {"full_view": score(items, predict(model, processor, items))}
     cropped = [it for it in split_items("test", per_family, with_crop=True) if it.family == "label"]
@@ -72,13 +25,13 @@ def measure(model, processor, per_family: int) -> dict:
     probe = [(it, box) for it, box in probe if it.family in ("colour", "label")][:200]
     results["attention"] = attention_share(model, processor, [p[0] for p in probe], [p[1] for p in probe])
     results["test_questions"] = len(items)
-    return results
+    return results, probe
 
 
 def write_model_card(folder: Path, model, processor, run_dir, step: int, per_family: int) -> None:
     """Evaluate and write ``folder/README.md`` and ``folder/metrics.json``; a ``HISTORY.md`` in
     ``run_dir`` (markdown bullets: the runs this one continued) goes into the card's training section."""
-    results = measure(model, processor, per_family)
+    results, probe = measure(model, processor, per_family)
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     cfg = json.loads((Path(run_dir) / "config.json").read_text())
     lines = (Path(run_dir) / "log.jsonl").read_text().splitlines()
@@ -89,6 +42,10 @@ def write_model_card(folder: Path, model, processor, run_dir, step: int, per_fam
     rows = "\n".join(f"| {k} | {v:.3f} |" for k, v in full.items())
     last = cfg.get("attn_layer")
     guided = range(last - cfg.get("attn_span", 1) + 1, last + 1)
+    shown = [(it, box) for it, box in probe if it.family == "colour"][:4]
+    plot_attention(
+        model, processor, [p[0] for p in shown], [p[1] for p in shown], folder / "attention.png", guided
+    )
     attention = "\n".join(
         f"| {a['layer']}{' (guided)' if a['layer'] in guided else ''} | {a['mass']:.3f} "
         f"| {a['area']:.3f} | {a['ratio']:.2f}x |"
@@ -225,4 +182,6 @@ of the image those patches cover.
 | decoder layer | mass on object | object area | ratio |
 |---|---|---|---|
 {attention}
+
+![the last prompt token's attention over four test scenes, per decoder layer](attention.png)
 """
