@@ -60,8 +60,13 @@ def test_attention_guidance_loss_is_minus_log_head_mean_mass():
     mass0 = attention[0, :, 5, 1:3].sum(-1).mean()
     mass1 = attention[1, :, 4, 0].mean()
     expected = -(mass0.log() + mass1.log()) / 2
-    loss = attention_guidance_loss(attention, {"cues": cues, "evidence": evidence})
+    loss = attention_guidance_loss(_cue_rows(attention, cues), {"cues": cues, "evidence": evidence})
     torch.testing.assert_close(loss, expected)
+
+
+def _cue_rows(attention: torch.Tensor, cues: torch.Tensor) -> torch.Tensor:
+    """``(K, H, T)`` rows of ``(B, H, T, T)`` attention at the cues ``(K, 2)`` (row, position)."""
+    return attention[cues[:, 0], :, cues[:, 1]]
 
 
 def test_grouped_evidence_guides_each_half_of_the_heads_to_its_own_tokens():
@@ -70,27 +75,27 @@ def test_grouped_evidence_guides_each_half_of_the_heads_to_its_own_tokens():
     groups = torch.zeros(1, 2, 6, dtype=torch.bool)
     groups[0, 0, 1], groups[0, 1, 3] = True, True  # heads 0-1: token 1; heads 2-3: token 3
     expected = -attention[0, [0, 1, 2, 3], 5, [1, 1, 3, 3]].mean().log()
-    loss = attention_guidance_loss(attention, {"cues": cues, "evidence": groups})
+    rows = _cue_rows(attention, cues)
+    loss = attention_guidance_loss(rows, {"cues": cues, "evidence": groups})
     torch.testing.assert_close(loss, expected)
     same = groups[:, :1].expand(1, 2, 6)  # both groups alike: as an ungrouped mask
-    ungrouped = attention_guidance_loss(attention, {"cues": cues, "evidence": groups[:, 0]})
-    torch.testing.assert_close(
-        attention_guidance_loss(attention, {"cues": cues, "evidence": same}), ungrouped
-    )
+    ungrouped = attention_guidance_loss(rows, {"cues": cues, "evidence": groups[:, 0]})
+    torch.testing.assert_close(attention_guidance_loss(rows, {"cues": cues, "evidence": same}), ungrouped)
 
 
 def test_match_attention_loss_is_minus_log_mass_on_the_words_averaged_over_visual_tokens():
     attention = torch.softmax(torch.randn(2, 3, 7, 7), dim=-1)
     words = torch.zeros(2, 7, dtype=torch.bool)
     visual = torch.zeros(2, 7, dtype=torch.bool)
-    words[0, 1], words[1, 1:3], visual[0, 4:7], visual[1, 5:7] = True, True, True, True
+    words[0, 1], words[1, 1:3], visual[0, 4:7], visual[1, 3:6] = True, True, True, True
     terms = [
         -attention[m, :, q][:, words[m]].sum(-1).mean().log()
         for m in range(2)
         for q in range(7)
         if visual[m, q]
     ]
-    loss = match_attention_loss(attention, {"match_words": words, "match_visual": visual})
+    rows = torch.stack([attention[m][:, visual[m]] for m in range(2)])  # (M, H, P, T)
+    loss = match_attention_loss(rows, {"match_words": words})
     torch.testing.assert_close(loss, torch.stack(terms).mean())
 
 
@@ -230,7 +235,7 @@ def test_spread_cues_are_trained_to_weigh_their_evidence_evenly():
         attention = torch.zeros(1, 2, 5, 5)
         attention[0, :, 4] = torch.tensor(weights)
         batch = {"cues": cues, "evidence": evidence, "spread": torch.tensor([spread])}
-        return attention_guidance_loss(attention, batch).item()
+        return attention_guidance_loss(_cue_rows(attention, cues), batch).item()
 
     all_on_sink, even = [1.0, 0, 0, 0, 0], [1 / 3, 0, 1 / 3, 1 / 3, 0]
     assert loss(all_on_sink, False) == pytest.approx(0.0, abs=1e-6)  # the mass loss is blind to it
@@ -240,7 +245,7 @@ def test_spread_cues_are_trained_to_weigh_their_evidence_evenly():
     specialised = torch.zeros(1, 3, 5, 5)  # one head per evidence token: even only on average
     specialised[0, [0, 1, 2], 4, [0, 2, 3]] = 1.0
     batch = {"cues": cues, "evidence": evidence, "spread": torch.tensor([True])}
-    assert attention_guidance_loss(specialised, batch).item() > 5.0  # every head must spread
+    assert attention_guidance_loss(_cue_rows(specialised, cues), batch).item() > 5.0  # every head must spread
 
 
 def test_exported_card_names_the_guided_layers_the_runs_continued_and_shows_attention(tmp_path):

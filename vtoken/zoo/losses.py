@@ -7,7 +7,7 @@ import torch
 from vtoken.zoo.data import IGNORE_INDEX
 
 
-def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def attention_guidance_loss(heads: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean over cues of ``-log`` the attention mass on the evidence tokens (mean over heads) or,
     for cues marked ``spread``, of ``KL(uniform over the evidence || attention)`` in every head
     (mean over heads): a count cue must weigh each anchor and the sink alike (with the mass loss
@@ -16,7 +16,8 @@ def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tens
     whatever the count).
 
     Args:
-        attention: ``(B, H, T, T)`` attention probabilities of one decoder layer.
+        heads: ``(K, H, T)`` attention probabilities of each cue (one decoder layer; see
+            ``vtoken.zoo.attention_rows``).
         batch: with ``cues`` ``(K, 2)`` (row, query position), ``evidence`` ``(K, T)`` bool (every
             head alike) or ``(K, G, T)`` (per group of heads, see ``head_masks``) and optionally
             ``spread`` ``(K,)`` bool.
@@ -24,8 +25,7 @@ def attention_guidance_loss(attention: torch.Tensor, batch: dict[str, torch.Tens
     Returns:
         Scalar loss.
     """
-    cues = batch["cues"]
-    heads = attention[cues[:, 0], :, cues[:, 1]].float()  # (K, H, T)
+    heads = heads.float()
     evidence = head_masks(batch["evidence"], heads.shape[1])  # (K, 1 or H, T)
     losses = -torch.log((heads * evidence).sum(-1).mean(1).clamp_min(1e-6))  # (K,)
     spread = batch.get("spread")

@@ -87,15 +87,15 @@ def match_attention_loss(attention: torch.Tensor, batch: dict[str, torch.Tensor]
     they put on the question's colour word.
 
     Args:
-        attention: ``(M, H, T, T)`` attention probabilities of the ``match_rows``, one layer.
-        batch: with ``match_visual`` and ``match_words`` ``(M, T)`` bool.
+        attention: ``(M, H, P, T)`` attention probabilities of the first image's ``P`` visual tokens
+            in the ``match_rows``, one layer (see ``vtoken.zoo.attention_rows``).
+        batch: with ``match_words`` ``(M, T)`` bool.
 
     Returns:
         Scalar loss.
     """
-    visual, words = batch["match_visual"], batch["match_words"]
-    mass = (attention.float().mean(1) * words[:, None, :]).sum(-1)  # (M, T): per query token
-    return -torch.log(mass[visual].clamp_min(1e-6)).mean()
+    mass = (attention.float().mean(1) * batch["match_words"][:, None, :]).sum(-1)  # (M, P)
+    return -torch.log(mass.clamp_min(1e-6)).mean()
 
 
 class MatchHead(torch.nn.Module):

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from vtoken.patch import Patcher
+from vtoken.zoo.attention_rows import AttentionRecorder
 from vtoken.zoo.config import TrainConfig
 from vtoken.zoo.data import TrainStream, encode, train_items
 from vtoken.zoo.evaluate import predict, score, split_items
@@ -68,8 +70,6 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model = build_model(cfg.model, processor.tokenizer)
     if cfg.init_from:
         model.load_state_dict(_exported_weights(cfg.init_from))
-    if cfg.attn_weight > 0:
-        model.set_attn_implementation("eager")  # the guidance loss reads attention probabilities
     heads = TrainingHeads(cfg.model)
     params = [*model.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -82,7 +82,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.set_rng_state(state["rng"])
         start = state["step"]
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    _loop(cfg, model, heads, processor, optimizer, start, ckpt)
+    recorder, patcher = (
+        AttentionRecorder(range(max(cfg.guided_layers[0] - 1, 0), cfg.attn_layer + 1)),
+        Patcher(),
+    )
+    recorder.attach(model, patcher)  # the guidance losses read attention rows (vtoken.zoo.attention_rows)
+    try:
+        _loop(cfg, model, heads, processor, optimizer, start, ckpt, recorder)
+    finally:
+        patcher.undo_all()
     return ckpt
 
 
@@ -107,7 +115,9 @@ class TrainingHeads(torch.nn.Module):
         self.match = MatchHead(model.text_hidden)
 
 
-def _loop(cfg: TrainConfig, model, heads, processor, optimizer, start: int, ckpt: Path) -> None:
+def _loop(
+    cfg: TrainConfig, model, heads, processor, optimizer, start: int, ckpt: Path, recorder: AttentionRecorder
+) -> None:
     total = cfg.tower_steps + cfg.steps
     guided = cfg.aux_weight > 0 or cfg.attn_weight > 0
     grid = cfg.model.image_size // cfg.model.patch_size if guided else None
@@ -129,7 +139,7 @@ def _loop(cfg: TrainConfig, model, heads, processor, optimizer, start: int, ckpt
         if step < cfg.tower_steps:
             losses = _tower_step(model, heads.patch, optimizer, batch, lr)
         else:
-            losses = _train_step(model, heads, optimizer, batch, lr, cfg)
+            losses = _train_step(model, heads, optimizer, batch, lr, cfg, recorder)
         fresh = ema is None or ema.keys() != losses.keys()  # first step, or the stage changed
         ema = losses if fresh else {k: 0.98 * ema[k] + 0.02 * v for k, v in losses.items()}
         bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
@@ -178,7 +188,15 @@ def _tower_states(model, pixel_values: torch.Tensor) -> torch.Tensor:
     return seen[0]
 
 
-def _train_step(model, heads, optimizer, batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig) -> dict:
+def _train_step(
+    model,
+    heads,
+    optimizer,
+    batch: dict[str, torch.Tensor],
+    lr: float,
+    cfg: TrainConfig,
+    recorder: AttentionRecorder,
+) -> dict:
     """One optimizer step; returns the answer ``loss`` and, when used, the ``aux``, ``attn``,
     ``text_attn``, ``readout``, ``match_attn`` and ``match`` losses."""
     with _projector_input(model) as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
@@ -186,7 +204,8 @@ def _train_step(model, heads, optimizer, batch: dict[str, torch.Tensor], lr: flo
         guide = cfg.attn_weight > 0 and "cues" in batch
         read = cfg.readout_weight > 0 and "cues" in batch
         match = cfg.match_weight > 0 and "match_rows" in batch
-        out = model(**inputs, output_attentions=guide or match, output_hidden_states=read or match)
+        recorder.key_mask = batch["attention_mask"]
+        out = model(**inputs, output_hidden_states=read or match)
         logits = out.logits.float()
         if cfg.per_question_loss:
             loss = question_mean_loss(logits, batch["labels"])
@@ -196,19 +215,23 @@ def _train_step(model, heads, optimizer, batch: dict[str, torch.Tensor], lr: flo
         if "patch_targets" in batch:
             losses["aux"] = heads.patch.loss(seen[0].float(), batch["patch_targets"])
         if guide:
-            layers = [attention_guidance_loss(out.attentions[k], batch) for k in cfg.guided_layers]
-            losses["attn"] = torch.stack(layers).mean()
+            cues = batch["cues"]
+            rows = [
+                recorder.rows(k, cues[:, 0], cues[:, 1:])[:, :, 0] for k in cfg.guided_layers
+            ]  # (K, H, T)
+            losses["attn"] = torch.stack([attention_guidance_loss(r, batch) for r in rows]).mean()
         if guide and cfg.text_attn_weight > 0:
-            question = {"cues": batch["cues"], "evidence": batch["question"]}
-            text_layer = cfg.guided_layers[0] - 1
-            losses["text_attn"] = attention_guidance_loss(out.attentions[text_layer], question)
+            question = {"cues": cues, "evidence": batch["question"]}
+            text_rows = recorder.rows(cfg.guided_layers[0] - 1, cues[:, 0], cues[:, 1:])[:, :, 0]
+            losses["text_attn"] = attention_guidance_loss(text_rows, question)
         if read:
             cues = batch["cues"]
             states = out.hidden_states[cfg.attn_layer + 1][cues[:, 0], cues[:, 1]].float()  # (K, hidden)
             losses["readout"] = heads.readout.loss(states, batch["readout"])
         if match:
             layer, rows = cfg.guided_layers[0] - 1, batch["match_rows"]
-            losses["match_attn"] = match_attention_loss(out.attentions[layer][rows], batch)
+            visual = batch["match_visual"].nonzero()[:, 1].view(len(rows), -1)  # (M, P) query positions
+            losses["match_attn"] = match_attention_loss(recorder.rows(layer, rows, visual), batch)
             states = out.hidden_states[layer + 1][rows].float()  # (M, T, hidden)
             losses["match"] = heads.match.loss(states, batch)
     weights = {
