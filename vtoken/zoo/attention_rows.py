@@ -61,3 +61,7 @@ class AttentionRecorder:
         if self.key_mask is not None:
             allowed = allowed & self.key_mask[batch_rows][:, None, :].bool()  # padding keys
         return scores.float().masked_fill(~allowed[:, None], float("-inf")).softmax(-1)
+
+    def cue_rows(self, layer: int, cues: torch.Tensor) -> torch.Tensor:
+        """``(K, H, T)`` attention rows of the cues ``(K, 2)`` (batch row, query position)."""
+        return self.rows(layer, cues[:, 0], cues[:, 1:])[:, :, 0]

@@ -82,10 +82,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.set_rng_state(state["rng"])
         start = state["step"]
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
-    recorder, patcher = (
-        AttentionRecorder(range(max(cfg.guided_layers[0] - 1, 0), cfg.attn_layer + 1)),
-        Patcher(),
-    )
+    recorder = AttentionRecorder(range(max(cfg.guided_layers[0] - 1, 0), cfg.attn_layer + 1))
+    patcher = Patcher()
     recorder.attach(model, patcher)  # the guidance losses read attention rows (vtoken.zoo.attention_rows)
     try:
         _loop(cfg, model, heads, processor, optimizer, start, ckpt, recorder)
@@ -215,14 +213,11 @@ def _train_step(
         if "patch_targets" in batch:
             losses["aux"] = heads.patch.loss(seen[0].float(), batch["patch_targets"])
         if guide:
-            cues = batch["cues"]
-            rows = [
-                recorder.rows(k, cues[:, 0], cues[:, 1:])[:, :, 0] for k in cfg.guided_layers
-            ]  # (K, H, T)
-            losses["attn"] = torch.stack([attention_guidance_loss(r, batch) for r in rows]).mean()
+            per_layer = [recorder.cue_rows(k, batch["cues"]) for k in cfg.guided_layers]  # (K, H, T) each
+            losses["attn"] = torch.stack([attention_guidance_loss(r, batch) for r in per_layer]).mean()
         if guide and cfg.text_attn_weight > 0:
-            question = {"cues": cues, "evidence": batch["question"]}
-            text_rows = recorder.rows(cfg.guided_layers[0] - 1, cues[:, 0], cues[:, 1:])[:, :, 0]
+            question = {"cues": batch["cues"], "evidence": batch["question"]}
+            text_rows = recorder.cue_rows(cfg.guided_layers[0] - 1, batch["cues"])
             losses["text_attn"] = attention_guidance_loss(text_rows, question)
         if read:
             cues = batch["cues"]
