@@ -172,12 +172,11 @@ def encode(processor: LlavaProcessor, items: list[Item], with_answers: bool) -> 
     """
     prompts = [build_prompt(it.question, len(it.images)) for it in items]
     images = [img for it in items for img in it.images]
-    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+    encoded = processor(text=prompts, images=images, return_tensors="pt", padding=True)  # left-padded
     if not with_answers:
-        batch = processor(text=prompts, images=images, return_tensors="pt", padding=True)
-        return dict(batch)
-    tok = processor.tokenizer
-    expanded = processor(text=prompts, images=images, padding=False)["input_ids"]
+        return dict(encoded)
+    tok, pixels = processor.tokenizer, encoded["pixel_values"]
+    expanded = [ids[m.bool()].tolist() for ids, m in zip(encoded["input_ids"], encoded["attention_mask"])]
     rows = [_answer_turns(tok, it) for it in items]  # [(ids, is_answer)] after each prompt
     length = max(len(p) + len(r[0]) for p, r in zip(expanded, rows))
     ids = torch.full((len(items), length), tok.pad_token_id, dtype=torch.long)
