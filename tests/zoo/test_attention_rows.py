@@ -33,7 +33,6 @@ def _recorded_rows(model, inputs, layer, rows, queries):
     recorder, patcher = AttentionRecorder([layer]), Patcher()
     recorder.attach(model, patcher)
     try:
-        recorder.key_mask = inputs["attention_mask"]
         model(**inputs)
         return recorder.rows(layer, rows, queries)
     finally:

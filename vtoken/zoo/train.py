@@ -202,7 +202,6 @@ def _train_step(
         guide = cfg.attn_weight > 0 and "cues" in batch
         read = cfg.readout_weight > 0 and "cues" in batch
         match = cfg.match_weight > 0 and "match_rows" in batch
-        recorder.key_mask = batch["attention_mask"]
         out = model(**inputs, output_hidden_states=read or match)
         logits = out.logits.float()
         if cfg.per_question_loss:
