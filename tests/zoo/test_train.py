@@ -29,10 +29,14 @@ def _cfg(run_dir, steps):
 def test_resume_matches_uninterrupted_run(tmp_path):
     straight = torch.load(train(_cfg(tmp_path / "a", 3)), weights_only=False)
     train(dataclasses.replace(_cfg(tmp_path / "b", 3), steps=2))
+    with (tmp_path / "b" / "log.jsonl").open("a") as log:  # logged after the checkpoint, then lost
+        log.write(json.dumps({"step": 9, "loss": 1.0, "time": 0.0}) + "\n")
     resumed = torch.load(train(_cfg(tmp_path / "b", 3), resume=True), weights_only=False)
     assert straight["step"] == resumed["step"] == 3
     for name, value in straight["model"].items():
         torch.testing.assert_close(resumed["model"][name], value, rtol=0, atol=0)
+    log = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [2, 3]
 
 
 def test_lr_schedule_warms_up_then_decays():

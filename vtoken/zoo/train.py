@@ -81,6 +81,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
+        _drop_log_after(run / "log.jsonl", start)
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     recorder = AttentionRecorder(range(max(cfg.guided_layers[0] - 1, 0), cfg.attn_layer + 1))
     patcher = Patcher()
@@ -90,6 +91,15 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     finally:
         patcher.undo_all()
     return ckpt
+
+
+def _drop_log_after(path: Path, step: int) -> None:
+    """Remove the records of steps after ``step`` (logged before the run stopped, then lost with
+    the steps after the last checkpoint), so that the log and the card's training time describe
+    the steps the checkpoint holds."""
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in kept))
 
 
 def _exported_weights(name: str) -> dict[str, torch.Tensor]:
