@@ -28,7 +28,7 @@ def test_loads_offline_and_answers_test_questions(monkeypatch):
     assert processor.tokenizer.padding_side == "left"  # saved: batched generation needs it
     items = [it for it in split_items("test", 4) if it.family in ("colour", "shape")]
     result = score(items, predict(model, processor, items))
-    assert result["colour"] >= 0.75 and result["shape"] >= 0.75  # card: 1.000 and 0.997 on 300 each
+    assert result["colour"] >= 0.75 and result["shape"] >= 0.75  # card: 0.997 and 0.977 on 300 each
 
 
 def test_unknown_name_is_explained():
