@@ -75,3 +75,43 @@ def test_compare_table_lists_every_metric():
     table = vtoken.metrics.compare({"baseline": report, "again": report})
     assert table.splitlines()[0].split() == ["metric", "baseline", "again"]
     assert len(table.splitlines()) == 1 + len(report.rows())
+
+
+def test_time_to_first_token_spans_vision_and_prefill_and_cpu_memory_is_not_measured():
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=False)
+    with vtoken.attach(model) as session:
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        report = session.report()
+    assert report.vision_s > 0 and report.prefill_s <= report.first_token_s
+    assert report.first_token_s < report.prefill_s + report.decode_s + 1.0
+    assert report.peak_memory_bytes is None  # never a made-up 0 on the CPU
+    rows = dict(report.rows())
+    assert rows["peak GPU memory"] == "not measured (CPU)" and rows["time to first token"].endswith(" ms")
+    assert report.to_dict()["peak_memory_bytes"] is None
+
+
+def test_on_cuda_every_clock_read_waits_for_the_gpu_and_peak_memory_is_read(monkeypatch):
+    """The CUDA path with torch.cuda's calls recorded (no GPU needed): synchronize before each
+    clock read, reset the peak at the prompt's start, report max_memory_allocated."""
+    from types import SimpleNamespace
+
+    events, clock = [], iter(range(1000))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d: events.append(("sync", d.index)))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: events.append(("reset", d.index)))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 1000 * (d.index + 1))
+    monkeypatch.setattr(
+        vtoken.metrics, "time", SimpleNamespace(perf_counter=lambda: events.append("clock") or next(clock))
+    )
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=False)
+    with vtoken.attach(model) as session:
+        session.recorder._gpus = (torch.device("cuda", 0), torch.device("cuda", 1))
+        model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        report = session.report()
+    assert events[:2] == [("reset", 0), ("reset", 1)]
+    clocks = [i for i, e in enumerate(events) if e == "clock"]
+    assert len(clocks) >= 2 + 2 * 3  # vision start/stop, then start/end of 3 forwards
+    assert all(events[i - 2 : i] == [("sync", 0), ("sync", 1)] for i in clocks)
+    assert report.peak_memory_bytes == 3000  # summed over the model's GPUs
+    assert report.first_token_s > report.prefill_s > 0  # whole ticks of the fake clock

@@ -3,7 +3,9 @@
 - visual tokens present at every decoder layer in prefill;
 - analytic FLOPs from the real per-layer token counts (:mod:`vtoken.flops` states the convention);
 - KV-cache bytes really held (the key and value tensors of every layer);
-- wall time of vision encoding, prefill (vision included) and decode.
+- wall time of vision encoding, prefill (vision included) and decode, and the time to the first
+  token; on CUDA every clock read waits for the model's GPUs first (kernels run asynchronously);
+- peak GPU memory of the generation (``torch.cuda.max_memory_allocated``); not measured on the CPU.
 """
 
 from __future__ import annotations
@@ -12,12 +14,15 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from vtoken.families import ModelParts
 from vtoken.flops import FlopsBreakdown, decoder_layer_flops, lm_head_flops, vision_flops
 from vtoken.patch import Patcher
 from vtoken.state import RunState
+
+NOT_MEASURED = "not measured (CPU)"  # peak memory of a model on the CPU
 
 
 @dataclass
@@ -37,6 +42,11 @@ class Report:
         vision_s: wall time of the vision tower and projector, seconds.
         prefill_s: wall time of the prefill, vision encoding included.
         decode_s: wall time of all decode forwards.
+        first_token_s: time to first token: from the prompt's start (``generate()`` called) to the
+            end of the prefill forward, vision encoding included.
+        peak_memory_bytes: the most GPU memory allocated while the prompt ran, summed over the
+            model's GPUs (``torch.cuda.max_memory_allocated`` after a reset at the prompt's start);
+            ``None`` for a model on the CPU, where it is not measured.
     """
 
     family: str
@@ -51,6 +61,8 @@ class Report:
     vision_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    first_token_s: float | None = None
+    peak_memory_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,6 +85,8 @@ class Report:
             ("vision encoding", f"{self.vision_s * 1e3:.1f} ms"),
             ("prefill (incl. vision)", f"{self.prefill_s * 1e3:.1f} ms"),
             ("decode", f"{self.decode_s * 1e3:.1f} ms"),
+            ("time to first token", _ms(self.first_token_s)),
+            ("peak GPU memory", _mib(self.peak_memory_bytes)),
         ]
 
     def format(self) -> str:
@@ -80,6 +94,14 @@ class Report:
         rows = self.rows()
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f} ms"
+
+
+def _mib(nbytes: int | None) -> str:
+    return NOT_MEASURED if nbytes is None else f"{nbytes / 2**20:.1f} MiB"
 
 
 def compare(reports: dict[str, Report]) -> str:
@@ -95,13 +117,21 @@ def compare(reports: dict[str, Report]) -> str:
 
 @dataclass
 class Recorder:
-    """Collects a :class:`Report` through the session's hooks."""
+    """Collects a :class:`Report` through the session's hooks.
+
+    On CUDA, every clock read first synchronizes the GPUs holding the model's parameters, so a
+    time covers the kernels a phase launched, not only their launching.
+    """
 
     model: nn.Module
     parts: ModelParts
     state: RunState
     _report: Report | None = None
     _t0: dict[str, float] = field(default_factory=dict)
+    _gpus: tuple[torch.device, ...] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._gpus = model_gpus(self.model)
 
     def attach(self, patcher: Patcher) -> None:
         """Time the vision tower through the projector; the session reports forward boundaries."""
@@ -119,10 +149,13 @@ class Recorder:
             visual_tokens=int(layout.counts.sum()) if layout is not None else 0,
             prefill_flops=FlopsBreakdown(vision=vision, projector=projector),
         )
+        for gpu in self._gpus:
+            torch.cuda.reset_peak_memory_stats(gpu)
+        self._t0["prompt"] = self._now()
 
     def on_forward_start(self) -> None:
         """Called by the session at the start of every model forward."""
-        self._t0["forward"] = time.perf_counter()
+        self._t0["forward"] = self._now()
 
     def on_forward_end(self, output: Any) -> None:
         """Called by the session at the end of every model forward (also after an error)."""
@@ -130,17 +163,21 @@ class Recorder:
         report = self._report
         if report is None or start is None or output is None:
             return
-        elapsed = time.perf_counter() - start
+        now = self._now()
         flops = self._forward_flops(output)
         if self.state.phase == "prefill":
-            report.prefill_s += elapsed
+            report.prefill_s += now - start
             report.prefill_flops = report.prefill_flops + flops
             report.visual_per_layer = self._visual_per_layer()
+            if report.first_token_s is None:
+                report.first_token_s = now - self._t0.get("prompt", start)
         elif self.state.phase == "decode":
-            report.decode_s += elapsed
+            report.decode_s += now - start
             report.decode_steps += 1
             report.decode_flops = report.decode_flops + flops
         report.kv_bytes = _cache_bytes(self.state.cache)
+        if self._gpus:
+            report.peak_memory_bytes = sum(torch.cuda.max_memory_allocated(gpu) for gpu in self._gpus)
 
     def report(self) -> Report:
         if self._report is None:
@@ -148,6 +185,12 @@ class Recorder:
         return Report(**{**vars(self._report), "visual_per_layer": list(self._report.visual_per_layer)})
 
     # -- internals -------------------------------------------------------------------------------
+    def _now(self) -> float:
+        """The clock, once the model's GPUs have finished the work queued so far."""
+        for gpu in self._gpus:
+            torch.cuda.synchronize(gpu)
+        return time.perf_counter()
+
     def _forward_flops(self, output: Any) -> FlopsBreakdown:
         """Decoder and LM-head FLOPs of the forward that just ran, from what each layer held."""
         config = self.model.config.get_text_config()
@@ -166,16 +209,23 @@ class Recorder:
         return [self.state.layer_visual.get(i, total) for i in range(self.parts.num_layers)]
 
     def _start_vision(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        self._t0.setdefault("vision", time.perf_counter())
+        if "vision" not in self._t0:
+            self._t0["vision"] = self._now()
 
     def _stop_vision(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         start = self._t0.pop("vision", None)
         if start is None or self._report is None:
             return
-        elapsed = time.perf_counter() - start
+        elapsed = self._now() - start
         self._report.vision_s += elapsed
         if "forward" not in self._t0:  # encoded ahead of the prefill (as generate() does)
             self._report.prefill_s += elapsed
+
+
+def model_gpus(model: nn.Module) -> tuple[torch.device, ...]:
+    """The CUDA devices holding ``model``'s parameters (none for a model on the CPU)."""
+    devices = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    return tuple(sorted(devices, key=lambda d: d.index or 0))
 
 
 def _held(cache: Any, layer_idx: int, default: int) -> int:
