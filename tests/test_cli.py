@@ -59,6 +59,72 @@ def test_run_bad_inputs_give_one_line_errors(argv, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("spec", ["tiny:llava", "synth-llava-tiny"])
+def test_run_in_bfloat16_end_to_end(spec, capsys):
+    argv = ["run", "--model", spec, "--plugin", "token_pruning", "--dtype", "bfloat16", "--device", "cpu"]
+    assert main([*argv, "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "plugged:" in out and "time to first token" in out and "not measured (CPU)" in out
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("vtoken: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_a_folder_without_a_model_is_a_one_line_error(tmp_path, capsys):
+    assert main(["run", "--model", str(tmp_path)]) == 2
+    assert "holds no config.json" in _one_line_error(capsys)
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # a config, but no VLM
+    assert main(["run", "--model", str(tmp_path)]) == 2
+    assert f"Cannot load a vision-language model from {tmp_path}" in _one_line_error(capsys)
+
+
+def test_malformed_yaml_in_config_or_set_is_a_one_line_error(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("plugins:\n  - name: token_pruning\n    layers: [2, 3\n")
+    assert main(["run", "--config", str(broken)]) == 2
+    assert "broken.yaml is not valid YAML (line" in _one_line_error(capsys)
+    assert main(["run", "--plugin", "token_pruning", "--set", "token_pruning.layers=[2"]) == 2
+    assert "is not valid YAML" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [("tpu", "Unknown device 'tpu'"), ("cuda:x", "Unknown device"), ("cuda:99", "cuda:99")],
+)
+def test_unknown_or_absent_devices_are_refused(device, message, capsys):
+    assert main(["run", "--model", "tiny:llava", "--device", device]) == 2
+    assert message in _one_line_error(capsys)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("command", [["run"], ["eval", "vqa", "--data", "x.jsonl"], ["bench", "accuracy"]])
+def test_cuda_without_a_gpu_is_refused_not_run_on_the_cpu(command, capsys):
+    assert main([*command, "--model", "tiny:llava", "--device", "cuda"]) == 2
+    assert "torch sees no CUDA GPU" in _one_line_error(capsys)
+
+
+def test_device_and_dtype_options_on_every_model_command():
+    from vtoken.cli import build_parser
+
+    parser = build_parser()
+    for argv in (
+        ["run"],
+        ["eval", "vqa", "--data", "d"],
+        ["bench"],
+        ["bench", "speed"],
+        ["bench", "accuracy"],
+    ):
+        args = parser.parse_args([*argv, "--device", "cuda:1", "--dtype", "float16"])
+        assert (args.device, args.dtype) == ("cuda:1", "float16")
+        assert (parser.parse_args(argv).device, parser.parse_args(argv).dtype) == ("cpu", "auto")
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["run", "--dtype", "float8"])
+    assert exc.value.code == 2
+
+
 def test_run_rejects_a_file_that_is_not_an_image(tmp_path, capsys):
     bogus = tmp_path / "notes.png"
     bogus.write_text("not an image")
@@ -112,6 +178,10 @@ def test_demo_command_launches_the_app_file(monkeypatch):
     calls = []
     app = vtoken.cli.DEMO_APP
     assert app.is_file()
-    monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kw: calls.append(kw))
-    assert main(["demo", "--model", "tiny:llava", "--port", "7999"]) == 0
-    assert calls == [{"server_name": "127.0.0.1", "server_port": 7999}]
+    monkeypatch.setattr("gradio.Blocks.launch", lambda self, **kw: calls.append((self, kw)))
+    argv = ["demo", "--model", "tiny:llava", "--port", "7999", "--dtype", "bfloat16"]
+    assert main([*argv, "--allow-model-dir", str(app.parent)]) == 0
+    ((demo, kwargs),) = calls
+    assert kwargs == {"server_name": "127.0.0.1", "server_port": 7999}
+    menu = next(b for b in demo.blocks.values() if getattr(b, "label", "") == "model")
+    assert [c[0] for c in menu.choices][-1] == str(app.parent)  # the folder named at launch

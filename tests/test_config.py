@@ -93,3 +93,14 @@ def test_missing_file_and_bad_override(tmp_path):
         apply_overrides([("demo", {})], ["ratio=1"])
     with pytest.raises(ConfigError, match="not in this run"):
         apply_overrides([("demo", {})], ["other.ratio=1"])
+
+
+def test_yaml_syntax_errors_are_one_line_config_errors(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("plugins:\n  - name: demo\n    layers: [2, 8\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml is not valid YAML \(line \d+, column \d+\): ") as exc:
+        load_config_file(path)
+    assert "\n" not in str(exc.value)
+    with pytest.raises(ConfigError, match=r"override 'demo.layers=\[2, 8' is not valid YAML") as exc:
+        apply_overrides([("demo", {})], ["demo.layers=[2, 8"])
+    assert "\n" not in str(exc.value)

@@ -136,3 +136,14 @@ def test_bench_accuracy_runs_every_setting_and_skips_what_cannot_run(tmp_path, c
     dense = result["costs"]["baseline"]["visual_tokens"]
     for label in runnable:
         assert result["costs"][label]["visual_tokens_last_layer"] < dense
+
+
+def test_eval_vqa_in_bfloat16_reports_first_token_time_and_no_cpu_memory_figure(tmp_path, capsys):
+    data, out = _dataset(tmp_path, ["red"] * 4), tmp_path / "result.json"
+    argv = ["eval", "vqa", "--model", "tiny:llava", "--data", str(data), "--plugin", "token_pruning"]
+    assert main([*argv, "--dtype", "bfloat16", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    costs = json.loads(out.read_text())["costs"]
+    for label in ("baseline", "plugged"):
+        assert costs[label]["first_token_ms"] > 0 and costs[label]["peak_gpu_mib"] is None
+    printed = capsys.readouterr().out
+    assert "first_token_ms" in printed and "not measured (CPU)" in printed

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import vtoken
-from vtoken.loading import build_prompt
+from vtoken.loading import build_prompt, to_model
 from vtoken.metrics import Report
 
 DIMMED = 0.25  # brightness of dropped patches in the heatmap
@@ -45,10 +45,13 @@ def ask(
     plugins: vtoken.Plugin | list[vtoken.Plugin] | tuple = (),
     max_new_tokens: int = 32,
 ) -> Answer:
-    """Greedy answer to ``question`` about ``image`` with ``plugins`` attached (none: the baseline)."""
+    """Greedy answer to ``question`` about ``image`` with ``plugins`` attached (none: the baseline).
+
+    The processor's outputs go to the model's device, pixel values in the model's dtype.
+    """
     family = vtoken.resolve_family(model).name
     prompt = build_prompt(processor, family, question)
-    inputs = dict(processor(images=[[image]], text=[prompt], return_tensors="pt"))
+    inputs = to_model(processor(images=[[image]], text=[prompt], return_tensors="pt"), model)
     with vtoken.attach(model, plugins) as session, torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         kept = session.kept_visual(0)

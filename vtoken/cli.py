@@ -13,7 +13,15 @@ import torch
 from tqdm.auto import tqdm
 
 from vtoken.errors import VTokenError
-from vtoken.loading import SAMPLE_IMAGE, SAMPLE_QUESTION, load_image, load_model
+from vtoken.loading import (
+    DEVICE_HELP,
+    DTYPES,
+    SAMPLE_IMAGE,
+    SAMPLE_QUESTION,
+    load_image,
+    load_model,
+    resolve_device,
+)
 from vtoken.metrics import compare
 
 
@@ -45,11 +53,11 @@ def _run(args: argparse.Namespace) -> int:
     import vtoken
     from vtoken.ask import ask
 
-    args.model = args.model or default_model()
-    model, processor = load_model(args.model)
-    family = vtoken.resolve_family(model).name
+    plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)  # before a long load
     image = load_image(args.image)
-    plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
+    args.model = args.model or default_model()
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+    family = vtoken.resolve_family(model).name
     runs = {"baseline": []} if not plugins else {"baseline": [], "plugged": plugins}
     results = {
         label: ask(model, processor, image, args.question, runs[label], args.max_new_tokens)
@@ -80,13 +88,17 @@ def load_demo_app():
         raise VTokenError("The demo needs gradio: pip install -e '.[demo]' (or `make demo`).")
     spec = importlib.util.spec_from_file_location("vtoken_demo_app", DEMO_APP)
     app = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = app  # as an import would: dataclasses look their module up there
     spec.loader.exec_module(app)
     return app
 
 
 def _demo(args: argparse.Namespace) -> int:
     app = load_demo_app()
-    argv = ["--port", str(args.port), "--host", args.host] + (["--model", args.model] if args.model else [])
+    argv = ["--port", str(args.port), "--host", args.host, "--device", args.device, "--dtype", args.dtype]
+    argv += ["--model", args.model] if args.model else []
+    for folder in args.allow_model_dir:
+        argv += ["--allow-model-dir", folder]
     app.main(argv)
     return 0
 
@@ -103,20 +115,27 @@ def _emit(table: str, data: dict, out: str | None) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from vtoken.bench.speed import SHAPES
     from vtoken.bench.suite import FULL, QUICK_PLAN, markdown_table, run_bench, write_bench
     from vtoken.eval.vqa import load_jsonl
 
     plan = QUICK_PLAN if args.quick else FULL
-    plan = replace(plan, per_family=args.per_family or plan.per_family, repeats=args.repeats or plan.repeats)
+    plan = replace(
+        plan,
+        per_family=args.per_family or plan.per_family,
+        repeats=args.repeats or plan.repeats,
+        shape=SHAPES[args.shape] if args.shape else plan.shape,
+        device=args.device,
+        dtype=args.dtype,
+    )
     args.model = args.model or default_model()
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     items = load_jsonl(args.data) if args.data else None
     result = run_bench(model, processor, args.model, plan, tuple(args.plugin), items, Path(args.cache))
-    command = "vtoken bench" + (" --quick" if args.quick else "") + f" --model {args.model}"
     header = (
-        f"`{command}`: {result.accuracy.items} questions; speed on a random-weight LLaVA with "
+        f"`{_bench_command(args)}`: {result.accuracy.items} questions; speed on a random-weight LLaVA with "
         f"{plan.shape.visual_tokens} visual tokens (576: LLaVA-1.5's token shape), {plan.repeats} "
-        f"interleaved repetitions, medians; ratios are plugged / unplugged. Machine: {_machine()}."
+        f"interleaved repetitions, medians; ratios are plugged / unplugged. Machine: {machine(args.device)}."
     )
     for path in write_bench(result, args.out_dir, header):
         print(f"wrote {path}", file=sys.stderr)
@@ -124,26 +143,41 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _machine() -> str:
+def _bench_command(args: argparse.Namespace) -> str:
+    """The ``vtoken bench`` command line that reproduces a run (options left at defaults omitted)."""
+    command = "vtoken bench" + (" --quick" if args.quick else "") + f" --model {args.model}"
+    defaults = {"shape": None, "device": "cpu", "dtype": "auto"}
+    return command + "".join(
+        f" --{k} {getattr(args, k)}" for k, v in defaults.items() if getattr(args, k) != v
+    )
+
+
+def machine(device: str = "cpu") -> str:
+    """The hardware a measurement ran on: the CPU, and the GPU when ``device`` uses one."""
     import os
     import platform
 
     cores, threads = os.cpu_count(), torch.get_num_threads()
-    return f"{platform.machine()}, {cores} CPU cores, torch {version('torch')}, {threads} threads"
+    cpu = f"{platform.machine()}, {cores} CPU cores, torch {version('torch')}, {threads} threads"
+    if device == "cpu" or not torch.cuda.is_available():
+        return cpu
+    gpu = torch.device(device if device.startswith("cuda") else "cuda")
+    return f"{torch.cuda.get_device_name(gpu)} (CUDA {torch.version.cuda}), {cpu}"
 
 
 def _bench_speed(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
     import vtoken
-    from vtoken.bench.speed import QUICK, SpeedShape, run_speed
+    from vtoken.bench.speed import SHAPES, run_speed
 
     plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
     if len(plugins) != 1:
         raise vtoken.ConfigError("vtoken bench speed times one plugin: give one --plugin or --config.")
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = run_speed(plugins[0], QUICK if args.quick else SpeedShape(), repeats=args.repeats)
+    shape = SHAPES[args.shape or ("quick" if args.quick else "small")]
+    result = run_speed(plugins[0], shape, args.repeats, device=args.device, dtype=args.dtype)
     return _emit(result.format(), asdict(result), args.out)
 
 
@@ -153,7 +187,7 @@ def _bench_accuracy(args: argparse.Namespace) -> int:
     from vtoken.eval.vqa import load_jsonl
 
     args.model = args.model or default_model()
-    model, processor = load_model(args.model)
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     items = load_jsonl(args.data) if args.data else split_items(Path(args.cache), args.per_family)
     result = run_accuracy(model, processor, items, args.plugin, args.batch_size, args.max_new_tokens)
     header = f"`vtoken bench accuracy --model {args.model}`, {result.items} questions"
@@ -167,10 +201,10 @@ def _eval_vqa(args: argparse.Namespace) -> int:
     import vtoken
     from vtoken.eval.vqa import evaluate, load_jsonl
 
-    args.model = args.model or default_model()
-    model, processor = load_model(args.model)
     plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
     items = load_jsonl(args.data, limit=args.limit)
+    args.model = args.model or default_model()
+    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     stacks = {"plugged": plugins} if plugins else {}
     result = evaluate(model, processor, items, stacks, args.batch_size, args.max_new_tokens)
     return _emit(result.format(), result.to_dict(), args.out)
@@ -188,6 +222,27 @@ def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_device_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help=f"where the model runs: {DEVICE_HELP} (default: cpu)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=list(DTYPES),
+        help="model weights' dtype (default: auto, the checkpoint's; float32 for tiny models)",
+    )
+
+
+def _add_shape_arg(parser: argparse.ArgumentParser) -> None:
+    from vtoken.bench.speed import SHAPES
+
+    parser.add_argument(
+        "--shape",
+        choices=list(SHAPES),
+        help="random-weight model of the speed measurement: small (LLaVA-1.5's 576 visual tokens, "
+        "16 x 768 language model; the default), quick, or llava-1.5-7b (LLaVA-1.5-7B's real shape; a GPU)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtoken", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -200,10 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--image", default=str(SAMPLE_IMAGE), help="image file (default: a sample scene)")
     run.add_argument("--question", default=SAMPLE_QUESTION)
     _add_plugin_args(run)
+    _add_device_args(run)
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.set_defaults(fn=_run)
     demo = sub.add_parser("demo", help="the Gradio demo app (from a source checkout)")
     demo.add_argument("--model", help="default model (bundled name, tiny:<family> or a directory)")
+    demo.add_argument(
+        "--allow-model-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a local model directory visitors may pick (repeatable; --model's directory is allowed too)",
+    )
+    _add_device_args(demo)
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--host", default="127.0.0.1")
     demo.set_defaults(fn=_demo)
@@ -229,6 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_parser.add_argument(
         "--out-dir", default="runs/bench", help="results.md, results.json and plots go here"
     )
+    _add_device_args(bench_parser)
+    _add_shape_arg(bench_parser)
     bench_parser.set_defaults(fn=_bench)
     bench = bench_parser.add_subparsers(dest="bench")
     speed = bench.add_parser(
@@ -240,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     speed.add_argument("--repeats", type=int, default=5)
     speed.add_argument("--quick", action="store_true", help="a small model (seconds, not minutes)")
     speed.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    _add_device_args(speed)
+    _add_shape_arg(speed)
     speed.add_argument("--out", help="write the result as JSON here")
     speed.set_defaults(fn=_bench_speed)
     acc = bench.add_parser(
@@ -255,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     acc.add_argument("--batch-size", type=int, default=32)
     acc.add_argument("--max-new-tokens", type=int, default=64)
     acc.add_argument("--out-dir", default="runs/bench", help="results.md, results.json and plots go here")
+    _add_device_args(acc)
     acc.set_defaults(fn=_bench_accuracy)
     evals = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval", required=True)
     vqa = evals.add_parser("vqa", help="accuracy per family, loyalty and costs on a VQA JSONL file")
@@ -265,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     vqa.add_argument("--batch-size", type=int, default=16)
     vqa.add_argument("--max-new-tokens", type=int, default=64)
     vqa.add_argument("--out", help="write the result as JSON here")
+    _add_device_args(vqa)
     vqa.set_defaults(fn=_eval_vqa)
     from vtoken.zoo.cli import add_commands
 
@@ -273,11 +343,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; vtoken's own errors (bad inputs, models, configs, devices) print one line
+    ``vtoken: error: ...`` and exit 2, anything else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "device", None):
+            resolve_device(args.device)  # refuse an absent GPU before any work
         return args.fn(args)
     except VTokenError as exc:
-        print(f"vtoken: error: {exc}", file=sys.stderr)
+        print("vtoken: error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
 
 

@@ -152,7 +152,7 @@ def load_config_file(path: str | Path) -> list[PluginSpec]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"Config file {path} does not exist.")
-    data = yaml.safe_load(path.read_text()) or {}
+    data = parse_yaml(path.read_text(), str(path)) or {}
     entries = data.get("plugins") if isinstance(data, dict) else None
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{path}: expected a top-level 'plugins:' list of mappings with a 'name'.")
@@ -178,5 +178,17 @@ def apply_overrides(specs: list[PluginSpec], overrides: Sequence[str]) -> list[P
             attached = ", ".join(name for name, _ in result) or "none"
             raise ConfigError(f"Override {item!r} names plugin {plugin!r}, not in this run ({attached}).")
         for fields in matches:
-            fields[field] = yaml.safe_load(raw)
+            fields[field] = parse_yaml(raw, f"The value of override {item!r}")
     return result
+
+
+def parse_yaml(text: str, what: str) -> Any:
+    """``yaml.safe_load(text)``; malformed YAML raises a one-line :class:`ConfigError` naming
+    ``what`` was being read and where the parser stopped."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"{what} is not valid YAML{at}: {problem}.") from None

@@ -1,7 +1,8 @@
 """Speed benchmark: a plugin against the unplugged model, in the same run, interleaved.
 
 The model has LLaVA-1.5's token shape (a 336x336 image in 14x14 patches gives 576 visual tokens)
-with random weights and a language model sized for a fair CPU measurement. Each repetition runs
+with random weights and, by default, a language model sized for a fair CPU measurement
+(``"small"``); ``"llava-1.5-7b"`` is LLaVA-1.5-7B's real shape, for a GPU. Each repetition runs
 the baseline and the plugged model back to back, alternating which goes first; ratios are taken
 per repetition and summarised by their median, next to the ratio the FLOPs counter predicts.
 """
@@ -18,18 +19,25 @@ import transformers as tf
 from tqdm.auto import tqdm
 
 import vtoken
+from vtoken.loading import resolve_device, resolve_dtype, to_model
+from vtoken.metrics import NOT_MEASURED, Report
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SpeedShape:
-    """Model and prompt shape of the benchmark (defaults: LLaVA-1.5 token shape, ~140M LM)."""
+    """Model and prompt shape of the benchmark (defaults: LLaVA-1.5 token shape, ~140M LM).
+
+    The vision tower is a CLIP ViT (MLP width 4x its hidden size), the projector LLaVA-1.5's
+    two-layer MLP, the language model a LLaMA with grouped-query attention.
+    """
 
     image_size: int = 336
     patch_size: int = 14
     vision_hidden: int = 256
     vision_layers: int = 2
+    vision_heads: int = 4
     hidden: int = 768
     layers: int = 16
     heads: int = 12
@@ -57,15 +65,46 @@ QUICK = SpeedShape(
     new_tokens=8,
 )
 
+#: LLaVA-1.5-7B: CLIP ViT-L/14 at 336 px (24 layers, 1024 wide, 576 tokens) and a Vicuna-7B
+#: language model (32 layers, 4096 wide, 32 heads, MLP 11008, vocabulary 32064): 7.06B parameters.
+LLAVA_7B = SpeedShape(
+    vision_hidden=1024,
+    vision_layers=24,
+    vision_heads=16,
+    hidden=4096,
+    layers=32,
+    heads=32,
+    kv_heads=32,
+    intermediate=11008,
+    vocab=32064,
+)
 
-def build_model(shape: SpeedShape, seed: int = 0) -> tf.LlavaForConditionalGeneration:
-    """A random-weight LLaVA of the given shape, eval mode, fp32, sdpa attention."""
+SHAPES: dict[str, SpeedShape] = {"small": SpeedShape(), "quick": QUICK, "llava-1.5-7b": LLAVA_7B}
+
+
+def build_model(
+    shape: SpeedShape, seed: int = 0, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> tf.LlavaForConditionalGeneration:
+    """A random-weight LLaVA of the given shape, eval mode, sdpa attention.
+
+    The weights are created and initialised directly on ``device`` in ``dtype``, so LLaVA-1.5-7B's
+    shape needs 14 GB of GPU memory in bfloat16 and no 28 GB float32 copy in CPU memory first;
+    ``device="meta"`` builds the structure without any weights.
+    """
     torch.manual_seed(seed)
+    with torch.device(device):
+        return tf.LlavaForConditionalGeneration._from_config(
+            llava_config(shape), dtype=dtype, attn_implementation="sdpa"
+        ).eval()
+
+
+def llava_config(shape: SpeedShape) -> tf.LlavaConfig:
+    """The transformers config of a LLaVA of ``shape`` (the visual token is the last vocabulary id)."""
     vision = tf.CLIPVisionConfig(
         hidden_size=shape.vision_hidden,
         intermediate_size=4 * shape.vision_hidden,
         num_hidden_layers=shape.vision_layers,
-        num_attention_heads=4,
+        num_attention_heads=shape.vision_heads,
         image_size=shape.image_size,
         patch_size=shape.patch_size,
     )
@@ -78,7 +117,7 @@ def build_model(shape: SpeedShape, seed: int = 0) -> tf.LlavaForConditionalGener
         num_key_value_heads=shape.kv_heads,
         max_position_embeddings=4096,
     )
-    config = tf.LlavaConfig(
+    return tf.LlavaConfig(
         text_config=text,
         vision_config=vision,
         image_token_id=shape.vocab - 1,
@@ -86,13 +125,15 @@ def build_model(shape: SpeedShape, seed: int = 0) -> tf.LlavaForConditionalGener
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
     )
-    model = tf.LlavaForConditionalGeneration(config).eval()
-    model.set_attn_implementation("sdpa")
-    return model
 
 
 def build_inputs(shape: SpeedShape, seed: int = 0) -> dict[str, torch.Tensor]:
-    """One prompt: a few text tokens, the image's placeholders, the question."""
+    """One prompt on the CPU: a few text tokens, the image's placeholders, the question.
+
+    Returns:
+        ``input_ids`` and ``attention_mask`` ``(1, text_tokens + visual_tokens)``, ``pixel_values``
+        ``(1, 3, image_size, image_size)`` float32.
+    """
     generator = torch.Generator().manual_seed(seed)
     before, after = shape.text_tokens // 4, shape.text_tokens - shape.text_tokens // 4
     text = torch.randint(10, shape.vocab - 2, (1, shape.text_tokens), generator=generator)
@@ -104,13 +145,22 @@ def build_inputs(shape: SpeedShape, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @dataclass
 class SpeedResult:
-    """Medians over repetitions; ``*_ratio`` is plugged / baseline."""
+    """Medians over repetitions; ``*_ratio`` is plugged / baseline.
+
+    Attributes:
+        first_token_s: median time to first token, by ``"baseline"`` / ``"plugged"``.
+        peak_memory_mib: the largest peak GPU memory of the repetitions; ``None`` on the CPU.
+    """
 
     shape: dict[str, Any]
     plugin: str
     repeats: int
+    device: str = "cpu"
+    dtype: str = "float32"
     prefill_s: dict[str, float] = field(default_factory=dict)
     decode_step_s: dict[str, float] = field(default_factory=dict)
+    first_token_s: dict[str, float] = field(default_factory=dict)
+    peak_memory_mib: dict[str, float | None] = field(default_factory=dict)
     prefill_ratio: float = 0.0
     prefill_flops_ratio: float = 0.0
     decode_step_ratio: float = 0.0
@@ -127,9 +177,17 @@ class SpeedResult:
                 f"decode   baseline {self.decode_step_s['baseline'] * 1e3:8.2f} ms/step   plugged "
                 f"{self.decode_step_s['plugged'] * 1e3:8.2f} ms/step   ratio {self.decode_step_ratio:.3f} "
                 f"(FLOPs predict {self.decode_flops_ratio:.3f})",
+                f"time to first token  baseline {self.first_token_s['baseline'] * 1e3:8.1f} ms   plugged "
+                f"{self.first_token_s['plugged'] * 1e3:8.1f} ms",
+                f"peak GPU memory  baseline {_mib(self.peak_memory_mib['baseline'])}   plugged "
+                f"{_mib(self.peak_memory_mib['plugged'])}",
                 f"KV cache bytes ratio {self.kv_bytes_ratio:.3f}",
             ]
         )
+
+
+def _mib(value: float | None) -> str:
+    return NOT_MEASURED if value is None else f"{value:.0f} MiB"
 
 
 def _one_run(model, inputs, plugins, new_tokens: int) -> vtoken.Report:
@@ -139,21 +197,41 @@ def _one_run(model, inputs, plugins, new_tokens: int) -> vtoken.Report:
 
 
 def run_speed(
-    plugin: str | vtoken.Plugin, shape: SpeedShape = SpeedShape(), repeats: int = 5, warmup: int = 1
+    plugin: str | vtoken.Plugin,
+    shape: SpeedShape = SpeedShape(),
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "cpu",
+    dtype: str = "auto",
 ) -> SpeedResult:
     """Time ``plugin`` against the unplugged model on a model of ``shape``."""
-    return run_speed_all({"plugged": vtoken.create_plugin(plugin)}, shape, repeats, warmup)["plugged"]
+    plugins = {"plugged": vtoken.create_plugin(plugin)}
+    return run_speed_all(plugins, shape, repeats, warmup, device, dtype)["plugged"]
 
 
 def run_speed_all(
-    plugins: dict[str, vtoken.Plugin], shape: SpeedShape = SpeedShape(), repeats: int = 5, warmup: int = 1
+    plugins: dict[str, vtoken.Plugin],
+    shape: SpeedShape = SpeedShape(),
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str = "cpu",
+    dtype: str = "auto",
 ) -> dict[str, SpeedResult]:
     """Time each of ``plugins`` (by label) against the unplugged model, one model for all.
+
+    Args:
+        device: ``"cpu"``, ``"cuda[:index]"``, or ``"auto"`` (the first GPU when there is one; one
+            device either way, the model is small enough or meant for one GPU).
+        dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (float32).
 
     A plugin that cannot attach to the benchmark model (e.g. learned predictors trained for another
     model) is left out of the result with a log message.
     """
-    model, inputs = build_model(shape), build_inputs(shape)
+    device = speed_device(device)
+    dtype = resolve_dtype(dtype)
+    dtype = torch.float32 if dtype == "auto" else dtype
+    model = build_model(shape, device=device, dtype=dtype)
+    inputs = to_model(build_inputs(shape), model)
     results = {}
     for label, plugin in tqdm(plugins.items(), desc="speed bench", leave=False):
         try:
@@ -161,6 +239,13 @@ def run_speed_all(
         except vtoken.VTokenError as exc:
             logger.warning("speed bench: skipping %s: %s", label, exc)
     return results
+
+
+def speed_device(device: str) -> str:
+    """The one device the speed model runs on (``"auto"``: the first GPU if any, else the CPU)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(device)
 
 
 def _time(model, inputs, plugged: vtoken.Plugin, shape: SpeedShape, repeats: int, warmup: int) -> SpeedResult:
@@ -172,7 +257,9 @@ def _time(model, inputs, plugged: vtoken.Plugin, shape: SpeedShape, repeats: int
         order = ["baseline", "plugged"] if rep % 2 == 0 else ["plugged", "baseline"]
         for label in order:
             runs[label].append(_one_run(model, inputs, stacks[label], shape.new_tokens))
-    return _summarise(shape, plugged, runs)
+    result = _summarise(shape, plugged, runs)
+    result.device, result.dtype = str(model.device), str(model.dtype).removeprefix("torch.")
+    return result
 
 
 def _summarise(shape: SpeedShape, plugin: vtoken.Plugin, runs: dict[str, list[vtoken.Report]]) -> SpeedResult:
@@ -181,9 +268,16 @@ def _summarise(shape: SpeedShape, plugin: vtoken.Plugin, runs: dict[str, list[vt
     result = SpeedResult(shape=asdict(shape), plugin=repr(plugin), repeats=len(base))
     result.prefill_s = {k: statistics.median(r.prefill_s for r in v) for k, v in runs.items()}
     result.decode_step_s = {k: statistics.median(step(r) for r in v) for k, v in runs.items()}
+    result.first_token_s = {k: statistics.median(r.first_token_s for r in v) for k, v in runs.items()}
+    result.peak_memory_mib = {k: _peak_mib(v) for k, v in runs.items()}
     result.prefill_ratio = statistics.median(p.prefill_s / b.prefill_s for b, p in zip(base, plug))
     result.decode_step_ratio = statistics.median(step(p) / step(b) for b, p in zip(base, plug))
     result.prefill_flops_ratio = plug[0].prefill_flops.total / base[0].prefill_flops.total
     result.decode_flops_ratio = plug[0].decode_flops.total / base[0].decode_flops.total
     result.kv_bytes_ratio = plug[0].kv_bytes / base[0].kv_bytes
     return result
+
+
+def _peak_mib(reports: list[Report]) -> float | None:
+    peaks = [r.peak_memory_bytes for r in reports if r.peak_memory_bytes is not None]
+    return max(peaks) / 2**20 if peaks else None

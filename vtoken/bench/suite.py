@@ -32,6 +32,9 @@ class BenchPlan:
         shape: model shape of the speed measurement.
         batch_size: questions per generation batch.
         max_new_tokens: answer length cap.
+        device: where the speed model runs (``"cpu"``, ``"cuda[:index]"``, ``"auto"``: a GPU if
+            any); the accuracy model runs where it was loaded.
+        dtype: the speed model's dtype (``"auto"``: float32).
     """
 
     per_family: int = 300
@@ -39,6 +42,8 @@ class BenchPlan:
     shape: SpeedShape = SpeedShape()
     batch_size: int = 32
     max_new_tokens: int = 64
+    device: str = "cpu"
+    dtype: str = "auto"
 
 
 FULL = BenchPlan()
@@ -76,7 +81,8 @@ def run_bench(
     items = items if items is not None else split_items(cache, plan.per_family)
     stacks = bench_stacks(model, plugins)
     accuracy = evaluate(model, processor, items, stacks, plan.batch_size, plan.max_new_tokens)
-    speed = run_speed_all({label: stack[0] for label, stack in stacks.items()}, plan.shape, plan.repeats)
+    plugins = {label: stack[0] for label, stack in stacks.items()}
+    speed = run_speed_all(plugins, plan.shape, plan.repeats, device=plan.device, dtype=plan.dtype)
     return BenchResult(model_name, plan, accuracy, speed)
 
 

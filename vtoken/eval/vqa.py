@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -25,7 +26,8 @@ from tqdm.auto import tqdm
 
 import vtoken
 from vtoken.errors import UnsupportedInputError
-from vtoken.loading import build_prompt, load_image
+from vtoken.loading import build_prompt, load_image, to_model
+from vtoken.metrics import NOT_MEASURED
 
 
 @dataclass(frozen=True)
@@ -99,8 +101,9 @@ class RunStats:
     answers: list[str] = field(default_factory=list)
     reports: list[vtoken.Report] = field(default_factory=list)
 
-    def costs(self) -> dict[str, float]:
-        """Per-question means of the session reports (batches weighted by their size)."""
+    def costs(self) -> dict[str, float | None]:
+        """Per-question means of the session reports (batches weighted by their size); the time to
+        first token is per batch, and ``peak_gpu_mib`` the largest batch's (``None`` on the CPU)."""
         n = sum(r.batch_size for r in self.reports) or 1
         total = lambda f: sum(f(r) for r in self.reports) / n  # noqa: E731
         return {
@@ -111,7 +114,15 @@ class RunStats:
             "kv_mib": total(lambda r: r.kv_bytes) / 2**20,
             "prefill_ms": total(lambda r: r.prefill_s) * 1e3,
             "decode_ms": total(lambda r: r.decode_s) * 1e3,
+            "first_token_ms": _scaled(statistics.mean, [r.first_token_s for r in self.reports], 1e3),
+            "peak_gpu_mib": _scaled(max, [r.peak_memory_bytes for r in self.reports], 2**-20),
         }
+
+
+def _scaled(summary: Callable, values: list[float | None], scale: float) -> float | None:
+    """``summary`` of the measured ``values`` times ``scale``; ``None`` when none was measured."""
+    measured = [v for v in values if v is not None]
+    return summary(measured) * scale if measured else None
 
 
 @dataclass
@@ -123,7 +134,8 @@ class VQAResult:
         items: questions answered.
         accuracy: per label, the metric of each family and ``overall``.
         loyalty: per label, agreement with the baseline's answers.
-        costs: per label, per-question means of visual tokens, FLOPs, KV bytes and times.
+        costs: per label, per-question means of visual tokens, FLOPs, KV bytes and times, the
+            time to first token of a batch and the peak GPU memory (``None``: not measured, CPU).
         answers: per label, every answer in dataset order.
     """
 
@@ -131,7 +143,7 @@ class VQAResult:
     items: int
     accuracy: dict[str, dict[str, float]]
     loyalty: dict[str, float]
-    costs: dict[str, dict[str, float]]
+    costs: dict[str, dict[str, float | None]]
     answers: dict[str, list[str]]
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,10 +156,14 @@ class VQAResult:
         rows += [(f"accuracy {name}", *(f"{self.accuracy[r][name]:.3f}" for r in runs)) for name in families]
         rows.append(("loyalty", *(f"{self.loyalty[r]:.3f}" for r in runs)))
         for key in self.costs[runs[0]]:
-            rows.append((key, *(f"{self.costs[r][key]:.4g}" for r in runs)))
+            rows.append((key, *(_cost(self.costs[r][key]) for r in runs)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
         return f"{self.items} questions\n" + "\n".join(lines)
+
+
+def _cost(value: float | None) -> str:
+    return NOT_MEASURED if value is None else f"{value:.4g}"
 
 
 def score(items: Sequence[VQAItem], answers: Sequence[str]) -> dict[str, float]:
@@ -161,11 +177,11 @@ def score(items: Sequence[VQAItem], answers: Sequence[str]) -> dict[str, float]:
 
 
 def _answer(model, processor, family: str, batch: Sequence[VQAItem], max_new_tokens: int) -> list[str]:
-    """Greedy answers of one left-padded batch."""
+    """Greedy answers of one left-padded batch (inputs on the model's device and dtype)."""
     images = [[load_image(item.image)] for item in batch]
     prompts = [build_prompt(processor, family, item.question) for item in batch]
     processor.tokenizer.padding_side = "left"
-    inputs = dict(processor(images=images, text=prompts, return_tensors="pt", padding=True))
+    inputs = to_model(processor(images=images, text=prompts, return_tensors="pt", padding=True), model)
     inputs.pop("labels", None)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
