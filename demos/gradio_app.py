@@ -1,6 +1,8 @@
 """vtoken demo: ask a VLM about an image with and without token-efficiency plugins, side by side.
 
-Launch with ``vtoken demo`` (or ``make demo``); ``--model`` picks the default model. Every plugin in
+Launch with ``vtoken demo`` (or ``make demo``); ``--model`` picks the default model. Visitors choose
+among the bundled models, the tiny random-weight ones and the local folders named at launch
+(``--model``, ``--allow-model-dir``): never any other folder the server can read. Every plugin in
 vtoken's registry appears with the options it lists in ``Plugin.knobs``, so a new plugin shows up
 here without touching this file. Requests are queued: one generation runs at a time.
 """
@@ -10,8 +12,10 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +25,8 @@ from PIL import Image
 import vtoken
 from vtoken.ask import Answer, ask, kept_heatmap
 from vtoken.knobs import Knob, config_knobs
-from vtoken.loading import SAMPLE_QUESTION, load_model
+from vtoken.loading import DEVICE_HELP, DTYPES, SAMPLE_QUESTION, load_model, resolve_device
+from vtoken.metrics import NOT_MEASURED
 from vtoken.registry import available_plugins, get_plugin_class
 
 logger = logging.getLogger(__name__)
@@ -35,16 +40,67 @@ SAMPLE_QUESTIONS = (
 
 
 @functools.lru_cache(maxsize=2)
-def _model(spec: str):
-    return load_model(spec)
+def _load(spec: str, device: str, dtype: str):
+    return load_model(spec, device=device, dtype=dtype)
 
 
-def model_choices() -> list[str]:
-    """Bundled models first, then the tiny random-weight ones (any local directory also works)."""
+@dataclass(frozen=True)
+class Models:
+    """The models the demo offers, and where they run.
+
+    Args:
+        choices: model specs a visitor may pick (nothing else is ever loaded).
+        device: ``--device`` of the loaded models.
+        dtype: ``--dtype`` of the loaded models.
+    """
+
+    choices: tuple[str, ...]
+    device: str = "cpu"
+    dtype: str = "auto"
+
+    def load(self, spec: str):
+        """``(model, processor)`` of an offered ``spec`` (the last two stay loaded).
+
+        Raises:
+            gr.Error: ``spec`` is not offered, or cannot be loaded.
+        """
+        if spec not in self.choices:
+            raise gr.Error(
+                f"{spec!r} is not one of this demo's models; whoever starts the demo can offer a local "
+                "folder with --model or --allow-model-dir."
+            )
+        try:
+            return _load(spec, self.device, self.dtype)
+        except (vtoken.VTokenError, ValueError, OSError) as exc:
+            raise gr.Error(str(exc)) from None
+
+    def num_layers(self, spec: str) -> int:
+        """Decoder layers of ``spec``'s language model."""
+        return vtoken.locate_parts(self.load(spec)[0]).num_layers
+
+
+def offered_models(model: str | None = None, allow_dirs: Sequence[str] = ()) -> tuple[str, ...]:
+    """Bundled models, then the tiny random-weight ones, then the folders named at launch.
+
+    Args:
+        model: ``--model``: a bundled name, ``tiny:<family>`` or a model folder.
+        allow_dirs: ``--allow-model-dir`` folders.
+
+    Raises:
+        vtoken.ConfigError: ``model`` is neither offered nor a folder, or a folder does not exist.
+    """
     from vtoken import zoo
     from vtoken.tiny import TINY_FAMILIES
 
-    return [*zoo.available(), *(f"tiny:{f}" for f in TINY_FAMILIES)]
+    builtin = (*zoo.available(), *(f"tiny:{f}" for f in TINY_FAMILIES))
+    folders = [*([model] if model and model not in builtin else []), *allow_dirs]
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise vtoken.ConfigError(
+                f"Model {folder!r} is neither a bundled name ({', '.join(zoo.available()) or 'none'}), "
+                f"nor tiny:<family> ({', '.join(TINY_FAMILIES)}), nor a local model folder."
+            )
+    return tuple(dict.fromkeys([*builtin, *folders]))
 
 
 def plugin_knobs(names: Sequence[str] = ()) -> dict[str, list[Knob]]:
@@ -86,21 +142,40 @@ def build_stack(knobs: dict[str, list[Knob]], values: Sequence[Any]) -> list[vto
     return stack
 
 
+#: The cost table's rows: name, the value of a report (``None``: not measured), its format.
+STATS: tuple[tuple[str, Callable[[vtoken.Report], float | None], str], ...] = (
+    ("visual tokens at last layer", lambda r: r.visual_last_layer, "{:.0f}"),
+    ("prefill GFLOPs", lambda r: r.prefill_flops.total / 1e9, "{:.4g}"),
+    ("decode GFLOPs", lambda r: r.decode_flops.total / 1e9, "{:.4g}"),
+    ("KV cache (KiB)", lambda r: r.kv_bytes / 1024, "{:.1f}"),
+    ("prefill (ms)", lambda r: r.prefill_s * 1e3, "{:.1f}"),
+    ("decode (ms)", lambda r: r.decode_s * 1e3, "{:.1f}"),
+    ("time to first token (ms)", lambda r: _scaled(r.first_token_s, 1e3), "{:.1f}"),
+    ("peak GPU memory (MiB)", lambda r: _scaled(r.peak_memory_bytes, 2**-20), "{:.1f}"),
+)
+
+
 def stats_rows(base: Answer, plugged: Answer) -> list[list[str]]:
     """``[metric, baseline, plugged, plugged / baseline]`` rows."""
-    b, p = base.report, plugged.report
-    pairs = [
-        ("visual tokens at last layer", b.visual_last_layer, p.visual_last_layer, "{:.0f}"),
-        ("prefill GFLOPs", b.prefill_flops.total / 1e9, p.prefill_flops.total / 1e9, "{:.4g}"),
-        ("decode GFLOPs", b.decode_flops.total / 1e9, p.decode_flops.total / 1e9, "{:.4g}"),
-        ("KV cache (KiB)", b.kv_bytes / 1024, p.kv_bytes / 1024, "{:.1f}"),
-        ("prefill (ms)", b.prefill_s * 1e3, p.prefill_s * 1e3, "{:.1f}"),
-        ("decode (ms)", b.decode_s * 1e3, p.decode_s * 1e3, "{:.1f}"),
-    ]
-    return [[name, fmt.format(x), fmt.format(y), f"{y / x:.3f}" if x else "-"] for name, x, y, fmt in pairs]
+    rows = []
+    for name, value, fmt in STATS:
+        x, y = value(base.report), value(plugged.report)
+        ratio = f"{y / x:.3f}" if x and y is not None else "-"
+        rows.append([name, _cell(x, fmt), _cell(y, fmt), ratio])
+    return rows
 
 
-def compare(spec: str, image: Any, question: str, layer: int, knobs, values, max_new_tokens: int = 48):
+def _scaled(value: float | None, factor: float) -> float | None:
+    return None if value is None else value * factor
+
+
+def _cell(value: float | None, fmt: str) -> str:
+    return NOT_MEASURED if value is None else fmt.format(value)
+
+
+def compare(
+    models: Models, spec: str, image: Any, question: str, layer: int, knobs, values, max_new_tokens: int = 48
+):
     """Baseline and plugged answers, the heatmap at ``layer`` and the stats table.
 
     Raises:
@@ -114,8 +189,8 @@ def compare(spec: str, image: Any, question: str, layer: int, knobs, values, max
         raise gr.Error(f"The image is {image.width}x{image.height}; please upload one under 16 megapixels.")
     if not (question or "").strip():
         raise gr.Error("The question is empty: ask something about the image.")
+    model, processor = models.load(spec)
     try:
-        model, processor = _model(spec.strip())
         stack = build_stack(knobs, values)
         base = ask(model, processor, image, question, (), max_new_tokens)
         plugged = ask(model, processor, image, question, stack, max_new_tokens)
@@ -135,8 +210,25 @@ def redraw(layer: int, last) -> Image.Image | None:
     return kept_heatmap(image, plugged.kept[layer], plugged.grid)
 
 
+def layer_slider(models: Models, spec: str) -> gr.Slider:
+    """The heatmap slider's range for ``spec``: its decoder layers, the last one selected."""
+    last = models.num_layers(spec) - 1
+    return gr.Slider(minimum=0, maximum=last, value=last, step=1)
+
+
+def short_help(text: str, limit: int = 300) -> str:
+    """``text`` (Markdown) whole if it fits in ``limit`` characters, else cut after its last clause
+    (``;`` or ``.``) that fits and lies outside any parenthesis and code span, with an ellipsis."""
+    if len(text) <= limit:
+        return text
+    balanced = lambda s: s.count("(") == s.count(")") and s.count("`") % 2 == 0  # noqa: E731
+    cuts = [m.start() for m in re.finditer(r"[;.] ", text[:limit]) if balanced(text[: m.start()])]
+    head = text[: cuts[-1]] if cuts else text[:limit].rsplit(" ", 1)[0]
+    return head + " …"
+
+
 def _knob_widget(knob: Knob):
-    label, info = knob.name, knob.help[:300]
+    label, info = knob.name, short_help(knob.help)
     if knob.kind == "choice":
         return gr.Dropdown(list(knob.choices), value=knob.default, label=label, info=info)
     if knob.kind == "bool":
@@ -149,7 +241,10 @@ def _knob_widget(knob: Knob):
 
 
 def build_demo(
-    default_model: str | None = None, samples: Path | None = None, plugins: Sequence[str] = ()
+    default_model: str | None = None,
+    samples: Path | None = None,
+    plugins: Sequence[str] = (),
+    models: Models | None = None,
 ) -> gr.Blocks:
     """The demo app (call ``.queue().launch()`` on it).
 
@@ -157,9 +252,13 @@ def build_demo(
         default_model: the model preselected (default: the bundled model, else ``tiny:llava``).
         samples: folder for the sample scene images (default: a new temporary folder).
         plugins: the plugins offered, in panel order (default: every registered plugin).
+        models: the models offered and where they run (default: the bundled and tiny ones and
+            ``default_model``'s folder, on the CPU).
     """
     from vtoken.cli import default_model as fallback
 
+    default_model = default_model or fallback()
+    models = models or Models(offered_models(default_model))
     knobs = plugin_knobs(plugins)
     samples = samples or Path(tempfile.mkdtemp(prefix="vtoken_demo_"))
     with gr.Blocks(title="vtoken demo") as demo:
@@ -167,8 +266,8 @@ def build_demo(
         with gr.Row():
             with gr.Column():
                 model = gr.Dropdown(
-                    model_choices(), value=default_model or fallback(), allow_custom_value=True,
-                    label="model", info="a bundled name, tiny:<family>, or a local HF model directory",
+                    list(models.choices), value=default_model, label="model",
+                    info="bundled, `tiny:<family>` (random weights), or a folder named when the demo started",
                 )  # fmt: skip
                 image = gr.Image(type="pil", label="image", sources=["upload", "clipboard"])
                 question = gr.Textbox(value=SAMPLE_QUESTION, label="question", elem_id="question")
@@ -182,7 +281,8 @@ def build_demo(
             with gr.Column():
                 base = gr.Textbox(label="answer without plugins", elem_id="answer_base")
                 plugged = gr.Textbox(label="answer with plugins", elem_id="answer_plugged")
-                layer = gr.Slider(0, 63, value=3, step=1, label="decoder layer of the heatmap")
+                last = models.num_layers(default_model) - 1
+                layer = gr.Slider(0, last, value=last, step=1, label="decoder layer of the heatmap")
                 heatmap = gr.Image(label="visual tokens kept (dropped patches dimmed)", elem_id="heatmap")
                 stats = gr.Dataframe(
                     headers=["metric", "baseline", "plugged", "ratio"], label="costs", elem_id="stats"
@@ -190,21 +290,31 @@ def build_demo(
         last = gr.State(None)
 
         def run(spec, img, text, at, *widget_values):
-            return compare(spec, img, text, at, knobs, widget_values)
+            return compare(models, spec, img, text, at, knobs, widget_values)
 
         outputs = [base, plugged, heatmap, stats, last]
         button.click(run, [model, image, question, layer, *values], outputs, api_name="ask")
         layer.change(redraw, [layer, last], heatmap, api_visibility="private")
+        def slider_for(spec):
+            return layer_slider(models, spec)
+
+        model.change(slider_for, model, layer, api_visibility="private")
     return demo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="default model (bundled name, tiny:<family> or a directory)")
+    parser.add_argument(
+        "--allow-model-dir", action="append", default=[], metavar="DIR", help="another folder to offer"
+    )
+    parser.add_argument("--device", default="cpu", help=DEVICE_HELP)
+    parser.add_argument("--dtype", default="auto", choices=list(DTYPES))
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
-    build_demo(args.model).queue(default_concurrency_limit=1).launch(
+    models = Models(offered_models(args.model, args.allow_model_dir), resolve_device(args.device), args.dtype)
+    build_demo(args.model, models=models).queue(default_concurrency_limit=1).launch(
         server_name=args.host, server_port=args.port
     )
 

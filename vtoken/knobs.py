@@ -30,7 +30,8 @@ class Knob:
             tuple of ints, e.g. layers, edited as comma-separated text).
         default: the field's default value.
         choices: allowed values of a ``"choice"``.
-        help: the field's description from the config docstring, on one line.
+        help: the field's description from the config docstring, on one line, as Markdown
+            (reStructuredText literals and roles become code spans).
     """
 
     name: str
@@ -95,5 +96,11 @@ def _field_help(config_class: type) -> dict[str, str]:
     for entry in entries:
         match = re.match(r"\s*(\w+):\s*(.*)", entry, re.S)
         if match:
-            helps[match.group(1)] = " ".join(match.group(2).split())
+            helps[match.group(1)] = rst_to_markdown(" ".join(match.group(2).split()))
     return helps
+
+
+def rst_to_markdown(text: str) -> str:
+    """Docstring markup as Markdown: ``:mod:`a.b``` and ````x```` become code spans (`a.b`, `x`)."""
+    text = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", text)  # Sphinx roles: :class:`~pkg.Name`
+    return re.sub(r"``(.+?)``", r"`\1`", text)  # literals

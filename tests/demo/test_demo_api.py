@@ -40,6 +40,8 @@ def test_ask_returns_both_answers_heatmap_and_costs(client, picture):
     _, full, kept, _ = rows["visual tokens at last layer"]
     assert int(kept) == math.ceil(int(full) * 0.25)
     assert float(rows["prefill GFLOPs"][3]) < 1.0
+    assert float(rows["time to first token (ms)"][1]) > 0
+    assert rows["peak GPU memory (MiB)"][1:] == ["not measured (CPU)", "not measured (CPU)", "-"]
 
 
 def test_without_plugins_both_answers_agree(client, picture):
@@ -53,7 +55,7 @@ def test_without_plugins_both_answers_agree(client, picture):
     [
         ({"path": None}, "Upload an image"),
         ({"question": "   "}, "question is empty"),
-        ({"model": "/no/such/model"}, "vtoken never downloads weights"),
+        ({"model": "/etc"}, "not in the list of choices"),  # only the offered models, never a folder
         ({"plugin": [True, "fastv", 0.25, "one", 1.0, 1.0]}, "comma-separated integers"),
         ({"plugin": [True, "fastv", 0.25, "0", 1.0, 1.0]}, "must start at 1 or later"),
     ],
@@ -68,10 +70,11 @@ def test_huge_and_non_image_uploads_are_refused(app):
     gr = pytest.importorskip("gradio")
     knobs = app.plugin_knobs(("token_pruning",))
     values = [False] + [0] * len(knobs["token_pruning"])
+    models = app.Models(("tiny:llava",))
     with pytest.raises(gr.Error, match="16 megapixels"):
-        app.compare("tiny:llava", Image.new("RGB", (5000, 4000)), "what ?", 0, knobs, values)
+        app.compare(models, "tiny:llava", Image.new("RGB", (5000, 4000)), "what ?", 0, knobs, values)
     with pytest.raises(gr.Error, match="not an image"):
-        app.compare("tiny:llava", "notes.txt", "what ?", 0, knobs, values)
+        app.compare(models, "tiny:llava", "notes.txt", "what ?", 0, knobs, values)
 
 
 def test_every_loadable_plugin_has_a_panel(app):
