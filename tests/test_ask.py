@@ -39,3 +39,24 @@ def test_heatmap_dims_exactly_the_dropped_patches():
     assert out.shape == (20, 40, 3)
     assert (out[:, :10] == 200).all() and (out[:, 30:] == 200).all()
     assert (out[:, 10:30] == int(200 * DIMMED)).all()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_ask_a_bfloat16_model_moves_pixels_to_its_dtype(family):
+    from vtoken.loading import load_model
+
+    model, processor = load_model(f"tiny:{family}", dtype="bfloat16")
+    answer = ask(model, processor, image(3, 40, 56), "what is it ?", TokenPruning(keep_ratio=0.5), 3)
+    assert model.dtype == torch.bfloat16 and answer.report.decode_steps == 2
+    assert answer.kept[-1].sum() < answer.kept[0].sum()
+
+
+def test_to_model_casts_floating_inputs_only():
+    from types import SimpleNamespace
+
+    from vtoken.loading import to_model
+
+    model = SimpleNamespace(device=torch.device("cpu"), dtype=torch.bfloat16)
+    inputs = {"input_ids": torch.ones(1, 3, dtype=torch.long), "pixel_values": torch.ones(1, 3, 2, 2)}
+    moved = to_model(inputs, model)
+    assert moved["input_ids"].dtype == torch.long and moved["pixel_values"].dtype == torch.bfloat16
