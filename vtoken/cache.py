@@ -36,9 +36,25 @@ class PrunableLayer(DynamicLayer):
         super().__init__(**kwargs)
         self.positions: Tensor | None = None
         self.logical_length = 0
-        self.is_dense = True  # holds exactly positions 0..logical_length-1 (nothing dropped)
-        self.has_padding = False  # some rows hold padding slots (ragged drops)
+        self._dense: bool | None = True  # cached is_dense (None: not known since the last change)
+        self._padded: bool | None = False  # cached has_padding
         self._incoming: tuple[Tensor, int] | None = None
+
+    # Both flags read the positions on the host: they are computed when first asked for after a
+    # change (in the next decode step), so prefill and eviction run without a device sync.
+    @property
+    def is_dense(self) -> bool:
+        """Whether the layer holds exactly positions ``0 .. logical_length - 1`` (nothing dropped)."""
+        if self._dense is None:
+            self._dense = self.positions is None or _is_range(self.positions, 0, self.logical_length)
+        return self._dense
+
+    @property
+    def has_padding(self) -> bool:
+        """Whether some rows hold padding slots (after ragged drops)."""
+        if self._padded is None:
+            self._padded = self.positions is not None and bool((self.positions == PAD).any())
+        return self._padded
 
     def expect(self, positions: Tensor, logical_added: int) -> None:
         """Declare the logical positions ``(B, n)`` of the next ``update``'s ``n`` entries, and how
@@ -51,9 +67,10 @@ class PrunableLayer(DynamicLayer):
         if self._incoming is not None:
             positions, added = self._incoming
             self._incoming = None
-            self.is_dense = self.is_dense and _is_range(positions, self.logical_length, added)
-            self.has_padding = self.has_padding or bool((positions == PAD).any())
-        else:
+            # dropping or padding, once present, stays; otherwise it is recomputed when asked for
+            self._dense = False if self._dense is False else None
+            self._padded = True if self._padded else None
+        else:  # the next logical positions: denseness and padding do not change
             start = torch.arange(n, device=key_states.device) + self.logical_length
             positions, added = start.expand(key_states.shape[0], n), n
         keys, values = super().update(key_states, value_states)
@@ -65,20 +82,23 @@ class PrunableLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.logical_length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query: int | Tensor) -> tuple[int, int]:
+        """``(kv_length, kv_offset)`` of the mask; ``query`` is the query length (transformers >= 5.23)
+        or the step's ``cache_position`` tensor (earlier releases)."""
+        query_length = query if isinstance(query, int) else query.shape[0]
         return self.logical_length + query_length, 0
 
     @property
     def physical_length(self) -> int:
         return 0 if self.keys is None or not self.is_initialized else self.keys.shape[-2]
 
-    def crop(self, tokens_to_remove: int) -> None:
-        """Remove the last ``-tokens_to_remove`` *logical* tokens (transformers' rollback)."""
-        if tokens_to_remove > 0:
-            raise ValueError("crop takes a negative count of logical tokens to remove.")
-        if tokens_to_remove == 0 or self.positions is None:
+    def crop(self, length: int) -> None:
+        """Roll back in *logical* tokens (transformers' rollback): ``length <= 0`` removes the last
+        ``-length`` tokens (transformers >= 5.23); ``length > 0`` keeps the first ``length``
+        (earlier releases pass the new length)."""
+        target = self.logical_length + length if length <= 0 else min(length, self.logical_length)
+        if target == self.logical_length or self.positions is None:
             return
-        target = self.logical_length + tokens_to_remove
         self.evict(self.positions < target)
         self.logical_length = target
 
@@ -91,8 +111,7 @@ class PrunableLayer(DynamicLayer):
         self.keys = gather_tokens(self.keys, index, dim=2)
         self.values = gather_tokens(self.values, index, dim=2)
         self.positions = self.positions.gather(-1, index).masked_fill(pad, PAD)
-        self.is_dense = _is_range(self.positions, 0, self.logical_length)
-        self.has_padding = bool(pad.any())
+        self._dense = self._padded = None
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
@@ -112,7 +131,7 @@ class PrunableLayer(DynamicLayer):
     def reset(self) -> None:
         super().reset()
         self.positions, self.logical_length, self._incoming = None, 0, None
-        self.is_dense, self.has_padding = True, False
+        self._dense, self._padded = True, False
 
     def nbytes(self) -> int:
         """Bytes of the key and value tensors held."""

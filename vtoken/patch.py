@@ -86,13 +86,15 @@ def _register(interface: type, key: str, fn: Callable[..., Any], undo: list) -> 
     undo.append(lambda: table.pop(key) if old is _MISSING else table.__setitem__(key, old))
 
 
-def attention_snapshot(config: Any) -> dict[str, Any]:
-    """Nested ``{"": impl, sub_config: {...}}`` of every config's attention implementation."""
-    snap: dict[str, Any] = {"": config._attn_implementation}
+def attention_snapshot(config: Any) -> dict[str, str]:
+    """``{"": impl, sub_config: impl, ...}``: the attention implementation of a model and of each of
+    its sub-models, in the form ``set_attn_implementation`` accepts on every supported release
+    (transformers 5.2 takes one level of sub-configs, with plain names)."""
+    snap = {"": config._attn_implementation}
     for key in getattr(config, "sub_configs", {}):
         sub = getattr(config, key, None)
         if sub is not None:
-            snap[key] = attention_snapshot(sub)
+            snap[key] = sub._attn_implementation
     return snap
 
 

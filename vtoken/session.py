@@ -21,6 +21,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from vtoken.cache import VTokenCache
+from vtoken.compat import cache_argument, find_cache, pop_cache
 from vtoken.config import PluginConfig
 from vtoken.errors import AlreadyAttachedError, UnsupportedInputError, UnsupportedModelError
 from vtoken.families import ModelParts, locate_parts
@@ -75,6 +76,7 @@ class Session:
         self.runtime: TokenRuntime | None = None
         self._prompt_started = False
         self._forward_params = list(inspect.signature(model.forward).parameters)
+        self._cache_arg = cache_argument(model.forward)
         for plugin in self.plugins:
             plugin.check_model(self.parts)
         self._check_static_default()
@@ -165,7 +167,7 @@ class Session:
         def generate(*args: Any, **kwargs: Any) -> Any:
             # transformers encodes images before the prefill forward: the prompt must be known first
             ids = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("input_ids")
-            cache = kwargs.get("past_key_values")
+            cache = find_cache(kwargs)
             if cache is None or cache.get_seq_length() == 0:  # else: continuing (assistant drafts)
                 self._start_prompt(ids, kwargs)
             try:
@@ -193,7 +195,9 @@ class Session:
     def _on_forward_start(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
         if args:  # bind positional arguments so every hook sees them by name
             kwargs = {**dict(zip(self._forward_params, args)), **kwargs}
-        cache = kwargs.get("past_key_values")
+        cache = pop_cache(kwargs)
+        if cache is not None:
+            kwargs[self._cache_arg] = cache
         if cache is not None and getattr(cache, "is_compileable", False):
             self._refuse_static(f"a {type(cache).__name__} was passed")
         past = cache.get_seq_length() if cache is not None else 0
@@ -209,7 +213,7 @@ class Session:
             self._swap_cache(kwargs)
         else:
             self.state.phase = "decode"
-        self.state.cache = kwargs.get("past_key_values")
+        self.state.cache = kwargs.get(self._cache_arg)
         self.recorder.on_forward_start()
         return (), kwargs
 
@@ -233,14 +237,14 @@ class Session:
     def _swap_cache(self, kwargs: dict) -> None:
         if kwargs.get("use_cache", True) is False:
             return
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get(self._cache_arg)
         if cache is None or type(cache) is DynamicCache:  # transformers' default: ours may replace it
             if self.runtime is not None:
-                kwargs["past_key_values"] = VTokenCache(self.model.config)
+                kwargs[self._cache_arg] = VTokenCache(self.model.config)
             for plugin in self.plugins:
                 made = plugin.make_cache(self.state)
                 if made is not None:
-                    kwargs["past_key_values"] = made
+                    kwargs[self._cache_arg] = made
 
     def _on_forward_end(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         try:
