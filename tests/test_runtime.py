@@ -31,15 +31,57 @@ def test_dropping_matches_masked_dense_reference(family, stages, attn, batch):
             positions = session.state.seq_positions
             gen = model.generate(**inputs, **GEN)
     dropped = int(sum(m.sum() for m in schedule.values()))
-    assert logits.shape[1] < ref_logits.shape[1] and dropped > 0
+    assert logits.shape == ref_logits.shape and dropped > 0  # full length, as without vtoken
     # prefill: every kept, real (not batch padding) token's logits equal the reference at its position
-    real = (positions != -1) & inputs["attention_mask"].bool().gather(1, positions.clamp(min=0))
-    ref_at_kept = ref_logits.gather(1, positions.clamp(min=0)[..., None].expand(-1, -1, ref_logits.shape[-1]))
-    assert (ref_at_kept - logits).abs()[real].max() < 1e-4
+    kept = torch.zeros(inputs["input_ids"].shape, dtype=torch.bool).scatter(
+        1, positions.clamp(min=0), positions != -1
+    )
+    real = kept & inputs["attention_mask"].bool()
+    assert (ref_logits - logits).abs()[real].max() < 1e-4
+    # every text token is kept; a dropped token's logits are those of a zero final hidden state
+    assert kept[inputs["attention_mask"].bool() & ~_visual(model, inputs)].all()
+    zero_logits = model.lm_head(torch.zeros(model.config.get_text_config().hidden_size))
+    assert torch.equal(logits[~kept], zero_logits.expand(int((~kept).sum()), -1))
     # generate: the prefill's last logits and 5 decode steps
     assert torch.equal(gen.sequences, ref_gen.sequences)
     for step, ref_step in zip(gen.logits, ref_gen.logits, strict=True):
         assert (step - ref_step).abs().max() < 1e-4
+
+
+def _visual(model, inputs) -> torch.Tensor:
+    """``(B, L)`` True on the prompt's visual tokens."""
+    ids = inputs["input_ids"]
+    return torch.isin(ids, torch.tensor(vtoken.locate_parts(model).image_token_ids))
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("stages", [(0,), (1, 3)], ids=["K=0", "two-stage"])
+def test_hidden_states_and_labels_loss_match_the_reference(family, stages):
+    """Full-length outputs: per-layer hidden states at kept positions and the loss with labels
+    (visual tokens and the token after each image run masked) equal the masked reference."""
+    model, processor = tiny(family, "eager")
+    inputs = make_inputs(family, processor, batch=True)
+    labels = inputs["input_ids"].masked_fill(~inputs["attention_mask"].bool() | _visual(model, inputs), -100)
+    visual = _visual(model, inputs)
+    labels[:, 1:] = labels[:, 1:].masked_fill(visual[:, :-1], -100)  # predicted from a visual token
+    schedule = schedule_for(model, inputs, stages)
+    with torch.no_grad():
+        with masked_reference(model, schedule):
+            ref = model(**inputs, labels=labels, output_hidden_states=True)
+        with vtoken.attach(model, FixedDrop(schedule)) as session:
+            out = model(**inputs, labels=labels, output_hidden_states=True)
+            processed = dict(session.state.layer_positions)
+    assert abs(out.loss - ref.loss) < 1e-5
+    assert len(out.hidden_states) == len(ref.hidden_states)
+    for i, (hidden, ref_hidden) in enumerate(zip(out.hidden_states, ref.hidden_states)):
+        assert hidden.shape == ref_hidden.shape
+        positions = processed[max(i - 1, 0)]
+        if positions is None:
+            continue
+        at = positions.clamp(min=0)[..., None].expand(-1, -1, hidden.shape[-1])
+        real = (positions != -1) & inputs["attention_mask"].bool().gather(1, positions.clamp(min=0))
+        ours, theirs = hidden.gather(1, at)[real], ref_hidden.gather(1, at)[real]
+        assert (ours - theirs).abs().max() < 1e-5 * theirs.abs().max()  # fp32 relative error
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
@@ -58,7 +100,8 @@ def test_assisted_decoding_on_a_pruned_cache_equals_greedy(family, stages):
     inputs = make_inputs(family, processor, batch=False)
     schedule = schedule_for(model, inputs, stages)
     # random weights can emit image placeholders, which a verify forward would treat as images
-    options = dict(max_new_tokens=16, do_sample=False, bad_words_ids=[[processor.image_token_id]])
+    placeholders = [[i] for i in vtoken.locate_parts(model).image_token_ids]
+    options = dict(max_new_tokens=16, do_sample=False, bad_words_ids=placeholders)
     query_lengths = []
     handle = model.register_forward_pre_hook(
         lambda m, a, k: query_lengths.append(k["input_ids"].shape[1]), with_kwargs=True

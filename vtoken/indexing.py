@@ -17,7 +17,9 @@ def left_pack(keep: Tensor) -> tuple[Tensor, Tensor]:
         ``pad`` ``(B, W)`` bool, True on padding slots; ``W`` is the largest row count.
     """
     counts = keep.sum(-1)
-    width = int(counts.max()) if keep.numel() else 0
+    # the one host sync, the output width: ``item()``, unlike ``int()``, also traces under fake
+    # tensors (the width becomes a symbol)
+    width = counts.max().item() if counts.numel() else 0
     # a stable sort on the keep flag puts dropped entries first and kept ones last, in order
     order = torch.sort(keep.to(torch.int8), dim=-1, stable=True).indices
     index = order[:, order.shape[-1] - width :]
@@ -41,3 +43,20 @@ def gather_tokens(x: Tensor, index: Tensor, dim: int, batch_dim: int = 0) -> Ten
     target = list(x.shape)
     target[dim] = index.shape[1]
     return x.gather(dim, index.view(view).expand(target))
+
+
+def scatter_tokens(x: Tensor, positions: Tensor, length: int) -> Tensor:
+    """Put per-row tokens back at their original positions of a ``length``-token sequence.
+
+    Args:
+        x: ``(B, W, D)`` tokens.
+        positions: ``(B, W)`` original position of each token (``-1`` on padding slots, dropped).
+        length: the full sequence length ``L``.
+
+    Returns:
+        ``(B, L, D)``: ``x`` at ``positions``, zeros at every position no token fills.
+    """
+    index = positions.masked_fill(positions < 0, length).to(x.device)  # padding -> a spare slot
+    full = x.new_zeros(x.shape[0], length + 1, x.shape[-1])
+    full.scatter_(1, index[..., None].expand(-1, -1, x.shape[-1]), x)
+    return full[:, :length]

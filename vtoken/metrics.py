@@ -153,6 +153,13 @@ class Recorder:
             torch.cuda.reset_peak_memory_stats(gpu)
         self._t0["prompt"] = self._now()
 
+    def on_expand(self, factor: int) -> None:
+        """``generate`` repeated each prompt row ``factor`` times before the prefill (beam search,
+        ``num_return_sequences``): the language model runs on every row, the vision tower ran once."""
+        if self._report is not None:
+            self._report.batch_size *= factor
+            self._report.visual_tokens *= factor
+
     def on_forward_start(self) -> None:
         """Called by the session at the start of every model forward."""
         self._t0["forward"] = self._now()

@@ -11,12 +11,19 @@ pre-hook so that the dropped tokens simply do not exist there:
   in decode / extend / verify steps to the entries that layer's cache really holds;
 - the :class:`~vtoken.cache.VTokenCache` is told which logical positions it stores.
 
+The language model's outputs are put back at the prompt's full length after a pruned prefill, so
+``logits``, ``hidden_states`` and a loss with ``labels`` line up with ``input_ids`` as without vtoken.
+A dropped token's entries are zeros from the layer it was dropped at on: its hidden states there are
+zero vectors and its logits those of a zero final hidden state (all zeros for a bias-free LM head).
+Mask such positions in ``labels`` (visual tokens are never targets: ``-100``).
+
 Rows of a batch may keep different counts: shorter rows are left-padded with slots that are masked
 out as keys and attend only to themselves (so they never produce NaNs).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +32,7 @@ from torch import Tensor, nn
 
 from vtoken.cache import PAD, VTokenCache
 from vtoken.errors import UnsupportedInputError
-from vtoken.indexing import gather_tokens, left_pack
+from vtoken.indexing import gather_tokens, left_pack, scatter_tokens
 from vtoken.state import RunState
 
 if TYPE_CHECKING:
@@ -73,10 +80,12 @@ class PruneView:
         """``(B, N)`` the vision encoder's importance of each visual token present (needs
         :meth:`Plugin.wants_vision_scores`)."""
         flat = self.state.vision_probe.token_scores(self.state.image_inputs)
-        layout, length = self.state.layout, self.state.query_length
-        table = torch.zeros(layout.positions.shape[0], length + 1, device=flat.device)
-        rows, cols = layout.mask.nonzero(as_tuple=True)  # row-major: the order features are scattered
-        table[rows, layout.positions[rows, cols]] = flat
+        step, length = self.state.expansion, self.state.query_length
+        positions = self.state.layout.positions[::step]  # images were encoded once per prompt row
+        table = torch.zeros(positions.shape[0], length + 1, device=flat.device)
+        rows, cols = (positions >= 0).nonzero(as_tuple=True)  # row-major: the order of the features
+        table[rows, positions[rows, cols]] = flat
+        table = table.repeat_interleave(step, dim=0)
         return table.gather(1, self.visual_positions.clamp(min=0).to(flat.device))
 
     @property
@@ -91,6 +100,7 @@ class TokenRuntime:
     def __init__(self, session: Session, pruners: list[Plugin]) -> None:
         self.session, self.state, self.pruners = session, session.state, pruners
         self.decisions: dict[int, list[Plugin]] = {}
+        self._warned_no_visual = False
         for plugin in pruners:
             for layer in plugin.prune_layers():
                 if not 0 <= layer < session.parts.num_layers:
@@ -110,6 +120,7 @@ class TokenRuntime:
         self.eager = impl == "eager"
         for idx, layer in enumerate(session.parts.layers):
             session.patcher.pre_hook(layer, self._layer_hook(idx))
+        session.patcher.post_hook(session.parts.language_model, self._restore_length)
 
     # -- hooks -----------------------------------------------------------------------------------
     def _layer_hook(self, layer_idx: int):
@@ -135,13 +146,34 @@ class TokenRuntime:
             self._fix_prefill_inputs(layer_idx, positions, kwargs)
         return (hidden, *args[1:]), kwargs
 
+    def _restore_length(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        """After a pruned prefill: the decoder stack's hidden states at the full prompt length.
+
+        ``output.hidden_states[i]`` (when asked for) is the input of layer ``i`` for ``i = 0`` and
+        the output of layer ``i - 1`` after that, the last one being ``last_hidden_state``.
+        """
+        if self.state.phase != "prefill" or self.state.seq_positions is None:
+            return None
+        length, processed = self.state.query_length, self.state.layer_positions
+        output.last_hidden_state = scatter_tokens(output.last_hidden_state, self.state.seq_positions, length)
+        if getattr(output, "hidden_states", None) is not None:
+            full = []
+            for i, hidden in enumerate(output.hidden_states):
+                positions = processed.get(max(i - 1, 0))
+                full.append(hidden if positions is None else scatter_tokens(hidden, positions, length))
+            output.hidden_states = (*full[:-1], output.last_hidden_state)
+        return output
+
     def _decide(self, layer_idx: int, hidden: Tensor) -> Tensor:
         """Ask the plugins deciding at this layer; gather the kept tokens."""
         positions = self._current_positions(hidden)
-        prompt_visual = self.state.layout.is_visual(self.state.query_length).to(positions.device)
-        is_visual = prompt_visual.gather(-1, positions.clamp(min=0)) & (positions != PAD)
+        last = self.state.query_length - 1  # its logits give the first generated token: never dropped
+        prompt_visual = self.state.layout.is_visual(last).to(positions.device)
+        is_visual = prompt_visual.gather(-1, positions.clamp(min=0, max=last - 1)) & (positions != PAD)
+        is_visual &= positions < last
         visual, visual_pad = left_pack(is_visual)
         if visual.shape[1] == 0:  # text-only prompt: nothing to choose from
+            self._warn_no_visual()
             return hidden
         view = PruneView(layer_idx, hidden, positions, visual, visual_pad, self.state)
         keep_visual = ~visual_pad
@@ -156,6 +188,16 @@ class TokenRuntime:
         index, pad = left_pack((positions != PAD) & ~drop)
         self.state.seq_positions = positions.gather(-1, index).masked_fill(pad, PAD)
         return gather_tokens(hidden, index, dim=1)
+
+    def _warn_no_visual(self) -> None:
+        if not self._warned_no_visual:
+            self._warned_no_visual = True
+            ids = ", ".join(map(str, self.session.parts.image_token_ids))
+            warnings.warn(
+                f"No visual token (placeholder ids {ids}) in the prompt: it runs unpruned. Pass images "
+                "through the model's processor so that input_ids hold its image tokens. (Warned once.)",
+                stacklevel=2,
+            )
 
     def _merge(self, layer_idx: int, view: PruneView, keep: Tensor) -> Tensor:
         """Let plugins rewrite the kept visual tokens' hidden states (padding entries untouched)."""

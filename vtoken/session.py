@@ -21,6 +21,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from vtoken.cache import VTokenCache
+from vtoken.checks import check_continuation, check_labels, expansion_factor
 from vtoken.compat import cache_argument, find_cache, pop_cache
 from vtoken.config import PluginConfig
 from vtoken.errors import AlreadyAttachedError, UnsupportedInputError, UnsupportedModelError
@@ -207,11 +208,17 @@ class Session:
         if past == 0:
             if not self._prompt_started:
                 self._start_prompt(ids, kwargs)
+            elif ids is not None and ids.shape[0] != self.state.prompt_ids.shape[0]:
+                self._expand_prompt(ids)
             self._prompt_started = False
             self.state.phase = "prefill"
             self.state.prompt_mask = kwargs.get("attention_mask")
+            if self.runtime is not None:
+                check_labels(kwargs.get("labels"), self.state.layout)
             self._swap_cache(kwargs)
         else:
+            if self.runtime is not None:
+                check_continuation(ids, self.parts.image_token_ids)
             self.state.phase = "decode"
         self.state.cache = kwargs.get(self._cache_arg)
         self.recorder.on_forward_start()
@@ -233,6 +240,14 @@ class Session:
         self.recorder.on_prompt_start(inputs)
         for plugin in self.plugins:
             plugin.reset(self.state)
+
+    def _expand_prompt(self, ids: torch.Tensor) -> None:
+        """generate() repeated each prompt row (beam search, ``num_return_sequences``) after the
+        prompt started: the prefill's rows are the truth from here on."""
+        factor = expansion_factor(ids, self.state.prompt_ids)
+        self.state.prompt_ids, self.state.expansion = ids, factor
+        self.state.layout = VisualLayout.from_input_ids(ids, self.parts.image_token_ids, self.parts.tokens_per_image)
+        self.recorder.on_expand(factor)
 
     def _swap_cache(self, kwargs: dict) -> None:
         if kwargs.get("use_cache", True) is False:

@@ -26,6 +26,8 @@ class RunState:
         query_length: tokens fed to the model in the call in flight.
         past_length: tokens already in the cache when the call started (logical count).
         decode_steps: decode forwards since the last prefill.
+        expansion: how many rows of the prefill repeat each prompt row (``generate`` repeats them
+            for beam search and ``num_return_sequences``; images are encoded before, once per row).
         cache: the cache of the call in flight (``None`` without one).
         prompt_mask: ``(B, L)`` 2-D attention mask of the last prefill (1 = real token).
         image_inputs: the prompt's image-shape inputs (``image_sizes``, ``image_grid_thw``, ...).
@@ -46,6 +48,7 @@ class RunState:
     query_length: int = 0
     past_length: int = 0
     decode_steps: int = 0
+    expansion: int = 1
     cache: Any = None
     prompt_mask: Tensor | None = None
     image_inputs: dict[str, Any] = field(default_factory=dict)
@@ -60,7 +63,7 @@ class RunState:
     def start_prompt(self, prompt_ids: Tensor | None, layout: VisualLayout | None) -> None:
         """A new prompt begins (before its images are encoded and its prefill runs)."""
         self.prompt_ids, self.layout = prompt_ids, layout
-        self.decode_steps = 0
+        self.decode_steps, self.expansion = 0, 1
         self.seq_positions = None
         for table in (self.layer_tokens, self.layer_visual, self.layer_positions, self.probes, self.extras):
             table.clear()
