@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import image, make_inputs, tiny
 from oracle import FixedDrop, masked_reference, schedule_for
+from vtoken_plugins.token_pruning import TokenPruning
 
 import vtoken
 from vtoken.tiny import TINY_FAMILIES, tiny_prompt
-from vtoken_plugins.token_pruning import TokenPruning
 
 FAMILIES = ("llava", "qwen2_vl", "idefics3", "paligemma")
 
@@ -56,9 +56,10 @@ def test_expanding_modes_match_the_masked_reference(family, mode):
     """Beam search and several returned sequences repeat each prompt row inside generate()."""
     model, processor = tiny(family, "eager")
     inputs = make_inputs(family, processor, batch=True)
-    k = max(mode.get("num_beams", 1), mode["num_return_sequences"] if "num_return_sequences" in mode else 1)
+    k = max(mode.get("num_beams", 1), mode.get("num_return_sequences", 1))
     schedule = _repeated(schedule_for(model, inputs, (1, 3)), k)
-    ref, out = _both(model, schedule, **inputs, **mode, max_new_tokens=5, bad_words_ids=_no_placeholders(model))
+    options = dict(max_new_tokens=5, bad_words_ids=_no_placeholders(model))
+    ref, out = _both(model, schedule, **inputs, **mode, **options)
     assert out.sequences.shape[0] == inputs["input_ids"].shape[0] * mode.get("num_return_sequences", 1)
     assert torch.equal(out.sequences, ref.sequences)
     for step, ref_step in zip(out.logits, ref.logits, strict=True):
@@ -129,9 +130,8 @@ def test_a_continuation_with_new_images_is_refused():
 def test_paligemma_processor_labels_give_the_reference_loss():
     """``model(**processor(images, text, suffix=...))``: PaliGemma's processor returns labels."""
     model, processor = tiny("paligemma", "eager")
-    inputs = processor(
-        images=[[image(0, 40, 56)]], text=[tiny_prompt("paligemma")], suffix=["red square"], return_tensors="pt"
-    )
+    text, suffix = [tiny_prompt("paligemma")], ["red square"]
+    inputs = processor(images=[[image(0, 40, 56)]], text=text, suffix=suffix, return_tensors="pt")
     schedule = schedule_for(model, inputs, (1,))
     with torch.no_grad():
         with masked_reference(model, schedule):

@@ -50,8 +50,9 @@ def expansion_factor(ids: Tensor, prompt_ids: Tensor) -> int:
     """How many times ``generate`` repeated each prompt row into ``ids`` (beam search,
     ``num_return_sequences``); raises if ``ids`` ``(B*k, L)`` is not ``prompt_ids`` ``(B, L)``
     with each row repeated ``k`` times."""
-    factor = ids.shape[0] // max(prompt_ids.shape[0], 1)
-    if factor * prompt_ids.shape[0] != ids.shape[0] or not torch.equal(ids[::factor], prompt_ids.to(ids.device)):
+    rows = prompt_ids.shape[0]
+    factor = ids.shape[0] // max(rows, 1)
+    if factor * rows != ids.shape[0] or not torch.equal(ids[::factor], prompt_ids.to(ids.device)):
         raise UnsupportedInputError(
             f"The prefill got {ids.shape[0]} rows that are not the {prompt_ids.shape[0]} prompt rows "
             "generate() started with, each repeated: pass the same input_ids to generate() that you "

@@ -233,7 +233,7 @@ class Session:
                 "(with pixel_values), not inputs_embeds."
             )
         if ids is not None:
-            layout = VisualLayout.from_input_ids(ids, self.parts.image_token_ids, self.parts.tokens_per_image)
+            layout = self._layout(ids)
         self.state.start_prompt(ids, layout)
         self.state.image_inputs = {k: inputs[k] for k in IMAGE_INPUTS if inputs.get(k) is not None}
         self._prompt_started = True
@@ -246,8 +246,11 @@ class Session:
         prompt started: the prefill's rows are the truth from here on."""
         factor = expansion_factor(ids, self.state.prompt_ids)
         self.state.prompt_ids, self.state.expansion = ids, factor
-        self.state.layout = VisualLayout.from_input_ids(ids, self.parts.image_token_ids, self.parts.tokens_per_image)
+        self.state.layout = self._layout(ids)
         self.recorder.on_expand(factor)
+
+    def _layout(self, ids: torch.Tensor) -> VisualLayout:
+        return VisualLayout.from_input_ids(ids, self.parts.image_token_ids, self.parts.tokens_per_image)
 
     def _swap_cache(self, kwargs: dict) -> None:
         if kwargs.get("use_cache", True) is False:
