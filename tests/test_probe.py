@@ -25,7 +25,7 @@ class Recorder(vtoken.Plugin):
         self.specs, self.schedule = specs, schedule or {}
 
     def probes(self):
-        return self.specs
+        return tuple(self.specs.items())
 
     def prune_layers(self):
         return tuple(self.schedule)

@@ -124,10 +124,11 @@ class Plugin:
         [CLS] / global attention per visual token, see :mod:`vtoken.vision_probe`)."""
         return False
 
-    def probes(self) -> dict[int, ProbeSpec]:
-        """Attention rows to capture in prefill, by layer; read them in :meth:`select` from
-        ``view.state.probes[(layer, spec)]`` (a :class:`~vtoken.probe.Probe`)."""
-        return {}
+    def probes(self) -> tuple[tuple[int, ProbeSpec], ...]:
+        """Attention rows to capture in prefill, as ``(layer, spec)`` requests; read them in
+        :meth:`select` from ``view.state.probes[(layer, spec)]`` (a :class:`~vtoken.probe.Probe`).
+        Several specs may share a layer (and several plugins a request: it is captured once)."""
+        return ()
 
     def transform_visual(self, features: Tensor, state: RunState) -> Tensor:
         """Rewrite the visual tokens leaving the projector.

@@ -144,7 +144,7 @@ class Session:
         self.recorder.attach(self.patcher)
         pruners = [p for p in self.plugins if p.prunes]
         self.runtime = TokenRuntime(self, pruners) if pruners else None
-        specs = {key: None for p in self.plugins for key in p.probes().items()}
+        specs = {request: None for p in self.plugins for request in p.probes()}  # ordered, distinct
         if specs:
             LanguageProbes(self, list(specs))
         if any(p.wants_vision_scores() for p in self.plugins):

@@ -38,7 +38,7 @@ class RunState:
         layer_visual: visual tokens present at each decoder layer in the last prefill (all rows).
         layer_positions: ``(B, T)`` original prompt positions each decoder layer processed in the
             last prefill (``PAD`` on padding slots), ``None`` for a layer that saw the whole prompt.
-        probes: attention rows captured in the last prefill, by layer (see ``vtoken.probe``).
+        probes: attention rows captured in the last forward, by ``(layer, spec)`` (see ``vtoken.probe``).
         extras: scratch space for plugins, cleared at every prefill.
     """
 
@@ -57,7 +57,7 @@ class RunState:
     layer_tokens: dict[int, int] = field(default_factory=dict)
     layer_visual: dict[int, int] = field(default_factory=dict)
     layer_positions: dict[int, Tensor | None] = field(default_factory=dict)
-    probes: dict[int, Any] = field(default_factory=dict)
+    probes: dict[tuple[int, Any], Any] = field(default_factory=dict)
     extras: dict[str, object] = field(default_factory=dict)
 
     def start_prompt(self, prompt_ids: Tensor | None, layout: VisualLayout | None) -> None:

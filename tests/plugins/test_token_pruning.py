@@ -213,6 +213,20 @@ def test_decode_thinning_off_is_exact():
     assert all(torch.equal(a, b) for a, b in zip(outputs[0].logits, outputs[1].logits, strict=True))
 
 
+@pytest.mark.parametrize("scorer", ["fastv", "text_guided"])
+def test_decode_thinning_leaves_the_prefill_choice_unchanged(scorer):
+    """The decode probe (last token, every step) and the scorer's probe share a layer: both are
+    captured, so text_guided stays text_guided with thinning on."""
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=True)
+    kept = []
+    for thinning in (1.0, 0.5):
+        with vtoken.attach(model, TokenPruning(scorer=scorer, decode_keep_ratio=thinning)) as session:
+            model.generate(**inputs, max_new_tokens=3, do_sample=False)
+            kept.append(session.state.layer_positions[2])
+    assert torch.equal(kept[0], kept[1])
+
+
 def test_decode_thinning_needs_an_earlier_layer():
     with pytest.raises(vtoken.ConfigError, match="decode_\\*_ratio is below 1"):
         TokenPruningConfig(scorer="random", layers=(0,), decode_keep_ratio=0.5)

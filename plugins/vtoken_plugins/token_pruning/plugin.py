@@ -66,13 +66,13 @@ class TokenPruning(Plugin):
     def prune_layers(self) -> tuple[int, ...]:
         return () if self.config.keeps_everything else self.config.layers
 
-    def probes(self) -> dict[int, ProbeSpec]:
-        wanted = {}
+    def probes(self) -> tuple[tuple[int, ProbeSpec], ...]:
+        wanted = ()
         if self.scorer.probe is not None and not self.config.keeps_everything:
-            wanted = {layer - 1: self.scorer.probe for layer in self.config.layers}
+            wanted = tuple((layer - 1, self.scorer.probe) for layer in self.config.layers)
         if self.config.thins_decode and self.config.decode_rule == "attention":
-            # the same last-token rows in prefill, and also captured in decode steps
-            wanted[self.config.layers[0] - 1] = DECODE_PROBE
+            # the last token's rows in every decode step, beside the scorer's prefill rows
+            wanted += ((self.config.layers[0] - 1, DECODE_PROBE),)
         return wanted
 
     def setup(self, session) -> None:
@@ -96,7 +96,7 @@ class TokenPruning(Plugin):
             self.thinning.after_decode(state)
 
     def select(self, layer_idx: int, view: PruneView) -> Tensor:
-        spec = self.probes().get(layer_idx - 1) if self.scorer.probe is not None else None
+        spec = self.scorer.probe
         probe = view.state.probes[(layer_idx - 1, spec)] if spec is not None else None
         return self.scorer.select(view, self.budget(layer_idx, view), probe)
 
