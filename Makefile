@@ -1,12 +1,12 @@
 # vtoken: `make run` benchmarks every plugin against the unplugged model (quick); `make test` runs the suite;
-# `make demo` starts the Gradio demo app.
+# `make demo` starts the Gradio demo app; `make gpu-check` runs the checks a CUDA machine must confirm.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test test-slow lint constraints clean
+.PHONY: install run demo test gpu-check lint constraints clean
 
 install: $(STAMP)
 
@@ -25,8 +25,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-test-slow: $(STAMP)
-	$(PY) -m pytest -q -m slow
+gpu-check: $(STAMP)
+	$(PY) -m vtoken.bench.gpu_check
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check vtoken plugins tests demos

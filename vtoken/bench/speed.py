@@ -227,11 +227,28 @@ def run_speed_all(
     A plugin that cannot attach to the benchmark model (e.g. learned predictors trained for another
     model) is left out of the result with a log message.
     """
-    device = speed_device(device)
+    model, inputs = build_on(shape, device, dtype)
+    return time_plugins(model, inputs, plugins, shape, repeats, warmup)
+
+
+def build_on(shape: SpeedShape, device: str = "cpu", dtype: str = "auto"):
+    """``(model, inputs)`` of :func:`build_model` and :func:`build_inputs`, both on ``device``
+    (see :func:`speed_device`) in ``dtype`` (``"auto"``: float32)."""
     dtype = resolve_dtype(dtype)
-    dtype = torch.float32 if dtype == "auto" else dtype
-    model = build_model(shape, device=device, dtype=dtype)
-    inputs = to_model(build_inputs(shape), model)
+    model = build_model(shape, device=speed_device(device), dtype=torch.float32 if dtype == "auto" else dtype)
+    return model, to_model(build_inputs(shape), model)
+
+
+def time_plugins(
+    model,
+    inputs: dict,
+    plugins: dict[str, vtoken.Plugin],
+    shape: SpeedShape,
+    repeats: int = 5,
+    warmup: int = 1,
+) -> dict[str, SpeedResult]:
+    """Time each of ``plugins`` (by label) against the unplugged ``model`` on ``inputs``; a plugin
+    that cannot attach is left out with a log message."""
     results = {}
     for label, plugin in tqdm(plugins.items(), desc="speed bench", leave=False):
         try:
