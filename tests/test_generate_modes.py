@@ -83,6 +83,28 @@ def test_beam_search_with_a_real_scorer_keeps_the_greedy_prompts_tokens(family, 
     assert torch.equal(beams, greedy.repeat_interleave(2, dim=0))
 
 
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_prompt_lookup_decoding_equals_greedy(family):
+    """Prompt-lookup drafts come from the prompt (image placeholders included) and are verified
+    several at a time against the pruned cache; greedy's tokens must not change."""
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, batch=False)
+    options = dict(max_new_tokens=12, do_sample=False)
+    queries = []
+    count = model.register_forward_pre_hook(
+        lambda m, a, k: queries.append(k["input_ids"].shape[1]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad(), vtoken.attach(model, TokenPruning(keep_ratio=0.5)):
+            greedy = model.generate(**inputs, **options)
+            queries.clear()
+            lookup = model.generate(**inputs, **options, prompt_lookup_num_tokens=3)
+    finally:
+        count.remove()
+    assert torch.equal(greedy, lookup)
+    assert max(queries[1:]) > 1, "some verify forward should check drafted tokens"
+
+
 def _second_turn(processor, first, question: str) -> dict[str, torch.Tensor]:
     """The first call's sequences followed by a new question (text only)."""
     new = processor.tokenizer([question] * first.shape[0], return_tensors="pt", add_special_tokens=False)

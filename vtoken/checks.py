@@ -12,6 +12,7 @@ from vtoken.errors import UnsupportedInputError
 from vtoken.layout import VisualLayout
 
 IGNORE_INDEX = -100  # transformers' label for "no loss here"
+IMAGE_CARRIERS = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")  # a call's new images
 
 
 def check_labels(labels: Tensor | None, layout: VisualLayout | None) -> None:
@@ -34,9 +35,16 @@ def check_labels(labels: Tensor | None, layout: VisualLayout | None) -> None:
         )
 
 
-def check_continuation(ids: Tensor | None, image_token_ids: tuple[int, ...]) -> None:
-    """Refuse new image placeholders ``ids`` ``(B, q)`` fed after the prompt (a later chat turn)."""
-    if ids is None or ids.shape[-1] < 2:
+def check_continuation(inputs: dict, image_token_ids: tuple[int, ...]) -> None:
+    """Refuse new images in a forward that continues from a cache (a later chat turn).
+
+    Placeholder ids alone are fine (prompt-lookup decoding may draft them from the prompt); with
+    images attached (``IMAGE_CARRIERS``), they would add visual tokens the prompt's drop decision
+    never saw.
+    """
+    ids = inputs.get("input_ids")
+    carried = [inputs.get(name) for name in IMAGE_CARRIERS]
+    if ids is None or all(value is None or value == {} for value in carried):
         return
     if bool(torch.isin(ids, torch.tensor(image_token_ids, device=ids.device)).any()):
         raise UnsupportedInputError(

@@ -218,7 +218,7 @@ class Session:
             self._swap_cache(kwargs)
         else:
             if self.runtime is not None:
-                check_continuation(ids, self.parts.image_token_ids)
+                check_continuation(kwargs, self.parts.image_token_ids)
             self.state.phase = "decode"
         self.state.cache = kwargs.get(self._cache_arg)
         self.recorder.on_forward_start()

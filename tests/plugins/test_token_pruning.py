@@ -146,6 +146,8 @@ def test_keep_tokens_budget_and_random_determinism():
         ({"layers": (3, 2)}, "distinct ascending"),
         ({"layers": (0,), "scorer": "fastv"}, "must start at 1"),
         ({"layers": (1, 2), "stage_ratios": (0.5,)}, "one ratio per entry"),
+        ({"layers": (1, 2), "stage_ratios": (0.5, 0.5), "keep_ratio": 0.5}, "set keep_ratio to 0.25"),
+        ({"layers": (1, 2), "stage_ratios": (0.5, 0.5), "keep_tokens": 8}, "give one of them"),
         ({"scorer": "magic"}, "scorer must be one of"),
     ],
 )

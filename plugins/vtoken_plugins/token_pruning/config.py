@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -37,7 +38,9 @@ class TokenPruningConfig(PluginConfig):
         layers: decoder layers at whose input tokens are dropped, ascending (one per stage). The
             attention scorers read the layer before each stage, so they need layers >= 1.
         stage_ratios: fraction of the visual tokens present kept at each stage (PyramidDrop-style,
-            Xing et al. 2024); defaults to an even geometric schedule reaching ``keep_ratio``.
+            Xing et al. 2024); defaults to an even geometric schedule reaching ``keep_ratio``. When
+            given, their product must equal ``keep_ratio`` (the share kept after the last stage), and
+            ``keep_tokens`` must be unset.
         pivots: number of pivot tokens for ``"diversity"``.
         contextual: for ``"cls"``, how many of each row's kept tokens are VisionZip contextual
             tokens (each the mean of similar dropped tokens) instead of dominant ones.
@@ -92,6 +95,7 @@ class TokenPruningConfig(PluginConfig):
                 )
             for ratio in self.stage_ratios:
                 check_range("token_pruning.stage_ratios[i]", ratio, 0.0, 1.0, low_inclusive=False)
+            self._check_stage_product()
         check_range("token_pruning.pivots", self.pivots, 1)
         check_range("token_pruning.contextual", self.contextual, 0)
         if self.scorer == "downsample" and (len(self.layers) > 1 or self.keep_tokens is not None):
@@ -107,6 +111,21 @@ class TokenPruningConfig(PluginConfig):
             raise ConfigError(
                 "Decode-time thinning reads attention at the layer before the first stage, so "
                 "token_pruning.layers must start at 1 or later when a decode_*_ratio is below 1."
+            )
+
+    def _check_stage_product(self) -> None:
+        """``stage_ratios`` and ``keep_ratio`` / ``keep_tokens`` must not say different things."""
+        product = math.prod(self.stage_ratios)
+        if self.keep_tokens is not None:
+            raise ConfigError(
+                "token_pruning.stage_ratios and token_pruning.keep_tokens both set the final budget: "
+                "give one of them."
+            )
+        if not math.isclose(product, self.keep_ratio, rel_tol=1e-6):
+            raise ConfigError(
+                f"token_pruning.stage_ratios {self.stage_ratios} keep {product:.6g} of the visual "
+                f"tokens in all, but token_pruning.keep_ratio is {self.keep_ratio}: set keep_ratio to "
+                f"{product:.6g} (the share kept after the last stage), or change stage_ratios."
             )
 
     def ratios(self) -> tuple[float, ...]:
