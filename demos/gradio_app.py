@@ -58,25 +58,29 @@ class Models:
     device: str = "cpu"
     dtype: str = "auto"
 
-    def load(self, spec: str):
+    def get(self, spec: str):
         """``(model, processor)`` of an offered ``spec`` (the last two stay loaded).
+
+        Raises:
+            vtoken.UnsupportedModelError: ``spec`` is not offered, or holds no loadable model.
+        """
+        if spec not in self.choices:
+            raise vtoken.UnsupportedModelError(
+                f"{spec!r} is not one of this demo's models; whoever starts the demo can offer a local "
+                "folder with --model or --allow-model-dir."
+            )
+        return _load(spec, self.device, self.dtype)
+
+    def load(self, spec: str):
+        """:meth:`get` for a visitor's request: any failure becomes a message, never a trace.
 
         Raises:
             gr.Error: ``spec`` is not offered, or cannot be loaded.
         """
-        if spec not in self.choices:
-            raise gr.Error(
-                f"{spec!r} is not one of this demo's models; whoever starts the demo can offer a local "
-                "folder with --model or --allow-model-dir."
-            )
         try:
-            return _load(spec, self.device, self.dtype)
+            return self.get(spec)
         except (vtoken.VTokenError, ValueError, OSError) as exc:
             raise gr.Error(str(exc)) from None
-
-    def num_layers(self, spec: str) -> int:
-        """Decoder layers of ``spec``'s language model."""
-        return vtoken.locate_parts(self.load(spec)[0]).num_layers
 
 
 def offered_models(model: str | None = None, allow_dirs: Sequence[str] = ()) -> tuple[str, ...]:
@@ -212,7 +216,7 @@ def redraw(layer: int, last) -> Image.Image | None:
 
 def layer_slider(models: Models, spec: str) -> gr.Slider:
     """The heatmap slider's range for ``spec``: its decoder layers, the last one selected."""
-    last = models.num_layers(spec) - 1
+    last = vtoken.locate_parts(models.load(spec)[0]).num_layers - 1
     return gr.Slider(minimum=0, maximum=last, value=last, step=1)
 
 
@@ -281,7 +285,7 @@ def build_demo(
             with gr.Column():
                 base = gr.Textbox(label="answer without plugins", elem_id="answer_base")
                 plugged = gr.Textbox(label="answer with plugins", elem_id="answer_plugged")
-                last = models.num_layers(default_model) - 1
+                last = vtoken.locate_parts(models.get(default_model)[0]).num_layers - 1
                 layer = gr.Slider(0, last, value=last, step=1, label="decoder layer of the heatmap")
                 heatmap = gr.Image(label="visual tokens kept (dropped patches dimmed)", elem_id="heatmap")
                 stats = gr.Dataframe(
@@ -295,6 +299,7 @@ def build_demo(
         outputs = [base, plugged, heatmap, stats, last]
         button.click(run, [model, image, question, layer, *values], outputs, api_name="ask")
         layer.change(redraw, [layer, last], heatmap, api_visibility="private")
+
         def slider_for(spec):
             return layer_slider(models, spec)
 

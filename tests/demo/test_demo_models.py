@@ -65,3 +65,11 @@ def test_short_help_cuts_after_a_clause_outside_parentheses(app):
     text = "first clause (with; inner. marks); second clause; " + "x" * 400
     assert app.short_help(text, 60) == "first clause (with; inner. marks); second clause …"
     assert app.short_help("short.", 60) == "short."
+
+
+def test_a_launch_model_that_cannot_load_stops_the_launch_with_one_line(tmp_path, capsys):
+    from vtoken.cli import main
+
+    assert main(["demo", "--model", str(tmp_path)]) == 2  # a folder, but no model in it
+    err = capsys.readouterr().err
+    assert err.startswith("vtoken: error: ") and "holds no config.json" in err and err.count("\n") == 1
