@@ -1,0 +1,41 @@
+"""Robot environments behind the gymnasium API (needs the ``robot`` extra: mujoco, gymnasium).
+
+Registered ids (``gymnasium.make(id)``):
+
+- ``vtoken/TabletopReach-v0``: "reach the {colour} cube", 30 steps.
+- ``vtoken/TabletopPush-v0``: "push the {colour} cube to the {left|right}", 60 steps.
+
+Example:
+    >>> import gymnasium as gym
+    >>> import vtoken.robot.envs  # registers the ids  # doctest: +SKIP
+    >>> env = gym.make("vtoken/TabletopReach-v0")  # doctest: +SKIP
+    >>> obs, info = env.reset(seed=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must precede the first mujoco import
+
+try:
+    import gymnasium as gym
+    import mujoco  # noqa: F401
+except ImportError as err:  # pragma: no cover - depends on the installed extras
+    raise ImportError("vtoken.robot.envs needs the robot extra: pip install 'vtoken[robot]'") from err
+
+from vtoken.robot.envs.experts import expert_action
+from vtoken.robot.envs.tabletop import TASKS, TabletopEnv
+
+ENV_IDS = {"reach": "vtoken/TabletopReach-v0", "push": "vtoken/TabletopPush-v0"}
+
+for _task, _id in ENV_IDS.items():
+    if _id not in gym.registry:
+        gym.register(
+            id=_id,
+            entry_point="vtoken.robot.envs.tabletop:TabletopEnv",
+            kwargs={"task": _task},
+            max_episode_steps=TASKS[_task].max_steps,
+        )
+
+__all__ = ["ENV_IDS", "TASKS", "TabletopEnv", "expert_action"]
