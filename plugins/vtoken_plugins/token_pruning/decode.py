@@ -14,8 +14,6 @@ a token is written, with a learned predictor; this rule decides a few steps late
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
@@ -64,14 +62,15 @@ def keep_mask(
     index = held.clamp(min=0)
     is_candidate = candidates.gather(1, index) & (held != PAD)
     score = importance.gather(1, index).masked_fill(~is_candidate, float("-inf"))
-    order = score.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+    order = score.argsort(dim=-1, descending=True, stable=True)  # (B, T) entry at each rank
+    rank = order.argsort(dim=-1)  # (B, T) rank of each entry: the inverse permutation
     return ~is_candidate | (rank < keep_counts[:, None])
 
 
 def share(count: Tensor, ratio: float) -> Tensor:
-    """``ceil(ratio * count)`` per row."""
-    return torch.tensor([math.ceil(ratio * n) for n in count.tolist()], device=count.device)
+    """``(B,)`` long, ``ceil(ratio * count)`` per row of ``count`` ``(B,)`` (in float64, as Python's
+    ``math.ceil(ratio * n)``)."""
+    return (count.double() * ratio).ceil().long()
 
 
 class AttentionThinning:
@@ -125,8 +124,8 @@ class LearnedThinning:
         """Pre-hook on layer K: the newest token's hidden state ``(B, D)`` in decode steps."""
         hidden = args[0]
         if hidden.shape[1] == 1:
-            with torch.no_grad():
-                self.logits = self.predictors.text(hidden[:, -1])  # (B,)
+            with torch.no_grad():  # the predictors run in float32 (see load_predictors)
+                self.logits = self.predictors.text(hidden[:, -1].float())  # (B,)
 
     def after_decode(self, state: RunState) -> None:
         if self.logits is None:

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from vtoken import ConfigError
+from vtoken import ConfigError, locate_parts
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,14 @@ WEIGHTS = Path(__file__).parent / "weights"
 
 def load_predictors(model: nn.Module, config) -> Predictors:
     """The predictors named by ``config.predictors`` (a folder, or a bundled model's name), else
-    the ones trained for the attached model's folder name; checked against ``config.layers``."""
+    the ones trained for the attached model's folder name; checked against ``config.layers``.
+
+    They are placed on the device of the decoder layer whose inputs they read and kept in float32,
+    whatever the model's dtype: callers cast the hidden states to float32. They were trained in
+    float32, they cost a negligible share of the model's compute (a few small layers over the
+    visual tokens, once per prompt; a tiny MLP per generated token), and their logits only rank
+    tokens, where bfloat16's 8-bit mantissa would turn close scores into ties.
+    """
     name = config.predictors or Path(getattr(model.config, "_name_or_path", "") or "unnamed").name
     folder = Path(name) if Path(name).is_dir() else WEIGHTS / name
     try:
@@ -123,7 +130,8 @@ def load_predictors(model: nn.Module, config) -> Predictors:
         )
     if predictors.spec.hidden_size != model.config.get_text_config().hidden_size:
         raise ConfigError(f"token_pruning.predictors: {folder} was trained for another model's width.")
-    return predictors
+    layer = locate_parts(model).layers[predictors.spec.layer]
+    return predictors.to(next(layer.parameters()).device)
 
 
 class Predictors(nn.Module):

@@ -29,8 +29,8 @@ def top_k_mask(scores: Tensor, pad: Tensor, k: Tensor) -> Tensor:
         ``(B, N)`` bool keep mask.
     """
     scores = scores.float().masked_fill(pad, float("-inf"))
-    order = scores.argsort(dim=-1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1]).expand_as(order))
+    order = scores.argsort(dim=-1, descending=True, stable=True)  # (B, N) entry at each rank
+    rank = order.argsort(dim=-1)  # (B, N) rank of each entry: the inverse permutation
     return (rank < k[:, None]) & ~pad
 
 
@@ -77,6 +77,7 @@ class Random(Scorer):
         self.seed = seed
 
     def score(self, view: PruneView, probe: Probe | None) -> Tensor:
+        # drawn on the CPU and moved: the same subset on every device (CUDA generators differ)
         generator = torch.Generator().manual_seed(self.seed + view.layer_idx)
         return torch.rand(view.visual.shape, generator=generator).to(view.visual.device)
 
@@ -88,9 +89,9 @@ class Diversity(Scorer):
         self.pivots = pivots
 
     def select(self, view: PruneView, k: Tensor, probe: Probe | None) -> Tensor:
-        hidden = view.hidden.gather(1, view.visual[..., None].expand(-1, -1, view.hidden.shape[-1]))
+        hidden = _visual_hidden(view)  # (B, N, D)
         norms = hidden.float().norm(dim=-1)  # (B, N)
-        pivots = top_k_mask(norms, view.visual_pad, torch.minimum(k, torch.full_like(k, self.pivots)))
+        pivots = top_k_mask(norms, view.visual_pad, k.clamp(max=self.pivots))
         unit = torch.nn.functional.normalize(hidden.float(), dim=-1)  # (B, N, D)
         similarity = unit @ unit.transpose(1, 2)  # (B, N, N) cosine
         to_pivots = similarity.masked_fill(~pivots[:, None, :], float("-inf")).amax(-1)  # (B, N)
@@ -109,39 +110,85 @@ class VisionCls(Scorer):
 
     def __init__(self, contextual: int) -> None:
         self.contextual = contextual
-        self._groups: list[list[tuple[int, list[int]]]] = []
+        self._targets: Tensor | None = None  # (B, C) index into N of each contextual target, -1 unused
+        self._group: Tensor | None = None  # (B, N) which target (index into C) each token joins, -1 none
 
     def select(self, view: PruneView, k: Tensor, probe: Probe | None) -> Tensor:
-        n_ctx = torch.clamp(k - 1, min=0).clamp(max=self.contextual)  # (B,)
-        dominant = top_k_mask(view.vision_scores(), view.visual_pad, k - n_ctx)
-        keep = dominant.clone()
-        self._groups = []
-        for b in range(k.shape[0]):
-            rest = (~dominant[b] & ~view.visual_pad[b]).nonzero().flatten()
-            count = min(int(n_ctx[b]), len(rest))
-            targets = rest[torch.linspace(0, len(rest) - 1, count).long()] if count else rest[:0]
-            keep[b, targets] = True
-            self._groups.append(self._assign(view, b, rest, targets))
-        return keep
-
-    def _assign(self, view: PruneView, b: int, rest: Tensor, targets: Tensor) -> list[tuple[int, list[int]]]:
-        """Each target with the remaining tokens closest to it (itself included)."""
-        if len(targets) == 0:
-            return []
-        hidden = torch.nn.functional.normalize(view.hidden[b, view.visual[b, rest]].float(), dim=-1)
-        nearest = (hidden @ hidden[torch.searchsorted(rest, targets)].T).argmax(-1)  # (n_rest,)
-        nearest[torch.searchsorted(rest, targets)] = torch.arange(len(targets))
-        return [(int(t), rest[nearest == i].tolist()) for i, t in enumerate(targets.tolist())]
+        n_ctx = (k - 1).clamp(min=0, max=self.contextual)  # (B,) at least one dominant token
+        dominant = top_k_mask(view.vision_scores(), view.visual_pad, k - n_ctx)  # (B, N)
+        if self.contextual == 0:
+            return dominant
+        rest = ~dominant & ~view.visual_pad
+        self._targets = _spread(rest, n_ctx, self.contextual)  # (B, C)
+        self._group = _join_nearest(_visual_hidden(view), rest, self._targets)
+        return dominant | _index_mask(self._targets, rest.shape[1])
 
     def merge(self, view: PruneView, keep: Tensor) -> Tensor | None:
         if self.contextual == 0:
             return None
-        hidden = view.hidden.gather(1, view.visual[..., None].expand(-1, -1, view.hidden.shape[-1]))
-        merged = hidden.clone()
-        for b, groups in enumerate(self._groups):
-            for target, members in groups:
-                merged[b, target] = hidden[b, members].mean(0)
-        return merged
+        hidden = _visual_hidden(view)  # (B, N, D)
+        slots = torch.arange(self.contextual, device=hidden.device)  # (C,)
+        members = (self._group[..., None] == slots).to(torch.float32)  # (B, N, C) one-hot
+        sums = members.transpose(1, 2) @ hidden.float()  # (B, C, D)
+        means = sums / members.sum(1)[..., None].clamp(min=1)  # (B, C, D)
+        n = hidden.shape[1]
+        index = self._targets.masked_fill(self._targets < 0, n)  # unused slots write to an extra row
+        index = index[..., None].expand(-1, -1, hidden.shape[-1])  # (B, C, D)
+        padded = torch.nn.functional.pad(hidden, (0, 0, 0, 1))  # (B, N + 1, D)
+        return padded.scatter(1, index, means.to(hidden.dtype))[:, :n]
+
+
+def _spread(candidates: Tensor, count: Tensor, most: int) -> Tensor:
+    """Evenly spaced candidates of each row, in order (VisionZip's contextual targets).
+
+    Args:
+        candidates: ``(B, N)`` bool.
+        count: ``(B,)`` how many to pick per row (at most ``most``; fewer when a row has fewer).
+
+    Returns:
+        ``(B, most)`` index into N of each pick (``-1`` on unused slots): the ``j``-th of ``c``
+        picks among ``n`` candidates is candidate ``floor(j (n - 1) / (c - 1))``.
+    """
+    n = candidates.sum(-1, keepdim=True)  # (B, 1)
+    count = torch.minimum(count[:, None], n)  # (B, 1)
+    j = torch.arange(most, device=candidates.device)  # (C,)
+    rank = j * (n - 1).clamp(min=0) // (count - 1).clamp(min=1)  # (B, C) rank among candidates
+    in_order = torch.sort((~candidates).to(torch.int8), dim=-1, stable=True).indices  # candidates first
+    picked = in_order.gather(1, rank.clamp(max=in_order.shape[1] - 1))  # unused slots may overshoot
+    return picked.masked_fill(j >= count, -1)
+
+
+def _join_nearest(hidden: Tensor, members: Tensor, targets: Tensor) -> Tensor:
+    """Which target each member joins: the most cosine-similar one (a target joins itself).
+
+    Args:
+        hidden: ``(B, N, D)``.
+        members: ``(B, N)`` bool, the tokens to group (the targets among them).
+        targets: ``(B, C)`` index into N of each target, ``-1`` on unused slots.
+
+    Returns:
+        ``(B, N)`` long index into C, ``-1`` for non-members and in rows without targets.
+    """
+    unit = torch.nn.functional.normalize(hidden.float(), dim=-1)  # (B, N, D)
+    index = targets.clamp(min=0)[..., None].expand(-1, -1, unit.shape[-1])  # (B, C, D)
+    similarity = unit @ unit.gather(1, index).transpose(1, 2)  # (B, N, C)
+    nearest = similarity.masked_fill(targets[:, None, :] < 0, float("-inf")).argmax(-1)  # (B, N)
+    slots = torch.arange(targets.shape[1], device=targets.device).expand_as(targets)  # (B, C)
+    padded = torch.nn.functional.pad(nearest, (0, 1))  # unused slots write to the extra column
+    nearest = padded.scatter(1, targets.masked_fill(targets < 0, nearest.shape[1]), slots)[:, :-1]
+    joined = members & (targets >= 0).any(-1, keepdim=True)
+    return nearest.masked_fill(~joined, -1)
+
+
+def _index_mask(index: Tensor, length: int) -> Tensor:
+    """``(B, length)`` bool, True at the entries of ``index`` ``(B, C)`` (``-1`` entries ignored)."""
+    flags = torch.zeros(index.shape[0], length + 1, dtype=torch.bool, device=index.device)
+    return flags.scatter(1, index.masked_fill(index < 0, length), True)[:, :length]
+
+
+def _visual_hidden(view: PruneView) -> Tensor:
+    """``(B, N, D)`` hidden states of the visual tokens present (padding slots: some token's)."""
+    return view.hidden.gather(1, view.visual[..., None].expand(-1, -1, view.hidden.shape[-1]))
 
 
 class Learned(Scorer):
@@ -152,11 +199,10 @@ class Learned(Scorer):
         self.predictors = predictors
 
     def score(self, view: PruneView, probe: Probe | None) -> Tensor:
-        visual = view.hidden.gather(1, view.visual[..., None].expand(-1, -1, view.hidden.shape[-1]))
-        last = view.positions.argmax(-1)  # (B,)
-        query = view.hidden[torch.arange(len(last)), last]  # (B, D)
-        with torch.no_grad():
-            return self.predictors.vision(visual.float(), view.visual_pad, query.float())  # (B, N)
+        last = view.positions.argmax(-1, keepdim=True)  # (B, 1)
+        query = view.hidden.gather(1, last[..., None].expand(-1, -1, view.hidden.shape[-1]))[:, 0]  # (B, D)
+        with torch.no_grad():  # the predictors run in float32 (see load_predictors)
+            return self.predictors.vision(_visual_hidden(view).float(), view.visual_pad, query.float())
 
 
 class Downsample(Scorer):
@@ -182,7 +228,7 @@ class Downsample(Scorer):
         return keep
 
     def merge(self, view: PruneView, keep: Tensor) -> Tensor:
-        hidden = view.hidden.gather(1, view.visual[..., None].expand(-1, -1, view.hidden.shape[-1]))
+        hidden = _visual_hidden(view)
         merged = hidden.clone()
         for b, cells in enumerate(self._cells):
             for cell in cells:
