@@ -62,28 +62,23 @@ class VisualLayout:
         Each contiguous run of placeholder ids is one image; when ``tokens_per_image`` is given,
         a run of several side-by-side images is split into chunks of that size.
         """
-        is_visual = torch.isin(input_ids, torch.tensor(image_token_ids, device=input_ids.device))
-        rows = [_row_layout(row, tokens_per_image) for row in is_visual]
-        width = max((len(p) for p, _ in rows), default=0)
-        positions = torch.full((len(rows), width), -1, dtype=torch.long, device=input_ids.device)
-        segments = positions.clone()
-        for b, (pos, seg) in enumerate(rows):
-            positions[b, : len(pos)] = pos
-            segments[b, : len(seg)] = seg
+        is_visual = torch.isin(input_ids, torch.tensor(image_token_ids, device=input_ids.device))  # (B, L)
+        segments = _segment_ids(is_visual, tokens_per_image)  # (B, L)
+        counts = is_visual.sum(-1)  # (B,)
+        width = counts.max().item() if counts.numel() else 0  # the one host sync: N
+        in_order = torch.sort((~is_visual).to(torch.int8), dim=-1, stable=True).indices  # visual first
+        pad = torch.arange(width, device=input_ids.device) >= counts[:, None]  # (B, N)
+        positions = in_order[:, :width].masked_fill(pad, -1)
+        segments = segments.gather(1, positions.clamp(min=0)).masked_fill(pad, -1)
         return cls(positions=positions, segments=segments)
 
 
-def _row_layout(is_visual: Tensor, tokens_per_image: int | None) -> tuple[Tensor, Tensor]:
-    """Positions ``(n,)`` and segment ids ``(n,)`` of one row's visual tokens."""
-    pos = is_visual.nonzero().flatten()
-    if pos.numel() == 0:
-        return pos, pos
-    run_start = torch.ones_like(pos, dtype=torch.bool)
-    run_start[1:] = pos[1:] != pos[:-1] + 1
-    run_id = run_start.cumsum(0) - 1
+def _segment_ids(is_visual: Tensor, tokens_per_image: int | None) -> Tensor:
+    """``(B, L)`` index of the image (run of visual tokens, or chunk of ``tokens_per_image`` of a
+    run) each visual token of a row belongs to; meaningless at text tokens."""
+    index = torch.arange(is_visual.shape[1], device=is_visual.device)  # (L,)
+    starts = is_visual & ~torch.nn.functional.pad(is_visual[:, :-1], (1, 0))  # (B, L) first of a run
     if tokens_per_image:
-        first = pos[run_start][run_id]  # start position of each token's run
-        offset_in_run = pos - first
-        chunk = offset_in_run // tokens_per_image
-        run_id = torch.unique(torch.stack([run_id, chunk]), dim=1, return_inverse=True)[1]
-    return pos, run_id
+        run_start = torch.where(starts, index, 0).cummax(-1).values  # (B, L) start of the current run
+        starts = starts | (is_visual & ((index - run_start) % tokens_per_image == 0))
+    return starts.cumsum(-1) - 1
