@@ -1,7 +1,8 @@
 """token_pruning on bfloat16 copies of the tiny models of every family (on the CPU).
 
 - keeping everything reproduces the unplugged bf16 model bit for bit;
-- every scorer, decode-time thinning and the learned predictors run, keeping their budgets;
+- every scorer, decode-time thinning and the learned predictors run, keeping their budgets
+  (untrained predictors on every family; the bundled model with its trained ones);
 - dropping a random schedule matches the masked dense reference within bf16 rounding (below).
 
 Tolerance. Dropping a token and masking its key are the same computation in exact arithmetic; in
@@ -23,12 +24,13 @@ import math
 
 import pytest
 import torch
-from conftest import make_inputs
+from conftest import image, make_inputs
 from oracle import FixedDrop, masked_reference, schedule_for
 from vtoken_plugins.token_pruning import TokenPruning
 from vtoken_plugins.token_pruning.predictors import Predictors, PredictorSpec, load_predictors
 
 import vtoken
+from vtoken import zoo
 from vtoken.loading import to_model
 from vtoken.tiny import TINY_FAMILIES, build_tiny
 
@@ -99,6 +101,19 @@ def test_every_setting_runs(family, setting, predictors_dir):
         for _ in plugin.config.layers:
             counts = [math.ceil(n * ratio) for n in counts]
         assert report.visual_per_layer[-1] == sum(counts)
+
+
+def test_bundled_model_prunes_with_its_trained_predictors():
+    model, processor = zoo.load("synth-llava-tiny")
+    model = model.to(BF16)
+    text = zoo.build_prompt("what colour is the circle ?")
+    inputs = to_model(processor(images=[image(0, 96, 96)], text=[text], return_tensors="pt"), model)
+    plugin = TokenPruning(scorer="learned", keep_ratio=0.2, decode_rule="learned")  # weights/<model>
+    with vtoken.attach(model, plugin) as session, torch.no_grad():
+        out = model.generate(**inputs, **SHORT)
+        visual = session.report().visual_per_layer
+    assert all(step.isfinite().all() for step in out.logits)
+    assert visual[-1] == math.ceil(0.2 * visual[0])
 
 
 def test_learned_predictors_run_in_float32_where_their_layer_is(predictors_dir):
