@@ -66,12 +66,13 @@ def state(**fields) -> RunState:
     return RunState(layout=layout(), query_length=L, prompt_mask=full(B, L, value=1), **fields)
 
 
-def view(hidden_dtype=torch.float32, **state_fields) -> PruneView:
-    """A decision-layer view: every prompt token present, the visual ones left-packed."""
-    positions = torch.arange(L, device=CUDA).expand(B, L)
-    visual = cuda([[1, 2, 3, 4, 6, 7], [0, 0, 0, 0, 4, 5]])
-    visual_pad = cuda([[False] * 6, [True] * 4 + [False] * 2])
-    hidden = randn(B, L, D, dtype=hidden_dtype)
+def view(hidden_dtype=torch.float32, device: str = CUDA, **state_fields) -> PruneView:
+    """A decision-layer view on ``device`` (the run state's tensors stay on ``CUDA``): every prompt
+    token present, the visual ones left-packed."""
+    positions = torch.arange(L, device=device).expand(B, L)
+    visual = torch.tensor([[1, 2, 3, 4, 6, 7], [0, 0, 0, 0, 4, 5]], device=device)
+    visual_pad = torch.tensor([[False] * 6, [True] * 4 + [False] * 2], device=device)
+    hidden = torch.randn(B, L, D, dtype=hidden_dtype, device=device)
     return PruneView(2, hidden, positions, visual, visual_pad, state(**state_fields))
 
 
@@ -342,26 +343,63 @@ def test_accumulate_keep_mask_and_share():
     assert on_cuda(importance, keep)
 
 
-def test_attention_thinning_evicts_on_the_cache_device():
+def evicted(second_layer: str = CUDA) -> VTokenCache:
+    """Attention thinning's first eviction on a 2-layer cache (pruning from layer 1) after a prefill
+    of L tokens and 4 decode steps; layer 0 (probed) on ``CUDA``, layer 1 on ``second_layer``."""
     thin = dict(decode_keep_ratio=0.5, decode_visual_ratio=0.5, decode_interval=1, decode_window=1)
-    config = TokenPruningConfig(layers=(1,), **thin)
-    thinning = decode.AttentionThinning(config, ProbeSpec(rows="last", decode=True))
-    run = state(prompt_ids=full(B, L, value=0), decode_steps=3)
-    run.cache = new_cache(2)
-    for layer in range(2):  # a prefill of L tokens, then 4 decode steps
-        run.cache.update(kv(L), kv(L), layer)
-        for _ in range(4):
-            run.cache.update(kv(1), kv(1), layer)
+    thinning = decode.AttentionThinning(
+        TokenPruningConfig(layers=(1,), **thin), ProbeSpec("last", decode=True)
+    )
+    run = state(prompt_ids=full(B, L, value=0), decode_steps=3, cache=new_cache(2))
+    for layer, device in enumerate((CUDA, second_layer)):
+        for n in (L, 1, 1, 1, 1):
+            entries = torch.randn(B, 2, n, 4, device=device)
+            run.cache.update(entries, entries, layer)
     run.probes[(0, thinning.probe)] = probe(keys=L + 4)
     thinning.reset(run)
     thinning.after_decode(run)
-    assert on_cuda(thinning.importance, run.cache.held_positions(1), run.cache.layers[1].keys)
+    return run.cache
+
+
+def test_attention_thinning_evicts_on_the_cache_device():
+    cache = evicted()
+    assert on_cuda(cache.held_positions(1), cache.layers[1].keys)
 
 
 def test_learned_thinning_reads_the_newest_token_in_float32(fake_mode):
     thinning = decode.LearnedThinning(predictors(fake_mode), layer=1)
     thinning.capture(None, (randn(B, 1, D, dtype=torch.bfloat16),), {})
     assert on_cuda(thinning.logits) and thinning.logits.dtype == torch.float32
+
+
+# -- a model split over two GPUs (``device_map``): the inputs, the vision tower and layer K - 1 on
+# the first (``CUDA``), layer K and later on the second ---------------------------------------------
+
+SECOND = "cuda:1"
+
+
+def on_second(*tensors: torch.Tensor) -> bool:
+    return all(t.device == torch.device(SECOND) for t in tensors)
+
+
+@pytest.mark.parametrize("name", ["fastv", "text_guided"])
+def test_attention_scorers_on_a_split_model(name):
+    scorer = scorers.make_scorer(name, pivots=2, seed=0, ratio=0.5)
+    probed = probe(rows=3) if name == "text_guided" else probe()  # captured at layer K - 1
+    keep = scorer.select(view(device=SECOND), torch.tensor([3, 1], device=SECOND), probed)
+    assert on_second(keep)
+
+
+def test_vision_scores_on_a_split_model():
+    scores = randn(8)  # the vision tower's, on the first GPU
+    pruned = view(device=SECOND, vision_probe=types.SimpleNamespace(token_scores=lambda inputs: scores))
+    assert on_second(pruned.vision_scores(), pruned.visual_segments)
+    assert on_second(scorers.VisionCls(2).select(pruned, torch.tensor([4, 2], device=SECOND), None))
+
+
+def test_attention_thinning_on_a_split_model():
+    cache = evicted(second_layer=SECOND)
+    assert on_second(cache.held_positions(1), cache.layers[1].keys)
 
 
 # Not runnable under fake tensors (each needs a tensor's value on the host; none creates a tensor

@@ -106,8 +106,9 @@ class AttentionThinning:
         if layer not in self.visual_budget:  # first eviction: a share of what prefill left here
             present = (visual.gather(1, held.clamp(min=0)) & (held != PAD)).sum(-1)
             self.visual_budget[layer] = share(present, self.config.decode_visual_ratio)
-        keep = keep_mask(held, self.importance, old, keep_old)
-        return keep & keep_mask(held, self.importance, visual, self.visual_budget[layer])
+        importance = self.importance.to(held.device)  # layer K - 1 may sit on another GPU
+        keep = keep_mask(held, importance, old, keep_old)
+        return keep & keep_mask(held, importance, visual, self.visual_budget[layer])
 
 
 class LearnedThinning:
@@ -134,6 +135,6 @@ class LearnedThinning:
         if drop.any():
             newest = state.cache.get_seq_length() - 1
             for layer in range(self.layer, len(state.cache.layers)):
-                held = state.cache.held_positions(layer)
-                state.cache.evict(layer, ~((held == newest) & drop[:, None]))
+                held = state.cache.held_positions(layer)  # layers may sit on several GPUs
+                state.cache.evict(layer, ~((held == newest) & drop.to(held.device)[:, None]))
         self.logits = None

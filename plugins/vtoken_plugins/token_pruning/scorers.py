@@ -57,7 +57,7 @@ class FastV(Scorer):
 
     def score(self, view: PruneView, probe: Probe) -> Tensor:
         attention = probe.weights[:, 0, 0]  # (B, T) over the sequence entering the probed layer
-        return attention.gather(-1, view.visual)  # (B, N)
+        return _on_view(attention, view).gather(-1, view.visual)  # (B, N)
 
 
 class TextGuided(Scorer):
@@ -67,7 +67,13 @@ class TextGuided(Scorer):
 
     def score(self, view: PruneView, probe: Probe) -> Tensor:
         attention = probe.mean_over_rows()[:, 0]  # (B, T)
-        return attention.gather(-1, view.visual)
+        return _on_view(attention, view).gather(-1, view.visual)
+
+
+def _on_view(probed: Tensor, view: PruneView) -> Tensor:
+    """``probed`` on the stage layer's device: the probed layer (K - 1) may sit on another GPU
+    when the model is split across several (``device_map``)."""
+    return probed.to(view.visual.device)
 
 
 class Random(Scorer):
