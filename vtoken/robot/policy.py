@@ -1,4 +1,5 @@
-"""VLA policies: OpenVLA-style action tokens (``ActionTokenizer``).
+"""VLA policies: OpenVLA-style action tokens (``ActionTokenizer``) and the ``reset`` /
+``select_action`` wrapper around a VLM (``VLAPolicy``).
 
 OpenVLA (Kim et al., 2024) discretises each action dimension into 256 uniform bins and maps bin
 ``k`` to a reserved vocabulary id; the model writes one token per dimension and greedy decoding
@@ -8,10 +9,16 @@ uses 256 edges of ``linspace(-1, 1)`` and bin centres between them, so 255 usabl
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+ACTION_TOKENIZER_FILE = "action_tokenizer.json"
 
 
 @dataclass(frozen=True)
@@ -67,3 +74,100 @@ class ActionTokenizer:
             raise ValueError(f"ids {sorted(unknown)} are not action tokens")
         k = np.vectorize(lookup.__getitem__, otypes=[np.int64])(ids)
         return (self.low + (k + 0.5) * self.width).astype(np.float32)
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``action_tokenizer.json`` into ``folder`` (beside a saved model); returns its path."""
+        path = Path(folder) / ACTION_TOKENIZER_FILE
+        path.write_text(json.dumps(asdict(self) | {"token_ids": list(self.token_ids)}, indent=1))
+        return path
+
+    @classmethod
+    def load(cls, folder: str | Path) -> ActionTokenizer:
+        """Read the ``action_tokenizer.json`` that ``save`` wrote into ``folder``."""
+        fields = json.loads((Path(folder) / ACTION_TOKENIZER_FILE).read_text())
+        return cls(**fields | {"token_ids": tuple(fields["token_ids"])})
+
+
+class ActionTokensOnly(LogitsProcessor):
+    """Greedy decoding of action tokens: every id but the action tokens gets ``-inf``."""
+
+    def __init__(self, token_ids: tuple[int, ...]):
+        self.allowed = torch.tensor(token_ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` scores with non-action ids masked out."""
+        masked = torch.full_like(scores, float("-inf"))
+        allowed = self.allowed.to(scores.device)
+        masked[:, allowed] = scores[:, allowed]
+        return masked
+
+
+class VLAPolicy:
+    """A VLM plus an action tokenizer behind robot learning's policy interface (LeRobot's).
+
+    ``select_action`` builds the prompt from ``task``, runs ``model.generate`` greedily for
+    ``actions.dims`` tokens restricted to the action tokens, and decodes them to an action. Any
+    supported VLM family works; vtoken plugins attach to ``policy.model`` as to any VLM.
+
+    Args:
+        model: a VLM (``LlavaForConditionalGeneration``, Qwen2-VL, ...).
+        processor: its processor.
+        actions: the action tokenizer (which vocabulary ids are bins).
+        prompt: instruction -> prompt text with one image placeholder; default: the processor's
+            chat template with one user turn (the instruction, then the image).
+    """
+
+    def __init__(
+        self, model, processor, actions: ActionTokenizer, prompt: Callable[[str], str] | None = None
+    ):
+        self.model = model
+        self.processor = processor
+        self.actions = actions
+        self.prompt = prompt or self._chat_prompt
+        self._only_actions = LogitsProcessorList([ActionTokensOnly(actions.token_ids)])
+
+    def reset(self) -> None:
+        """Start of an episode (the policy itself keeps no history; stateful plugins reset on
+        their own hooks)."""
+
+    @torch.no_grad()
+    def select_action(self, observation: dict) -> np.ndarray:
+        """Action for one observation or a batch.
+
+        Args:
+            observation: ``observation.image`` (``(H, W, 3)`` uint8, or ``(3, H, W)`` float in
+                [0, 1] as LeRobot gives it; a leading batch dimension for a batch),
+                ``observation.state`` (unused by the model) and ``task`` (a string or a list).
+
+        Returns:
+            ``(dims,)`` float32 action, or ``(B, dims)`` for a batch.
+        """
+        images, tasks, batched = _as_batch(observation["observation.image"], observation["task"])
+        inputs = self.processor(images=images, text=[self.prompt(t) for t in tasks], return_tensors="pt")
+        inputs = inputs.to(self.model.device)
+        out = self.model.generate(
+            **inputs,
+            max_new_tokens=self.actions.dims,
+            min_new_tokens=self.actions.dims,
+            do_sample=False,
+            logits_processor=self._only_actions,
+        )
+        action = self.actions.decode(out[:, -self.actions.dims :])  # (B, dims)
+        return action if batched else action[0]
+
+    def _chat_prompt(self, task: str) -> str:
+        content = [{"type": "text", "text": task}, {"type": "image"}]
+        return self.processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True
+        )
+
+
+def _as_batch(image, task) -> tuple[list[np.ndarray], list[str], bool]:
+    """``(images as (H, W, 3) uint8 arrays, tasks, whether the input was batched)``."""
+    image = image.cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    batched = image.ndim == 4
+    images = image if batched else image[None]
+    if images.dtype != np.uint8:  # LeRobot: (B, 3, H, W) float in [0, 1]
+        images = (images.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)
+    tasks = [task] * len(images) if isinstance(task, str) else list(task)
+    return list(images), tasks, batched
