@@ -70,23 +70,24 @@ class PruneView:
     @property
     def visual_segments(self) -> Tensor:
         """``(B, N)`` image (segment) index of each visual token present (``PAD`` on slots)."""
-        layout, length = self.state.layout, self.state.query_length
-        table = torch.full((layout.positions.shape[0], length + 1), PAD, device=layout.positions.device)
-        table.scatter_(1, layout.positions.masked_fill(~layout.mask, length), layout.segments)
-        index = self.visual_positions.clamp(min=0).to(table.device)
-        return table.gather(1, index).masked_fill(self.visual_pad.to(table.device), PAD)
+        layout, length, device = self.state.layout, self.state.query_length, self.visual.device
+        table = torch.full((layout.positions.shape[0], length + 1), PAD, device=device)
+        index = layout.positions.masked_fill(~layout.mask, length).to(device)
+        table.scatter_(1, index, layout.segments.to(device))
+        return table.gather(1, self.visual_positions.clamp(min=0)).masked_fill(self.visual_pad, PAD)
 
     def vision_scores(self) -> Tensor:
         """``(B, N)`` the vision encoder's importance of each visual token present (needs
-        :meth:`Plugin.wants_vision_scores`)."""
-        flat = self.state.vision_probe.token_scores(self.state.image_inputs)
+        :meth:`Plugin.wants_vision_scores`); on this view's device (the vision tower may sit on
+        another one)."""
+        flat = self.state.vision_probe.token_scores(self.state.image_inputs).to(self.visual.device)
         step, length = self.state.expansion, self.state.query_length
-        positions = self.state.layout.positions[::step]  # images were encoded once per prompt row
-        table = torch.zeros(positions.shape[0], length + 1, device=flat.device)
+        positions = self.state.layout.positions[::step].to(flat.device)  # images were encoded once per row
+        table = flat.new_zeros(positions.shape[0], length + 1)
         rows, cols = (positions >= 0).nonzero(as_tuple=True)  # row-major: the order of the features
         table[rows, positions[rows, cols]] = flat
         table = table.repeat_interleave(step, dim=0)
-        return table.gather(1, self.visual_positions.clamp(min=0).to(flat.device))
+        return table.gather(1, self.visual_positions.clamp(min=0))
 
     @property
     def num_visual(self) -> Tensor:
