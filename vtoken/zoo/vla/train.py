@@ -112,7 +112,7 @@ def _step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: float, aux
     total.backward()
     torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], 1.0)
     optimizer.step()
-    return {k: float(v) for k, v in losses.items()}
+    return {k: float(v.detach()) for k, v in losses.items()}
 
 
 def _action_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
