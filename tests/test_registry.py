@@ -80,3 +80,13 @@ def test_import_vtoken_does_not_import_builtin_plugins():
         """
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_PLUGINS))
+def test_every_builtin_declares_an_exact_do_nothing_setting(name):
+    """``make gpu-check`` tests each plugin's declared do-nothing setting (every family, bf16)."""
+    from vtoken.bench.exactness import check_plugins
+
+    assert get_plugin_class(name).do_nothing() is not None
+    (check,) = check_plugins([name], ["qwen2_vl"], "cpu", "float32")
+    assert check.do_nothing_exact

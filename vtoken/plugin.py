@@ -156,6 +156,13 @@ class Plugin:
         return base_generate(*args, **kwargs)
 
     @classmethod
+    def do_nothing(cls) -> PluginConfig | None:
+        """The setting that must reproduce the unplugged model exactly (keep every token, 16 bits,
+        no drafting, ...), which the exactness matrix and ``make gpu-check`` test; every built-in
+        plugin declares one (``None``: not declared)."""
+        return None
+
+    @classmethod
     def bench_settings(cls) -> dict[str, PluginConfig]:
         """The plugin's main settings, by label, that ``vtoken bench`` compares against the
         unplugged model (the one place a plugin adds itself to the benchmarks)."""

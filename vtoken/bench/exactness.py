@@ -26,7 +26,6 @@ from vtoken.registry import get_plugin_class
 from vtoken.testing import FixedDrop, masked_reference, sample_inputs, schedule_for
 
 #: Each built-in plugin's do-nothing setting (keep every token, ...), as config fields.
-DO_NOTHING: dict[str, dict[str, Any]] = {"token_pruning": {"keep_ratio": 1.0, "layers": (1, 3)}}
 GEN = dict(max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
 #: The oracle passes when its error is within this multiple of the noise floor (plus 1e-6).
 FLOOR_FACTOR = 4.0
@@ -89,9 +88,9 @@ def check_plugins(plugins: list[str], families: list[str], device: str, dtype: s
 
 def _check_plugin(model, inputs: dict, name: str, family: str) -> FamilyCheck:
     cls = get_plugin_class(name)
-    exact = None
-    if name in DO_NOTHING:
-        exact = _identical(_outputs(model, inputs, []), _outputs(model, inputs, cls(**DO_NOTHING[name])))
+    exact, config = None, cls.do_nothing()
+    if config is not None:
+        exact = _identical(_outputs(model, inputs, []), _outputs(model, inputs, cls(config)))
     check = FamilyCheck(name, family, exact)
     for label, config in cls.bench_settings().items():
         check.settings[label] = _try_setting(model, inputs, cls(config))

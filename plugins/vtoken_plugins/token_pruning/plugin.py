@@ -38,6 +38,11 @@ class TokenPruning(Plugin):
     config: TokenPruningConfig
 
     @classmethod
+    def do_nothing(cls) -> TokenPruningConfig:
+        """Keep every visual token (two stages, so the stage plumbing runs too)."""
+        return TokenPruningConfig(keep_ratio=1.0, layers=(1, 3))
+
+    @classmethod
     def bench_settings(cls) -> dict[str, TokenPruningConfig]:
         """Training-free scorers and baselines at 25% and 10% of visual tokens kept, and the
         learned predictors at 20% (Dynamic-LLaVA's default)."""
