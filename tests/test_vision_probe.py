@@ -7,7 +7,6 @@ import torch
 from conftest import make_inputs, tiny
 
 import vtoken
-from vtoken.families import _get_path
 from vtoken.tiny import TINY_FAMILIES
 from vtoken.vision_probe import VisionProbe
 
@@ -37,7 +36,7 @@ def test_patch_to_token_map_matches_perturbation(family):
             model(**inputs)
         layout, chunks = session.state.layout, [c.clone() for c in probe.chunks]
         base = _visual_embeds(model, inputs, layout)
-        block = _get_path(parts.vision_tower, parts.spec.vision_blocks)[probe.block]
+        block = parts.vision_blocks[probe.block]
         sizes = [c.numel() for c in chunks]
         for flat in torch.linspace(0, sum(sizes) - 1, 7).long().tolist():
             one_hot = torch.zeros(sum(sizes))

@@ -12,6 +12,7 @@ from typing import Literal
 
 from torch import nn
 
+from vtoken.compat import vision_transformer
 from vtoken.errors import UnsupportedModelError
 
 
@@ -35,7 +36,8 @@ class FamilySpec:
             newline) to be told apart.
         rope: ``"1d"`` (one position id per token) or ``"mrope"`` (Qwen's 3-axis multimodal RoPE).
         mask: ``"causal"`` or ``"prefix"`` (PaliGemma: bidirectional over image + prompt).
-        vision_blocks: dotted path from the vision tower to its list of transformer blocks.
+        vision_blocks: dotted path from the vision tower's transformer to its list of blocks (see
+            :func:`vtoken.compat.vision_transformer`: some releases wrap the transformer).
         vision_attention: attribute of a vision block holding its attention module.
         vision_query: how vision-side importance is read: ``"cls"`` - attention from the [CLS]
             token (CLIP); ``"global"`` - mean attention received from every patch (no [CLS]).
@@ -166,6 +168,7 @@ class ModelParts:
         projector: module whose output are the visual tokens fed to the language model.
         language_model: decoder stack.
         layers: its decoder layers, in order.
+        vision_blocks: the vision tower's transformer blocks, in order.
         image_token_ids: placeholder ids marking visual tokens in ``input_ids``.
         tokens_per_image: tokens of one image when fixed by the config (see ``image_size_attr``).
     """
@@ -175,6 +178,7 @@ class ModelParts:
     projector: nn.Module
     language_model: nn.Module
     layers: nn.ModuleList
+    vision_blocks: nn.ModuleList
     image_token_ids: tuple[int, ...]
     tokens_per_image: int | None
 
@@ -194,12 +198,14 @@ def locate_parts(model: nn.Module) -> ModelParts:
     ids = tuple(int(v) for a in spec.image_token_attrs if (v := getattr(config, a, None)) is not None)
     per_image = _get_path(config, spec.image_size_attr) if spec.image_size_attr else None
     language_model = _get_path(model, spec.language_model)
+    vision_tower = _get_path(model, spec.vision_tower)
     return ModelParts(
         spec=spec,
-        vision_tower=_get_path(model, spec.vision_tower),
+        vision_tower=vision_tower,
         projector=_get_path(model, spec.projector),
         language_model=language_model,
         layers=language_model.layers,
+        vision_blocks=_get_path(vision_transformer(vision_tower), spec.vision_blocks),
         image_token_ids=ids,
         tokens_per_image=int(per_image) if per_image else None,
     )

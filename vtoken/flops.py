@@ -22,7 +22,8 @@ of every family; the tests require every part within 5%).
 
 Which images a model encodes is a property of the whole model (LLaVA-NeXT's any-resolution crops,
 Idefics3's real tiles, Qwen's patch grids) and is looked up by the top config's ``model_type``; the cost
-of encoding them by the vision config's ``model_type``; the projector again by the top ``model_type``.
+of encoding them by the vision config's ``model_type`` (as the newest transformers names it, see
+:func:`vtoken.compat.vision_model_type`); the projector again by the top ``model_type``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+from vtoken.compat import vision_model_type, vision_use_head
 from vtoken.errors import UnsupportedModelError
 
 Grid = tuple[int, int, int]
@@ -156,7 +158,7 @@ def _vit_tower(cfg: Any, grids: list[Grid], cls_token: bool) -> tuple[float, int
         seq = h * w + int(cls_token)
         flops += 2 * h * w * patch_in * width  # patch-embedding convolution
         flops += cfg.num_hidden_layers * _block_flops(seq, seq * seq, width, cfg.intermediate_size, False)
-        if getattr(cfg, "vision_use_head", False):
+        if vision_use_head(cfg):
             flops += _attention_pool_flops(cfg, seq)
         out_tokens += seq
     return flops, out_tokens
@@ -330,7 +332,7 @@ def vision_flops(model: nn.Module, inputs: dict[str, Any]) -> tuple[float, float
     """
     config = model.config
     images_run, projector = _lookup(_VLMS, config.model_type, "VLM")
-    tower = _lookup(_TOWERS, config.vision_config.model_type, "vision")
+    tower = _lookup(_TOWERS, vision_model_type(config.vision_config), "vision")
     has_pixels = any(inputs.get(k) is not None for k in ("pixel_values", "pixel_values_videos"))
     grids = images_run(config, inputs) if has_pixels else []
     if not grids:

@@ -87,8 +87,8 @@ def load_model(
         return place(model, device, dtype), processor
     from vtoken import zoo
 
-    if spec in zoo.available():
-        return _from_directory(zoo.MODELS_DIR / spec, attn_implementation, device, dtype)
+    if spec in zoo.available():  # strictly, on every supported transformers release
+        return zoo.load(spec, attn_implementation=attn_implementation, dtype=dtype, device_map=device)
     path = Path(spec)
     if not path.is_dir():
         raise UnsupportedModelError(

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import transformers as tf
 
+from vtoken.compat import image_processor_class
 from vtoken.errors import UnsupportedModelError
 from vtoken.tokenizer import build_word_tokenizer
 
@@ -68,7 +69,7 @@ def _llava(anyres: bool) -> tuple[tf.PreTrainedModel, tf.ProcessorMixin]:
     """LLaVA-1.5, or LLaVA-NeXT (``anyres``: high-resolution crops on a grid of pinpoints)."""
     tok = build_word_tokenizer(WORDS, ["<image>"])
     pinpoints = {"image_grid_pinpoints": [[32, 32], [32, 64], [64, 32], [64, 64]]} if anyres else {}
-    image_processor_cls = tf.LlavaNextImageProcessor if anyres else tf.CLIPImageProcessor
+    image_processor_cls = image_processor_class("LlavaNextImageProcessor" if anyres else "CLIPImageProcessor")
     image_processor = image_processor_cls(
         size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, **pinpoints
     )
@@ -106,7 +107,7 @@ def _qwen_vision(v25: bool) -> dict[str, Any]:
 
 def _qwen(v25: bool) -> tuple[tf.PreTrainedModel, tf.ProcessorMixin]:
     tok = build_word_tokenizer(WORDS, _QWEN_SPECIALS)
-    image_processor = tf.Qwen2VLImageProcessor(
+    image_processor = image_processor_class("Qwen2VLImageProcessor")(
         patch_size=2, temporal_patch_size=2, merge_size=2, min_pixels=8 * 8, max_pixels=32 * 32
     )
     processor_cls = tf.Qwen2_5_VLProcessor if v25 else tf.Qwen2VLProcessor
@@ -131,7 +132,7 @@ def _qwen(v25: bool) -> tuple[tf.PreTrainedModel, tf.ProcessorMixin]:
 def _idefics(smol: bool) -> tuple[tf.PreTrainedModel, tf.ProcessorMixin]:
     tok = build_word_tokenizer(WORDS, _IDEFICS_SPECIALS)
     size = {"longest_edge": 64}
-    image_processor_cls = tf.SmolVLMImageProcessor if smol else tf.Idefics3ImageProcessor
+    image_processor_cls = image_processor_class("SmolVLMImageProcessor" if smol else "Idefics3ImageProcessor")
     image_processor = image_processor_cls(
         do_image_splitting=True, size=size, max_image_size={"longest_edge": 32}
     )
@@ -152,7 +153,7 @@ def _idefics(smol: bool) -> tuple[tf.PreTrainedModel, tf.ProcessorMixin]:
 
 def _paligemma() -> tuple[tf.PreTrainedModel, tf.ProcessorMixin]:
     tok = build_word_tokenizer(WORDS, ["<image>"])
-    image_processor = tf.SiglipImageProcessor(size={"height": 32, "width": 32})
+    image_processor = image_processor_class("SiglipImageProcessor")(size={"height": 32, "width": 32})
     image_processor.image_seq_length = 16
     processor = tf.PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
     text = tf.GemmaConfig(**_text_kwargs(len(tok), head_dim=16))

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from vtoken.families import _get_path
+from vtoken.compat import vision_window_index
 from vtoken.patch import attention_functions
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ class VisionProbe:
     def __init__(self, session: Session) -> None:
         self.session, self.model, self.spec = session, session.model, session.parts.spec
         tower = session.parts.vision_tower
-        blocks = _get_path(tower, self.spec.vision_blocks)
+        blocks = session.parts.vision_blocks
         self.block = self._block_index(len(blocks))
         self.module: nn.Module = getattr(blocks[self.block], self.spec.vision_attention)
         impl = self.model.config.vision_config._attn_implementation
@@ -117,13 +117,6 @@ class VisionProbe:
 
     def _map_window_merge(self, chunks: list[Tensor], inputs: dict) -> Tensor:
         tokens = self._map_merge(chunks, inputs)  # in window order
-        vision = self.model.config.vision_config
-        module = sys.modules[type(self.session.parts.vision_tower).__module__]
-        window_index, _ = module.get_vision_window_index(
-            self.grid_thw,
-            spatial_merge_size=vision.spatial_merge_size,
-            window_size=vision.window_size,
-            patch_size=vision.patch_size,
-            kwargs={},
-        )
+        tower, vision = self.session.parts.vision_tower, self.model.config.vision_config
+        window_index = vision_window_index(tower, vision, self.grid_thw)
         return tokens[torch.argsort(window_index)]

@@ -253,7 +253,9 @@ def test_downsample_keeps_one_carrier_per_cell_holding_the_cell_mean(family):
     seen = {}
     plugin = TokenPruning(scorer="downsample", keep_ratio=0.25, layers=(1,))
     layers = vtoken.locate_parts(model).layers
-    dense = layers[0].register_forward_hook(lambda m, a, out: seen.__setitem__("dense", out.clone()))
+    # a decoder layer returns its hidden states, or a tuple of them (Qwen2-VL in transformers 5.2)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+    dense = layers[0].register_forward_hook(lambda m, a, out: seen.__setitem__("dense", first(out).clone()))
     try:
         with vtoken.attach(model, plugin) as session, torch.no_grad():
             # registered after the session's own hook, so it sees the pruned input of layer 1

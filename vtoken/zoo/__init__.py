@@ -8,9 +8,12 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from transformers import AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
+import transformers
+from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
 
+from vtoken.compat import checkpoint_key_mapping
 from vtoken.zoo.model import build_prompt
 
 MODELS_DIR = Path(__file__).parent / "models"
@@ -25,18 +28,46 @@ def available() -> list[str]:
     return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.json").is_file())
 
 
-def load(name: str) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
+def load(name: str, **kwargs: Any) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
     """Load a bundled model by name, or any local LLaVA folder by path, offline, in eval mode.
+
+    Loading is strict on every supported transformers release: each weight of the model comes from
+    the checkpoint and each weight of the checkpoint is used (releases name the vision tower's
+    weights differently; see :func:`vtoken.compat.checkpoint_key_mapping`).
 
     Args:
         name: a name from ``available()`` or a path to a folder written by ``save_pretrained``.
+        **kwargs: passed to ``from_pretrained`` (``attn_implementation``, ``dtype``, ``device_map``).
 
     Returns:
         ``(model, processor)``.
+
+    Raises:
+        ValueError: ``name`` is no bundled model or folder, or the checkpoint's weights do not match
+            the model (missing, unexpected or mis-shaped keys, listed).
     """
     folder = Path(name) if Path(name).is_dir() else MODELS_DIR / name
     if not (folder / "config.json").is_file():
         raise ValueError(f"unknown zoo model {name!r}; bundled models: {available() or 'none'}")
-    model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+    mapping = checkpoint_key_mapping(AutoConfig.from_pretrained(folder, local_files_only=True))
+    model, report = LlavaForConditionalGeneration.from_pretrained(
+        folder, local_files_only=True, output_loading_info=True, key_mapping=mapping, **kwargs
+    )
+    _check_strict(folder, report)
     processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
     return model.eval(), processor
+
+
+def _check_strict(folder: Path, report: dict[str, list]) -> None:
+    """Raise if ``from_pretrained``'s loading report shows a weight not loaded as saved."""
+    kinds = ("missing_keys", "unexpected_keys", "mismatched_keys")
+    problems = [
+        f"{len(keys)} {kind}: {', '.join(sorted(map(str, keys))[:5])}"
+        for kind in kinds
+        if (keys := report[kind])
+    ]
+    if problems:
+        raise ValueError(
+            f"{folder} does not load strictly with transformers {transformers.__version__} "
+            f"({'; '.join(problems)}): those weights would keep random values."
+        )

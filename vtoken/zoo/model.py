@@ -20,7 +20,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
-    CLIPImageProcessor,
     CLIPVisionConfig,
     LlamaConfig,
     LlavaConfig,
@@ -29,6 +28,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from vtoken.compat import image_processor_class
 from vtoken.tokenizer import BOS, EOS, PAD, build_word_tokenizer
 from vtoken.zoo.questions import vocabulary
 from vtoken.zoo.scenes import BASE_SIZE
@@ -105,8 +105,12 @@ def build_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build_processor(config: ZooModelConfig) -> LlavaProcessor:
-    """LlavaProcessor that resizes any image to the model input and expands ``<image>``."""
-    image_processor = CLIPImageProcessor(
+    """LlavaProcessor that resizes any image to the model input and expands ``<image>``.
+
+    Its image processor is the torchvision one on every release (the one the bundled model was
+    trained with, and the one ``AutoProcessor`` loads).
+    """
+    image_processor = image_processor_class("CLIPImageProcessor")(
         size={"shortest_edge": config.image_size},
         crop_size={"height": config.image_size, "width": config.image_size},
     )
