@@ -7,45 +7,25 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
-from vtoken.tiny import TINY_FAMILIES, build_tiny, tiny_prompt
+from vtoken.testing import random_image, sample_inputs
+from vtoken.tiny import TINY_FAMILIES, build_tiny
 
 # The mini third-party plugin package (with its dist-info entry points) becomes importable and
 # discoverable exactly as an installed package would be.
 sys.path.insert(0, str(Path(__file__).parent / "mini_plugin"))
 
 
-def image(seed: int, height: int, width: int) -> Image.Image:
-    """A deterministic random RGB image of odd size."""
-    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
+# the deterministic images and processor inputs every test builds on
+image, make_inputs = random_image, sample_inputs
 
 
 @functools.cache
 def tiny(family: str, attn: str = "sdpa"):
     """A cached tiny model and processor (tests must leave them as they found them)."""
     return build_tiny(family, attn_implementation=attn)
-
-
-def make_inputs(family: str, processor, batch: bool) -> dict[str, torch.Tensor]:
-    """Processor outputs: one image + question, or a left-padded batch of two rows whose second
-    row holds two images and a longer question."""
-    processor.tokenizer.padding_side = "left"
-    if batch:
-        images = [[image(0, 40, 56)], [image(1, 64, 32), image(2, 48, 48)]]
-        texts = [
-            tiny_prompt(family),
-            tiny_prompt(family, "how many red square are there in the image ?", n_images=2),
-        ]
-    else:
-        images, texts = [[image(0, 40, 56)]], [tiny_prompt(family)]
-    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
-    inputs.pop("labels", None)
-    return dict(inputs)
 
 
 @pytest.fixture(params=TINY_FAMILIES)
