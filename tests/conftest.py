@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from vtoken.compat import forget_last_prompt
 from vtoken.testing import random_image, sample_inputs
 from vtoken.tiny import TINY_FAMILIES, build_tiny
 
@@ -23,9 +24,16 @@ image, make_inputs = random_image, sample_inputs
 
 
 @functools.cache
-def tiny(family: str, attn: str = "sdpa"):
-    """A cached tiny model and processor (tests must leave them as they found them)."""
+def _tiny(family: str, attn: str) -> tuple:
     return build_tiny(family, attn_implementation=attn)
+
+
+def tiny(family: str, attn: str = "sdpa"):
+    """A cached tiny model and processor (tests must leave them as they found them; the state a
+    model keeps from its last prompt is cleared here)."""
+    model, processor = _tiny(family, attn)
+    forget_last_prompt(model)
+    return model, processor
 
 
 @pytest.fixture(params=TINY_FAMILIES)

@@ -112,3 +112,13 @@ def test_image_processors_are_the_torchvision_ones(name):
     cls = compat.image_processor_class(name)
     assert issubclass(cls, BaseImageProcessorFast) and cls.__name__.startswith(name)
     assert cls.__name__ == name or not issubclass(getattr(tf, name), BaseImageProcessorFast)
+
+
+def test_a_text_prompt_after_an_image_batch_runs_as_on_a_fresh_model():
+    model, processor = tiny("qwen2_vl")  # fresh: tiny() forgets the last prompt
+    ids = processor.tokenizer(["what colour is the circle ?"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        fresh = model(ids).logits
+        model(**make_inputs("qwen2_vl", processor, batch=True))  # two rows, with images
+        compat.forget_last_prompt(model)
+        assert torch.equal(model(ids).logits, fresh)

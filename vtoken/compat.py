@@ -19,6 +19,9 @@
 - Beam search and several returned sequences: newer releases encode a prompt's images once per
   prompt row and then repeat the features; 5.2 repeats ``pixel_values`` along dim 0 and encodes the
   repeated rows' images (:data:`GENERATE_ENCODES_IMAGES_ONCE`).
+- Qwen2-VL keeps the last prompt's M-RoPE offsets (``rope_deltas``) on the model; 5.2 reuses them
+  for a following prompt without images even when its batch size differs, and fails
+  (:func:`forget_last_prompt`).
 - Image processors: 5.2's default classes work on PIL / numpy (and guess the channel axis of tiny
   images wrongly); the torchvision ones are the ``*Fast`` classes. Later releases made the
   torchvision backend the default and deprecated the ``Fast`` names (:func:`image_processor_class`).
@@ -114,6 +117,14 @@ def vision_window_index(tower: nn.Module, vision_config: Any, grid_thw: torch.Te
         kwargs={},
     )
     return index
+
+
+def forget_last_prompt(model: nn.Module) -> None:
+    """Drop the per-prompt state ``model`` keeps between calls (Qwen2-VL's ``rope_deltas``), so the
+    next call starts as on a fresh model: 5.2 reuses stale offsets for a text-only prompt."""
+    for module in model.modules():
+        if getattr(module, "rope_deltas", None) is not None:
+            module.rope_deltas = None
 
 
 def image_processor_class(name: str) -> type:
