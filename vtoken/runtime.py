@@ -31,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from vtoken.cache import PAD, VTokenCache
+from vtoken.compat import GENERATE_ENCODES_IMAGES_ONCE
 from vtoken.errors import UnsupportedInputError
 from vtoken.indexing import gather_tokens, left_pack, scatter_tokens
 from vtoken.state import RunState
@@ -81,8 +82,10 @@ class PruneView:
         :meth:`Plugin.wants_vision_scores`); on this view's device (the vision tower may sit on
         another one)."""
         flat = self.state.vision_probe.token_scores(self.state.image_inputs).to(self.visual.device)
-        step, length = self.state.expansion, self.state.query_length
-        positions = self.state.layout.positions[::step].to(flat.device)  # images were encoded once per row
+        # generate() encodes a prompt's images once per prompt row, then repeats the rows (5.2: after)
+        step = self.state.expansion if GENERATE_ENCODES_IMAGES_ONCE else 1
+        length = self.state.query_length
+        positions = self.state.layout.positions[::step].to(flat.device)
         table = flat.new_zeros(positions.shape[0], length + 1)
         rows, cols = (positions >= 0).nonzero(as_tuple=True)  # row-major: the order of the features
         table[rows, positions[rows, cols]] = flat
