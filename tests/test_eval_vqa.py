@@ -11,7 +11,8 @@ from vtoken_plugins.token_pruning import TokenPruning
 
 import vtoken
 from vtoken.cli import main
-from vtoken.eval.vqa import VQAItem, _answer, evaluate, exact_match, load_jsonl, score
+from vtoken.eval.scoring import normalize
+from vtoken.eval.vqa import VQAItem, _answer, evaluate, load_jsonl, score
 
 
 def _dataset(tmp_path, answers, families=None):
@@ -37,12 +38,20 @@ def test_accuracy_and_loyalty_on_a_hand_made_dataset(tmp_path):
     items = load_jsonl(_dataset(tmp_path, refs, ["a", "a", "b", "b", "b"]))
     pruner = TokenPruning(scorer="random", keep_ratio=0.1, layers=(0,))
     result = evaluate(model, processor, items, {"plugged": [pruner]}, batch_size=2, max_new_tokens=3)
-    assert result.accuracy["baseline"] == {"a": 1.0, "b": pytest.approx(1 / 3), "overall": 0.6}
+    values = {name: e.value for name, e in result.accuracy["baseline"].items()}
+    assert values == {
+        "a": 1.0,
+        "b": pytest.approx(1 / 3),
+        "headline": pytest.approx(2 / 3),
+    }  # mean of families
+    assert result.families == {"a": 2, "b": 3} and result.accuracy["baseline"]["headline"].n == 5
     plugged = [a for i in range(0, 5, 2) for a in _answer_with(model, processor, items[i : i + 2], pruner)]
-    expected_loyalty = sum(exact_match(p, t) for p, t in zip(plugged, truth, strict=True)) / 5
-    assert result.loyalty == {"baseline": 1.0, "plugged": pytest.approx(expected_loyalty)}
+    agree = sum(normalize(p) == normalize(t) for p, t in zip(plugged, truth, strict=True)) / 5
+    assert result.loyalty["baseline"].value == 1.0 and result.loyalty["plugged"].value == pytest.approx(agree)
     assert result.answers["plugged"] == plugged
-    assert result.accuracy["plugged"] == score(items, plugged)
+    assert {k: e.value for k, e in result.accuracy["plugged"].items()} == score(items, plugged)
+    retention = result.retention["plugged"].value
+    assert retention == pytest.approx(score(items, plugged)["headline"] / (2 / 3))
     costs = result.costs
     assert costs["plugged"]["visual_tokens_last_layer"] < costs["baseline"]["visual_tokens_last_layer"]
     assert costs["baseline"]["visual_tokens"] == 16 and costs["plugged"]["prefill_gflops"] > 0
@@ -53,14 +62,23 @@ def _answer_with(model, processor, items, plugin):
         return _answer(model, processor, "llava", items, 3)
 
 
-def test_score_uses_family_metrics():
-    items = load_jsonl_like([("colour", "Red."), ("describe", "a small red circle in the top left .")])
-    result = score(items, ["red", "a small red circle in the top left ."])
-    assert result == {"colour": 1.0, "describe": 1.0, "overall": 1.0}
-
-
-def load_jsonl_like(pairs):
-    return [VQAItem(Path("x.png"), "q", answer, family) for family, answer in pairs]
+def test_score_uses_each_lines_metric():
+    description = "there are 1 objects : top left small red circle ."
+    items = [
+        VQAItem(Path("x.png"), "q", "Red.", "colour"),
+        VQAItem(Path("x.png"), "q", description, "describe", metric="synthetic_objects"),
+        VQAItem(Path("x.png"), "q", "a red circle", "caption"),
+    ]
+    result = score(
+        items, ["red", "there are 1 objects : top left small red circle , top large red star .", "red"]
+    )
+    assert result == {
+        "caption": 0.0,
+        "colour": 1.0,
+        "describe": pytest.approx(2 / 3),
+        "headline": pytest.approx(5 / 9),
+    }
+    assert score(items[2:], ["red"], "token_f1")["caption"] == pytest.approx(2 / 3)  # --metric token_f1
 
 
 def test_bad_datasets_are_explained(tmp_path):
@@ -100,7 +118,9 @@ def test_eval_vqa_command_smoke_20_items(tmp_path, capsys):
     assert code == 0
     result = json.loads(out.read_text())
     assert result["items"] == 20 and set(result["accuracy"]) == {"baseline", "plugged"}
-    assert 0.0 <= result["loyalty"]["plugged"] <= 1.0
+    loyalty = result["loyalty"]["plugged"]
+    assert loyalty["low"] <= loyalty["value"] <= loyalty["high"] and loyalty["n"] == 20
+    assert len(result["provenance"]["commit"]) == 40 and result["provenance"]["versions"]["torch"]
     assert "loyalty" in capsys.readouterr().out
 
 
@@ -128,7 +148,7 @@ def test_bench_accuracy_runs_every_setting_and_skips_what_cannot_run(tmp_path, c
     assert code == 0
     result = json.loads((out / "results.json").read_text())
     table = (out / "results.md").read_text()
-    assert table.count("\n| token_pruning:") == len(result["accuracy"]) - 1
+    assert table.count("\n| token_pruning:") == 3 * (len(result["accuracy"]) - 1)  # quality, families, costs
     for plot in ("accuracy.png", "costs.png"):  # real PNG files with content
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (out / plot).stat().st_size > 5000
     runnable = {f"token_pruning:{k}" for k in TokenPruning.bench_settings() if not k.startswith("learned")}

@@ -2,7 +2,9 @@
 
 - visual tokens present at every decoder layer in prefill;
 - analytic FLOPs from the real per-layer token counts (:mod:`vtoken.flops` states the convention);
-- KV-cache bytes really held (the key and value tensors of every layer);
+- KV-cache bytes really held (the key and value tensors of every layer): right after the prefill
+  (the prompt's cache), at the end, and their difference per decode step (per generated token), so
+  that compression is not read from answer length;
 - wall time of vision encoding, prefill (vision included) and decode, and the time to the first
   token; on CUDA every clock read waits for the model's GPUs first (kernels run asynchronously);
 - peak GPU memory of the generation (``torch.cuda.max_memory_allocated``); not measured on the CPU.
@@ -38,6 +40,7 @@ class Report:
         decode_steps: decode forwards after the prefill.
         prefill_flops: FLOPs of the prefill, vision tower and projector included.
         decode_flops: FLOPs of all decode forwards.
+        prefill_kv_bytes: bytes of the key/value tensors held right after the prefill (the prompt's).
         kv_bytes: bytes of the key/value tensors held by the cache at the end.
         vision_s: wall time of the vision tower and projector, seconds.
         prefill_s: wall time of the prefill, vision encoding included.
@@ -57,6 +60,7 @@ class Report:
     decode_steps: int = 0
     prefill_flops: FlopsBreakdown = field(default_factory=FlopsBreakdown)
     decode_flops: FlopsBreakdown = field(default_factory=FlopsBreakdown)
+    prefill_kv_bytes: int = 0
     kv_bytes: int = 0
     vision_s: float = 0.0
     prefill_s: float = 0.0
@@ -72,6 +76,19 @@ class Report:
         """Visual tokens the last decoder layer processed in prefill (all rows)."""
         return self.visual_per_layer[-1] if self.visual_per_layer else self.visual_tokens
 
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """Net KV bytes one decode step adds per row (each step caches one generated token per row;
+        negative where decode-time thinning evicts more than it adds); 0.0 without decode steps."""
+        rows_steps = self.decode_steps * max(self.batch_size, 1)
+        return (self.kv_bytes - self.prefill_kv_bytes) / rows_steps if rows_steps else 0.0
+
+    @property
+    def decode_flops_per_token(self) -> float:
+        """Decode FLOPs per generated token and row (the mean over the decode steps); 0.0 without any."""
+        rows_steps = self.decode_steps * max(self.batch_size, 1)
+        return self.decode_flops.total / rows_steps if rows_steps else 0.0
+
     def rows(self) -> list[tuple[str, str]]:
         """``(metric, value)`` pairs for display."""
         return [
@@ -80,8 +97,11 @@ class Report:
             ("visual tokens at last layer", f"{self.visual_last_layer}"),
             ("decode steps", f"{self.decode_steps}"),
             ("prefill GFLOPs", f"{self.prefill_flops.total / 1e9:.4g}"),
-            ("decode GFLOPs", f"{self.decode_flops.total / 1e9:.4g}"),
-            ("KV cache", f"{self.kv_bytes / 2**20:.3f} MiB"),
+            ("decode GFLOPs per token", f"{self.decode_flops_per_token / 1e9:.4g}"),
+            ("decode GFLOPs (all steps)", f"{self.decode_flops.total / 1e9:.4g}"),
+            ("KV cache after prefill", f"{self.prefill_kv_bytes / 2**20:.3f} MiB"),
+            ("KV cache per generated token", f"{self.kv_bytes_per_token / 2**10:.2f} KiB"),
+            ("KV cache at end", f"{self.kv_bytes / 2**20:.3f} MiB"),
             ("vision encoding", f"{self.vision_s * 1e3:.1f} ms"),
             ("prefill (incl. vision)", f"{self.prefill_s * 1e3:.1f} ms"),
             ("decode", f"{self.decode_s * 1e3:.1f} ms"),
@@ -178,6 +198,7 @@ class Recorder:
             report.visual_per_layer = self._visual_per_layer()
             if report.first_token_s is None:
                 report.first_token_s = now - self._t0.get("prompt", start)
+            report.prefill_kv_bytes = _cache_bytes(self.state.cache)
         elif self.state.phase == "decode":
             report.decode_s += now - start
             report.decode_steps += 1

@@ -5,18 +5,25 @@ Each line of the dataset is one question::
     {"image": "images/0001.png", "question": "...", "answer": "...", "family": "colour", "bbox": [..]}
 
 ``image`` is relative to the JSONL file (or absolute); ``family`` (default ``"all"``) groups the
-accuracy; ``bbox`` is optional. The unplugged model and the plugged one answer every batch back to
-back, so loyalty (agreement with the unplugged answers, as in EffiVLM-Bench) and costs are measured
-on the same inputs in the same run.
+accuracy; ``bbox`` is optional; ``metric`` (optional) picks the question's metric
+(:mod:`vtoken.eval.scoring`: ``exact``, ``token_f1``, ``synthetic_objects``; default: the run's,
+``exact`` unless asked otherwise); ``"headline": false`` reports the question's family on its own,
+outside the headline (the bundled split marks its ``label`` family so: it needs a crop the split does
+not give, and sits at chance without one).
+
+Accuracy, one definition everywhere: per family, the mean score of its questions; the headline is
+the mean of the per-family accuracies over the families in the headline; retention is a plugged
+run's headline over the unplugged one's. Every figure carries a 95% bootstrap interval over
+questions (paired for retention, :mod:`vtoken.eval.intervals`) and its question count. The unplugged
+model and the plugged one answer every batch back to back, so loyalty (agreement with the unplugged
+answers, as in EffiVLM-Bench) and costs are measured on the same inputs in the same run.
 """
 
 from __future__ import annotations
 
 import json
-import re
-import statistics
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,19 +33,42 @@ from tqdm.auto import tqdm
 
 import vtoken
 from vtoken.errors import UnsupportedInputError
+from vtoken.eval.costs import run_costs
+from vtoken.eval.intervals import Estimate, mean_of_groups, retention
+from vtoken.eval.scoring import DEFAULT_METRIC, metric, normalize
 from vtoken.loading import build_prompt, load_image, to_model
 from vtoken.metrics import NOT_MEASURED
+
+HEADLINE = "headline"
 
 
 @dataclass(frozen=True)
 class VQAItem:
-    """One question of a dataset."""
+    """One question of a dataset (see the module docstring for ``metric`` and ``headline``)."""
 
     image: Path
     question: str
     answer: str
     family: str = "all"
     bbox: tuple[float, ...] | None = None
+    metric: str | None = None
+    headline: bool = True
+
+
+def _item(row: dict, folder: Path) -> VQAItem:
+    image = Path(row["image"])
+    name = row.get("metric")
+    if name is not None:
+        metric(name)  # refuse an unknown metric name on its line
+    return VQAItem(
+        image=image if image.is_absolute() else folder / image,
+        question=str(row["question"]),
+        answer=str(row["answer"]),
+        family=str(row.get("family", "all")),
+        bbox=tuple(row["bbox"]) if row.get("bbox") is not None else None,
+        metric=name,
+        headline=bool(row.get("headline", True)),
+    )
 
 
 def load_jsonl(path: str | Path, limit: int | None = None) -> list[VQAItem]:
@@ -51,18 +81,8 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[VQAItem]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
-            image = Path(row["image"])
-            items.append(
-                VQAItem(
-                    image=image if image.is_absolute() else path.parent / image,
-                    question=str(row["question"]),
-                    answer=str(row["answer"]),
-                    family=str(row.get("family", "all")),
-                    bbox=tuple(row["bbox"]) if row.get("bbox") is not None else None,
-                )
-            )
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            items.append(_item(json.loads(line), path.parent))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             raise UnsupportedInputError(
                 f"{path}:{number}: each line must be a JSON object with 'image', 'question' and "
                 f"'answer' ({type(exc).__name__}: {exc})."
@@ -71,58 +91,58 @@ def load_jsonl(path: str | Path, limit: int | None = None) -> list[VQAItem]:
             break
     if not items:
         raise UnsupportedInputError(f"Dataset {path} has no questions.")
+    if not headline_families(items):
+        raise UnsupportedInputError(f"Dataset {path}: every family is marked headline: false.")
     return items
 
 
-def normalize(text: str) -> str:
-    """Lower case, punctuation removed, white space collapsed (VQA-style answer matching)."""
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+def headline_families(items: Sequence[VQAItem]) -> list[str]:
+    """Families in the headline: those none of whose questions says ``headline: false``."""
+    out = {item.family: True for item in items}
+    for item in items:
+        out[item.family] &= item.headline
+    return sorted(f for f, counted in out.items() if counted)
 
 
-def exact_match(prediction: str, reference: str) -> float:
-    return float(normalize(prediction) == normalize(reference))
+def question_scores(
+    items: Sequence[VQAItem], answers: Sequence[str], default: str = DEFAULT_METRIC
+) -> list[float]:
+    """Each answer's score by its item's metric (``default`` where the item names none)."""
+    return [
+        metric(item.metric or default)(answer, item.answer)
+        for item, answer in zip(items, answers, strict=True)
+    ]
 
 
-def description_f1(prediction: str, reference: str) -> float:
-    """Object-level F1 of scene descriptions (the bundled model's ``describe`` family)."""
-    from vtoken.zoo.evaluate import description_f1 as f1
+def by_family(items: Sequence[VQAItem], values: Sequence[float]) -> dict[str, list[float]]:
+    """``values`` (one per item) grouped by family, families sorted by name."""
+    groups: dict[str, list[float]] = defaultdict(list)
+    for item, value in zip(items, values, strict=True):
+        groups[item.family].append(value)
+    return dict(sorted(groups.items()))
 
-    return f1(prediction, reference)
+
+def summarise(items: Sequence[VQAItem], scores: Sequence[float]) -> dict[str, Estimate]:
+    """Per-family accuracy and the headline (mean over :func:`headline_families`), with intervals."""
+    groups = by_family(items, scores)
+    result = {family: mean_of_groups({family: v}) for family, v in groups.items()}
+    result[HEADLINE] = mean_of_groups({f: groups[f] for f in headline_families(items)})
+    return result
 
 
-#: Metric of each question family; families not listed are scored by exact match.
-METRICS: dict[str, Callable[[str, str], float]] = {"describe": description_f1}
+def score(
+    items: Sequence[VQAItem], answers: Sequence[str], default: str = DEFAULT_METRIC
+) -> dict[str, float]:
+    """Point values of :func:`summarise`: accuracy per family and the ``headline``."""
+    return {k: e.value for k, e in summarise(items, question_scores(items, answers, default)).items()}
 
 
 @dataclass
 class RunStats:
-    """Answers and costs of one model configuration over the dataset."""
+    """Answers and session reports of one model configuration over the dataset."""
 
     answers: list[str] = field(default_factory=list)
     reports: list[vtoken.Report] = field(default_factory=list)
-
-    def costs(self) -> dict[str, float | None]:
-        """Per-question means of the session reports (batches weighted by their size); the time to
-        first token is per batch, and ``peak_gpu_mib`` the largest batch's (``None`` on the CPU)."""
-        n = sum(r.batch_size for r in self.reports) or 1
-        total = lambda f: sum(f(r) for r in self.reports) / n  # noqa: E731
-        return {
-            "visual_tokens": total(lambda r: r.visual_tokens),
-            "visual_tokens_last_layer": total(lambda r: r.visual_per_layer[-1] if r.visual_per_layer else 0),
-            "prefill_gflops": total(lambda r: r.prefill_flops.total) / 1e9,
-            "decode_gflops": total(lambda r: r.decode_flops.total) / 1e9,
-            "kv_mib": total(lambda r: r.kv_bytes) / 2**20,
-            "prefill_ms": total(lambda r: r.prefill_s) * 1e3,
-            "decode_ms": total(lambda r: r.decode_s) * 1e3,
-            "first_token_ms": _scaled(statistics.mean, [r.first_token_s for r in self.reports], 1e3),
-            "peak_gpu_mib": _scaled(max, [r.peak_memory_bytes for r in self.reports], 2**-20),
-        }
-
-
-def _scaled(summary: Callable, values: list[float | None], scale: float) -> float | None:
-    """``summary`` of the measured ``values`` times ``scale``; ``None`` when none was measured."""
-    measured = [v for v in values if v is not None]
-    return summary(measured) * scale if measured else None
 
 
 @dataclass
@@ -132,48 +152,58 @@ class VQAResult:
     Attributes:
         stacks: each label's plugins (``repr``), ``"baseline"`` first.
         items: questions answered.
-        accuracy: per label, the metric of each family and ``overall``.
-        loyalty: per label, agreement with the baseline's answers.
-        costs: per label, per-question means of visual tokens, FLOPs, KV bytes and times, the
-            time to first token of a batch and the peak GPU memory (``None``: not measured, CPU).
+        families: questions per family.
+        headline_families: the families the headline averages.
+        accuracy: per label, each family's accuracy and the ``"headline"``, with intervals.
+        retention: per label, its headline over the baseline's (paired interval; ``None`` when the
+            baseline's headline is 0).
+        loyalty: per label, agreement with the baseline's answers (interval over questions).
+        costs: per label, per-question costs (:func:`vtoken.eval.costs.run_costs`).
         answers: per label, every answer in dataset order.
+        scores: per label, every answer's score in dataset order.
     """
 
     stacks: dict[str, str]
     items: int
-    accuracy: dict[str, dict[str, float]]
-    loyalty: dict[str, float]
+    families: dict[str, int]
+    headline_families: list[str]
+    accuracy: dict[str, dict[str, Estimate]]
+    retention: dict[str, Estimate | None]
+    loyalty: dict[str, Estimate]
     costs: dict[str, dict[str, float | None]]
     answers: dict[str, list[str]]
+    scores: dict[str, list[float]]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def format(self) -> str:
+        """A plain-text table: accuracy per family, headline, retention, loyalty, then costs."""
         runs = list(self.accuracy)
-        families = list(self.accuracy[runs[0]])
         rows = [("metric", *runs)]
-        rows += [(f"accuracy {name}", *(f"{self.accuracy[r][name]:.3f}" for r in runs)) for name in families]
-        rows.append(("loyalty", *(f"{self.loyalty[r]:.3f}" for r in runs)))
+        for name in [*self.families, HEADLINE]:
+            own = name != HEADLINE and name not in self.headline_families
+            title = f"accuracy {name}{' (own)' if own else ''} [{self._count(name)} q]"
+            rows.append((title, *(self.accuracy[r][name].format() for r in runs)))
+        rows.append(("retention", *(_estimate(self.retention[r]) for r in runs)))
+        rows.append(("loyalty", *(self.loyalty[r].format() for r in runs)))
         for key in self.costs[runs[0]]:
             rows.append((key, *(_cost(self.costs[r][key]) for r in runs)))
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
-        return f"{self.items} questions\n" + "\n".join(lines)
+        return f"{self.items} questions; [95% bootstrap intervals]\n" + "\n".join(lines)
+
+    def _count(self, name: str) -> int:
+        names = self.headline_families if name == HEADLINE else [name]
+        return sum(self.families[f] for f in names)
+
+
+def _estimate(value: Estimate | None) -> str:
+    return "-" if value is None else value.format()
 
 
 def _cost(value: float | None) -> str:
     return NOT_MEASURED if value is None else f"{value:.4g}"
-
-
-def score(items: Sequence[VQAItem], answers: Sequence[str]) -> dict[str, float]:
-    """Mean metric per family, plus ``overall`` (mean over questions)."""
-    per: dict[str, list[float]] = defaultdict(list)
-    for item, answer in zip(items, answers, strict=True):
-        per[item.family].append(METRICS.get(item.family, exact_match)(answer, item.answer))
-    result = {family: sum(v) / len(v) for family, v in sorted(per.items())}
-    result["overall"] = sum(sum(v) for v in per.values()) / len(items)
-    return result
 
 
 def _answer(model, processor, family: str, batch: Sequence[VQAItem], max_new_tokens: int) -> list[str]:
@@ -196,6 +226,7 @@ def evaluate(
     stacks: dict[str, Sequence[vtoken.Plugin]] | None = None,
     batch_size: int = 16,
     max_new_tokens: int = 64,
+    metric_name: str = DEFAULT_METRIC,
 ) -> VQAResult:
     """Answer ``items`` unplugged and with every plugin stack; score accuracy, loyalty and costs.
 
@@ -204,7 +235,9 @@ def evaluate(
 
     Args:
         stacks: ``{label: plugins}``; the unplugged ``"baseline"`` always runs first.
+        metric_name: the metric of questions whose line names none (:data:`vtoken.eval.scoring.METRICS`).
     """
+    metric(metric_name)
     family = vtoken.resolve_family(model).name
     runs = {"baseline": ([], RunStats())}
     runs |= {label: (list(plugins), RunStats()) for label, plugins in (stacks or {}).items()}
@@ -214,15 +247,28 @@ def evaluate(
             with vtoken.attach(model, stack) as session:
                 stats.answers += _answer(model, processor, family, batch, max_new_tokens)
                 stats.reports.append(session.report())
+    return result_of(items, runs, metric_name)
+
+
+def result_of(
+    items: Sequence[VQAItem], runs: dict[str, tuple[list, RunStats]], metric_name: str
+) -> VQAResult:
+    """Score every run's answers and summarise them against the ``"baseline"`` run."""
+    scores = {label: question_scores(items, stats.answers, metric_name) for label, (_, stats) in runs.items()}
     base = [normalize(a) for a in runs["baseline"][1].answers]
+    agree = lambda answers: [float(normalize(a) == b) for a, b in zip(answers, base, strict=True)]  # noqa: E731
+    groups = {label: by_family(items, s) for label, s in scores.items()}
+    heads = headline_families(items)
+    counted = {label: {f: g[f] for f in heads} for label, g in groups.items()}
     return VQAResult(
         stacks={label: ", ".join(map(repr, stack)) or "none" for label, (stack, _) in runs.items()},
         items=len(items),
-        accuracy={label: score(items, stats.answers) for label, (_, stats) in runs.items()},
-        loyalty={
-            label: sum(normalize(a) == b for a, b in zip(stats.answers, base, strict=True)) / len(items)
-            for label, (_, stats) in runs.items()
-        },
-        costs={label: stats.costs() for label, (_, stats) in runs.items()},
+        families={f: len(v) for f, v in groups["baseline"].items()},
+        headline_families=heads,
+        accuracy={label: summarise(items, s) for label, s in scores.items()},
+        retention={label: retention(c, counted["baseline"]) for label, c in counted.items()},
+        loyalty={label: mean_of_groups({"all": agree(stats.answers)}) for label, (_, stats) in runs.items()},
+        costs={label: run_costs(stats.reports) for label, (_, stats) in runs.items()},
         answers={label: stats.answers for label, (_, stats) in runs.items()},
+        scores=scores,
     )

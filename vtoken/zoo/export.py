@@ -49,8 +49,11 @@ def export_split(out: str | Path, split: str = "test", per_family: int = 300) ->
 
     Each line has ``image`` (PNG path, relative to the JSONL's folder), ``question``, ``answer``,
     ``family`` and, for questions about one object, ``bbox`` ``[x0, y0, x1, y1]`` in pixels of the
-    stored (source-resolution) image. Item ``k`` is the same question as in ``evaluate.split_items``.
+    stored (source-resolution) image; ``metric`` and ``headline`` where the split is scored apart from
+    the defaults (``evaluate.split_marks``). Item ``k`` is the same question as in ``evaluate.split_items``.
     """
+    from vtoken.zoo.evaluate import split_marks
+
     out = Path(out)
     images = out.parent / f"{out.stem}_images"
     images.mkdir(parents=True, exist_ok=True)
@@ -64,5 +67,6 @@ def export_split(out: str | Path, split: str = "test", per_family: int = 300) ->
             row |= {"answer": qa.answer, "family": family}
             if qa.box is not None:
                 row["bbox"] = list(qa.box)
+            row |= split_marks(family)
             fh.write(json.dumps(row) + "\n")
     return out
