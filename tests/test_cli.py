@@ -155,7 +155,10 @@ def test_bench_speed_quick_writes_ratios(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["repeats"] == 1 and 0 < result["prefill_flops_ratio"] < 1
     assert 0 < result["kv_bytes_ratio"] < 1 and result["prefill_ratio"] > 0
-    assert "FLOPs predict" in capsys.readouterr().out
+    assert result["prefill_ratios"] == [result["prefill_ratio"]] and result["provenance"]["commit"]
+    out = capsys.readouterr()
+    assert "FLOPs predict" in out.out and "min / median / max" in out.out and "1 torch threads" in out.out
+    assert "language model 8 x 256" in out.out and "torch threads: 1" in out.err
 
 
 def test_bench_speed_needs_exactly_one_plugin(capsys):

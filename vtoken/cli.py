@@ -1,15 +1,14 @@
-"""The ``vtoken`` command: info, run, bench (speed, accuracy), eval (vqa) and zoo (train, export)."""
+"""The ``vtoken`` command: info, run, demo; bench (:mod:`vtoken.bench.cli`), eval (:mod:`vtoken.eval.cli`)
+and zoo (:mod:`vtoken.zoo.cli`)."""
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from importlib.metadata import version
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
 from vtoken.errors import VTokenError
@@ -103,114 +102,7 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _emit(table: str, data: dict, out: str | None) -> int:
-    """Print a result table and, with ``out``, write its data as JSON."""
-    print(table)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(data, indent=2))
-    return 0
-
-
-def _bench(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from vtoken.bench.speed import SHAPES
-    from vtoken.bench.suite import FULL, QUICK_PLAN, markdown_table, run_bench, write_bench
-    from vtoken.eval.vqa import load_jsonl
-
-    plan = QUICK_PLAN if args.quick else FULL
-    plan = replace(
-        plan,
-        per_family=args.per_family or plan.per_family,
-        repeats=args.repeats or plan.repeats,
-        shape=SHAPES[args.shape] if args.shape else plan.shape,
-        device=args.device,
-        dtype=args.dtype,
-    )
-    args.model = args.model or default_model()
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    items = load_jsonl(args.data) if args.data else None
-    result = run_bench(model, processor, args.model, plan, tuple(args.plugin), items, Path(args.cache))
-    header = (
-        f"`{_bench_command(args)}`: {result.accuracy.items} questions; speed on a random-weight LLaVA with "
-        f"{plan.shape.visual_tokens} visual tokens (576: LLaVA-1.5's token shape), {plan.repeats} "
-        f"interleaved repetitions, medians; ratios are plugged / unplugged. Machine: {machine(args.device)}."
-    )
-    for path in write_bench(result, args.out_dir, header):
-        print(f"wrote {path}", file=sys.stderr)
-    print(header + "\n\n" + markdown_table(result))
-    return 0
-
-
-def _bench_command(args: argparse.Namespace) -> str:
-    """The ``vtoken bench`` command line that reproduces a run (options left at defaults omitted)."""
-    command = "vtoken bench" + (" --quick" if args.quick else "") + f" --model {args.model}"
-    defaults = {"shape": None, "device": "cpu", "dtype": "auto"}
-    return command + "".join(
-        f" --{k} {getattr(args, k)}" for k, v in defaults.items() if getattr(args, k) != v
-    )
-
-
-def machine(device: str = "cpu") -> str:
-    """The hardware a measurement ran on: the CPU, and the GPU when ``device`` uses one."""
-    import os
-    import platform
-
-    cores, threads = os.cpu_count(), torch.get_num_threads()
-    cpu = f"{platform.machine()}, {cores} CPU cores, torch {version('torch')}, {threads} threads"
-    if device == "cpu" or not torch.cuda.is_available():
-        return cpu
-    gpu = torch.device(device if device.startswith("cuda") else "cuda")
-    return f"{torch.cuda.get_device_name(gpu)} (CUDA {torch.version.cuda}), {cpu}"
-
-
-def _bench_speed(args: argparse.Namespace) -> int:
-    from dataclasses import asdict
-
-    import vtoken
-    from vtoken.bench.speed import SHAPES, run_speed
-
-    plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
-    if len(plugins) != 1:
-        raise vtoken.ConfigError("vtoken bench speed times one plugin: give one --plugin or --config.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    shape = SHAPES[args.shape or ("quick" if args.quick else "small")]
-    result = run_speed(plugins[0], shape, args.repeats, device=args.device, dtype=args.dtype)
-    return _emit(result.format(), asdict(result), args.out)
-
-
-def _bench_accuracy(args: argparse.Namespace) -> int:
-    from vtoken.bench.accuracy import run_accuracy, split_items
-    from vtoken.bench.report import write_report
-    from vtoken.eval.vqa import load_jsonl
-
-    args.model = args.model or default_model()
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    items = load_jsonl(args.data) if args.data else split_items(Path(args.cache), args.per_family)
-    result = run_accuracy(model, processor, items, args.plugin, args.batch_size, args.max_new_tokens)
-    header = f"`vtoken bench accuracy --model {args.model}`, {result.items} questions"
-    for path in write_report(result, args.out_dir, header):
-        print(f"wrote {path}", file=sys.stderr)
-    print(result.format())
-    return 0
-
-
-def _eval_vqa(args: argparse.Namespace) -> int:
-    import vtoken
-    from vtoken.eval.vqa import evaluate, load_jsonl
-
-    plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
-    items = load_jsonl(args.data, limit=args.limit)
-    args.model = args.model or default_model()
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    stacks = {"plugged": plugins} if plugins else {}
-    result = evaluate(model, processor, items, stacks, args.batch_size, args.max_new_tokens)
-    return _emit(result.format(), result.to_dict(), args.out)
-
-
-def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
+def add_plugin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plugin", action="append", default=[], help="plugin name (repeatable)")
     parser.add_argument("--config", action="append", default=[], help="YAML config file (repeatable)")
     parser.add_argument(
@@ -222,24 +114,13 @@ def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_device_args(parser: argparse.ArgumentParser) -> None:
+def add_device_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help=f"where the model runs: {DEVICE_HELP} (default: cpu)")
     parser.add_argument(
         "--dtype",
         default="auto",
         choices=list(DTYPES),
         help="model weights' dtype (default: auto, the checkpoint's; float32 for tiny models)",
-    )
-
-
-def _add_shape_arg(parser: argparse.ArgumentParser) -> None:
-    from vtoken.bench.speed import SHAPES
-
-    parser.add_argument(
-        "--shape",
-        choices=list(SHAPES),
-        help="random-weight model of the speed measurement: small (LLaVA-1.5's 576 visual tokens, "
-        "16 x 768 language model; the default), quick, or llava-1.5-7b (LLaVA-1.5-7B's real shape; a GPU)",
     )
 
 
@@ -254,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--image", default=str(SAMPLE_IMAGE), help="image file (default: a sample scene)")
     run.add_argument("--question", default=SAMPLE_QUESTION)
-    _add_plugin_args(run)
-    _add_device_args(run)
+    add_plugin_args(run)
+    add_device_args(run)
     run.add_argument("--max-new-tokens", type=int, default=32)
     run.set_defaults(fn=_run)
     demo = sub.add_parser("demo", help="the Gradio demo app (from a source checkout)")
@@ -267,75 +148,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="a local model directory visitors may pick (repeatable; --model's directory is allowed too)",
     )
-    _add_device_args(demo)
+    add_device_args(demo)
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--host", default="127.0.0.1")
     demo.set_defaults(fn=_demo)
-    bench_parser = sub.add_parser(
-        "bench",
-        help="every plugin's main settings vs the unplugged model: accuracy, loyalty, costs, speed",
-        description="Without a subcommand: the whole benchmark (accuracy and costs on the bundled "
-        "model's test split, speed on a random-weight LLaVA-1.5-shaped model), written to --out-dir.",
-    )
-    bench_parser.add_argument(
-        "--quick", action="store_true", help="a few minutes: 10 questions per family, small speed model"
-    )
-    bench_parser.add_argument("--model", help="bundled name or local directory (default: the bundled model)")
-    bench_parser.add_argument("--plugin", action="append", default=[], help="only these plugins (repeatable)")
-    bench_parser.add_argument("--data", help="VQA JSONL file instead of the bundled test split")
-    bench_parser.add_argument(
-        "--per-family", type=int, help="test-split questions per family (default 300, quick 10)"
-    )
-    bench_parser.add_argument(
-        "--repeats", type=int, help="interleaved speed repetitions (default 5, quick 3)"
-    )
-    bench_parser.add_argument("--cache", default="runs/data", help="where the test split is written")
-    bench_parser.add_argument(
-        "--out-dir", default="runs/bench", help="results.md, results.json and plots go here"
-    )
-    _add_device_args(bench_parser)
-    _add_shape_arg(bench_parser)
-    bench_parser.set_defaults(fn=_bench)
-    bench = bench_parser.add_subparsers(dest="bench")
-    speed = bench.add_parser(
-        "speed",
-        help="prefill/decode time of a plugin vs the unplugged model "
-        "(random-weight LLaVA-1.5 token shape, interleaved repetitions, medians)",
-    )
-    _add_plugin_args(speed)
-    speed.add_argument("--repeats", type=int, default=5)
-    speed.add_argument("--quick", action="store_true", help="a small model (seconds, not minutes)")
-    speed.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    _add_device_args(speed)
-    _add_shape_arg(speed)
-    speed.add_argument("--out", help="write the result as JSON here")
-    speed.set_defaults(fn=_bench_speed)
-    acc = bench.add_parser(
-        "accuracy",
-        help="every plugin's main settings vs the unplugged model on "
-        "the bundled test split (or --data JSONL): accuracy, loyalty, costs",
-    )
-    acc.add_argument("--model", default="synth-llava-tiny", help="bundled name or local directory")
-    acc.add_argument("--plugin", action="append", default=[], help="only these plugins (repeatable)")
-    acc.add_argument("--data", help="VQA JSONL file instead of the bundled test split")
-    acc.add_argument("--per-family", type=int, default=300, help="test-split questions per family")
-    acc.add_argument("--cache", default="runs/data", help="where the test split is written")
-    acc.add_argument("--batch-size", type=int, default=32)
-    acc.add_argument("--max-new-tokens", type=int, default=64)
-    acc.add_argument("--out-dir", default="runs/bench", help="results.md, results.json and plots go here")
-    _add_device_args(acc)
-    acc.set_defaults(fn=_bench_accuracy)
-    evals = sub.add_parser("eval", help="evaluations").add_subparsers(dest="eval", required=True)
-    vqa = evals.add_parser("vqa", help="accuracy per family, loyalty and costs on a VQA JSONL file")
-    vqa.add_argument("--model", help="bundled name, local directory or tiny:<family> (default: as run)")
-    vqa.add_argument("--data", required=True, help="JSONL with image, question, answer[, family, bbox]")
-    _add_plugin_args(vqa)
-    vqa.add_argument("--limit", type=int, help="only the first N questions")
-    vqa.add_argument("--batch-size", type=int, default=16)
-    vqa.add_argument("--max-new-tokens", type=int, default=64)
-    vqa.add_argument("--out", help="write the result as JSON here")
-    _add_device_args(vqa)
-    vqa.set_defaults(fn=_eval_vqa)
+    from vtoken.bench.cli import add_commands as add_bench
+    from vtoken.eval.cli import add_commands as add_eval
+
+    add_bench(sub)
+    add_eval(sub)
     from vtoken.zoo.cli import add_commands
 
     add_commands(sub)

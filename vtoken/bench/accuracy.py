@@ -13,6 +13,7 @@ from pathlib import Path
 
 import vtoken
 from vtoken.errors import VTokenError
+from vtoken.eval.scoring import DEFAULT_METRIC
 from vtoken.eval.vqa import VQAItem, VQAResult, evaluate, load_jsonl
 from vtoken.registry import BUILTIN_PLUGINS, get_plugin_class
 
@@ -37,10 +38,10 @@ def bench_stacks(model, plugins: Sequence[str] = ()) -> dict[str, list[vtoken.Pl
 
 
 def split_items(folder: Path, per_family: int) -> list[VQAItem]:
-    """The bundled synthetic test split as JSONL (written once into ``folder``)."""
+    """The bundled synthetic test split as JSONL, with its scoring marks (written once into ``folder``)."""
     from vtoken.zoo.export import export_split
 
-    path = folder / f"test_{per_family}.jsonl"
+    path = folder / f"bundled_test_{per_family}.jsonl"
     if not path.is_file():
         export_split(path, split="test", per_family=per_family)
     return load_jsonl(path)
@@ -53,6 +54,8 @@ def run_accuracy(
     plugins: Sequence[str] = (),
     batch_size: int = 32,
     max_new_tokens: int = 64,
+    metric_name: str = DEFAULT_METRIC,
 ) -> VQAResult:
-    """Evaluate every bench setting of ``plugins`` on ``items``."""
-    return evaluate(model, processor, items, bench_stacks(model, plugins), batch_size, max_new_tokens)
+    """Evaluate every bench setting of ``plugins`` on ``items`` (``metric_name``: where a line names none)."""
+    stacks = bench_stacks(model, plugins)
+    return evaluate(model, processor, items, stacks, batch_size, max_new_tokens, metric_name)

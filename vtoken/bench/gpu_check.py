@@ -83,7 +83,7 @@ def run_gpu_check(
 
 
 def _machine(device: str) -> str:
-    from vtoken.cli import machine
+    from vtoken.bench.provenance import machine
 
     return f"{machine(device)}, transformers {version('transformers')}"
 

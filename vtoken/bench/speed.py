@@ -2,9 +2,12 @@
 
 The model has LLaVA-1.5's token shape (a 336x336 image in 14x14 patches gives 576 visual tokens)
 with random weights and, by default, a language model sized for a fair CPU measurement
-(``"small"``); ``"llava-1.5-7b"`` is LLaVA-1.5-7B's real shape, for a GPU. Each repetition runs
-the baseline and the plugged model back to back, alternating which goes first; ratios are taken
-per repetition and summarised by their median, next to the ratio the FLOPs counter predicts.
+(``"small"``: only the token count is LLaVA-1.5's, see :meth:`SpeedShape.describe`);
+``"llava-1.5-7b"`` is LLaVA-1.5-7B's real shape, for a GPU. A first repetition is run and discarded
+(warm-up: allocations, kernel choices); then each repetition runs the baseline and the plugged model
+back to back, alternating which goes first, and the ratio plugged / baseline is taken per
+repetition. The result keeps every repetition's ratio and reports their min / median / max next to
+the ratio the FLOPs counter predicts.
 """
 
 from __future__ import annotations
@@ -50,6 +53,15 @@ class SpeedShape:
     @property
     def visual_tokens(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    def describe(self) -> str:
+        """The real shape in words, e.g. for a results header."""
+        return (
+            f"random-weight LLaVA: {self.image_size} px image, {self.visual_tokens} visual tokens, "
+            f"CLIP tower {self.vision_layers} x {self.vision_hidden}, language model {self.layers} x "
+            f"{self.hidden} ({self.heads} heads, {self.kv_heads} KV heads, MLP {self.intermediate}, "
+            f"vocabulary {self.vocab}), {self.text_tokens} text tokens, {self.new_tokens} new tokens"
+        )
 
 
 QUICK = SpeedShape(
@@ -145,45 +157,64 @@ def build_inputs(shape: SpeedShape, seed: int = 0) -> dict[str, torch.Tensor]:
 
 @dataclass
 class SpeedResult:
-    """Medians over repetitions; ``*_ratio`` is plugged / baseline.
+    """Timings of repetitions after a discarded warm-up; ``*_ratio`` is the median of the
+    per-repetition ratios plugged / baseline, ``*_ratios`` every repetition's ratio.
 
     Attributes:
-        first_token_s: median time to first token, by ``"baseline"`` / ``"plugged"``.
+        prefill_s: median prefill time, by ``"baseline"`` / ``"plugged"``; ``prefill_times`` all of them.
+        decode_step_s: median decode-step time; ``decode_step_times`` all of them.
+        first_token_s: median time to first token.
         peak_memory_mib: the largest peak GPU memory of the repetitions; ``None`` on the CPU.
+        kv_bytes_ratio: KV bytes at the end (every run generates ``new_tokens``), plugged / baseline;
+            ``prefill_kv_ratio`` right after the prefill.
+        threads: torch's intra-op threads while timing.
     """
 
     shape: dict[str, Any]
     plugin: str
     repeats: int
+    warmup: int = 1
     device: str = "cpu"
     dtype: str = "float32"
+    threads: int = 0
     prefill_s: dict[str, float] = field(default_factory=dict)
     decode_step_s: dict[str, float] = field(default_factory=dict)
     first_token_s: dict[str, float] = field(default_factory=dict)
     peak_memory_mib: dict[str, float | None] = field(default_factory=dict)
+    prefill_times: dict[str, list[float]] = field(default_factory=dict)
+    decode_step_times: dict[str, list[float]] = field(default_factory=dict)
+    prefill_ratios: list[float] = field(default_factory=list)
+    decode_step_ratios: list[float] = field(default_factory=list)
     prefill_ratio: float = 0.0
     prefill_flops_ratio: float = 0.0
     decode_step_ratio: float = 0.0
     decode_flops_ratio: float = 0.0
+    prefill_kv_ratio: float = 0.0
     kv_bytes_ratio: float = 0.0
 
     def format(self) -> str:
+        ms = lambda v: f"baseline {v['baseline'] * 1e3:8.2f} ms   plugged {v['plugged'] * 1e3:8.2f} ms"  # noqa: E731
         return "\n".join(
             [
-                f"plugin: {self.plugin}   ({self.repeats} interleaved repetitions, medians)",
-                f"prefill  baseline {self.prefill_s['baseline'] * 1e3:8.1f} ms   plugged "
-                f"{self.prefill_s['plugged'] * 1e3:8.1f} ms   ratio {self.prefill_ratio:.3f} "
+                f"plugin: {self.plugin}",
+                f"{self.repeats} interleaved repetitions after {self.warmup} discarded warm-up, "
+                f"{self.threads} torch threads; ratios plugged / baseline, min / median / max",
+                f"prefill      {ms(self.prefill_s)}   ratio {spread(self.prefill_ratios)} "
                 f"(FLOPs predict {self.prefill_flops_ratio:.3f})",
-                f"decode   baseline {self.decode_step_s['baseline'] * 1e3:8.2f} ms/step   plugged "
-                f"{self.decode_step_s['plugged'] * 1e3:8.2f} ms/step   ratio {self.decode_step_ratio:.3f} "
+                f"decode step  {ms(self.decode_step_s)}   ratio {spread(self.decode_step_ratios)} "
                 f"(FLOPs predict {self.decode_flops_ratio:.3f})",
-                f"time to first token  baseline {self.first_token_s['baseline'] * 1e3:8.1f} ms   plugged "
-                f"{self.first_token_s['plugged'] * 1e3:8.1f} ms",
+                f"time to first token  {ms(self.first_token_s)}",
                 f"peak GPU memory  baseline {_mib(self.peak_memory_mib['baseline'])}   plugged "
                 f"{_mib(self.peak_memory_mib['plugged'])}",
-                f"KV cache bytes ratio {self.kv_bytes_ratio:.3f}",
+                f"KV cache bytes ratio: after prefill {self.prefill_kv_ratio:.3f}, at the end "
+                f"{self.kv_bytes_ratio:.3f}",
             ]
         )
+
+
+def spread(values: list[float], fmt: str = "{:.3f}") -> str:
+    """``"min / median / max"`` of ``values``."""
+    return " / ".join(fmt.format(v) for v in (min(values), statistics.median(values), max(values)))
 
 
 def _mib(value: float | None) -> str:
@@ -266,16 +297,18 @@ def speed_device(device: str) -> str:
 
 
 def _time(model, inputs, plugged: vtoken.Plugin, shape: SpeedShape, repeats: int, warmup: int) -> SpeedResult:
-    for _ in range(warmup):
-        _one_run(model, inputs, [], 2), _one_run(model, inputs, plugged, 2)
+    """``warmup`` whole repetitions run and discarded, then ``repeats`` timed ones, alternating order."""
     runs: dict[str, list[vtoken.Report]] = {"baseline": [], "plugged": []}
     stacks = {"baseline": [], "plugged": plugged}
-    for rep in range(repeats):
+    for rep in range(warmup + repeats):
         order = ["baseline", "plugged"] if rep % 2 == 0 else ["plugged", "baseline"]
         for label in order:
-            runs[label].append(_one_run(model, inputs, stacks[label], shape.new_tokens))
+            report = _one_run(model, inputs, stacks[label], shape.new_tokens)
+            if rep >= warmup:
+                runs[label].append(report)
     result = _summarise(shape, plugged, runs)
     result.device, result.dtype = str(model.device), str(model.dtype).removeprefix("torch.")
+    result.warmup, result.threads = warmup, torch.get_num_threads()
     return result
 
 
@@ -283,14 +316,19 @@ def _summarise(shape: SpeedShape, plugin: vtoken.Plugin, runs: dict[str, list[vt
     base, plug = runs["baseline"], runs["plugged"]
     step = lambda r: r.decode_s / max(r.decode_steps, 1)  # noqa: E731
     result = SpeedResult(shape=asdict(shape), plugin=repr(plugin), repeats=len(base))
-    result.prefill_s = {k: statistics.median(r.prefill_s for r in v) for k, v in runs.items()}
-    result.decode_step_s = {k: statistics.median(step(r) for r in v) for k, v in runs.items()}
+    result.prefill_times = {k: [r.prefill_s for r in v] for k, v in runs.items()}
+    result.decode_step_times = {k: [step(r) for r in v] for k, v in runs.items()}
+    result.prefill_s = {k: statistics.median(v) for k, v in result.prefill_times.items()}
+    result.decode_step_s = {k: statistics.median(v) for k, v in result.decode_step_times.items()}
     result.first_token_s = {k: statistics.median(r.first_token_s for r in v) for k, v in runs.items()}
     result.peak_memory_mib = {k: _peak_mib(v) for k, v in runs.items()}
-    result.prefill_ratio = statistics.median(p.prefill_s / b.prefill_s for b, p in zip(base, plug))
-    result.decode_step_ratio = statistics.median(step(p) / step(b) for b, p in zip(base, plug))
+    result.prefill_ratios = [p.prefill_s / b.prefill_s for b, p in zip(base, plug)]
+    result.decode_step_ratios = [step(p) / step(b) for b, p in zip(base, plug)]
+    result.prefill_ratio = statistics.median(result.prefill_ratios)
+    result.decode_step_ratio = statistics.median(result.decode_step_ratios)
     result.prefill_flops_ratio = plug[0].prefill_flops.total / base[0].prefill_flops.total
     result.decode_flops_ratio = plug[0].decode_flops.total / base[0].decode_flops.total
+    result.prefill_kv_ratio = plug[0].prefill_kv_bytes / base[0].prefill_kv_bytes
     result.kv_bytes_ratio = plug[0].kv_bytes / base[0].kv_bytes
     return result
 

@@ -5,10 +5,13 @@ the one place a plugin adds itself to the benchmark):
 
 - quality and costs on the bundled model's test split (or any VQA JSONL): accuracy, loyalty to the
   unplugged answers, visual tokens kept, FLOPs and KV bytes (:mod:`vtoken.bench.accuracy`);
-- speed on a random-weight model of LLaVA-1.5's token shape: prefill and decode-step time ratios
-  against the unplugged model, interleaved repetitions, medians (:mod:`vtoken.bench.speed`).
+- speed on a random-weight model with LLaVA-1.5's token count (:meth:`SpeedShape.describe` says its
+  real shape): prefill and decode-step time ratios against the unplugged model, a discarded warm-up,
+  then interleaved repetitions, min / median / max of the per-repetition ratios
+  (:mod:`vtoken.bench.speed`).
 
-The results go to one folder as ``results.md``, ``results.json`` and plots.
+The results go to one folder as ``results.md``, ``results.json`` (with the git commit, package
+versions and machine) and plots.
 """
 
 from __future__ import annotations
@@ -16,9 +19,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
+
 from vtoken.bench.accuracy import bench_stacks, split_items
-from vtoken.bench.report import grouped_bars, plot_accuracy, plot_costs, write_results
-from vtoken.bench.speed import QUICK, SpeedResult, SpeedShape, run_speed_all
+from vtoken.bench.provenance import provenance
+from vtoken.bench.report import grouped_bars, plot_accuracy, plot_costs, table, write_results
+from vtoken.bench.report import markdown_table as quality_tables
+from vtoken.bench.speed import QUICK, SpeedResult, SpeedShape, run_speed_all, spread
 from vtoken.eval.vqa import VQAItem, VQAResult, evaluate
 
 
@@ -35,6 +42,7 @@ class BenchPlan:
         device: where the speed model runs (``"cpu"``, ``"cuda[:index]"``, ``"auto"``: a GPU if
             any); the accuracy model runs where it was loaded.
         dtype: the speed model's dtype (``"auto"``: float32).
+        threads: torch intra-op threads for the whole run (0: torch's default).
     """
 
     per_family: int = 300
@@ -44,6 +52,7 @@ class BenchPlan:
     max_new_tokens: int = 64
     device: str = "cpu"
     dtype: str = "auto"
+    threads: int = 0
 
 
 FULL = BenchPlan()
@@ -52,16 +61,19 @@ QUICK_PLAN = BenchPlan(per_family=10, repeats=3, shape=QUICK)
 
 @dataclass
 class BenchResult:
-    """Accuracy/costs (on ``model``) and speed (on the LLaVA-1.5-shaped model) of every setting."""
+    """Accuracy/costs (on ``model``) and speed (on the random-weight model) of every setting, and
+    where they were measured (:func:`vtoken.bench.provenance.provenance`)."""
 
     model: str
     plan: BenchPlan
     accuracy: VQAResult
     speed: dict[str, SpeedResult]
+    provenance: dict
 
     def to_dict(self) -> dict:
         return {
             "model": self.model,
+            "provenance": self.provenance,
             "plan": asdict(self.plan),
             "accuracy": self.accuracy.to_dict(),
             "speed": {k: asdict(v) for k, v in self.speed.items()},
@@ -78,54 +90,64 @@ def run_bench(
     cache: Path = Path("runs/data"),
 ) -> BenchResult:
     """Run every setting of ``plugins`` (default: the built-ins) against the unplugged model."""
+    if plan.threads:
+        torch.set_num_threads(plan.threads)
     items = items if items is not None else split_items(cache, plan.per_family)
     stacks = bench_stacks(model, plugins)
     accuracy = evaluate(model, processor, items, stacks, plan.batch_size, plan.max_new_tokens)
     plugins = {label: stack[0] for label, stack in stacks.items()}
     speed = run_speed_all(plugins, plan.shape, plan.repeats, device=plan.device, dtype=plan.dtype)
-    return BenchResult(model_name, plan, accuracy, speed)
+    return BenchResult(model_name, plan, accuracy, speed, provenance(plan.device))
+
+
+def speed_table(result: BenchResult) -> str:
+    """Per timed setting: prefill and decode-step time ratios (min / median / max over the
+    repetitions) next to the FLOPs counter's prediction, the KV ratio after the prefill, and the
+    baseline's own prefill times."""
+    header = [
+        "setting", "prefill time", "prefill FLOPs", "decode step time", "decode FLOPs",
+        "KV after prefill", "baseline prefill ms",
+    ]  # fmt: skip
+    rows = [
+        [
+            label, spread(s.prefill_ratios), f"{s.prefill_flops_ratio:.3f}", spread(s.decode_step_ratios),
+            f"{s.decode_flops_ratio:.3f}", f"{s.prefill_kv_ratio:.3f}",
+            spread([t * 1e3 for t in s.prefill_times["baseline"]], "{:.0f}"),
+        ]
+        for label, s in result.speed.items()
+    ]  # fmt: skip
+    return table(header, rows)
 
 
 def markdown_table(result: BenchResult) -> str:
-    """One row per setting: quality on the model, then measured speed ratios (plugged / baseline)."""
-    header = [
-        "setting", "accuracy", "loyalty", "visual tokens kept", "prefill FLOPs", "KV bytes",
-        "prefill time", "decode step time",
-    ]  # fmt: skip
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    acc, costs = result.accuracy, result.accuracy.costs
-    base = costs["baseline"]
-    for label in acc.accuracy:
-        cost, speed = costs[label], result.speed.get(label)
-        cells = [
-            label,
-            f"{acc.accuracy[label]['overall']:.3f}",
-            f"{acc.loyalty[label]:.3f}",
-            f"{cost['visual_tokens_last_layer']:.1f}",
-            _ratio(cost["prefill_gflops"], base["prefill_gflops"]),
-            _ratio(cost["kv_mib"], base["kv_mib"]),
-            f"{speed.prefill_ratio:.3f}" if speed else "-",
-            f"{speed.decode_step_ratio:.3f}" if speed else "-",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _ratio(value: float, base: float) -> str:
-    return f"{value / base:.3f}" if base else "-"
+    """The quality, per-family and cost tables on the model, then the speed table."""
+    plan = result.plan
+    speed = (
+        f"Speed on the random-weight model, plugged / unplugged, min / median / max over {plan.repeats} "
+        f"repetitions (after 1 discarded warm-up); FLOPs columns: the ratio the FLOPs counter predicts:"
+    )
+    body = quality_tables(result.accuracy)
+    return body + (f"\n\n{speed}\n\n{speed_table(result)}" if result.speed else "")
 
 
 def plot_speed(result: BenchResult, path: Path) -> Path:
-    """Measured prefill and decode-step time ratios per setting, with the FLOPs-predicted prefill."""
-    labels = list(result.speed)
+    """Measured prefill and decode-step time ratios per setting (median, min-max whiskers), with the
+    FLOPs-predicted prefill and the KV ratio after the prefill."""
+    speed = result.speed
+    labels = list(speed)
     series = {
-        "prefill time": [result.speed[k].prefill_ratio for k in labels],
-        "prefill FLOPs (predicted)": [result.speed[k].prefill_flops_ratio for k in labels],
-        "decode step time": [result.speed[k].decode_step_ratio for k in labels],
-        "KV bytes": [result.speed[k].kv_bytes_ratio for k in labels],
+        "prefill time": [speed[k].prefill_ratio for k in labels],
+        "prefill FLOPs (predicted)": [speed[k].prefill_flops_ratio for k in labels],
+        "decode step time": [speed[k].decode_step_ratio for k in labels],
+        "KV after prefill": [speed[k].prefill_kv_ratio for k in labels],
     }
-    ylabel = f"plugged / unplugged ({result.plan.shape.visual_tokens} visual tokens)"
-    return grouped_bars(labels, series, ylabel, path)
+    span = lambda values: (min(values), max(values))  # noqa: E731
+    ranges = {
+        "prefill time": [span(speed[k].prefill_ratios) for k in labels],
+        "decode step time": [span(speed[k].decode_step_ratios) for k in labels],
+    }
+    ylabel = f"plugged / unplugged (median; whiskers min-max of {result.plan.repeats})"
+    return grouped_bars(labels, series, ylabel, path, ranges)
 
 
 def write_bench(result: BenchResult, folder: str | Path, header: str = "") -> list[Path]:
