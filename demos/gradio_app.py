@@ -23,13 +23,18 @@ import gradio as gr
 from PIL import Image
 
 import vtoken
-from vtoken.ask import Answer, ask, kept_heatmap
+from vtoken.ask import TIMING_NOTE, Answer, ask_pair, kept_heatmap
 from vtoken.knobs import Knob, config_knobs
 from vtoken.loading import DEVICE_HELP, DTYPES, SAMPLE_QUESTION, load_model, resolve_device
 from vtoken.metrics import NOT_MEASURED
 from vtoken.registry import available_plugins, get_plugin_class
+from vtoken.zoo.card import BUNDLED_MODEL_NOTE
 
 logger = logging.getLogger(__name__)
+ABOUT = (
+    "# vtoken\nThe same question, unplugged and with token-efficiency plugins attached.\n\n"
+    f"*About the bundled model.* {BUNDLED_MODEL_NOTE}"
+)
 MAX_PIXELS = 4096 * 4096  # larger uploads are refused before any work is done
 SAMPLE_SEEDS = (0, 1, 2, 3, 5, 8)
 SAMPLE_QUESTIONS = (
@@ -149,9 +154,12 @@ def build_stack(knobs: dict[str, list[Knob]], values: Sequence[Any]) -> list[vto
 #: The cost table's rows: name, the value of a report (``None``: not measured), its format.
 STATS: tuple[tuple[str, Callable[[vtoken.Report], float | None], str], ...] = (
     ("visual tokens at last layer", lambda r: r.visual_last_layer, "{:.0f}"),
+    ("decode steps", lambda r: r.decode_steps, "{:.0f}"),
     ("prefill GFLOPs", lambda r: r.prefill_flops.total / 1e9, "{:.4g}"),
-    ("decode GFLOPs", lambda r: r.decode_flops.total / 1e9, "{:.4g}"),
-    ("KV cache (KiB)", lambda r: r.kv_bytes / 1024, "{:.1f}"),
+    ("decode GFLOPs per token", lambda r: r.decode_flops_per_token / 1e9, "{:.4g}"),
+    ("KV cache after prefill (KiB)", lambda r: r.prefill_kv_bytes / 1024, "{:.1f}"),
+    ("KV cache per generated token (KiB)", lambda r: r.kv_bytes_per_token / 1024, "{:.2f}"),
+    ("KV cache at end (KiB)", lambda r: r.kv_bytes / 1024, "{:.1f}"),
     ("prefill (ms)", lambda r: r.prefill_s * 1e3, "{:.1f}"),
     ("decode (ms)", lambda r: r.decode_s * 1e3, "{:.1f}"),
     ("time to first token (ms)", lambda r: _scaled(r.first_token_s, 1e3), "{:.1f}"),
@@ -196,8 +204,7 @@ def compare(
     model, processor = models.load(spec)
     try:
         stack = build_stack(knobs, values)
-        base = ask(model, processor, image, question, (), max_new_tokens)
-        plugged = ask(model, processor, image, question, stack, max_new_tokens)
+        base, plugged = ask_pair(model, processor, image, question, stack, max_new_tokens)
     except (vtoken.VTokenError, ValueError, OSError) as exc:
         raise gr.Error(str(exc)) from None
     layer = min(max(int(layer), 0), plugged.kept.shape[0] - 1)
@@ -266,7 +273,7 @@ def build_demo(
     knobs = plugin_knobs(plugins)
     samples = samples or Path(tempfile.mkdtemp(prefix="vtoken_demo_"))
     with gr.Blocks(title="vtoken demo") as demo:
-        gr.Markdown("# vtoken\nThe same question, unplugged and with token-efficiency plugins attached.")
+        gr.Markdown(ABOUT)
         with gr.Row():
             with gr.Column():
                 model = gr.Dropdown(
@@ -291,6 +298,7 @@ def build_demo(
                 stats = gr.Dataframe(
                     headers=["metric", "baseline", "plugged", "ratio"], label="costs", elem_id="stats"
                 )
+                gr.Markdown(TIMING_NOTE)
         last = gr.State(None)
 
         def run(spec, img, text, at, *widget_values):

@@ -60,3 +60,34 @@ def test_to_model_casts_floating_inputs_only():
     inputs = {"input_ids": torch.ones(1, 3, dtype=torch.long), "pixel_values": torch.ones(1, 3, 2, 2)}
     moved = to_model(inputs, model)
     assert moved["input_ids"].dtype == torch.long and moved["pixel_values"].dtype == torch.bfloat16
+
+
+def test_ask_pair_warms_up_both_stacks_untimed_before_timing(monkeypatch):
+    import vtoken.ask as ask_module
+
+    calls, real = [], ask_module.ask
+    monkeypatch.setattr(
+        ask_module,
+        "ask",
+        lambda m, p, i, q, plugins=(), n=32: calls.append((plugins, n)) or real(m, p, i, q, plugins, n),
+    )
+    model, processor = tiny("llava")
+    pruner = TokenPruning(keep_ratio=0.25)
+    base, plugged = ask_module.ask_pair(model, processor, image(3, 40, 56), "what is it ?", [pruner], 4)
+    assert calls == [((), 2), ([pruner], 2), ((), 4), ([pruner], 4)]  # warm-ups first, short
+    assert base.report.visual_last_layer > plugged.report.visual_last_layer
+
+
+def test_vtoken_run_warms_up_and_says_single_call_times_are_indicative(monkeypatch, capsys):
+    import vtoken.ask as ask_module
+    from vtoken.cli import main
+
+    calls, real = [], ask_module.ask
+    monkeypatch.setattr(
+        ask_module,
+        "ask",
+        lambda m, p, i, q, plugins=(), n=32: calls.append(n) or real(m, p, i, q, plugins, n),
+    )
+    assert main(["run", "--model", "tiny:llava", "--plugin", "token_pruning", "--max-new-tokens", "3"]) == 0
+    assert calls == [2, 2, 3, 3]
+    assert "indicative only" in capsys.readouterr().out

@@ -115,3 +115,43 @@ def test_on_cuda_every_clock_read_waits_for_the_gpu_and_peak_memory_is_read(monk
     assert all(events[i - 2 : i] == [("sync", 0), ("sync", 1)] for i in clocks)
     assert report.peak_memory_bytes == 3000  # summed over the model's GPUs
     assert report.first_token_s > report.prefill_s > 0  # whole ticks of the fake clock
+
+
+def _per_token_run(model, inputs, plugins, new_tokens: int):
+    with vtoken.attach(model, plugins) as session, torch.no_grad():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        return session.report()
+
+
+def test_per_token_costs_do_not_depend_on_answer_length():
+    """Two settings answering at different lengths: the end-of-generation totals move with the length,
+    the KV after the prefill and per generated token (and decode FLOPs per token, nearly) do not."""
+    from vtoken.eval.costs import run_costs
+
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=True)
+    pruner = FixedDrop(schedule_for(model, inputs, (2,)))
+    short, long = _per_token_run(model, inputs, [], 2), _per_token_run(model, inputs, [], 6)
+    pruned_short, pruned_long = (
+        _per_token_run(model, inputs, pruner, 2),
+        _per_token_run(model, inputs, pruner, 6),
+    )
+    config = model.config.get_text_config()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_token = 2 * config.num_hidden_layers * config.num_key_value_heads * head_dim * 4  # K and V, fp32
+    for a, b in ((short, long), (pruned_short, pruned_long)):
+        assert (a.decode_steps, b.decode_steps) == (1, 5)
+        assert a.prefill_kv_bytes == b.prefill_kv_bytes and a.kv_bytes < b.kv_bytes
+        assert a.kv_bytes_per_token == b.kv_bytes_per_token == per_token
+        assert b.kv_bytes == b.prefill_kv_bytes + 5 * b.batch_size * per_token
+        assert a.decode_flops_per_token == pytest.approx(b.decode_flops_per_token, rel=0.05)
+    assert pruned_short.prefill_kv_bytes < short.prefill_kv_bytes
+    # the pruned setting answering briefly against the unplugged one answering at length
+    costs = {label: run_costs([r]) for label, r in {"baseline": long, "plugged": pruned_short}.items()}
+    ratio = lambda key: costs["plugged"][key] / costs["baseline"][key]  # noqa: E731
+    assert ratio("kv_per_token_kib") == 1.0 and ratio("kv_prefill_mib") < 1.0
+    assert ratio("kv_end_mib") < ratio("kv_prefill_mib")  # the end total also counts the shorter answer
+    assert costs["plugged"]["decode_steps"] == 1 and costs["baseline"]["decode_steps"] == 5
+    assert costs["baseline"]["kv_per_token_kib"] * 2**10 == per_token
+    rows = dict(pruned_short.rows())
+    assert {"KV cache after prefill", "KV cache per generated token", "decode GFLOPs per token"} <= set(rows)

@@ -2,6 +2,11 @@
 
 Shared by ``vtoken run`` and the demo app: the answer, the efficiency :class:`~vtoken.Report` and
 which of the image's visual tokens every decoder layer kept, plus a heatmap of the latter.
+
+Comparisons are warm: :func:`ask_pair` (and ``vtoken run``) first runs one short, untimed generation
+unplugged and one with the plugins, so one-time costs (first-call allocations, kernel selection,
+lazy initialisation) land on neither timed call; a single call's times stay indicative
+(:data:`TIMING_NOTE`).
 """
 
 from __future__ import annotations
@@ -17,6 +22,11 @@ from vtoken.loading import build_prompt, to_model
 from vtoken.metrics import Report
 
 DIMMED = 0.25  # brightness of dropped patches in the heatmap
+WARMUP_TOKENS = 2  # a prefill and one decode step: every code path a timed call takes
+TIMING_NOTE = (
+    "Times are from one call each, after one untimed warm-up call unplugged and one plugged: "
+    "indicative only; `vtoken bench speed` times repetitions and reports their spread."
+)
 
 
 @dataclass
@@ -60,6 +70,26 @@ def ask(
     first = (segments[segments >= 0] == 0).cpu()  # the first image's tokens
     kept = kept[:, first]
     return Answer(text.strip(), session.report(), kept, token_grid(int(first.sum()), inputs))
+
+
+def warm_up(model, processor, image: Image.Image, question: str, plugins: list | tuple = ()) -> None:
+    """One untimed :data:`WARMUP_TOKENS`-token answer unplugged, and one with ``plugins`` if any."""
+    for stack in [(), *([plugins] if plugins else [])]:
+        ask(model, processor, image, question, stack, WARMUP_TOKENS)
+
+
+def ask_pair(
+    model,
+    processor,
+    image: Image.Image,
+    question: str,
+    plugins: list | tuple,
+    max_new_tokens: int = 32,
+) -> tuple[Answer, Answer]:
+    """``(unplugged, plugged)`` answers, timed after :func:`warm_up`."""
+    warm_up(model, processor, image, question, plugins)
+    base = ask(model, processor, image, question, (), max_new_tokens)
+    return base, ask(model, processor, image, question, plugins, max_new_tokens)
 
 
 def token_grid(n: int, inputs: dict) -> tuple[int, int]:

@@ -50,7 +50,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     import vtoken
-    from vtoken.ask import ask
+    from vtoken.ask import TIMING_NOTE, ask, warm_up
 
     plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)  # before a long load
     image = load_image(args.image)
@@ -58,6 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
     family = vtoken.resolve_family(model).name
     runs = {"baseline": []} if not plugins else {"baseline": [], "plugged": plugins}
+    warm_up(model, processor, image, args.question, plugins)
     results = {
         label: ask(model, processor, image, args.question, runs[label], args.max_new_tokens)
         for label in tqdm(runs, desc="generating", disable=not sys.stderr.isatty())
@@ -68,6 +69,7 @@ def _run(args: argparse.Namespace) -> int:
         print(f"{label + ':':<10}{answer.text}   [{names}]")
     print()
     print(compare({label: answer.report for label, answer in results.items()}))
+    print(f"\n{TIMING_NOTE}")
     return 0
 
 

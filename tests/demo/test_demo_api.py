@@ -40,6 +40,9 @@ def test_ask_returns_both_answers_heatmap_and_costs(client, picture):
     _, full, kept, _ = rows["visual tokens at last layer"]
     assert int(kept) == math.ceil(int(full) * 0.25)
     assert float(rows["prefill GFLOPs"][3]) < 1.0
+    assert float(rows["KV cache after prefill (KiB)"][3]) < 1.0  # the prompt's cache shrinks
+    assert rows["KV cache per generated token (KiB)"][3] == "1.000"  # each new token adds the same
+    assert float(rows["decode GFLOPs per token"][1]) > 0 and int(rows["decode steps"][1]) > 0
     assert float(rows["time to first token (ms)"][1]) > 0
     assert rows["peak GPU memory (MiB)"][1:] == ["not measured (CPU)", "not measured (CPU)", "-"]
 
@@ -83,3 +86,9 @@ def test_every_loadable_plugin_has_a_panel(app):
     panels = app.plugin_knobs()
     assert set(BUILTIN_PLUGINS) <= set(panels) <= set(available_plugins())
     assert "broken_import" not in panels  # the test suite's deliberately broken third-party plugin
+
+
+def test_the_about_text_says_what_the_bundled_model_is(app):
+    from vtoken.zoo.card import BUNDLED_MODEL_NOTE
+
+    assert BUNDLED_MODEL_NOTE in app.ABOUT and "indicative only" in app.TIMING_NOTE

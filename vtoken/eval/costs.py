@@ -3,7 +3,9 @@
 Answer length moves every end-of-generation total (a batch decodes until its longest answer ends,
 and every step caches one more token per row), so the KV cache is reported three ways: held right
 after the prefill (what the prompt costs), added per generated token, and held at the end; decode
-FLOPs per generated token likewise. ``decode_steps`` says how long the answers ran.
+FLOPs per generated token likewise (the mean over the steps: attention reads a longer cache at each
+step, so longer answers still cost a little more per token). ``decode_steps`` says how long the
+answers ran.
 """
 
 from __future__ import annotations
