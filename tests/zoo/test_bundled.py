@@ -17,8 +17,10 @@ def test_bundled_model_is_listed_small_and_documented():
     assert (FOLDER / "model.safetensors").stat().st_size <= 25 * 2**20
     card = (FOLDER / "README.md").read_text()
     metrics = json.loads((FOLDER / "metrics.json").read_text())
-    assert f"| colour | {metrics['full_view']['colour']:.3f} |" in card
-    assert f"**{metrics['label_with_crop']:.3f}**" in card and metrics["test_questions"] >= 2000
+    colour = metrics["intervals"]["colour"]
+    assert f"| colour | {colour['value']:.3f} [{colour['low']:.3f}, {colour['high']:.3f}] | 300 |" in card
+    assert f"**{metrics['full_view']['headline']:.3f} [" in card
+    assert f"**{metrics['label_with_crop']:.3f} [" in card and metrics["test_questions"] >= 2000
 
 
 def test_loads_offline_and_answers_test_questions(monkeypatch):
