@@ -60,6 +60,8 @@ def _item(row: dict, folder: Path) -> VQAItem:
     name = row.get("metric")
     if name is not None:
         metric(name)  # refuse an unknown metric name on its line
+    if row.get("family") == HEADLINE:
+        raise ValueError(f"'{HEADLINE}' names the mean over families; call the family something else")
     return VQAItem(
         image=image if image.is_absolute() else folder / image,
         question=str(row["question"]),
