@@ -92,12 +92,13 @@ def run_bench(
     """Run every setting of ``plugins`` (default: the built-ins) against the unplugged model."""
     if plan.threads:
         torch.set_num_threads(plan.threads)
+    where = provenance(plan.device)  # the code as it is when the run starts
     items = items if items is not None else split_items(cache, plan.per_family)
     stacks = bench_stacks(model, plugins)
     accuracy = evaluate(model, processor, items, stacks, plan.batch_size, plan.max_new_tokens)
     plugins = {label: stack[0] for label, stack in stacks.items()}
     speed = run_speed_all(plugins, plan.shape, plan.repeats, device=plan.device, dtype=plan.dtype)
-    return BenchResult(model_name, plan, accuracy, speed, provenance(plan.device))
+    return BenchResult(model_name, plan, accuracy, speed, where)
 
 
 def speed_table(result: BenchResult) -> str:
