@@ -12,7 +12,7 @@ from conftest import make_inputs, tiny
 from vtoken.bench import exactness
 from vtoken.bench.gpu_check import main
 from vtoken.bench.kernels import check_kernels
-from vtoken.bench.speed import LLAVA_7B, build_model
+from vtoken.bench.shapes import LLAVA_7B, build_model
 from vtoken.testing import FixedDrop
 
 

@@ -69,7 +69,7 @@ def bench_header(args: argparse.Namespace, result) -> str:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from vtoken.bench.speed import SHAPES
+    from vtoken.bench.shapes import SHAPES
     from vtoken.bench.suite import FULL, QUICK_PLAN, run_bench, write_bench
     from vtoken.cli import default_model
     from vtoken.eval.vqa import load_jsonl
@@ -107,7 +107,8 @@ def _threads(threads: int) -> None:
 def _bench_speed(args: argparse.Namespace) -> int:
     import vtoken
     from vtoken.bench.provenance import provenance
-    from vtoken.bench.speed import SHAPES, run_speed
+    from vtoken.bench.shapes import SHAPES
+    from vtoken.bench.speed import run_speed
 
     plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
     if len(plugins) != 1:
@@ -216,7 +217,7 @@ def _add_threads_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_shape_arg(parser: argparse.ArgumentParser) -> None:
-    from vtoken.bench.speed import SHAPES
+    from vtoken.bench.shapes import SHAPES
 
     parser.add_argument(
         "--shape",

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from vtoken.bench.exactness import FamilyCheck, OracleCheck, check_oracle, check_plugins
 from vtoken.bench.kernels import KernelCheck, check_kernels
-from vtoken.bench.speed import LLAVA_7B, QUICK, SpeedResult, SpeedShape, build_on, speed_device, time_plugins
+from vtoken.bench.shapes import LLAVA_7B, QUICK, SpeedShape
+from vtoken.bench.speed import SpeedResult, build_on, speed_device, time_plugins
 from vtoken.errors import VTokenError
 from vtoken.loading import DTYPES, resolve_device
 from vtoken.metrics import NOT_MEASURED

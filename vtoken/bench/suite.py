@@ -25,7 +25,8 @@ from vtoken.bench.accuracy import bench_stacks, split_items
 from vtoken.bench.provenance import provenance
 from vtoken.bench.report import grouped_bars, plot_accuracy, plot_costs, table, write_results
 from vtoken.bench.report import markdown_table as quality_tables
-from vtoken.bench.speed import QUICK, SpeedResult, SpeedShape, run_speed_all, spread
+from vtoken.bench.shapes import QUICK, SMALL, SpeedShape
+from vtoken.bench.speed import SpeedResult, run_speed_all, spread
 from vtoken.eval.vqa import VQAItem, VQAResult, evaluate
 
 
@@ -47,7 +48,7 @@ class BenchPlan:
 
     per_family: int = 300
     repeats: int = 5
-    shape: SpeedShape = SpeedShape()
+    shape: SpeedShape = SMALL
     batch_size: int = 32
     max_new_tokens: int = 64
     device: str = "cpu"
