@@ -170,3 +170,18 @@ def test_an_unpaired_retention_interval_would_be_wider():
     width = lambda a: np.subtract(*np.quantile(a, [0.975, 0.025]))  # noqa: E731
     assert width(unpaired) > width(paired)
     assert not _is_percentile_interval(*np.quantile(unpaired, [0.025, 0.975]), paired)
+
+
+def test_the_exported_bundled_split_carries_its_scoring_marks(tmp_path):
+    from vtoken.zoo.export import export_split
+
+    items = load_jsonl(export_split(tmp_path / "test.jsonl", "test", per_family=2))
+    marks = {item.family: (item.metric, item.headline) for item in items}
+    assert marks["describe"] == ("synthetic_objects", True) and marks["label"] == (None, False)
+    assert marks["colour"] == (None, True)
+    perfect = score(items, [item.answer for item in items])
+    assert all(value == 1.0 for value in perfect.values()) and "label" in perfect
+    first_object_only = [
+        item.answer.split(" , ")[0] + " ." if item.family == "describe" else item.answer for item in items
+    ]
+    assert 0 < score(items, first_object_only)["describe"] < 1
