@@ -164,7 +164,10 @@ class TokenRuntime:
             full = []
             for i, hidden in enumerate(output.hidden_states):
                 positions = processed.get(max(i - 1, 0))
-                full.append(hidden if positions is None else scatter_tokens(hidden, positions, length))
+                if positions is None or hidden.shape[1] == length:  # 5.2's Qwen2-VL: layer 0's input
+                    full.append(hidden)  # as it was before the drop
+                else:
+                    full.append(scatter_tokens(hidden, positions, length))
             output.hidden_states = (*full[:-1], output.last_hidden_state)
         return output
 
