@@ -208,7 +208,7 @@ class Session:
         if past == 0:
             if not self._prompt_started:
                 self._start_prompt(ids, kwargs)
-            elif ids is not None and ids.shape[0] != self.state.prompt_ids.shape[0]:
+            elif _repeated_rows(ids, self.state.prompt_ids):
                 self._expand_prompt(ids)
             self._prompt_started = False
             self.state.phase = "prefill"
@@ -287,6 +287,11 @@ class Session:
                     )
                 features = new
         return features
+
+
+def _repeated_rows(ids: torch.Tensor | None, prompt_ids: torch.Tensor | None) -> bool:
+    """Whether the prefill's ``ids`` have other rows than the prompt (generate repeated them)."""
+    return ids is not None and prompt_ids is not None and ids.shape[0] != prompt_ids.shape[0]
 
 
 def _query_length(kwargs: dict) -> int:
