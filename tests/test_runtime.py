@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_inputs, tiny
+from conftest import image, make_inputs, tiny
 from oracle import FixedDrop, masked_reference, schedule_for
 
 import vtoken
@@ -203,6 +203,18 @@ def test_dropping_every_visual_token_keeps_exactly_the_text(family):
     for b in range(positions.shape[0]):
         assert torch.equal(positions[b][positions[b] != -1], (~visual[b]).nonzero().flatten())
     assert tokens[0] == inputs["input_ids"].shape[1] and tokens[1] == int((~visual).sum(-1).max())
+
+
+def test_a_prompt_ending_with_an_image_keeps_its_last_token():
+    """The last prompt position's logits give the first generated token: it is never dropped."""
+    model, processor = tiny("llava")
+    ids = processor(images=[[image(0, 40, 56)]], text=["<image>"], return_tensors="pt")
+    drop_all = FixedDrop({2: torch.ones(ids["input_ids"].shape, dtype=torch.bool)})
+    with torch.no_grad(), vtoken.attach(model, drop_all) as session:
+        logits = model(**ids).logits
+        kept = session.state.seq_positions
+    assert kept.tolist() == [[ids["input_ids"].shape[1] - 1]]
+    assert logits[0, -1].abs().sum() > 0  # a real prediction, not a dropped position's zeros
 
 
 def test_text_only_prompts_and_embeddings_inputs():

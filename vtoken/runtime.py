@@ -174,10 +174,9 @@ class TokenRuntime:
     def _decide(self, layer_idx: int, hidden: Tensor) -> Tensor:
         """Ask the plugins deciding at this layer; gather the kept tokens."""
         positions = self._current_positions(hidden)
-        last = self.state.query_length - 1  # its logits give the first generated token: never dropped
-        prompt_visual = self.state.layout.is_visual(last).to(positions.device)
-        is_visual = prompt_visual.gather(-1, positions.clamp(min=0, max=last - 1)) & (positions != PAD)
-        is_visual &= positions < last
+        prompt_visual = self.state.layout.is_visual(self.state.query_length).to(positions.device)
+        prompt_visual[:, -1] = False  # the last token's logits give the first generated token: kept
+        is_visual = prompt_visual.gather(-1, positions.clamp(min=0)) & (positions != PAD)
         visual, visual_pad = left_pack(is_visual)
         if visual.shape[1] == 0:  # text-only prompt: nothing to choose from
             self._warn_no_visual()
