@@ -1,0 +1,39 @@
+"""The bundled tiny VLA: the stock class loads it strictly, and it acts as a policy."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from transformers import LlavaForConditionalGeneration
+
+from vtoken.zoo import MODELS_DIR
+
+NAME = "tabletop-vla-tiny"
+FOLDER = MODELS_DIR / NAME
+pytestmark = pytest.mark.skipif(not (FOLDER / "config.json").exists(), reason=f"{NAME} not exported")
+
+
+def test_stock_class_loads_without_missing_or_unexpected_keys():
+    _, info = LlavaForConditionalGeneration.from_pretrained(FOLDER, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    assert (FOLDER / "model.safetensors").stat().st_size <= 25e6
+
+
+def test_card_reports_success_beside_baselines():
+    metrics = json.loads((FOLDER / "metrics.json").read_text())
+    assert metrics["model"]["episodes"] == 200
+    assert metrics["random"]["success"] < metrics["model"]["success"] <= metrics["expert"]["success"]
+    assert f"{metrics['model']['success']:.3f}" in (FOLDER / "README.md").read_text()
+
+
+def test_policy_from_the_bundled_folder():
+    from vtoken.robot.policy import ActionTokenizer, VLAPolicy
+    from vtoken.zoo import load
+
+    model, processor = load(NAME)
+    policy = VLAPolicy(model, processor, ActionTokenizer.load(FOLDER))
+    image = np.zeros((64, 64, 3), np.uint8)
+    action = policy.select_action({"observation.image": image, "task": "reach the red cube"})
+    assert action.shape == (2,) and np.all(np.abs(action) <= 1)
