@@ -37,6 +37,12 @@ def vla():
 
 def test_vla_vocabulary_and_prompt(vla):
     model, processor = vla
+    envs = pytest.importorskip("vtoken.robot.envs")
+    import gymnasium as gym
+
+    for env_id in envs.ENV_IDS.values():  # every instruction of the tasks is in the vocabulary
+        task = gym.make(env_id).reset(seed=0)[1]["task"]
+        assert processor.tokenizer.unk_token_id not in processor.tokenizer(task)["input_ids"]
     actions = action_tokenizer(processor.tokenizer, SMALL)
     assert actions.token_ids == tuple(range(5, 261))  # reserved ids right after <image> (4)
     content = [{"type": "text", "text": "reach the red cube"}, {"type": "image"}]
@@ -72,6 +78,11 @@ def test_policy_decodes_greedy_action_tokens(vla):
     tasks = ["reach the red cube"] * 2
     batch = policy.select_action({"observation.image": chw.repeat(2, 1, 1, 1), "task": tasks})
     np.testing.assert_array_equal(batch, np.stack([action, action]))
+    # prompts of different lengths in one batch (left-padded) act as they do alone
+    other = policy.select_action({"observation.image": image, "task": "push the red cube to the left"})
+    mixed = ["reach the red cube", "push the red cube to the left"]
+    both = policy.select_action({"observation.image": np.stack([image, image]), "task": mixed})
+    np.testing.assert_allclose(both, np.stack([action, other]), atol=actions.width)
 
 
 def test_policy_works_for_another_family():

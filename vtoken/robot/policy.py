@@ -143,7 +143,11 @@ class VLAPolicy:
             ``(dims,)`` float32 action, or ``(B, dims)`` for a batch.
         """
         images, tasks, batched = _as_batch(observation["observation.image"], observation["task"])
-        inputs = self.processor(images=images, text=[self.prompt(t) for t in tasks], return_tensors="pt")
+        texts = [self.prompt(t) for t in tasks]
+        # left padding, so that every row's generated tokens follow its prompt directly
+        inputs = self.processor(
+            images=images, text=texts, padding=True, padding_side="left", return_tensors="pt"
+        )
         inputs = inputs.to(self.model.device)
         out = self.model.generate(
             **inputs,
