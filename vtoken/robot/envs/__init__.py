@@ -22,7 +22,7 @@ try:
     import gymnasium as gym
     import mujoco  # noqa: F401
 except ImportError as err:  # pragma: no cover - depends on the installed extras
-    raise ImportError("vtoken.robot.envs needs the robot extra: pip install 'vtoken[robot]'") from err
+    raise ModuleNotFoundError("vtoken.robot.envs needs the robot extra: pip install 'vtoken[robot]'") from err
 
 from vtoken.robot.envs.experts import expert_action
 from vtoken.robot.envs.tabletop import TASKS, TabletopEnv
