@@ -40,6 +40,9 @@ def test_shards_hold_compact_noisy_expert_frames(data_dir):
     assert sorted(set(data["episode"].tolist())) == list(range(6))
     assert np.abs(data["action"]).max() <= 1 and all(t.startswith("reach the") for t in data["task"])
     assert len(sorted(data_dir.glob("shard_*.npz"))) == 2
+    suite = load(f"{data_dir},{data_dir}")  # several folders: one set, episode numbers kept distinct
+    assert len(suite["action"]) == 2 * n and suite["episode"].tolist() == sorted(suite["episode"].tolist())
+    assert sorted(set(suite["episode"].tolist())) == list(range(12))
 
 
 def _cfg(run, data_dir, steps):

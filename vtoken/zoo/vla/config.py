@@ -13,7 +13,8 @@ class VLATrainConfig:
 
     Args:
         run_dir: where checkpoints (``last.pt``), ``config.json`` and ``log.jsonl`` go (out of git).
-        data_dir: demonstration shards (``vtoken.zoo.vla.data``).
+        data_dir: demonstration shards (``vtoken.zoo.vla.data``); several folders separated by
+            commas train one model on a task suite (frames drawn uniformly from all of them).
         steps: optimizer steps (the learning-rate schedule spans them).
         batch_size: frames per step.
         lr: peak AdamW learning rate.
@@ -26,7 +27,8 @@ class VLATrainConfig:
             encoder. With a linear patchify and no such signal, the loss sat on the "ignore the
             image" plateau (the action tokens' marginal entropy, ~2.6 nats) until step ~4,000 of
             9,800 (issue 27). 0: off. There is no loss on attention maps.
-        val_frames: held-out frames (the last episodes of the data) for the validation loss.
+        val_frames: held-out frames (the last episodes of the data, so of the last folder) for the
+            validation loss.
         eval_every: steps between validation losses (logged and printed).
         checkpoint_every: steps between checkpoints (``--resume`` continues from the last one).
         seed: initialisation and batch-sampling seed (the batch of step ``s`` depends on

@@ -113,12 +113,19 @@ def generate(cfg: DataConfig) -> Path:
     return out
 
 
-def load(folder: str | Path) -> dict[str, np.ndarray]:
-    """All shards of ``folder`` concatenated (keys as in a shard)."""
-    shards = sorted(Path(folder).glob("shard_*.npz"))
-    if not shards:
-        raise FileNotFoundError(f"no shard_*.npz in {folder}; generate with python -m vtoken.zoo.vla.data")
-    parts = [dict(np.load(s)) for s in shards]
+def load(folders: str | Path) -> dict[str, np.ndarray]:
+    """All shards of a folder, or of several folders separated by commas (a task suite), as one set
+    of frames (keys as in a shard); episode numbers are offset per folder so that they increase."""
+    parts, offset = [], 0
+    for folder in str(folders).split(","):
+        shards = sorted(Path(folder).glob("shard_*.npz"))
+        if not shards:
+            raise FileNotFoundError(f"no shard_*.npz in {folder}; write them with: python -m {__name__}")
+        for shard in shards:
+            part = dict(np.load(shard))
+            part["episode"] = part["episode"] + offset
+            parts.append(part)
+        offset = int(parts[-1]["episode"].max()) + 1
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
