@@ -71,9 +71,11 @@ def test_export_loads_strictly_with_card(data_dir, tmp_path):
     from vtoken.zoo.vla.train import train
 
     train(_cfg(tmp_path / "run", data_dir, 2))
-    folder = export_checkpoint(tmp_path / "run", "vla-test", tmp_path / "out", 2, "vtoken/TabletopReach-v0")
+    env_ids = ["vtoken/TabletopReach-v0", "vtoken/TabletopPush-v0"]
+    folder = export_checkpoint(tmp_path / "run", "vla-test", tmp_path / "out", 2, env_ids)
     metrics = json.loads((folder / "metrics.json").read_text())
-    assert metrics["expert"]["success"] == 1.0 and metrics["model"]["episodes"] == 2
+    assert list(metrics["tasks"]) == env_ids and metrics["episodes"] == 2
+    assert all(metrics["tasks"][e]["expert"]["success"] == 1.0 for e in env_ids)
     assert ActionTokenizer.load(folder).dims == 2
     card = (folder / "README.md").read_text()
     assert "No loss on attention maps" in card and "auxiliary" in card

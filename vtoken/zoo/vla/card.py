@@ -4,7 +4,7 @@ CARD = """# {name}
 
 A {params:.2f}M-parameter vision-language-action model: the stock `LlavaForConditionalGeneration`
 (SigLIP vision tower with its linear patchify, no pooling head; LLaMA decoder) trained here by
-behaviour cloning on the MuJoCo tabletop task `{env_id}` (`vtoken.robot.envs`). It writes
+behaviour cloning on the MuJoCo tabletop task(s) {tasks} (`vtoken.robot.envs`). It writes
 OpenVLA-style action tokens. It exists so that token-efficiency plugins (the temporal smoother,
 pruning) can be measured on a policy whose attention it learned by itself.
 
@@ -28,11 +28,9 @@ action = policy.select_action({{"observation.image": image, "observation.state":
   `action_tokenizer.json`), decoded greedily among the action tokens only (`VLAPolicy`).
 
 ## Results ({episodes} held-out seeds 0 ... {last}, same seeds for every row)
-| policy | success [95% Wilson interval] | mean steps | ms per env step (policy + simulation) |
-|---|---|---|---|
-| this model | {model} |
-| random actions | {random} |
-| scripted expert | {expert} |
+| task | policy | success [95% Wilson interval] | mean steps | ms per env step (policy + simulation) |
+|---|---|---|---|---|
+{rows}
 
 Measured with `python -m vtoken.zoo.vla.export` (or `python -m vtoken.zoo.vla.evaluate --model
 vtoken/zoo/models/{name}`), one process on the shared 2-core CPU of the machine that trained it.
@@ -40,7 +38,7 @@ vtoken/zoo/models/{name}`), one process on the shared 2-core CPU of the machine 
 ## Training
 - Checkpoint at step {step} of a {steps}-step schedule; training time {hours:.2f} h on a shared
   2-core CPU (fp32; the sum of the logged 50-step intervals, without pauses).
-- Data: `python -m vtoken.zoo.vla.data` (noisy-expert episodes: on half the steps the executed
+- Data: `python -m vtoken.zoo.vla.data`, in `{data}` (noisy-expert episodes: on half the steps the executed
   action gets N(0, 0.3) noise, the label is always the clean expert action; training seeds from
   1,000,000 on, never the test seeds).
 - Command: `OMP_WAIT_POLICY=PASSIVE python -m vtoken.zoo.vla.train` with the config below

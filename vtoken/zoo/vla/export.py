@@ -4,7 +4,7 @@
 ``vtoken/zoo/models/<name>/`` (safetensors weights, config, processor, ``action_tokenizer.json``),
 checks that ``LlavaForConditionalGeneration.from_pretrained`` loads it with no missing or unexpected
 keys, measures the exported policy, the random policy and the scripted expert on the same held-out
-seeds, and writes ``metrics.json`` and ``README.md``.
+seeds of every task, and writes ``metrics.json`` and ``README.md``.
 """
 
 from __future__ import annotations
@@ -17,17 +17,21 @@ from pathlib import Path
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from vtoken.compat import checkpoint_key_mapping
 from vtoken.zoo import MODELS_DIR
 from vtoken.zoo.card import _training_hours
 from vtoken.zoo.export import save_model_folder
 from vtoken.zoo.vla.evaluate import evaluate, load_policy
 from vtoken.zoo.vla.model import VLAModelConfig, action_tokenizer, build_model, build_processor
 
+POLICIES = {"model": "this model", "random": "random actions", "expert": "scripted expert"}
+
 
 def export_checkpoint(
-    run_dir: str | Path, name: str, out: str | Path | None, episodes: int, env_id: str
+    run_dir: str | Path, name: str, out: str | Path | None, episodes: int, env_ids: list[str]
 ) -> Path:
-    """Export ``run_dir/last.pt`` (model weights only: the auxiliary head is dropped) and card it."""
+    """Export ``run_dir/last.pt`` (model weights only: the auxiliary head is dropped) and card it,
+    with the policy and both baselines measured on every task of ``env_ids``."""
     state = torch.load(Path(run_dir) / "last.pt", weights_only=False)
     config = VLAModelConfig(**state["config"]["model"])
     processor = build_processor(config)
@@ -35,12 +39,18 @@ def export_checkpoint(
     model.load_state_dict(state["model"])
     folder = save_model_folder(model.eval(), processor, out or MODELS_DIR / name)
     action_tokenizer(processor.tokenizer, config).save(folder)
-    _, info = LlavaForConditionalGeneration.from_pretrained(folder, output_loading_info=True)
+    mapping = checkpoint_key_mapping(model.config)  # None: this release loads its own checkpoints
+    _, info = LlavaForConditionalGeneration.from_pretrained(
+        folder, output_loading_info=True, key_mapping=mapping
+    )
     if any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
         raise RuntimeError(f"exported folder does not load strictly: {info}")
-    results = {"model": evaluate(load_policy(folder), env_id, episodes, "vla")}
-    results |= {b: evaluate(b, env_id, episodes, b) for b in ("random", "expert")}
-    results |= {"env_id": env_id, "step": state["step"], "steps": state["config"]["steps"]}
+    policy = load_policy(folder)
+    tasks = {
+        env_id: {p: evaluate(policy if p == "model" else p, env_id, episodes, p) for p in POLICIES}
+        for env_id in env_ids
+    }
+    results = {"tasks": tasks, "episodes": episodes, "step": state["step"], "steps": state["config"]["steps"]}
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     write_card(folder, name, model, run_dir, results)
     return folder
@@ -58,22 +68,28 @@ def write_card(folder: Path, name: str, model, run_dir: str | Path, results: dic
         f"| {r['step']} | {r['loss']:.3f} | {r['val']['loss']:.3f} | {r['val']['acc']:.3f} |" for r in val
     )
     lineage = run / "HISTORY.md"  # notes on the sessions and resumes of this run, if any
-    row = "{success:.3f} [{low:.3f}, {high:.3f}] | {mean_steps:.1f} | {ms:.1f}"
-
-    def rate(key: str) -> str:
-        r = results[key]
-        return row.format(**r, ms=1000 * r["seconds_per_step"])
-
     text = CARD.format(
         name=name, params=sum(p.numel() for p in model.parameters()) / 1e6, step=results["step"],
         steps=results["steps"], hours=_training_hours(log), cfg=json.dumps(cfg, indent=2),
-        model=rate("model"), random=rate("random"), expert=rate("expert"), env_id=results["env_id"],
-        episodes=results["model"]["episodes"], last=results["model"]["episodes"] - 1, curve=curve,
-        date=time.strftime("%Y-%m-%d"),
-        history=lineage.read_text().strip() if lineage.exists() else "",
-        run_dir=run, aux=cfg["aux_weight"],
+        rows=_result_rows(results["tasks"]), tasks=", ".join(f"`{t}`" for t in results["tasks"]),
+        episodes=results["episodes"], last=results["episodes"] - 1, curve=curve,
+        date=time.strftime("%Y-%m-%d"), history=lineage.read_text().strip() if lineage.exists() else "",
+        run_dir=run, aux=cfg["aux_weight"], data=cfg["data_dir"],
     )  # fmt: skip
     (folder / "README.md").write_text(text)
+
+
+def _result_rows(tasks: dict[str, dict]) -> str:
+    """Markdown table rows: per task, the policy and the baselines."""
+    rows = []
+    for env_id, results in tasks.items():
+        for key, label in POLICIES.items():
+            r = results[key]
+            rows.append(
+                f"| `{env_id}` | {label} | {r['success']:.3f} [{r['low']:.3f}, {r['high']:.3f}] "
+                f"| {r['mean_steps']:.1f} | {1000 * r['seconds_per_step']:.1f} |"
+            )
+    return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -83,11 +99,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default="tabletop-vla-tiny")
     parser.add_argument("--out", default=None, help="folder (default: vtoken/zoo/models/NAME)")
     parser.add_argument("--episodes", type=int, default=200, help="held-out seeds 0 ... N-1")
-    parser.add_argument("--env-id", default="vtoken/TabletopReach-v0")
+    parser.add_argument("--env-ids", default="vtoken/TabletopReach-v0", help="tasks, comma-separated")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(f"wrote {export_checkpoint(args.run_dir, args.name, args.out, args.episodes, args.env_id)}")
+    env_ids = args.env_ids.split(",")
+    print(f"wrote {export_checkpoint(args.run_dir, args.name, args.out, args.episodes, env_ids)}")
 
 
 if __name__ == "__main__":
