@@ -1,38 +1,92 @@
-"""The README's benchmark table and plots are `vtoken bench`'s own output, committed beside it."""
+"""Every benchmark figure in the README is `vtoken bench`'s own output, committed beside it, with the
+statement of what the bundled model is next to it."""
 
 import json
 import re
+import subprocess
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from vtoken.zoo.card import BUNDLED_MODEL_NOTE
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
 PLOTS = re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", README)
+RESULTS = ROOT / "demos" / "results"
+NUMBER = re.compile(r"(?<![\w.])\d+\.\d+(?![\w.])")
+ESTIMATE = re.compile(r"\d+\.\d+ \[\d+\.\d+, \d+\.\d+\]")  # "0.978 [0.972, 0.983]"
+
+
+def _section(start: str, end: str) -> str:
+    return README.split(start, 1)[1].split(end, 1)[0]
+
+
+def _unquoted(text: str, results: str) -> set[str]:
+    """Figures of ``text`` that ``results`` does not hold: each value with its interval must appear
+    there as written, any other number at least as a number."""
+    text = " ".join(text.split())
+    estimates = set(ESTIMATE.findall(text))
+    missing = {e for e in estimates if e not in results}
+    rest = set(NUMBER.findall(ESTIMATE.sub(" ", text)))
+    return missing | (rest - set(NUMBER.findall(results)))
 
 
 def test_readme_shows_bench_plots():
     assert {Path(p).name for p in PLOTS} >= {"accuracy.png", "costs.png", "speed.png"}
+    assert {(ROOT / p).parent for p in PLOTS} == {RESULTS}
 
 
 def test_each_readme_plot_is_a_real_image_beside_its_data():
+    data = json.loads((RESULTS / "results.json").read_text())
+    accuracy = data["accuracy"]["accuracy"]
+    assert "baseline" in accuracy and len(accuracy) > 1
+    for run in accuracy.values():
+        assert all(0.0 <= e["low"] <= e["value"] <= e["high"] <= 1.0 and e["n"] > 0 for e in run.values())
+    assert data["speed"] and all(min(s["prefill_ratios"]) > 0 for s in data["speed"].values())
     for plot in PLOTS:
-        path = ROOT / plot
-        pixels = np.asarray(Image.open(path).convert("L"), dtype=float)
+        pixels = np.asarray(Image.open(ROOT / plot).convert("L"), dtype=float)
         assert pixels.size > 100_000 and pixels.std() > 10, f"{plot} is blank"
-        data = json.loads((path.parent / "results.json").read_text())
-        accuracy = data["accuracy"]["accuracy"]
-        assert "baseline" in accuracy and len(accuracy) > 1, f"no settings behind {plot}"
-        assert all(0.0 <= v <= 1.0 for run in accuracy.values() for v in run.values())
-        assert data["speed"] and all(s["prefill_ratio"] > 0 for s in data["speed"].values())
 
 
-def test_readme_table_is_the_committed_bench_table():
-    folders = {(ROOT / p).parent for p in PLOTS}
-    assert len(folders) == 1
-    results = (folders.pop() / "results.md").read_text()
+def test_results_json_records_the_commit_versions_and_machine():
+    where = json.loads((RESULTS / "results.json").read_text())["provenance"]
+    assert re.fullmatch(r"[0-9a-f]{40}", where["commit"])
+    assert where["versions"]["torch"] and where["versions"]["transformers"] and where["threads"] >= 1
+    assert "CPU cores" in where["machine"]
+    git = subprocess.run(["git", "-C", str(ROOT), "merge-base", "--is-ancestor", where["commit"], "HEAD"])
+    if git.returncode == 128:  # not a git checkout (or a shallow one): nothing more to check
+        pytest.skip("no git history here")
+    assert git.returncode == 0, "results.json names a commit this checkout's history does not hold"
+
+
+def test_the_readme_shows_the_committed_results_verbatim():
+    results = (RESULTS / "results.md").read_text()
     command = results.splitlines()[0]
-    assert command.startswith("`vtoken bench") and command in README
-    rows = [line for line in results.splitlines() if line.startswith("| ")]
-    assert len(rows) > 3 and all(row in README for row in rows)
+    assert command.startswith("`vtoken bench") and "--threads" in command
+    assert results.strip() in README, "the Measuring section must show demos/results/results.md as written"
+
+
+def test_every_figure_next_to_the_bench_comes_from_its_committed_output():
+    results = (RESULTS / "results.md").read_text()
+    plugin_row = next(line for line in README.splitlines() if line.startswith("| `token_pruning` |"))
+    measured = _section("Measured on the bundled model", "\n\n")
+    assert len(ESTIMATE.findall(" ".join(measured.split()))) >= 10
+    for name, text in (("Plugins table row", plugin_row), ("measured paragraph", measured)):
+        missing = _unquoted(text, results)
+        assert not missing, f"{name} quotes figures that demos/results/results.md does not hold: {missing}"
+    measuring = _section("## Measuring", "### On a GPU")
+    rows = [line for line in measuring.splitlines() if line.startswith("| ")]
+    assert rows and all(row in results for row in rows), "a table row in Measuring is not bench output"
+
+
+def test_the_statement_about_the_bundled_model_stands_next_to_its_numbers():
+    measured = " ".join(_section("### `token_pruning`", "## Measuring").split())
+    assert BUNDLED_MODEL_NOTE in measured  # as one sentence, however the README wraps it
+    assert BUNDLED_MODEL_NOTE in (RESULTS / "results.md").read_text()
+    plugins = _section("## Plugins", "### `token_pruning`")
+    assert "trained to put" in plugins and "favoured by construction" in plugins
+    card = (ROOT / "vtoken" / "zoo" / "models" / "synth-llava-tiny" / "README.md").read_text()
+    assert BUNDLED_MODEL_NOTE in card
