@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def git_state(root: Path = ROOT) -> dict[str, object]:
     """``{"commit": sha or None, "dirty": [tracked files changed since the commit]}`` of ``root``."""
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", "-C", str(root), *args], capture_output=True, text=True, check=True, timeout=30
