@@ -101,7 +101,7 @@ def offered_models(model: str | None = None, allow_dirs: Sequence[str] = ()) -> 
     from vtoken import zoo
     from vtoken.tiny import TINY_FAMILIES
 
-    builtin = (*zoo.available(), *(f"tiny:{f}" for f in TINY_FAMILIES))
+    builtin = (*zoo.available("vlm"), *(f"tiny:{f}" for f in TINY_FAMILIES))
     folders = [*([model] if model and model not in builtin else []), *allow_dirs]
     for folder in folders:
         if not Path(folder).is_dir():

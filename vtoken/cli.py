@@ -28,7 +28,7 @@ def default_model() -> str:
     """The bundled trained model when one is installed, else a tiny random-weight LLaVA."""
     from vtoken import zoo
 
-    bundled = zoo.available()
+    bundled = zoo.available("vlm")
     return bundled[0] if bundled else "tiny:llava"
 
 

@@ -13,7 +13,8 @@ FOLDER = zoo.MODELS_DIR / NAME
 
 
 def test_bundled_model_is_listed_small_and_documented():
-    assert NAME in zoo.available()
+    assert NAME in zoo.available() and NAME in zoo.available("vlm")
+    assert "tabletop-vla-tiny" in zoo.available("vla") and "tabletop-vla-tiny" not in zoo.available("vlm")
     assert (FOLDER / "model.safetensors").stat().st_size <= 25 * 2**20
     card = (FOLDER / "README.md").read_text()
     metrics = json.loads((FOLDER / "metrics.json").read_text())

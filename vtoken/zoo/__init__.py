@@ -8,7 +8,7 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import transformers
 from transformers import AutoConfig, AutoProcessor, LlavaForConditionalGeneration, LlavaProcessor
@@ -21,11 +21,19 @@ MODELS_DIR = Path(__file__).parent / "models"
 __all__ = ["MODELS_DIR", "available", "build_prompt", "load"]
 
 
-def available() -> list[str]:
-    """Names of the bundled models (folders under ``vtoken/zoo/models`` with a config)."""
+def available(kind: Literal["vlm", "vla"] | None = None) -> list[str]:
+    """Names of the bundled models (folders under ``vtoken/zoo/models`` with a config).
+
+    Args:
+        kind: ``"vlm"`` - models that answer questions about images; ``"vla"`` - robot policies
+            (their folder holds an ``action_tokenizer.json``); ``None`` - both.
+    """
     if not MODELS_DIR.is_dir():
         return []
-    return sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.json").is_file())
+    folders = [p for p in MODELS_DIR.iterdir() if (p / "config.json").is_file()]
+    if kind is not None:
+        folders = [p for p in folders if (p / "action_tokenizer.json").is_file() == (kind == "vla")]
+    return sorted(p.name for p in folders)
 
 
 def load(name: str, **kwargs: Any) -> tuple[LlavaForConditionalGeneration, LlavaProcessor]:
