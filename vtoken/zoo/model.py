@@ -17,6 +17,7 @@ continue with further turns ``{question} answer : {answer} </s>`` about the same
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from transformers import (
@@ -25,6 +26,7 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
+    PreTrainedConfig,
     PreTrainedTokenizerFast,
 )
 
@@ -125,6 +127,16 @@ def build_processor(config: ZooModelConfig) -> LlavaProcessor:
     )
 
 
+class LanguageModelShape(Protocol):
+    """The config fields :func:`llava_over` reads (both zoo recipes' model configs have them)."""
+
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    mlp_ratio: int
+    num_image_tokens: int
+
+
 def build_model(config: ZooModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
     """Randomly initialised LLaVA whose vocabulary matches ``tokenizer``."""
     vision = CLIPVisionConfig(
@@ -135,6 +147,19 @@ def build_model(config: ZooModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
         image_size=config.image_size,
         patch_size=config.patch_size,
     )
+    return llava_over(vision, config, tokenizer, max_positions=1024, select_strategy="default")
+
+
+def llava_over(
+    vision: PreTrainedConfig,
+    config: LanguageModelShape,
+    tokenizer: PreTrainedTokenizerFast,
+    *,
+    max_positions: int,
+    select_strategy: str,
+) -> LlavaForConditionalGeneration:
+    """The stock LLaVA class over a ``vision`` tower config with the zoo's LLaMA language model
+    (``config``'s ``text_*`` and ``mlp_ratio`` fields), shared by the bundled VLM and VLA recipes."""
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=config.text_hidden,
@@ -142,7 +167,7 @@ def build_model(config: ZooModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
         num_hidden_layers=config.text_layers,
         num_attention_heads=config.text_heads,
         num_key_value_heads=config.text_heads,
-        max_position_embeddings=1024,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=False,
         pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
         bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
@@ -153,15 +178,14 @@ def build_model(config: ZooModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
         text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
         image_seq_length=config.num_image_tokens,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=select_strategy,
         vision_feature_layer=-1,
         tie_word_embeddings=False,
     )
     model = LlavaForConditionalGeneration(llava)
     _init_input_scales(model)
-    model.generation_config.pad_token_id = text.pad_token_id
-    model.generation_config.eos_token_id = text.eos_token_id
-    model.generation_config.bos_token_id = text.bos_token_id
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        setattr(model.generation_config, key, getattr(text, key))
     return model
 
 

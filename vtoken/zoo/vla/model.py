@@ -16,8 +16,6 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
-    LlamaConfig,
-    LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
@@ -26,8 +24,8 @@ from transformers import (
 )
 
 from vtoken.robot.policy import ActionTokenizer
-from vtoken.tokenizer import BOS, EOS, PAD, build_word_tokenizer
-from vtoken.zoo.model import _init_input_scales
+from vtoken.tokenizer import BOS, build_word_tokenizer
+from vtoken.zoo.model import llava_over
 
 IMAGE_TOKEN = "<image>"
 ACTION_CUE = "action :"
@@ -130,33 +128,7 @@ def build_model(config: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
         patch_size=config.patch_size,
         vision_use_head=False,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.text_hidden,
-        intermediate_size=config.mlp_ratio * config.text_hidden,
-        num_hidden_layers=config.text_layers,
-        num_attention_heads=config.text_heads,
-        num_key_value_heads=config.text_heads,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        pad_token_id=tokenizer.convert_tokens_to_ids(PAD),
-        bos_token_id=tokenizer.convert_tokens_to_ids(BOS),
-        eos_token_id=tokenizer.convert_tokens_to_ids(EOS),
-    )
-    llava = LlavaConfig(
-        vision_config=vision,
-        text_config=text,
-        image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=config.num_image_tokens,
-        vision_feature_select_strategy="full",
-        vision_feature_layer=-1,
-        tie_word_embeddings=False,
-    )
-    model = LlavaForConditionalGeneration(llava)
-    _init_input_scales(model)
-    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
-        setattr(model.generation_config, key, getattr(text, key))
-    return model
+    return llava_over(vision, config, tokenizer, max_positions=256, select_strategy="full")
 
 
 def pixel_values(images: torch.Tensor) -> torch.Tensor:
