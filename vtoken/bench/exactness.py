@@ -15,6 +15,7 @@ For every plugin on a tiny model of every family (the test suite runs these in f
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,7 @@ def _check_plugin(model, inputs: dict, name: str, family: str) -> FamilyCheck:
     cls = get_plugin_class(name)
     exact, config = None, cls.do_nothing()
     if config is not None:
-        exact = _identical(_outputs(model, inputs, []), _outputs(model, inputs, cls(config)))
+        exact = reproduces_unplugged(model, inputs, cls(config))
     check = FamilyCheck(name, family, exact)
     for label, config in cls.bench_settings().items():
         check.settings[label] = _try_setting(model, inputs, cls(config))
@@ -110,9 +111,10 @@ def _try_setting(model, inputs: dict, plugin: vtoken.Plugin) -> str:
     return "ok"
 
 
-def _outputs(model, inputs: dict, plugins) -> tuple[torch.Tensor, ...]:
-    """Prefill logits, then greedy tokens and step logits."""
-    with vtoken.attach(model, plugins), torch.no_grad():
+def _outputs(model, inputs: dict, plugins=None) -> tuple[torch.Tensor, ...]:
+    """Prefill logits, then greedy tokens and step logits (``plugins=None``: unplugged)."""
+    session = vtoken.attach(model, plugins) if plugins is not None else contextlib.nullcontext()
+    with session, torch.no_grad():
         prefill = model(**inputs).logits
         gen = model.generate(**inputs, **GEN)
     return prefill, gen.sequences, torch.stack(gen.logits)
@@ -120,6 +122,11 @@ def _outputs(model, inputs: dict, plugins) -> tuple[torch.Tensor, ...]:
 
 def _identical(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+def reproduces_unplugged(model, inputs: dict, plugins) -> bool:
+    """Whether ``plugins`` leave prefill logits, greedy tokens and step logits bit-identical."""
+    return _identical(_outputs(model, inputs), _outputs(model, inputs, plugins))
 
 
 def check_oracle(families: list[str], device: str, dtype: str) -> list[OracleCheck]:
