@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -40,9 +42,14 @@ def test_vla_vocabulary_and_prompt(vla):
     envs = pytest.importorskip("vtoken.robot.envs")
     import gymnasium as gym
 
-    for env_id in envs.ENV_IDS.values():  # every instruction of the tasks is in the vocabulary
-        task = gym.make(env_id).reset(seed=0)[1]["task"]
-        assert processor.tokenizer.unk_token_id not in processor.tokenizer(task)["input_ids"]
+    suites = {"tabletop": envs.ENV_IDS.values(), "metaworld": envs.METAWORLD_IDS.values()}
+    for vocabulary, env_ids in suites.items():  # every instruction of a suite is in its vocabulary
+        tokenizer = build_processor(replace(SMALL, vocabulary=vocabulary)).tokenizer
+        for env_id in env_ids:
+            env = gym.make(env_id)
+            task = env.reset(seed=0)[1]["task"]
+            env.close()
+            assert tokenizer.unk_token_id not in tokenizer(task)["input_ids"], (env_id, task)
     actions = action_tokenizer(processor.tokenizer, SMALL)
     assert actions.token_ids == tuple(range(5, 261))  # reserved ids right after <image> (4)
     content = [{"type": "text", "text": "reach the red cube"}, {"type": "image"}]

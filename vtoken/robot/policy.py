@@ -175,3 +175,31 @@ def _as_batch(image, task) -> tuple[list[np.ndarray], list[str], bool]:
         images = (images.transpose(0, 2, 3, 1) * 255).round().clip(0, 255).astype(np.uint8)
     tasks = [task] * len(images) if isinstance(task, str) else list(task)
     return list(images), tasks, batched
+
+
+def load_policy(source: str | Path, device: str = "cpu", dtype: str = "auto") -> VLAPolicy:
+    """``VLAPolicy`` in eval mode from a bundled VLA's name (``vtoken.zoo.available("vla")``), an
+    exported folder (``save_pretrained`` output plus ``action_tokenizer.json``) or a training
+    checkpoint of ``vtoken.zoo.vla.train`` (``.pt``), on ``device`` in ``dtype``."""
+    from vtoken.loading import load_model, place, resolve_device, resolve_dtype
+
+    if str(source).endswith(".pt"):
+        from vtoken.zoo.vla.model import VLAModelConfig, action_tokenizer, build_model, build_processor
+
+        state = torch.load(source, weights_only=False, map_location="cpu")
+        config = VLAModelConfig(**state["config"]["model"])
+        processor = build_processor(config)
+        model = build_model(config, processor.tokenizer)
+        model.load_state_dict(state["model"])
+        model = place(model.eval(), resolve_device(device), resolve_dtype(dtype))
+        return VLAPolicy(model, processor, action_tokenizer(processor.tokenizer, config))
+    from vtoken.zoo import MODELS_DIR
+
+    folder = Path(source) if Path(source).is_dir() else MODELS_DIR / str(source)
+    if not (folder / ACTION_TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(
+            f"{source!r} is not a VLA: no {ACTION_TOKENIZER_FILE} in {folder}; bundled VLAs: "
+            "vtoken.zoo.available('vla')"
+        )
+    model, processor = load_model(str(source), device=device, dtype=dtype)
+    return VLAPolicy(model.eval(), processor, ActionTokenizer.load(folder))

@@ -4,6 +4,8 @@ Registered ids (``gymnasium.make(id)``):
 
 - ``vtoken/TabletopReach-v0``: "reach the {colour} cube", 30 steps.
 - ``vtoken/TabletopPush-v0``: "push the {colour} cube to the {left|right}", 60 steps.
+- ``vtoken/MetaWorld-reach-v3``: MetaWorld's reach-v3, "reach the goal", 150 steps.
+- ``vtoken/MetaWorld-push-v3``: MetaWorld's push-v3, "push the puck to the goal", 150 steps.
 
 Example:
     >>> import gymnasium as gym
@@ -25,9 +27,11 @@ except ImportError as err:  # pragma: no cover - depends on the installed extras
     raise ModuleNotFoundError("vtoken.robot.envs needs the robot extra: pip install 'vtoken[robot]'") from err
 
 from vtoken.robot.envs.experts import expert_action
+from vtoken.robot.envs.metaworld import MAX_STEPS as METAWORLD_STEPS
 from vtoken.robot.envs.tabletop import TASKS, TabletopEnv
 
 ENV_IDS = {"reach": "vtoken/TabletopReach-v0", "push": "vtoken/TabletopPush-v0"}
+METAWORLD_IDS = {task: f"vtoken/MetaWorld-{task}" for task in METAWORLD_STEPS}
 
 for _task, _id in ENV_IDS.items():
     if _id not in gym.registry:
@@ -38,4 +42,13 @@ for _task, _id in ENV_IDS.items():
             max_episode_steps=TASKS[_task].max_steps,
         )
 
-__all__ = ["ENV_IDS", "TASKS", "TabletopEnv", "expert_action"]
+for _task, _id in METAWORLD_IDS.items():
+    if _id not in gym.registry:
+        gym.register(
+            id=_id,
+            entry_point="vtoken.robot.envs.metaworld:MetaWorldEnv",
+            kwargs={"task": _task},
+            max_episode_steps=METAWORLD_STEPS[_task],
+        )
+
+__all__ = ["ENV_IDS", "METAWORLD_IDS", "TASKS", "TabletopEnv", "expert_action"]

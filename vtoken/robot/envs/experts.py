@@ -13,9 +13,13 @@ CLEAR = 0.065  # lateral offset (m) at which the effector passes the cube withou
 PUSH_SPEED = 0.5  # action magnitude while pushing (gentle, so the cube does not slide on)
 
 
-def expert_action(env: TabletopEnv) -> np.ndarray:
-    """``(2,)`` float32 action in [-1, 1] of the scripted expert for ``env``'s current state."""
+def expert_action(env) -> np.ndarray:
+    """Float32 action in [-1, 1] of the scripted expert for ``env``'s current state: ours for a
+    ``TabletopEnv`` (``(2,)``), the env's own ``expert_action()`` otherwise (MetaWorld's scripted
+    policies, ``(4,)``)."""
     env = env.unwrapped
+    if not isinstance(env, TabletopEnv):
+        return env.expert_action()
     if env.spec_task.name == "reach":
         return _towards(env.effector_xy(), env.cube_xy(env.target))
     return _push(env.effector_xy(), env.cube_xy(env.target), env.direction)

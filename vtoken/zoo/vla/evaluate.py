@@ -9,31 +9,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from vtoken.robot.policy import ActionTokenizer, VLAPolicy
+from vtoken.robot.policy import load_policy
 from vtoken.robot.rollout import ExpertPolicy, RandomPolicy, rollout, success_rate
-from vtoken.zoo.vla.model import VLAModelConfig, action_tokenizer, build_model, build_processor
-
-
-def load_policy(source: str | Path) -> VLAPolicy:
-    """``VLAPolicy`` from an exported model folder or a training checkpoint (``.pt``), in eval mode."""
-    source = Path(source)
-    if source.suffix == ".pt":
-        state = torch.load(source, weights_only=False)
-        config = VLAModelConfig(**state["config"]["model"])
-        processor = build_processor(config)
-        model = build_model(config, processor.tokenizer)
-        model.load_state_dict(state["model"])
-        actions = action_tokenizer(processor.tokenizer, config)
-    else:
-        from vtoken.zoo import load
-
-        model, processor = load(str(source))
-        actions = ActionTokenizer.load(source)
-    return VLAPolicy(model.eval(), processor, actions)
 
 
 def evaluate(policy, env_id: str, episodes: int, desc: str = "eval") -> dict:

@@ -18,10 +18,11 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from vtoken.compat import checkpoint_key_mapping
+from vtoken.robot.policy import load_policy
 from vtoken.zoo import MODELS_DIR
 from vtoken.zoo.card import _training_hours
 from vtoken.zoo.export import save_model_folder
-from vtoken.zoo.vla.evaluate import evaluate, load_policy
+from vtoken.zoo.vla.evaluate import evaluate
 from vtoken.zoo.vla.model import VLAModelConfig, action_tokenizer, build_model, build_processor
 
 POLICIES = {"model": "this model", "random": "random actions", "expert": "scripted expert"}

@@ -37,9 +37,13 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %} action :{% endif %}"
 )
-# The instruction words of vtoken.robot.envs' tasks, frozen with the trained models' vocabulary
-# (listed here so that the model needs no simulator; tests check that every instruction is covered).
-WORDS = ["reach", "push", "the", "cube", "to", "left", "right", "red", "green", "blue", "action", ":"]
+# The instruction words of vtoken.robot.envs' task suites, frozen with the trained models'
+# vocabularies (listed here so that the model needs no simulator; tests check that every
+# instruction is covered). ``VLAModelConfig.vocabulary`` picks one.
+VOCABULARIES = {
+    "tabletop": "reach push the cube to left right red green blue action :".split(),
+    "metaworld": "reach push the goal puck to action :".split(),
+}
 
 
 def build_prompt(instruction: str) -> str:
@@ -63,6 +67,8 @@ class VLAModelConfig:
         mlp_ratio: MLP width as a multiple of the hidden size, both towers.
         action_dims: action dimensions (action tokens per step).
         action_bins: bins per dimension (reserved action tokens).
+        vocabulary: instruction words, a key of ``VOCABULARIES`` (``tabletop`` for
+            ``vtoken/Tabletop*``, ``metaworld`` for ``vtoken/MetaWorld-*``).
     """
 
     image_size: int = 64
@@ -76,8 +82,11 @@ class VLAModelConfig:
     mlp_ratio: int = 4
     action_dims: int = 2
     action_bins: int = 256
+    vocabulary: str = "tabletop"
 
     def __post_init__(self) -> None:
+        if self.vocabulary not in VOCABULARIES:
+            raise ValueError(f"unknown vocabulary {self.vocabulary!r}; choose one of {sorted(VOCABULARIES)}")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} not divisible by patch_size {self.patch_size}")
         if self.action_bins < 2 or self.action_dims < 1:
@@ -98,7 +107,8 @@ def build_processor(config: VLAModelConfig) -> LlavaProcessor:
     """LlavaProcessor: SigLIP pixels (scaled to [-1, 1]), ``<image>`` expanded to the visual tokens,
     action tokens as reserved special tokens right after ``<image>`` (ids 5 ... 5 + bins - 1)."""
     specials = [IMAGE_TOKEN, *action_token_names(config.action_bins)]
-    tokenizer = build_word_tokenizer(WORDS, special_tokens=specials, padding_side="left")
+    words = VOCABULARIES[config.vocabulary]
+    tokenizer = build_word_tokenizer(words, special_tokens=specials, padding_side="left")
     size = {"height": config.image_size, "width": config.image_size}
     return LlavaProcessor(
         image_processor=SiglipImageProcessor(size=size),

@@ -42,8 +42,12 @@ class PatchObjectHead(torch.nn.Module):
         return torch.nn.functional.binary_cross_entropy_with_logits(self.linear(states), targets)
 
 
-def train(cfg: VLATrainConfig, resume: bool = False) -> Path:
-    """Train (or resume) according to ``cfg``; returns the path of the last checkpoint."""
+def train(cfg: VLATrainConfig, resume: bool = False, init_from: str | None = None) -> Path:
+    """Train (or resume) according to ``cfg``; returns the path of the last checkpoint.
+
+    ``init_from``: a checkpoint (``last.pt`` of another run) whose model and auxiliary-head weights
+    start this run (warm start: fresh optimizer and learning-rate schedule). Ignored on a resume.
+    """
     torch.set_num_threads(cfg.threads)
     run = Path(cfg.run_dir)
     run.mkdir(parents=True, exist_ok=True)
@@ -56,6 +60,10 @@ def train(cfg: VLATrainConfig, resume: bool = False) -> Path:
         [*model.parameters(), *head.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay
     )
     start = 0
+    if init_from and not (resume and ckpt.exists()):
+        state = torch.load(init_from, weights_only=False)
+        model.load_state_dict(state["model"])
+        head.load_state_dict(state["heads"])
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
@@ -63,7 +71,8 @@ def train(cfg: VLATrainConfig, resume: bool = False) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
         _drop_log_after(run / "log.jsonl", start)
-    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    written = {**asdict(cfg), **({"init_from": str(init_from)} if init_from else {})}
+    (run / "config.json").write_text(json.dumps(written, indent=2))
     data = load(cfg.data_dir)
     actions = action_tokenizer(processor.tokenizer, cfg.model)
     batches = FrameBatches(data, processor, actions, cfg.model, cfg.seed)
@@ -145,11 +154,14 @@ def main(argv: list[str] | None = None) -> None:
     _add_dataclass_flags(parser, VLATrainConfig, skip={"model"})
     _add_dataclass_flags(parser, VLAModelConfig, skip=set())
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
+    parser.add_argument(
+        "--init-from", help="warm start: model weights from this checkpoint, fresh optimizer and schedule"
+    )
     args = parser.parse_args(argv)
     model = VLAModelConfig(**{f.name: getattr(args, f.name) for f in fields(VLAModelConfig)})
     names = [f.name for f in fields(VLATrainConfig) if f.name != "model"]
     cfg = VLATrainConfig(model=model, **{n: getattr(args, n) for n in names})
-    print(f"checkpoint: {train(cfg, resume=args.resume)}")
+    print(f"checkpoint: {train(cfg, resume=args.resume, init_from=args.init_from)}")
 
 
 if __name__ == "__main__":
