@@ -1,4 +1,5 @@
-"""``vtoken eval vqa``: accuracy per family, loyalty and costs of a plugin stack on a VQA JSONL file."""
+"""``vtoken eval vqa``: accuracy per family, loyalty and costs of a plugin stack on a VQA JSONL file;
+``vtoken eval rollout``: a VLA policy's success and costs under plugin stacks, on the same seeds."""
 
 from __future__ import annotations
 
@@ -29,6 +30,83 @@ def _eval_vqa(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_rollout(args: argparse.Namespace) -> int:
+    import torch
+
+    from vtoken.bench.provenance import provenance
+    from vtoken.robot.conditions import conditions_from_args
+    from vtoken.robot.evaluation import evaluate_rollouts, write_outputs
+
+    conditions = conditions_from_args(args.condition, args.conditions, args.plugin, args.config, args.set)
+    result = evaluate_rollouts(
+        args.model, args.env, conditions, args.episodes, seed0=args.seed0, workers=args.workers,
+        ray_address=args.ray_address, shard_size=args.shard_size, gifs=args.gifs, out_dir=args.out_dir,
+        threads=args.threads, device=args.device, dtype=args.dtype, env_kwargs=_env_kwargs(args.env_arg),
+    )  # fmt: skip
+    print(result.format())
+    if args.out_dir:
+        torch.set_num_threads(args.threads)  # provenance records the threads each job ran with
+        facts = provenance(args.device) | {"workers": args.workers, "ray_address": args.ray_address}
+        for path in write_outputs(result, args.out_dir, facts):
+            print(f"wrote {path}")
+    return 0
+
+
+def _env_kwargs(items: list[str]) -> tuple[tuple[str, object], ...]:
+    """``["max_steps=20", ...]`` -> ``(("max_steps", 20), ...)`` (values parsed as YAML)."""
+    from vtoken.config import parse_yaml
+    from vtoken.errors import ConfigError
+
+    pairs = []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--env-arg {item!r} must look like name=value, e.g. max_steps=20")
+        pairs.append((key.strip(), parse_yaml(raw, "--env-arg")))
+    return tuple(pairs)
+
+
+def _add_rollout(evals: argparse._SubParsersAction) -> None:
+    from vtoken.cli import add_device_args, add_plugin_args
+
+    rollout = evals.add_parser(
+        "rollout", help="a VLA policy's success, latency and costs under plugin stacks, same seeds"
+    )
+    rollout.add_argument("--model", default="tabletop-vla-tiny", help="bundled VLA, exported folder or .pt")
+    rollout.add_argument("--env", default="vtoken/TabletopReach-v0", help="registered task id")
+    rollout.add_argument(
+        "--env-arg", action="append", default=[], metavar="NAME=VALUE",
+        help="keyword argument of the env (repeatable), e.g. max_steps=20 or camera=topview",
+    )  # fmt: skip
+    rollout.add_argument("--episodes", type=int, default=50, help="episodes per condition")
+    rollout.add_argument("--seed0", type=int, default=0, help="first seed (seeds seed0 ... seed0+episodes-1)")
+    rollout.add_argument(
+        "--condition", action="append", default=[], metavar="NAME=SPEC[,SPEC...]",
+        help="a plugin stack: plugin names, YAML files, plugin.field=value (repeatable)",
+    )  # fmt: skip
+    rollout.add_argument(
+        "--conditions", action="append", default=[], metavar="FILE",
+        help="YAML with a 'conditions:' mapping from names to plugin lists (repeatable)",
+    )  # fmt: skip
+    add_plugin_args(rollout)
+    add_parallel_args(rollout)
+    rollout.add_argument("--shard-size", type=int, help="seeds per job (default: even split, at most 25)")
+    rollout.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
+    rollout.add_argument("--gifs", type=int, default=0, help="GIFs of the first N episodes per condition")
+    rollout.add_argument("--out-dir", help="write results.json, success.png and gifs/ here")
+    add_device_args(rollout)
+    rollout.set_defaults(fn=_eval_rollout)
+
+
+def add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    """``--workers`` and ``--ray-address`` (:mod:`vtoken.eval.executors`)."""
+    parser.add_argument("--workers", type=int, default=1, help="worker processes on this machine")
+    parser.add_argument(
+        "--ray-address",
+        help="run the jobs on this Ray cluster: auto, ray://host:10001, or local (start one here)",
+    )
+
+
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
     """Add ``eval`` (with ``vqa``) to the main CLI's ``subparsers``."""
     from vtoken.bench.cli import add_metric_arg
@@ -48,3 +126,4 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     vqa.add_argument("--out", help="write the result as JSON here")
     add_device_args(vqa)
     vqa.set_defaults(fn=_eval_vqa)
+    _add_rollout(evals)

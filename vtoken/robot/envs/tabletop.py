@@ -66,14 +66,22 @@ class TabletopEnv(gym.Env):
         task: a key of ``TASKS``.
         image_size: side of the square camera image in pixels.
         render_mode: ``"rgb_array"`` or None (``render()`` returns the observation image).
+        max_steps: env steps before truncation (default: the task's ``TaskSpec.max_steps``).
     """
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": round(1 / CONTROL_DT)}
 
-    def __init__(self, task: str = "reach", image_size: int = 64, render_mode: str | None = None):
+    def __init__(
+        self,
+        task: str = "reach",
+        image_size: int = 64,
+        render_mode: str | None = None,
+        max_steps: int | None = None,
+    ):
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; tasks: {sorted(TASKS)}")
         self.spec_task = TASKS[task]
+        self.max_steps = max_steps or self.spec_task.max_steps
         self.colours = tuple(COLOURS)
         self.model = mujoco.MjModel.from_xml_string(scene_xml(self.colours))
         if task == "reach":  # the effector passes through cubes: no cube shoved on the way
@@ -135,7 +143,7 @@ class TabletopEnv(gym.Env):
         mujoco.mj_step(self.model, self.data, nstep=self.frame_skip)
         self.steps += 1
         success = self.is_success()
-        truncated = not success and self.steps >= self.spec_task.max_steps
+        truncated = not success and self.steps >= self.max_steps
         info = {"is_success": success, "task": self.task}
         return self._observation(), float(success), success, truncated, info
 

@@ -1,0 +1,155 @@
+"""Measured episodes of a VLA policy with a plugin stack attached: the unit of work of
+``vtoken eval rollout``, run by whichever executor (``vtoken.eval.executors``).
+
+A :class:`RolloutJob` names everything an episode needs (model, env id, condition, seeds, threads),
+so a worker process or a Ray node rebuilds it from scratch and the results depend on the seeds only.
+Per model call it records the wall time of ``select_action``, the visual tokens in the prompt and
+those the decoder kept (mean over layers, from the session's report) and the FLOPs; per episode,
+the env's own step time. Optional GIFs show each frame beside the same frame with the patches of
+the visual tokens dropped before the last decoder layer dimmed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vtoken.robot.conditions import Condition
+from vtoken.robot.rollout import lerobot_observation
+
+GIF_SCALE = 4  # GIF frames are the env image upscaled this many times
+
+
+@dataclass(frozen=True)
+class RolloutJob:
+    """Episodes of one condition on some seeds.
+
+    Args:
+        model: a bundled VLA's name, an exported folder or a ``.pt`` checkpoint (``load_policy``).
+        env_id: registered gymnasium id (``vtoken.robot.envs``).
+        env_kwargs: ``(name, value)`` keyword arguments of ``gymnasium.make`` (e.g. ``max_steps``).
+        condition: the plugin stack.
+        seeds: reset seeds, one episode each, in order.
+        threads: torch intra-op threads while the job runs.
+        device: where the model runs.
+        dtype: model dtype.
+        gif_dir: where GIFs go (``gif_dir/condition/seed_S.gif``); None: none.
+        gif_seeds: the seeds (among ``seeds``) to record.
+    """
+
+    model: str
+    env_id: str
+    condition: Condition
+    seeds: tuple[int, ...]
+    env_kwargs: tuple[tuple[str, object], ...] = ()
+    threads: int = 1
+    device: str = "cpu"
+    dtype: str = "auto"
+    gif_dir: str | None = None
+    gif_seeds: tuple[int, ...] = ()
+
+
+@dataclass
+class EpisodeRecord:
+    """One measured episode.
+
+    Args:
+        seed: reset seed.
+        success: ``info["is_success"]`` at the end.
+        steps: env steps (= model calls).
+        task: the instruction.
+        call_ms: wall time of each ``select_action`` call, ms.
+        env_ms: total wall time of the env's ``step`` calls, ms.
+        visual_tokens: visual tokens in the prompt, mean per call.
+        visual_kept: visual tokens the decoder processed, mean over layers and calls.
+        gflops: model FLOPs per call (prefill and decode, vision included), mean, in GFLOPs.
+    """
+
+    seed: int
+    success: bool
+    steps: int
+    task: str
+    call_ms: list[float] = field(default_factory=list)
+    env_ms: float = 0.0
+    visual_tokens: float = 0.0
+    visual_kept: float = 0.0
+    gflops: float = 0.0
+
+
+def run_job(job: RolloutJob) -> list[EpisodeRecord]:
+    """The job's episodes, in seed order (module docstring); restores torch's thread count."""
+    import gymnasium as gym
+    import torch
+
+    import vtoken
+    import vtoken.robot.envs  # noqa: F401  (registers the ids)
+    from vtoken.robot.policy import load_policy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job.threads)
+    try:
+        policy = load_policy(job.model, device=job.device, dtype=job.dtype)
+        env = gym.make(job.env_id, **dict(job.env_kwargs))
+        try:
+            with vtoken.attach(policy.model, job.condition.create()) as session:
+                records = [_episode(env, policy, session, seed, job) for seed in job.seeds]
+        finally:
+            env.close()
+    finally:
+        torch.set_num_threads(threads)
+    return records
+
+
+def _episode(env, policy, session, seed: int, job: RolloutJob) -> EpisodeRecord:
+    obs, info = env.reset(seed=seed)
+    policy.reset()
+    record = EpisodeRecord(seed, False, 0, info["task"])
+    frames = [] if seed in job.gif_seeds and job.gif_dir else None
+    tokens = kept = flops = 0.0
+    done = False
+    while not done:
+        start = time.perf_counter()
+        action = policy.select_action(lerobot_observation(obs, info))
+        record.call_ms.append((time.perf_counter() - start) * 1e3)
+        report = session.report()
+        tokens += report.visual_tokens
+        kept += float(np.mean(report.visual_per_layer)) if report.visual_per_layer else report.visual_tokens
+        flops += report.prefill_flops.total + report.decode_flops.total
+        if frames is not None:
+            frames.append(_frame(obs["image"], session.kept_visual(0)[-1]))
+        start = time.perf_counter()
+        obs, _, terminated, truncated, info = env.step(action)
+        record.env_ms += (time.perf_counter() - start) * 1e3
+        record.steps += 1
+        done = terminated or truncated
+    record.success = bool(info["is_success"])
+    record.visual_tokens, record.visual_kept = tokens / record.steps, kept / record.steps
+    record.gflops = flops / record.steps / 1e9
+    if frames is not None:
+        _save_gif(frames, Path(job.gif_dir) / job.condition.name / f"seed_{seed}.gif")
+    return record
+
+
+def _frame(image: np.ndarray, kept) -> np.ndarray:
+    """``(H, W, 3)`` env image -> ``(s H, 2 s W, 3)``: the image, and beside it the image with the
+    patches of dropped visual tokens dimmed (``kept``: ``(N,)`` bool, row-major patches)."""
+    from PIL import Image
+
+    from vtoken.ask import kept_heatmap, token_grid
+
+    picture = Image.fromarray(image)
+    size = image.shape[1] * GIF_SCALE
+    plain = np.asarray(picture.resize((size, image.shape[0] * GIF_SCALE), Image.NEAREST))
+    overlay = np.asarray(kept_heatmap(picture, kept.cpu(), token_grid(len(kept), {}), size=size))
+    return np.concatenate([plain, overlay], axis=1)
+
+
+def _save_gif(frames: list[np.ndarray], path: Path) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = [Image.fromarray(f) for f in frames]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=100, loop=0)
