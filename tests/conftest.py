@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import functools
 import os
+import socket
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,3 +67,33 @@ def demo_url(app, tmp_path_factory):
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     yield url
     demo.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A local Ray head started as its own cluster (the ``--ray-address`` path), stopped after the
+    session; its workers run this interpreter, so they import the transformers under test."""
+    pytest.importorskip("ray")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}", "--num-cpus=2"]
+    # --block: the head lives as long as this process, and terminating it stops only this cluster
+    head = subprocess.Popen([*start, "--include-dashboard=false", "--block"], stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not _listening(port):
+        if head.poll() is not None or time.monotonic() > deadline:
+            head.kill()
+            pytest.fail(f"the local Ray head did not start (exit code {head.poll()})")
+        time.sleep(0.5)
+    yield f"127.0.0.1:{port}"
+    import ray
+
+    ray.shutdown()
+    head.terminate()
+    head.wait(timeout=120)
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0

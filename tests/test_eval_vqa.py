@@ -12,7 +12,7 @@ from vtoken_plugins.token_pruning import TokenPruning
 import vtoken
 from vtoken.cli import main
 from vtoken.eval.scoring import normalize
-from vtoken.eval.vqa import VQAItem, _answer, evaluate, load_jsonl, score
+from vtoken.eval.vqa import VQAItem, _answer, evaluate, evaluate_sharded, load_jsonl, score
 
 
 def _dataset(tmp_path, answers, families=None):
@@ -167,3 +167,18 @@ def test_eval_vqa_in_bfloat16_reports_first_token_time_and_no_cpu_memory_figure(
         assert costs[label]["first_token_ms"] > 0 and costs[label]["peak_gpu_mib"] is None
     printed = capsys.readouterr().out
     assert "first_token_ms" in printed and "not measured (CPU)" in printed
+
+
+def test_sharded_vqa_in_processes_and_on_ray_equals_one_process(tmp_path, ray_cluster):
+    """Shards of whole batches give the single-process answers, scores and token counts."""
+    items = load_jsonl(_dataset(tmp_path, ["red", "blue", "green", "red", "blue"]))
+    model, processor = tiny("llava")
+    pruner = TokenPruning(scorer="fastv", keep_ratio=0.25)
+    one = evaluate(model, processor, items, {"plugged": [pruner]}, batch_size=2, max_new_tokens=3)
+    stacks = {"plugged": (["token_pruning"], ["token_pruning.scorer=fastv", "token_pruning.keep_ratio=0.25"])}
+    for executor in ({"workers": 2}, {"ray_address": ray_cluster}):
+        sharded = evaluate_sharded("tiny:llava", items, stacks, 2, 3, shard_batches=1, threads=1, **executor)
+        assert sharded.answers == one.answers and sharded.scores == one.scores
+        for label in ("baseline", "plugged"):
+            for key in ("visual_tokens", "visual_tokens_last_layer", "prefill_gflops", "decode_steps"):
+                assert sharded.costs[label][key] == pytest.approx(one.costs[label][key]), (label, key)

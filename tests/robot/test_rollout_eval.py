@@ -5,9 +5,6 @@ local Ray instance."""
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
 
 import pytest
 
@@ -109,23 +106,6 @@ def suites(tmp_path_factory):
         envs.ENV_IDS["reach"]: _tiny_vla(root / "tabletop", "tabletop", 2),
         envs.METAWORLD_IDS["reach-v3"]: _tiny_vla(root / "metaworld", "metaworld", 4),
     }
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A local Ray head started as a separate cluster (the ``--ray-address`` path), stopped after."""
-    pytest.importorskip("ray")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ray_cli = [sys.executable, "-m", "ray.scripts.scripts"]
-    start = [*ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
-    subprocess.run(start, check=True, capture_output=True, timeout=180)
-    yield f"127.0.0.1:{port}"
-    import ray
-
-    ray.shutdown()
-    subprocess.run([*ray_cli, "stop", "--force"], capture_output=True, timeout=120)
 
 
 CONDITIONS = [Condition(BASELINE), parse_condition(f"fastv25={FASTV}")]

@@ -14,14 +14,23 @@ def _eval_vqa(args: argparse.Namespace) -> int:
     import vtoken
     from vtoken.bench.provenance import provenance
     from vtoken.cli import default_model
-    from vtoken.eval.vqa import evaluate, load_jsonl
+    from vtoken.eval.vqa import evaluate, evaluate_sharded, load_jsonl
 
-    plugins = vtoken.create_plugins([*args.plugin, *args.config], overrides=args.set)
+    specs = [*args.plugin, *args.config]
+    plugins = vtoken.create_plugins(specs, overrides=args.set)  # bad plugins fail before any work
     items = load_jsonl(args.data, limit=args.limit)
     args.model = args.model or default_model()
-    model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
-    stacks = {"plugged": plugins} if plugins else {}
-    result = evaluate(model, processor, items, stacks, args.batch_size, args.max_new_tokens, args.metric)
+    if args.workers > 1 or args.ray_address:
+        stacks = {"plugged": (specs, args.set)} if plugins else {}
+        result = evaluate_sharded(
+            args.model, items, stacks, args.batch_size, args.max_new_tokens, args.metric,
+            workers=args.workers, ray_address=args.ray_address, device=args.device, dtype=args.dtype,
+            threads=args.threads,
+        )  # fmt: skip
+    else:
+        model, processor = load_model(args.model, device=args.device, dtype=args.dtype)
+        stacks = {"plugged": plugins} if plugins else {}
+        result = evaluate(model, processor, items, stacks, args.batch_size, args.max_new_tokens, args.metric)
     print(result.format())
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -124,6 +133,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     vqa.add_argument("--batch-size", type=int, default=16)
     vqa.add_argument("--max-new-tokens", type=int, default=64)
     vqa.add_argument("--out", help="write the result as JSON here")
+    add_parallel_args(vqa)
+    vqa.add_argument("--threads", type=int, help="torch threads per worker job (default: torch's)")
     add_device_args(vqa)
     vqa.set_defaults(fn=_eval_vqa)
     _add_rollout(evals)

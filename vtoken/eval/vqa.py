@@ -240,15 +240,110 @@ def evaluate(
         metric_name: the metric of questions whose line names none (:data:`vtoken.eval.scoring.METRICS`).
     """
     metric(metric_name)
-    family = vtoken.resolve_family(model).name
     runs = {"baseline": ([], RunStats())}
     runs |= {label: (list(plugins), RunStats()) for label, plugins in (stacks or {}).items()}
+    _answer_all(model, processor, items, runs, batch_size, max_new_tokens)
+    return result_of(items, runs, metric_name)
+
+
+def _answer_all(model, processor, items, runs: dict[str, tuple[list, RunStats]], batch_size, max_new_tokens):
+    """Answer ``items`` batch by batch, every run back to back on each batch (appends to ``runs``)."""
+    family = vtoken.resolve_family(model).name
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     for batch in tqdm(batches, desc="vqa", unit="batch"):
         for stack, stats in runs.values():
             with vtoken.attach(model, stack) as session:
                 stats.answers += _answer(model, processor, family, batch, max_new_tokens)
                 stats.reports.append(session.report())
+
+
+@dataclass(frozen=True)
+class VQAJob:
+    """A shard of questions for a worker (:mod:`vtoken.eval.executors`): it loads the model and
+    builds every stack itself, so it runs the same in any process or on any Ray node.
+
+    Args:
+        model: a bundled name, ``tiny:<family>`` or a directory (``vtoken.loading.load_model``).
+        items: the shard's questions, a whole number of batches.
+        stacks: ``(label, plugin specs, overrides)`` per plugged run (``vtoken.create_plugins``).
+        batch_size: questions per batch.
+        max_new_tokens: answer length limit.
+        device: where the model runs.
+        dtype: model dtype.
+        threads: torch threads while the job runs (None: torch's default).
+    """
+
+    model: str
+    items: tuple[VQAItem, ...]
+    stacks: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    device: str = "cpu"
+    dtype: str = "auto"
+    threads: int | None = None
+
+
+def run_vqa_job(job: VQAJob) -> dict[str, RunStats]:
+    """Answers and reports of every run (``"baseline"`` first) on the job's questions."""
+    from vtoken.loading import load_model
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(job.threads or threads)
+    try:
+        model, processor = load_model(job.model, device=job.device, dtype=job.dtype)
+        runs = {"baseline": ([], RunStats())}
+        runs |= {
+            label: (vtoken.create_plugins(list(specs), overrides), RunStats())
+            for label, specs, overrides in job.stacks
+        }
+        _answer_all(model, processor, list(job.items), runs, job.batch_size, job.max_new_tokens)
+    finally:
+        torch.set_num_threads(threads)
+    return {label: stats for label, (_, stats) in runs.items()}
+
+
+def evaluate_sharded(
+    model: str,
+    items: Sequence[VQAItem],
+    stacks: dict[str, tuple[Sequence[str], Sequence[str]]],
+    batch_size: int = 16,
+    max_new_tokens: int = 64,
+    metric_name: str = DEFAULT_METRIC,
+    workers: int = 1,
+    ray_address: str | None = None,
+    shard_batches: int | None = None,
+    **job_args,
+) -> VQAResult:
+    """:func:`evaluate` with the questions cut into shards of whole batches that run in worker
+    processes or on a Ray cluster (:func:`vtoken.eval.executors.run_jobs`); the batches, hence the
+    answers, are those of a single-process run.
+
+    Args:
+        model: what :class:`VQAJob` loads.
+        stacks: ``{label: (plugin specs, overrides)}``.
+        shard_batches: batches per shard (default: the batches split evenly over the workers).
+        job_args: ``device``, ``dtype``, ``threads`` of :class:`VQAJob`.
+    """
+    from vtoken.eval.executors import run_jobs
+
+    metric(metric_name)
+    made = {
+        label: vtoken.create_plugins(list(specs), list(overrides))
+        for label, (specs, overrides) in stacks.items()
+    }
+    lanes = workers if not ray_address else 8
+    batches = -(-len(items) // batch_size)
+    per_shard = (shard_batches or -(-batches // lanes)) * batch_size
+    specs = tuple((label, tuple(map(str, sp)), tuple(ov)) for label, (sp, ov) in stacks.items())
+    jobs = [
+        VQAJob(model, tuple(items[i : i + per_shard]), specs, batch_size, max_new_tokens, **job_args)
+        for i in range(0, len(items), per_shard)
+    ]
+    runs = {"baseline": ([], RunStats())} | {label: (plugins, RunStats()) for label, plugins in made.items()}
+    for shard in run_jobs(run_vqa_job, jobs, workers=workers, ray_address=ray_address, desc="vqa shards"):
+        for label, stats in shard.items():
+            runs[label][1].answers.extend(stats.answers)
+            runs[label][1].reports.extend(stats.reports)
     return result_of(items, runs, metric_name)
 
 
