@@ -13,7 +13,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.14.1 torchvision==0.29.1
-	$(PIP) -e ".[dev,demo,robot]"
+	$(PIP) -e ".[dev,demo,robot,ray]"
 	touch $@
 
 run: $(STAMP)
