@@ -70,7 +70,7 @@ def write_model_card(folder: Path, model, processor, run_dir, step: int, per_fam
     history = "\n" + lineage.read_text().strip() if lineage.exists() else ""
     history += _tower_summary(log)
     text = CARD.format(
-        params=params / 1e6, step=step, hours=_training_hours(log), history=history,
+        params=params / 1e6, step=step, hours=training_hours(log), history=history,
         cfg=json.dumps(cfg, indent=2), base=BASE_SIZE, source=SOURCE_SIZE,
     )  # fmt: skip
     (folder / "README.md").write_text(text + results_section(results, guided))
@@ -125,7 +125,7 @@ def _tower_summary(log: list[dict]) -> str:
     )
 
 
-def _training_hours(log: list[dict]) -> float:
+def training_hours(log: list[dict]) -> float:
     times = [r["time"] for r in log]
     gaps = np.diff(times)
     return float(gaps[gaps < 600].sum() / 3600) if len(times) > 1 else 0.0  # skip resume gaps

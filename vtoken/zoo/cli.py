@@ -18,8 +18,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     zoo = subparsers.add_parser("zoo", help="train and export the bundled synthetic-scene VLM")
     sub = zoo.add_subparsers(dest="zoo_command", required=True)
     train = sub.add_parser("train", help="train (or --resume) the bundled tiny LLaVA")
-    _add_dataclass_flags(train, TrainConfig, skip={"model"})
-    _add_dataclass_flags(train, ZooModelConfig, skip=set())
+    add_dataclass_flags(train, TrainConfig, skip={"model"})
+    add_dataclass_flags(train, ZooModelConfig, skip=set())
     train.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     train.set_defaults(fn=_run_train)
 
@@ -37,7 +37,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     split.set_defaults(fn=_run_export_split)
 
 
-def _add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, skip: set[str]) -> None:
     defaults = cls()
     for f in fields(cls):
         if f.name in skip:

@@ -137,16 +137,23 @@ class LanguageModelShape(Protocol):
     num_image_tokens: int
 
 
+def vision_sizes(config) -> dict[str, int]:
+    """Vision-tower config keywords (CLIP's and SigLIP's share them) from a zoo recipe's model
+    config (``vision_hidden``, ``vision_layers``, ``vision_heads``, ``mlp_ratio``, ``image_size``,
+    ``patch_size``)."""
+    return {
+        "hidden_size": config.vision_hidden,
+        "intermediate_size": config.mlp_ratio * config.vision_hidden,
+        "num_hidden_layers": config.vision_layers,
+        "num_attention_heads": config.vision_heads,
+        "image_size": config.image_size,
+        "patch_size": config.patch_size,
+    }
+
+
 def build_model(config: ZooModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
     """Randomly initialised LLaVA whose vocabulary matches ``tokenizer``."""
-    vision = CLIPVisionConfig(
-        hidden_size=config.vision_hidden,
-        intermediate_size=config.mlp_ratio * config.vision_hidden,
-        num_hidden_layers=config.vision_layers,
-        num_attention_heads=config.vision_heads,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-    )
+    vision = CLIPVisionConfig(**vision_sizes(config))
     return llava_over(vision, config, tokenizer, max_positions=1024, select_strategy="default")
 
 

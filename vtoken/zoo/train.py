@@ -33,11 +33,11 @@ from vtoken.zoo.readout import ReadoutHead
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Linear warm-up, then cosine decay to ``min_lr_ratio``, in each stage (tower, then full)."""
     if step < cfg.tower_steps:
-        return _schedule(step, cfg.tower_steps, cfg)
-    return _schedule(step - cfg.tower_steps, cfg.steps, cfg)
+        return schedule(step, cfg.tower_steps, cfg)
+    return schedule(step - cfg.tower_steps, cfg.steps, cfg)
 
 
-def _schedule(step: int, total: int, cfg: TrainConfig) -> float:
+def schedule(step: int, total: int, cfg: TrainConfig) -> float:
     if step < cfg.warmup:
         return (step + 1) / cfg.warmup
     t = min(1.0, (step - cfg.warmup) / max(1, total - cfg.warmup))
@@ -81,7 +81,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
-        _drop_log_after(run / "log.jsonl", start)
+        drop_log_after(run / "log.jsonl", start)
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     recorder = AttentionRecorder(range(max(cfg.guided_layers[0] - 1, 0), cfg.attn_layer + 1))
     patcher = Patcher()
@@ -93,7 +93,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return ckpt
 
 
-def _drop_log_after(path: Path, step: int) -> None:
+def drop_log_after(path: Path, step: int) -> None:
     """Remove the records of steps after ``step`` (logged before the run stopped, then lost with
     the steps after the last checkpoint), so that the log and the card's training time describe
     the steps the checkpoint holds."""
@@ -191,7 +191,7 @@ def _tower_accuracy(model, head, batch: dict[str, torch.Tensor]) -> dict[str, fl
 
 def _tower_states(model, pixel_values: torch.Tensor) -> torch.Tensor:
     """``(N_images, P, hidden)`` vision tower states the projector reads, for ``pixel_values``."""
-    with _projector_input(model) as seen:
+    with projector_input(model) as seen:
         model.model.get_image_features(pixel_values=pixel_values)
     return seen[0]
 
@@ -207,7 +207,7 @@ def _train_step(
 ) -> dict:
     """One optimizer step; returns the answer ``loss`` and, when used, the ``aux``, ``attn``,
     ``text_attn``, ``readout``, ``match_attn`` and ``match`` losses."""
-    with _projector_input(model) as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+    with projector_input(model) as seen, torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values")}
         guide = cfg.attn_weight > 0 and "cues" in batch
         read = cfg.readout_weight > 0 and "cues" in batch
@@ -246,7 +246,7 @@ def _train_step(
 
 
 @contextmanager
-def _projector_input(model):
+def projector_input(model):
     """Collects the ``(N_images, P, hidden)`` vision states entering the projector."""
     seen: list[torch.Tensor] = []
     hook = model.model.multi_modal_projector.register_forward_pre_hook(lambda m, a: seen.append(a[0]))

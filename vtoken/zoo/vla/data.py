@@ -131,10 +131,10 @@ def load(folders: str | Path) -> dict[str, np.ndarray]:
 
 def main(argv: list[str] | None = None) -> None:
     """``python -m vtoken.zoo.vla.data --episodes 8000 --out runs/vla_data/reach``."""
-    from vtoken.zoo.cli import _add_dataclass_flags
+    from vtoken.zoo.cli import add_dataclass_flags
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    _add_dataclass_flags(parser, DataConfig, skip=set())
+    add_dataclass_flags(parser, DataConfig, skip=set())
     args = parser.parse_args(argv)
     print(f"wrote {generate(DataConfig(**vars(args)))}")
 

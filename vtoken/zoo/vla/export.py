@@ -20,7 +20,7 @@ from transformers import LlavaForConditionalGeneration
 from vtoken.compat import checkpoint_key_mapping
 from vtoken.robot.policy import load_policy
 from vtoken.zoo import MODELS_DIR
-from vtoken.zoo.card import _training_hours
+from vtoken.zoo.card import training_hours
 from vtoken.zoo.export import save_model_folder
 from vtoken.zoo.vla.evaluate import evaluate
 from vtoken.zoo.vla.model import VLAModelConfig, action_tokenizer, build_model, build_processor
@@ -71,7 +71,7 @@ def write_card(folder: Path, name: str, model, run_dir: str | Path, results: dic
     lineage = run / "HISTORY.md"  # notes on the sessions and resumes of this run, if any
     text = CARD.format(
         name=name, params=sum(p.numel() for p in model.parameters()) / 1e6, step=results["step"],
-        steps=results["steps"], hours=_training_hours(log), cfg=json.dumps(cfg, indent=2),
+        steps=results["steps"], hours=training_hours(log), cfg=json.dumps(cfg, indent=2),
         rows=_result_rows(results["tasks"]), tasks=", ".join(f"`{t}`" for t in results["tasks"]),
         episodes=results["episodes"], last=results["episodes"] - 1, curve=curve,
         date=time.strftime("%Y-%m-%d"), history=lineage.read_text().strip() if lineage.exists() else "",

@@ -25,7 +25,7 @@ from transformers import (
 
 from vtoken.robot.policy import ActionTokenizer
 from vtoken.tokenizer import BOS, build_word_tokenizer
-from vtoken.zoo.model import llava_over
+from vtoken.zoo.model import llava_over, vision_sizes
 
 IMAGE_TOKEN = "<image>"
 ACTION_CUE = "action :"
@@ -129,15 +129,7 @@ def action_tokenizer(tokenizer: PreTrainedTokenizerFast, config: VLAModelConfig)
 
 def build_model(config: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlavaForConditionalGeneration:
     """Randomly initialised LLaVA (SigLIP tower without its pooling head) for ``tokenizer``."""
-    vision = SiglipVisionConfig(
-        hidden_size=config.vision_hidden,
-        intermediate_size=config.mlp_ratio * config.vision_hidden,
-        num_hidden_layers=config.vision_layers,
-        num_attention_heads=config.vision_heads,
-        image_size=config.image_size,
-        patch_size=config.patch_size,
-        vision_use_head=False,
-    )
+    vision = SiglipVisionConfig(**vision_sizes(config), vision_use_head=False)
     return llava_over(vision, config, tokenizer, max_positions=256, select_strategy="full")
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from vtoken.zoo.train import _drop_log_after, _projector_input, _schedule, save_checkpoint
+from vtoken.zoo.train import drop_log_after, projector_input, save_checkpoint, schedule
 from vtoken.zoo.vla.batches import FrameBatches
 from vtoken.zoo.vla.config import VLATrainConfig
 from vtoken.zoo.vla.data import load
@@ -70,7 +70,7 @@ def train(cfg: VLATrainConfig, resume: bool = False, init_from: str | None = Non
         head.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         start = state["step"]
-        _drop_log_after(run / "log.jsonl", start)
+        drop_log_after(run / "log.jsonl", start)
     written = {**asdict(cfg), **({"init_from": str(init_from)} if init_from else {})}
     (run / "config.json").write_text(json.dumps(written, indent=2))
     data = load(cfg.data_dir)
@@ -90,7 +90,7 @@ def _loop(cfg, model, head, optimizer, batches, pool, val_rows, start: int) -> N
     ema: dict[str, float] | None = None
     model.train()
     for step in bar:
-        lr = cfg.lr * _schedule(step, cfg.steps, cfg)
+        lr = cfg.lr * schedule(step, cfg.steps, cfg)
         losses = _step(model, head, optimizer, batches.sample(step, cfg.batch_size, pool), lr, cfg.aux_weight)
         ema = losses if ema is None else {k: 0.98 * ema[k] + 0.02 * v for k, v in losses.items()}
         bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items()})
@@ -111,7 +111,7 @@ def _step(model, head, optimizer, batch: dict[str, torch.Tensor], lr: float, aux
     """One AdamW step on the action-token loss (+ ``aux_weight`` x the patch object loss)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-    with _projector_input(model) as seen:
+    with projector_input(model) as seen:
         out = model(**{k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "labels")})
     losses = {"loss": out.loss, "acc": _action_accuracy(out.logits, batch["labels"])}
     if aux_weight > 0:
@@ -148,11 +148,11 @@ def validate(model, batches: FrameBatches, rows: np.ndarray, chunk: int = 256) -
 
 def main(argv: list[str] | None = None) -> None:
     """Command line: every ``VLATrainConfig`` and ``VLAModelConfig`` field as a flag, plus ``--resume``."""
-    from vtoken.zoo.cli import _add_dataclass_flags
+    from vtoken.zoo.cli import add_dataclass_flags
 
     parser = argparse.ArgumentParser(description="behaviour cloning of the tiny VLA")
-    _add_dataclass_flags(parser, VLATrainConfig, skip={"model"})
-    _add_dataclass_flags(parser, VLAModelConfig, skip=set())
+    add_dataclass_flags(parser, VLATrainConfig, skip={"model"})
+    add_dataclass_flags(parser, VLAModelConfig, skip=set())
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/last.pt")
     parser.add_argument(
         "--init-from", help="warm start: model weights from this checkpoint, fresh optimizer and schedule"
