@@ -65,6 +65,19 @@ def test_resumed_run_equals_uninterrupted_run(data_dir, tmp_path):
     assert [r["step"] for r in log] == [2, 4] and "val" in log[-1]
 
 
+def test_warm_start_takes_the_weights_and_records_it(data_dir, tmp_path):
+    from dataclasses import replace
+
+    from vtoken.zoo.vla.train import train
+
+    first = train(_cfg(tmp_path / "a", data_dir, 2))
+    frozen = replace(_cfg(tmp_path / "b", data_dir, 2), lr=0.0)  # no step moves a weight
+    state = torch.load(train(frozen, init_from=str(first)), weights_only=False)
+    for key, value in torch.load(first, weights_only=False)["model"].items():
+        torch.testing.assert_close(state["model"][key], value, rtol=0, atol=0)
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["init_from"] == str(first)
+
+
 def test_export_loads_strictly_with_card(data_dir, tmp_path):
     from vtoken.robot.policy import ActionTokenizer
     from vtoken.zoo.vla.export import export_checkpoint
@@ -79,4 +92,5 @@ def test_export_loads_strictly_with_card(data_dir, tmp_path):
     assert ActionTokenizer.load(folder).dims == 2
     card = (folder / "README.md").read_text()
     assert "No loss on attention maps" in card and "auxiliary" in card
+    assert "vtoken eval rollout --model vla-test" in card and "the MuJoCo tabletop task(s)" in card
     assert (folder / "model.safetensors").stat().st_size < 25e6

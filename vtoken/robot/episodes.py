@@ -17,10 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from vtoken.errors import ConfigError
 from vtoken.robot.conditions import Condition
 from vtoken.robot.rollout import lerobot_observation
 
 GIF_SCALE = 4  # GIF frames are the env image upscaled this many times
+SCRIPTED = ("expert", "random")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,9 @@ class RolloutJob:
     """Episodes of one condition on some seeds.
 
     Args:
-        model: a bundled VLA's name, an exported folder or a ``.pt`` checkpoint (``load_policy``).
+        model: a bundled VLA's name, an exported folder or a ``.pt`` checkpoint (``load_policy``),
+            or one of ``SCRIPTED`` (the env's scripted expert, uniform random actions: baselines
+            with no model, so no plugins and no token or FLOP counts).
         env_id: registered gymnasium id (``vtoken.robot.envs``).
         env_kwargs: ``(name, value)`` keyword arguments of ``gymnasium.make`` (e.g. ``max_steps``).
         condition: the plugin stack.
@@ -91,16 +95,32 @@ def run_job(job: RolloutJob) -> list[EpisodeRecord]:
     threads = torch.get_num_threads()
     torch.set_num_threads(job.threads)
     try:
-        policy = load_policy(job.model, device=job.device, dtype=job.dtype)
         env = gym.make(job.env_id, **dict(job.env_kwargs))
         try:
+            if job.model in SCRIPTED:
+                return _scripted(env, job)
+            policy = load_policy(job.model, device=job.device, dtype=job.dtype)
             with vtoken.attach(policy.model, job.condition.create()) as session:
-                records = [_episode(env, policy, session, seed, job) for seed in job.seeds]
+                return [_episode(env, policy, session, seed, job) for seed in job.seeds]
         finally:
             env.close()
     finally:
         torch.set_num_threads(threads)
-    return records
+
+
+def _scripted(env, job: RolloutJob) -> list[EpisodeRecord]:
+    """Episodes of the scripted expert, or of random actions drawn from a generator seeded by the
+    episode's seed (so a seed's episode is the same in any shard)."""
+    from vtoken.robot.rollout import ExpertPolicy, RandomPolicy
+
+    if job.condition.plugins:
+        raise ConfigError(f"the {job.model} policy has no model to attach plugins to")
+    dims = env.action_space.shape[0]
+
+    def policy(seed: int):
+        return ExpertPolicy(env.unwrapped) if job.model == "expert" else RandomPolicy(dims, seed)
+
+    return [_episode(env, policy(seed), None, seed, job) for seed in job.seeds]
 
 
 def _episode(env, policy, session, seed: int, job: RolloutJob) -> EpisodeRecord:
@@ -114,12 +134,15 @@ def _episode(env, policy, session, seed: int, job: RolloutJob) -> EpisodeRecord:
         start = time.perf_counter()
         action = policy.select_action(lerobot_observation(obs, info))
         record.call_ms.append((time.perf_counter() - start) * 1e3)
-        report = session.report()
-        tokens += report.visual_tokens
-        kept += float(np.mean(report.visual_per_layer)) if report.visual_per_layer else report.visual_tokens
-        flops += report.prefill_flops.total + report.decode_flops.total
+        if session is not None:
+            report = session.report()
+            tokens += report.visual_tokens
+            layers = report.visual_per_layer
+            kept += float(np.mean(layers)) if layers else report.visual_tokens
+            flops += report.prefill_flops.total + report.decode_flops.total
         if frames is not None:
-            frames.append(_frame(obs["image"], session.kept_visual(0)[-1]))
+            kept_now = session.kept_visual(0)[-1] if session is not None else None
+            frames.append(_frame(obs["image"], kept_now))
         start = time.perf_counter()
         obs, _, terminated, truncated, info = env.step(action)
         record.env_ms += (time.perf_counter() - start) * 1e3
@@ -135,7 +158,8 @@ def _episode(env, policy, session, seed: int, job: RolloutJob) -> EpisodeRecord:
 
 def _frame(image: np.ndarray, kept) -> np.ndarray:
     """``(H, W, 3)`` env image -> ``(s H, 2 s W, 3)``: the image, and beside it the image with the
-    patches of dropped visual tokens dimmed (``kept``: ``(N,)`` bool, row-major patches)."""
+    patches of dropped visual tokens dimmed (``kept``: ``(N,)`` bool, row-major patches; None: no
+    model, the image alone)."""
     from PIL import Image
 
     from vtoken.ask import kept_heatmap, token_grid
@@ -143,6 +167,8 @@ def _frame(image: np.ndarray, kept) -> np.ndarray:
     picture = Image.fromarray(image)
     size = image.shape[1] * GIF_SCALE
     plain = np.asarray(picture.resize((size, image.shape[0] * GIF_SCALE), Image.NEAREST))
+    if kept is None:
+        return plain
     overlay = np.asarray(kept_heatmap(picture, kept.cpu(), token_grid(len(kept), {}), size=size))
     return np.concatenate([plain, overlay], axis=1)
 

@@ -18,21 +18,25 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from vtoken.compat import checkpoint_key_mapping
-from vtoken.robot.policy import load_policy
 from vtoken.zoo import MODELS_DIR
 from vtoken.zoo.card import training_hours
 from vtoken.zoo.export import save_model_folder
-from vtoken.zoo.vla.evaluate import evaluate
 from vtoken.zoo.vla.model import VLAModelConfig, action_tokenizer, build_model, build_processor
 
 POLICIES = {"model": "this model", "random": "random actions", "expert": "scripted expert"}
 
 
 def export_checkpoint(
-    run_dir: str | Path, name: str, out: str | Path | None, episodes: int, env_ids: list[str]
+    run_dir: str | Path,
+    name: str,
+    out: str | Path | None,
+    episodes: int,
+    env_ids: list[str],
+    workers: int = 1,
 ) -> Path:
     """Export ``run_dir/last.pt`` (model weights only: the auxiliary head is dropped) and card it,
-    with the policy and both baselines measured on every task of ``env_ids``."""
+    with the policy and both baselines measured on every task of ``env_ids`` (``workers``
+    processes, :func:`vtoken.robot.evaluation.evaluate_rollouts`)."""
     state = torch.load(Path(run_dir) / "last.pt", weights_only=False)
     config = VLAModelConfig(**state["config"]["model"])
     processor = build_processor(config)
@@ -46,20 +50,29 @@ def export_checkpoint(
     )
     if any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")):
         raise RuntimeError(f"exported folder does not load strictly: {info}")
-    policy = load_policy(folder)
     tasks = {
-        env_id: {p: evaluate(policy if p == "model" else p, env_id, episodes, p) for p in POLICIES}
+        env_id: {p: _measure(folder if p == "model" else p, env_id, episodes, workers) for p in POLICIES}
         for env_id in env_ids
     }
     results = {"tasks": tasks, "episodes": episodes, "step": state["step"], "steps": state["config"]["steps"]}
+    results |= {"workers": workers, "vocabulary": config.vocabulary, "dims": config.action_dims}
     (folder / "metrics.json").write_text(json.dumps(results, indent=2))
     write_card(folder, name, model, run_dir, results)
     return folder
 
 
+def _measure(policy: str | Path, env_id: str, episodes: int, workers: int) -> dict[str, float]:
+    """Success (95% Wilson interval), mean steps and ms per env step on seeds ``0 ... episodes-1``."""
+    from vtoken.robot.conditions import Condition
+    from vtoken.robot.evaluation import evaluate_rollouts
+
+    result = evaluate_rollouts(str(policy), env_id, [Condition("baseline")], episodes, workers=workers)
+    return result.summaries["baseline"]
+
+
 def write_card(folder: Path, name: str, model, run_dir: str | Path, results: dict) -> None:
     """``folder/README.md`` from the run's config and log and the measured ``results``."""
-    from vtoken.zoo.vla.card import CARD
+    from vtoken.zoo.vla.card import CARD, SUITES
 
     run = Path(run_dir)
     cfg = json.loads((run / "config.json").read_text())
@@ -75,7 +88,8 @@ def write_card(folder: Path, name: str, model, run_dir: str | Path, results: dic
         rows=_result_rows(results["tasks"]), tasks=", ".join(f"`{t}`" for t in results["tasks"]),
         episodes=results["episodes"], last=results["episodes"] - 1, curve=curve,
         date=time.strftime("%Y-%m-%d"), history=lineage.read_text().strip() if lineage.exists() else "",
-        run_dir=run, aux=cfg["aux_weight"], data=cfg["data_dir"],
+        run_dir=run, aux=cfg["aux_weight"], data=cfg["data_dir"], workers=results["workers"],
+        dims=results["dims"], **SUITES[results["vocabulary"]],
     )  # fmt: skip
     (folder / "README.md").write_text(text)
 
@@ -88,7 +102,7 @@ def _result_rows(tasks: dict[str, dict]) -> str:
             r = results[key]
             rows.append(
                 f"| `{env_id}` | {label} | {r['success']:.3f} [{r['low']:.3f}, {r['high']:.3f}] "
-                f"| {r['mean_steps']:.1f} | {1000 * r['seconds_per_step']:.1f} |"
+                f"| {r['mean_steps']:.1f} | {r['env_step_ms']:.1f} |"
             )
     return "\n".join(rows)
 
@@ -101,11 +115,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="folder (default: vtoken/zoo/models/NAME)")
     parser.add_argument("--episodes", type=int, default=200, help="held-out seeds 0 ... N-1")
     parser.add_argument("--env-ids", default="vtoken/TabletopReach-v0", help="tasks, comma-separated")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="processes for the rollouts (one thread each)")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
     env_ids = args.env_ids.split(",")
-    print(f"wrote {export_checkpoint(args.run_dir, args.name, args.out, args.episodes, env_ids)}")
+    folder = export_checkpoint(args.run_dir, args.name, args.out, args.episodes, env_ids, args.workers)
+    print(f"wrote {folder}")
 
 
 if __name__ == "__main__":
