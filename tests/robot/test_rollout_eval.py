@@ -62,6 +62,9 @@ def test_conditions_from_names_yaml_and_overrides(tmp_path):
     path.write_text("conditions:\n" + rnd_yaml)
     (rnd,) = load_conditions(path)
     assert rnd.create()[0].config.scorer == "random"
+    shipped = load_conditions("configs/rollout_token_pruning.yaml")
+    assert [c.name for c in shipped] == ["fastv25", "text_guided25", "random25"]
+    assert all(c.create()[0].config.keep_ratio == 0.25 for c in shipped)
     made = conditions_from_args(
         [f"fv={FASTV}"], [str(path)], ["token_pruning"], [], ["token_pruning.keep_ratio=0.2"]
     )
@@ -174,6 +177,8 @@ def test_bad_rollout_requests_are_named(suites):
         evaluate_rollouts(suites[env_id], env_id, CONDITIONS, 2, gifs=1)
     with pytest.raises(ConfigError, match="episodes must be >= 1"):
         evaluate_rollouts(suites[env_id], env_id, CONDITIONS, 0)
+    with pytest.raises(ConfigError, match="expert policy has no model"):
+        evaluate_rollouts("expert", env_id, CONDITIONS, 1)
     with pytest.raises(FileNotFoundError, match="not a VLA"):
         from vtoken.robot.policy import load_policy
 

@@ -81,7 +81,10 @@ def _add_rollout(evals: argparse._SubParsersAction) -> None:
     rollout = evals.add_parser(
         "rollout", help="a VLA policy's success, latency and costs under plugin stacks, same seeds"
     )
-    rollout.add_argument("--model", default="tabletop-vla-tiny", help="bundled VLA, exported folder or .pt")
+    rollout.add_argument(
+        "--model", default="tabletop-vla-tiny",
+        help="bundled VLA, exported folder, .pt checkpoint, or expert / random (scripted baselines)",
+    )  # fmt: skip
     rollout.add_argument("--env", default="vtoken/TabletopReach-v0", help="registered task id")
     rollout.add_argument(
         "--env-arg", action="append", default=[], metavar="NAME=VALUE",

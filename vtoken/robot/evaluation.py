@@ -22,7 +22,7 @@ from pathlib import Path
 from vtoken.errors import ConfigError
 from vtoken.eval.executors import run_jobs
 from vtoken.robot.conditions import BASELINE, Condition
-from vtoken.robot.episodes import RolloutJob, run_job
+from vtoken.robot.episodes import SCRIPTED, RolloutJob, run_job
 from vtoken.robot.report import RolloutResult
 
 
@@ -63,7 +63,8 @@ def evaluate_rollouts(
     """Run every condition on seeds ``seed0 ... seed0 + episodes - 1`` and summarise.
 
     Args:
-        model: a bundled VLA's name, an exported folder or a ``.pt`` checkpoint.
+        model: a bundled VLA's name, an exported folder, a ``.pt`` checkpoint, or ``expert`` /
+            ``random`` (the scripted baselines, with the baseline condition only).
         env_id: a registered task (``vtoken.robot.envs``).
         conditions: plugin stacks; the first must be the unplugged ``baseline``.
         episodes: episodes per condition.
@@ -79,6 +80,8 @@ def evaluate_rollouts(
         raise ConfigError(f"episodes must be >= 1, got {episodes}")
     if not conditions or conditions[0].name != BASELINE or conditions[0].plugins:
         raise ConfigError(f"the first condition must be the unplugged {BASELINE!r}")
+    if model in SCRIPTED and len(conditions) > 1:
+        raise ConfigError(f"the {model} policy has no model to attach plugins to: run it with no conditions")
     if gifs and out_dir is None:
         raise ConfigError("GIFs need an output folder (--out-dir)")
     seeds = list(range(seed0, seed0 + episodes))
