@@ -35,14 +35,13 @@ def test_card_reports_success_beside_baselines():
     for result in metrics["tasks"].values():
         assert result["random"]["success"] < result["model"]["success"] <= result["expert"]["success"]
         assert f"{result['model']['success']:.3f}" in card
+    assert metrics["tasks"]["vtoken/TabletopReach-v0"]["model"]["low"] >= 0.8  # issue 27's bar, unpruned
 
 
 def test_policy_from_the_bundled_folder():
-    from vtoken.robot.policy import ActionTokenizer, VLAPolicy
-    from vtoken.zoo import load
+    from vtoken.robot.policy import load_policy
 
-    model, processor = load(NAME)
-    policy = VLAPolicy(model, processor, ActionTokenizer.load(FOLDER))
+    policy = load_policy(NAME)
     image = np.zeros((64, 64, 3), np.uint8)
     action = policy.select_action({"observation.image": image, "task": "reach the red cube"})
     assert action.shape == (2,) and np.all(np.abs(action) <= 1)
