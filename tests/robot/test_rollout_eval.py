@@ -179,7 +179,7 @@ def test_bad_rollout_requests_are_named(suites):
         evaluate_rollouts(suites[env_id], env_id, CONDITIONS, 0)
     with pytest.raises(ConfigError, match="expert policy has no model"):
         evaluate_rollouts("expert", env_id, CONDITIONS, 1)
-    with pytest.raises(FileNotFoundError, match="not a VLA"):
-        from vtoken.robot.policy import load_policy
-
-        load_policy("synth-llava-tiny")
+    with pytest.raises(VTokenError, match="'synth-llava-tiny' is not a VLA"):
+        evaluate_rollouts("synth-llava-tiny", env_id, CONDITIONS, 1)
+    with pytest.raises(ConfigError, match="unknown env 'vtoken/Nope-v0'"):
+        evaluate_rollouts(suites[env_id], "vtoken/Nope-v0", CONDITIONS, 1)

@@ -23,6 +23,7 @@ from vtoken.errors import ConfigError
 from vtoken.eval.executors import run_jobs
 from vtoken.robot.conditions import BASELINE, Condition
 from vtoken.robot.episodes import SCRIPTED, RolloutJob, run_job
+from vtoken.robot.policy import check_policy_source
 from vtoken.robot.report import RolloutResult
 
 
@@ -80,6 +81,9 @@ def evaluate_rollouts(
         raise ConfigError(f"episodes must be >= 1, got {episodes}")
     if not conditions or conditions[0].name != BASELINE or conditions[0].plugins:
         raise ConfigError(f"the first condition must be the unplugged {BASELINE!r}")
+    _check_env(env_id)
+    if model not in SCRIPTED:
+        check_policy_source(model)
     if model in SCRIPTED and len(conditions) > 1:
         raise ConfigError(f"the {model} policy has no model to attach plugins to: run it with no conditions")
     if gifs and out_dir is None:
@@ -94,6 +98,16 @@ def evaluate_rollouts(
     for job, records in zip(jobs, results, strict=True):
         by_condition[job.condition.name] += records
     return RolloutResult.of(model, env_id, conditions, by_condition)
+
+
+def _check_env(env_id: str) -> None:
+    import gymnasium as gym
+
+    import vtoken.robot.envs  # noqa: F401  (registers the ids)
+
+    if env_id not in gym.registry:
+        ours = sorted(k for k in gym.registry if k.startswith("vtoken/"))
+        raise ConfigError(f"unknown env {env_id!r}; vtoken's tasks: {ours} (or any registered gymnasium id)")
 
 
 def write_outputs(result: RolloutResult, out_dir: str | Path, provenance: dict) -> list[Path]:

@@ -177,12 +177,34 @@ def _as_batch(image, task) -> tuple[list[np.ndarray], list[str], bool]:
     return list(images), tasks, batched
 
 
+def check_policy_source(source: str | Path) -> None:
+    """Raise ``UnsupportedModelError`` unless ``source`` is something :func:`load_policy` loads."""
+    from vtoken.errors import UnsupportedModelError
+    from vtoken.zoo import MODELS_DIR, available
+
+    if str(source).endswith(".pt"):
+        if not Path(source).is_file():
+            raise UnsupportedModelError(f"checkpoint {source} does not exist")
+        return
+    folder = Path(source) if Path(source).is_dir() else MODELS_DIR / str(source)
+    if not (folder / ACTION_TOKENIZER_FILE).is_file():
+        raise UnsupportedModelError(
+            f"{source!r} is not a VLA (no {ACTION_TOKENIZER_FILE} in {folder}); bundled VLAs: "
+            f"{available('vla')}, or an exported folder, or a training checkpoint (.pt)"
+        )
+
+
 def load_policy(source: str | Path, device: str = "cpu", dtype: str = "auto") -> VLAPolicy:
     """``VLAPolicy`` in eval mode from a bundled VLA's name (``vtoken.zoo.available("vla")``), an
     exported folder (``save_pretrained`` output plus ``action_tokenizer.json``) or a training
-    checkpoint of ``vtoken.zoo.vla.train`` (``.pt``), on ``device`` in ``dtype``."""
+    checkpoint of ``vtoken.zoo.vla.train`` (``.pt``), on ``device`` in ``dtype``.
+
+    Raises:
+        UnsupportedModelError: ``source`` is none of these.
+    """
     from vtoken.loading import load_model, place, resolve_device, resolve_dtype
 
+    check_policy_source(source)
     if str(source).endswith(".pt"):
         from vtoken.zoo.vla.model import VLAModelConfig, action_tokenizer, build_model, build_processor
 
@@ -196,10 +218,5 @@ def load_policy(source: str | Path, device: str = "cpu", dtype: str = "auto") ->
     from vtoken.zoo import MODELS_DIR
 
     folder = Path(source) if Path(source).is_dir() else MODELS_DIR / str(source)
-    if not (folder / ACTION_TOKENIZER_FILE).is_file():
-        raise FileNotFoundError(
-            f"{source!r} is not a VLA: no {ACTION_TOKENIZER_FILE} in {folder}; bundled VLAs: "
-            "vtoken.zoo.available('vla')"
-        )
     model, processor = load_model(str(source), device=device, dtype=dtype)
     return VLAPolicy(model.eval(), processor, ActionTokenizer.load(folder))
