@@ -33,22 +33,13 @@ from vtoken.robot.envs.tabletop import TASKS, TabletopEnv
 ENV_IDS = {"reach": "vtoken/TabletopReach-v0", "push": "vtoken/TabletopPush-v0"}
 METAWORLD_IDS = {task: f"vtoken/MetaWorld-{task}" for task in METAWORLD_STEPS}
 
-for _task, _id in ENV_IDS.items():
-    if _id not in gym.registry:
-        gym.register(
-            id=_id,
-            entry_point="vtoken.robot.envs.tabletop:TabletopEnv",
-            kwargs={"task": _task},
-            max_episode_steps=TASKS[_task].max_steps,
-        )
-
-for _task, _id in METAWORLD_IDS.items():
-    if _id not in gym.registry:
-        gym.register(
-            id=_id,
-            entry_point="vtoken.robot.envs.metaworld:MetaWorldEnv",
-            kwargs={"task": _task},
-            max_episode_steps=METAWORLD_STEPS[_task],
-        )
+_SUITES = [  # (ids by task, entry point, episode length by task)
+    (ENV_IDS, "vtoken.robot.envs.tabletop:TabletopEnv", {t: spec.max_steps for t, spec in TASKS.items()}),
+    (METAWORLD_IDS, "vtoken.robot.envs.metaworld:MetaWorldEnv", METAWORLD_STEPS),
+]
+for _ids, _entry, _steps in _SUITES:
+    for _task, _id in _ids.items():
+        if _id not in gym.registry:
+            gym.register(id=_id, entry_point=_entry, kwargs={"task": _task}, max_episode_steps=_steps[_task])
 
 __all__ = ["ENV_IDS", "METAWORLD_IDS", "TASKS", "TabletopEnv", "expert_action"]
