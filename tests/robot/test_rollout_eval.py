@@ -145,8 +145,12 @@ def test_three_episode_rollouts_match_across_executors(suite, suites, ray_cluste
     gif = tmp_path / "gifs" / "fastv25" / "seed_5.gif"
     from PIL import Image
 
-    with Image.open(gif) as image:  # the frame and, beside it, the kept tokens
-        assert image.n_frames == here.episodes["fastv25"][0].steps and image.size == (512, 256)
+    with Image.open(gif) as image:  # the frame and, beside it, the kept tokens; 100 ms per step
+        durations = []  # (the GIF writer merges identical consecutive frames, adding their durations)
+        for k in range(image.n_frames):
+            image.seek(k)
+            durations.append(image.info["duration"])
+        assert sum(durations) == 100 * here.episodes["fastv25"][0].steps and image.size == (512, 256)
     assert not (tmp_path / "gifs" / "fastv25" / "seed_6.gif").exists()
 
 
