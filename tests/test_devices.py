@@ -23,7 +23,7 @@ from vtoken_plugins.token_pruning.predictors import Predictors, PredictorSpec
 
 from vtoken import PrunableLayer, RunState, VisualLayout, VTokenCache
 from vtoken.indexing import gather_tokens, left_pack, scatter_tokens
-from vtoken.probe import LanguageProbes, Probe, ProbeSpec, attention_rows, select_rows
+from vtoken.probe import LanguageAttention, Probe, ProbeSpec, attention_rows, select_rows
 from vtoken.runtime import PruneView, TokenRuntime
 from vtoken.vision_probe import VisionProbe
 
@@ -175,7 +175,7 @@ def test_attention_rows(mask):
 
 @pytest.mark.parametrize("phase,pruned", [("prefill", False), ("decode", False), ("decode", True)])
 def test_language_probe_capture(phase, pruned):
-    probes = object.__new__(LanguageProbes)
+    probes = object.__new__(LanguageAttention)
     probes.state = state(phase=phase)
     if pruned:  # the layer's cache holds a pruned prompt (else: no vtoken cache, keys 0..T-1)
         probes.state.cache = new_cache(1)

@@ -88,7 +88,7 @@ def _head_dim(text_config: Any) -> int:
     return getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
 
 
-def decoder_layer_flops(text_config: Any, n_query: int, n_kv: int) -> float:
+def decoder_layer_flops(text_config: Any, n_query: int, n_kv: int, pairs: float | None = None) -> float:
     """One decoder layer, one batch row: ``n_query`` new tokens attending to ``n_kv`` keys (cache + new).
 
     ``2 n_q D d (2 H + 2 H_kv)`` for the q, o and (GQA) k, v projections, ``4 H n_q n_kv d`` for
@@ -98,12 +98,15 @@ def decoder_layer_flops(text_config: Any, n_query: int, n_kv: int) -> float:
         text_config: the language model's config.
         n_query: tokens computed in this forward (prompt length in prefill, 1 per decode step).
         n_kv: keys each query is scored against: cached plus new tokens, padding included.
+        pairs: query-key products per head that attention really computed, where a plugin computed
+            fewer than the ``n_query x n_kv`` rectangle (sparse attention; ``QK^T`` only counts half
+            a pair, e.g. a probe's rows); ``None`` for the full rectangle.
     """
     c = text_config
     d_head = _head_dim(c)
     heads, kv_heads = c.num_attention_heads, getattr(c, "num_key_value_heads", None) or c.num_attention_heads
     projections = 2 * n_query * c.hidden_size * d_head * (2 * heads + 2 * kv_heads)  # q, o; k, v
-    attention = 2 * 2 * heads * n_query * n_kv * d_head  # QK^T and AV
+    attention = 2 * 2 * heads * (n_query * n_kv if pairs is None else pairs) * d_head  # QK^T and AV
     mlp = 6 * n_query * c.hidden_size * c.intermediate_size  # gate, up, down
     return float(projections + attention + mlp)
 

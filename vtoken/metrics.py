@@ -227,7 +227,8 @@ class Recorder:
         for idx in range(self.parts.num_layers):
             width = self.state.layer_tokens.get(idx, query) if self.state.phase == "prefill" else query
             n_kv = _held(self.state.cache, idx, default=width + self.state.past_length)
-            layers.append(batch * decoder_layer_flops(config, width, n_kv))
+            pairs = self.state.attention_pairs.get(idx) if self.state.phase == "prefill" else None
+            layers.append(batch * decoder_layer_flops(config, width, n_kv, pairs))
         logits = getattr(output, "logits", None)
         n_logits = logits.shape[1] if logits is not None else 0
         return FlopsBreakdown(layers=layers, lm_head=batch * lm_head_flops(config, n_logits))
@@ -261,7 +262,8 @@ def _held(cache: Any, layer_idx: int, default: int) -> int:
     layers = getattr(cache, "layers", None)
     if not layers or layer_idx >= len(layers) or getattr(layers[layer_idx], "keys", None) is None:
         return default
-    return layers[layer_idx].keys.shape[-2]
+    layer = layers[layer_idx]
+    return layer.physical_length if hasattr(layer, "physical_length") else layer.keys.shape[-2]
 
 
 def _cache_bytes(cache: Any) -> int:

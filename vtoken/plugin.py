@@ -8,6 +8,7 @@ Override points:
     - :meth:`Plugin.prune_layers` + :meth:`Plugin.select` - which visual tokens to keep at a layer,
       and :meth:`Plugin.merge` - what the kept ones carry (e.g. the average of merged neighbours);
     - :meth:`Plugin.probes` - attention rows to capture for scoring (see :mod:`vtoken.probe`);
+    - :meth:`Plugin.attention` - the language model's attention call itself (e.g. sparse attention);
     - :meth:`Plugin.transform_visual` - the visual tokens as they leave the projector;
     - :meth:`Plugin.after_forward` - after every prefill / decode forward (e.g. cache eviction);
     - :meth:`Plugin.make_cache` - the KV cache a prefill starts with;
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import Cache
 
 from vtoken.config import PluginConfig
@@ -28,6 +29,8 @@ from vtoken.errors import ConfigError, UnsupportedModelError
 from vtoken.families import ModelParts
 from vtoken.probe import ProbeSpec
 from vtoken.state import RunState
+
+AttentionFunction = Callable[..., tuple[Tensor, Tensor | None]]
 
 if TYPE_CHECKING:
     from vtoken.runtime import PruneView
@@ -129,6 +132,33 @@ class Plugin:
         :meth:`select` from ``view.state.probes[(layer, spec)]`` (a :class:`~vtoken.probe.Probe`).
         Several specs may share a layer (and several plugins a request: it is captured once)."""
         return ()
+
+    def attention(
+        self,
+        base: AttentionFunction,
+        module: nn.Module,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Compute one decoder layer's attention (prefill and decode), in transformers' attention
+        interface; delegate to ``base`` (the next plugin's override, else the model's own sdpa or
+        eager function) for anything not changed. Probes are captured before any override runs.
+
+        Args:
+            base: ``base(module, query, key, value, attention_mask, **kwargs)``.
+            module: the attention module (``module.layer_idx`` is the layer).
+            query: ``(B, H, q, d)`` rotated queries.
+            key, value: ``(B, H_kv, T, d)`` everything the layer attends to (cache included).
+            attention_mask: ``(B, 1, q, T)`` bool or additive mask, or ``None`` (causal).
+            kwargs: ``scaling``, ``dropout``, ``softcap``, ... as transformers passes them.
+
+        Returns:
+            ``(B, q, H, d)`` attention output and the weights (or ``None``), as ``base`` returns.
+        """
+        return base(module, query, key, value, attention_mask, **kwargs)
 
     def transform_visual(self, features: Tensor, state: RunState) -> Tensor:
         """Rewrite the visual tokens leaving the projector.

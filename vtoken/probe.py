@@ -11,6 +11,7 @@ arrive already rotated (1-D RoPE or M-RoPE) and GQA key heads are repeated to ma
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -23,6 +24,7 @@ from vtoken.patch import attention_functions
 from vtoken.state import RunState
 
 if TYPE_CHECKING:
+    from vtoken.plugin import Plugin
     from vtoken.session import Session
 
 Rows = Literal["last", "text", "all"]
@@ -117,6 +119,16 @@ def attention_rows(
     return torch.softmax(logits, dim=-1, dtype=torch.float32)
 
 
+def visible_rows(mask: Tensor | None, rows: Tensor, q: int, kv: int) -> Tensor:
+    """``(B, R, T)`` bool: which keys each selected query row may attend to (the mask's allowed
+    entries; causal with the queries at the end of the keys when ``mask`` is ``None``)."""
+    if mask is None:
+        query_pos = rows + (kv - q)
+        return torch.arange(kv, device=rows.device)[None, None, :] <= query_pos[:, :, None]
+    picked = gather_tokens(mask, rows, dim=2)[:, 0]  # (B, R, T)
+    return picked if picked.dtype == torch.bool else picked > torch.finfo(picked.dtype).min / 2
+
+
 def _additive_rows(mask: Tensor | None, rows: Tensor, q: int, kv: int, dtype: torch.dtype) -> Tensor:
     """``(B, 1, R, T)`` additive mask rows (0 = attend, dtype min = blocked)."""
     if mask is None:  # causal, queries aligned to the end of the keys
@@ -133,14 +145,18 @@ def _additive_rows(mask: Tensor | None, rows: Tensor, q: int, kv: int, dtype: to
     )
 
 
-class LanguageProbes:
-    """Wraps the language model's attention to capture the requested rows (prefill, and decode
-    steps for specs with ``decode=True``) into ``session.state.probes[(layer, spec)]``."""
+class LanguageAttention:
+    """Wraps the language model's attention (one registered function, scoped to the language model):
+    captures the requested probe rows (prefill, and decode steps for specs with ``decode=True``) into
+    ``session.state.probes[(layer, spec)]``, then runs the plugins' :meth:`~vtoken.Plugin.attention`
+    overrides, the first attached outermost, around the model's own sdpa or eager function."""
 
-    def __init__(self, session: Session, requests: list[tuple[int, ProbeSpec]]) -> None:
+    def __init__(self, session: Session, requests: list[tuple[int, ProbeSpec]], plugins: list[Plugin]) -> None:
         self.state = session.state
         impl = session.model.config.get_text_config()._attn_implementation
         base, base_mask = attention_functions(session.parts.attention(0), impl)
+        for plugin in reversed(plugins):
+            base = functools.partial(plugin.attention, base)
         by_layer: dict[int, list[ProbeSpec]] = {}
         for layer, spec in requests:
             by_layer.setdefault(layer, []).append(spec)
@@ -152,7 +168,7 @@ class LanguageProbes:
                     self._capture(module.layer_idx, spec, query, key, attention_mask, kwargs)
             return base(module, query, key, value, attention_mask, **kwargs)
 
-        session.patcher.use_attention(session.model, f"vtoken_probe_{id(session)}", attention, base_mask)
+        session.patcher.use_attention(session.model, f"vtoken_attention_{id(session)}", attention, base_mask)
 
     def _capture(self, layer: int, spec: ProbeSpec, query: Tensor, key: Tensor, mask, kwargs: dict) -> None:
         if self.state.phase == "decode":  # the newest token, over everything the layer holds

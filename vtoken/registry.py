@@ -32,6 +32,7 @@ ALLOW_ENV = "VTOKEN_PLUGINS"
 #: Built-in plugins, imported only when used (``import vtoken`` never imports ``vtoken_plugins``).
 BUILTIN_PLUGINS: dict[str, str] = {
     "token_pruning": "vtoken_plugins.token_pruning:TokenPruning",
+    "zipvl": "vtoken_plugins.zipvl:ZipVL",
 }
 
 _RUNTIME: dict[str, str | type[Plugin]] = {}

@@ -30,7 +30,7 @@ from vtoken.layout import VisualLayout
 from vtoken.metrics import Recorder, Report
 from vtoken.patch import Patcher
 from vtoken.plugin import Plugin
-from vtoken.probe import LanguageProbes
+from vtoken.probe import LanguageAttention
 from vtoken.registry import create_plugins
 from vtoken.runtime import TokenRuntime
 from vtoken.state import RunState
@@ -145,8 +145,9 @@ class Session:
         pruners = [p for p in self.plugins if p.prunes]
         self.runtime = TokenRuntime(self, pruners) if pruners else None
         specs = {request: None for p in self.plugins for request in p.probes()}  # ordered, distinct
-        if specs:
-            LanguageProbes(self, list(specs))
+        attenders = [p for p in self.plugins if p.overrides("attention")]
+        if specs or attenders:
+            LanguageAttention(self, list(specs), attenders)
         if any(p.wants_vision_scores() for p in self.plugins):
             self.state.vision_probe = VisionProbe(self)
         transforms = [p for p in self.plugins if p.overrides("transform_visual")]

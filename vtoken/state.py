@@ -39,6 +39,9 @@ class RunState:
         layer_positions: ``(B, T)`` original prompt positions each decoder layer processed in the
             last prefill (``PAD`` on padding slots), ``None`` for a layer that saw the whole prompt.
         probes: attention rows captured in the last forward, by ``(layer, spec)`` (see ``vtoken.probe``).
+        attention_pairs: query-key products per head and row that a plugin's attention computed at a
+            layer in the last prefill, where fewer than the full rectangle (see
+            :func:`vtoken.flops.decoder_layer_flops`); the FLOPs count reads them.
         extras: scratch space for plugins, cleared at every prefill.
     """
 
@@ -58,6 +61,7 @@ class RunState:
     layer_visual: dict[int, int] = field(default_factory=dict)
     layer_positions: dict[int, Tensor | None] = field(default_factory=dict)
     probes: dict[tuple[int, Any], Any] = field(default_factory=dict)
+    attention_pairs: dict[int, float] = field(default_factory=dict)
     extras: dict[str, object] = field(default_factory=dict)
 
     def start_prompt(self, prompt_ids: Tensor | None, layout: VisualLayout | None) -> None:
@@ -65,5 +69,6 @@ class RunState:
         self.prompt_ids, self.layout = prompt_ids, layout
         self.decode_steps, self.expansion = 0, 1
         self.seq_positions = None
-        for table in (self.layer_tokens, self.layer_visual, self.layer_positions, self.probes, self.extras):
+        for table in (self.layer_tokens, self.layer_visual, self.layer_positions, self.probes, self.extras,
+                      self.attention_pairs):
             table.clear()
