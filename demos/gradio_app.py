@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
 import logging
 import re
 import tempfile
@@ -185,6 +186,29 @@ def _cell(value: float | None, fmt: str) -> str:
     return NOT_MEASURED if value is None else fmt.format(value)
 
 
+def charts_image(plugins: Sequence[vtoken.Plugin]) -> Image.Image | None:
+    """The attached plugins' :meth:`~vtoken.Plugin.charts` of the last generation, one bar chart
+    each, side by side (``None`` when no plugin has any)."""
+    charts = [(title, bars) for plugin in plugins for title, bars in plugin.charts().items() if bars]
+    if not charts:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(charts), figsize=(4.2 * len(charts), 3.2), squeeze=False)
+    for ax, (title, bars) in zip(axes[0], charts):
+        ax.bar(list(bars), list(bars.values()), color="tab:blue")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(axis="x", labelrotation=45, labelsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    return Image.open(buffer)
+
+
 def compare(
     models: Models, spec: str, image: Any, question: str, layer: int, knobs, values, max_new_tokens: int = 48
 ):
@@ -209,7 +233,8 @@ def compare(
         raise gr.Error(str(exc)) from None
     layer = min(max(int(layer), 0), plugged.kept.shape[0] - 1)
     heatmap = kept_heatmap(image, plugged.kept[layer], plugged.grid)
-    return base.text, plugged.text, heatmap, stats_rows(base, plugged), (image, plugged)
+    details = charts_image(stack)
+    return base.text, plugged.text, heatmap, stats_rows(base, plugged), details, (image, plugged)
 
 
 def redraw(layer: int, last) -> Image.Image | None:
@@ -298,13 +323,14 @@ def build_demo(
                 stats = gr.Dataframe(
                     headers=["metric", "baseline", "plugged", "ratio"], label="costs", elem_id="stats"
                 )
+                details = gr.Image(label="plugin details (last generation)", elem_id="details")
                 gr.Markdown(TIMING_NOTE)
         last = gr.State(None)
 
         def run(spec, img, text, at, *widget_values):
             return compare(models, spec, img, text, at, knobs, widget_values)
 
-        outputs = [base, plugged, heatmap, stats, last]
+        outputs = [base, plugged, heatmap, stats, details, last]
         button.click(run, [model, image, question, layer, *values], outputs, api_name="ask")
         layer.change(redraw, [layer, last], heatmap, api_visibility="private")
 

@@ -60,9 +60,9 @@ def app():
 
 @pytest.fixture(scope="module")
 def demo_url(app, tmp_path_factory):
-    """The demo launched on a free local port with a tiny random-weight LLaVA and token_pruning."""
+    """The demo launched on a free local port with a tiny random-weight LLaVA, token_pruning and zipvl."""
     samples = tmp_path_factory.mktemp("samples")
-    demo = app.build_demo("tiny:llava", samples=samples, plugins=("token_pruning",))
+    demo = app.build_demo("tiny:llava", samples=samples, plugins=("token_pruning", "zipvl"))
     demo.queue(default_concurrency_limit=1)
     _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     yield url

@@ -13,6 +13,7 @@ Override points:
     - :meth:`Plugin.after_forward` - after every prefill / decode forward (e.g. cache eviction);
     - :meth:`Plugin.make_cache` - the KV cache a prefill starts with;
     - :meth:`Plugin.generate` - the decoding loop behind ``model.generate``;
+    - :meth:`Plugin.charts` - figures about the last generation for user interfaces;
     - :meth:`Plugin.setup` - anything else, through the session's :class:`~vtoken.patch.Patcher`.
 """
 
@@ -184,6 +185,11 @@ class Plugin:
     def generate(self, base_generate: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """Replace the decoding loop of ``model.generate``; call ``base_generate`` to delegate."""
         return base_generate(*args, **kwargs)
+
+    def charts(self) -> dict[str, dict[str, float]]:
+        """What a user interface should plot about the last generation, as ``{title: {label:
+        value}}`` bar charts (the demo draws each one), e.g. a share per layer; ``{}`` for none."""
+        return {}
 
     @classmethod
     def do_nothing(cls) -> PluginConfig | None:

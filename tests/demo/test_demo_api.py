@@ -11,6 +11,8 @@ from PIL import Image
 gradio_client = pytest.importorskip("gradio_client", reason="needs the demo extra: pip install -e '.[demo]'")
 
 TOKEN_PRUNING = [True, "fastv", 0.25, "2", 1.0, 1.0]  # attach, scorer, keep_ratio, layers, decode ratios
+ZIPVL_OFF = [False, 0.975, "mixed", 4, 2, True, False, 100]  # attach, then ZipVL.knobs in order
+ZIPVL_ON = [True, 0.9, "mixed", 4, 2, True, False, 100]
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +28,14 @@ def picture(tmp_path_factory):
     return path
 
 
-def _ask(client, path, question="what is it ?", model="tiny:llava", plugin=TOKEN_PRUNING, layer=3):
+def _ask(client, path, question="what is it ?", model="tiny:llava", plugin=TOKEN_PRUNING, layer=3, zipvl=ZIPVL_OFF):
     upload = gradio_client.handle_file(str(path)) if path else None
-    return client.predict(model, upload, question, layer, *plugin, api_name="/ask")
+    return client.predict(model, upload, question, layer, *plugin, *zipvl, api_name="/ask")
 
 
 def test_ask_returns_both_answers_heatmap_and_costs(client, picture):
-    base, plugged, heatmap, stats = _ask(client, picture)
+    base, plugged, heatmap, stats, details = _ask(client, picture)
+    assert details is None  # token_pruning draws no charts: its heatmap shows what it did
     assert isinstance(base, str) and isinstance(plugged, str)
     pixels = np.asarray(Image.open(heatmap))
     assert pixels.ndim == 3 and pixels.shape[1] == 384 and pixels.std() > 0
@@ -48,9 +51,16 @@ def test_ask_returns_both_answers_heatmap_and_costs(client, picture):
 
 
 def test_without_plugins_both_answers_agree(client, picture):
-    base, plugged, _, stats = _ask(client, picture, plugin=[False, "fastv", 0.25, "2", 1.0, 1.0])
+    base, plugged, _, stats, _ = _ask(client, picture, plugin=[False, "fastv", 0.25, "2", 1.0, 1.0])
     assert base == plugged
     assert {r[0]: r for r in stats["data"]}["prefill GFLOPs"][3] == "1.000"
+
+
+def test_zipvl_shows_its_per_layer_ratios_and_cache_by_precision(client, picture):
+    _, _, _, stats, details = _ask(client, picture, plugin=[False, "fastv", 0.25, "2", 1.0, 1.0], zipvl=ZIPVL_ON)
+    assert float({r[0]: r for r in stats["data"]}["KV cache after prefill (KiB)"][3]) < 0.25
+    pixels = np.asarray(Image.open(details))
+    assert pixels.ndim == 3 and pixels.shape[1] > pixels.shape[0] and pixels.std() > 0  # two charts
 
 
 @pytest.mark.parametrize(

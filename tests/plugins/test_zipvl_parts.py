@@ -16,6 +16,7 @@ from vtoken_plugins.zipvl.ratio import (
     normalised_scores,
     probe_rows,
     top_sets,
+    widen_to_widest,
 )
 from vtoken_plugins.zipvl.sparse import sparse_attention
 
@@ -124,6 +125,8 @@ def test_important_tokens_and_rectangular_sets_hold_the_forced_ones():
     forced[:, -1] = True
     keep = important_mask(scores, torch.tensor([2, 1]), valid, forced)
     assert keep.tolist() == [[True, True, False, False, False, True], [False] * 5 + [True]]
+    widened = widen_to_widest(scores, keep, valid, forced)  # row 1 grows to row 0's three tokens
+    assert widened.tolist() == [[True, True, False, False, False, True], [False] * 3 + [True] * 3]
     sets = top_sets(scores[:, None].expand(2, G, 6), torch.tensor([2, 1]), valid, forced)
     assert sets.shape == (2, G, 3)  # the widest row: 2 + its forced token
     assert sets[0, 0].tolist() == [0, 1, 5] and sets[1, 0].tolist() == [3, 4, 5]

@@ -19,6 +19,7 @@ from vtoken_plugins.zipvl.ratio import (
     normalised_scores,
     probe_rows,
     top_sets,
+    widen_to_widest,
 )
 from vtoken_plugins.zipvl.sparse import sparse_attention
 
@@ -42,6 +43,11 @@ class ZipVL(Plugin):
     config_class = ZipVLConfig
     knobs = ("tau", "cache", "bits_high", "bits_low", "sparse_prefill", "protect_text", "interval")
     config: ZipVLConfig
+
+    def __init__(self, config: ZipVLConfig | None = None, /, **overrides) -> None:
+        super().__init__(config, **overrides)
+        self.kept: dict[int, Tensor] = {}  # layer -> (B,) share of important tokens, last prefill
+        self.held_by_bits: dict[int, int] = {}  # storage width -> bytes held, after the last forward
 
     @classmethod
     def do_nothing(cls) -> ZipVLConfig:
@@ -74,6 +80,7 @@ class ZipVL(Plugin):
     def reset(self, state: RunState) -> None:
         self.generator = torch.Generator().manual_seed(self.config.seed)
         self.kept: dict[int, Tensor] = {}
+        self.held_by_bits: dict[int, int] = {}
 
     def make_cache(self, state: RunState) -> VTokenCache | None:
         if not self.config.compresses_cache:
@@ -88,12 +95,23 @@ class ZipVL(Plugin):
         return {layer: ratio.tolist() for layer, ratio in sorted(self.kept.items())}
 
     def cache_bytes_by_bits(self) -> dict[int, int]:
-        """Bytes the cache of the last generation holds per storage width (16: unquantized)."""
+        """Bytes the cache held per storage width (16: unquantized) after the last forward."""
+        return dict(self.held_by_bits)
+
+    def after_forward(self, state: RunState) -> None:
         held: dict[int, int] = {}
-        for layer in getattr(self.session.state.cache, "layers", ()):
+        for layer in getattr(state.cache, "layers", ()):
             for bits, nbytes in getattr(layer, "nbytes_by_bits", dict)().items():
                 held[bits] = held.get(bits, 0) + nbytes
-        return held
+        self.held_by_bits = held
+
+    def charts(self) -> dict[str, dict[str, float]]:
+        ratios = {f"layer {layer}": 100 * sum(r) / len(r) for layer, r in self.kept_ratios().items() if r}
+        held = {
+            "unquantized" if bits == FULL_BITS else f"{bits}-bit": nbytes / 1024
+            for bits, nbytes in sorted(self.held_by_bits.items(), reverse=True)
+        }
+        return {"important tokens per layer (% of the prompt)": ratios, "KV cache by precision (KiB)": held}
 
     # -- attention -------------------------------------------------------------------------------
     def attention(self, base, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
@@ -121,7 +139,7 @@ class ZipVL(Plugin):
             scores = groups.sum(1)  # (B, T): the layer's score of every token
             count = important_count(scores, valid, self.config.tau)
             self.kept[idx] = (count / valid.sum(-1).clamp(min=1)).cpu()
-            high = important_mask(scores, count, valid, forced)
+            high = widen_to_widest(scores, important_mask(scores, count, valid, forced), valid, forced)
             low = valid & ~high
             width = length
             if self.config.sparse_prefill and bool((count < valid.sum(-1)).any()):
@@ -162,6 +180,7 @@ class ZipVL(Plugin):
         forced = self._protected(real_keys, held, self.session.state)
         high = important_mask(scores, count, real_keys, forced)[:, held.shape[1] - tail.shape[1] :]
         real_tail = tail != PAD
+        high = widen_to_widest(scores[:, held.shape[1] - tail.shape[1] :], high, real_tail, torch.zeros_like(high))
         layer.flush(high & real_tail, ~high & real_tail)
 
     # -- helpers ---------------------------------------------------------------------------------

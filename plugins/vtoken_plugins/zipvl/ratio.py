@@ -93,6 +93,19 @@ def important_mask(scores: Tensor, count: Tensor, valid: Tensor, forced: Tensor)
     return valid & ((rank < count[:, None]) | forced)
 
 
+def widen_to_widest(scores: Tensor, high: Tensor, valid: Tensor, forced: Tensor) -> Tensor:
+    """``high`` ``(B, T)`` grown, in each row, by its next best tokens to the widest row's count.
+
+    A batch's storage is rectangular: rows with fewer important tokens than the widest one would
+    hold padding slots in the high-precision block. Filling those slots with their next best tokens
+    costs no bytes and only adds precision (or, when the others are evicted, keeps more tokens).
+    """
+    width = int(high.sum(-1).max())
+    ranked = scores.float().masked_fill(~valid, -math.inf).masked_fill(forced & valid, math.inf)
+    rank = ranked.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    return high | (valid & (rank < width))
+
+
 def top_sets(scores: Tensor, count: Tensor, valid: Tensor, forced: Tensor) -> Tensor:
     """One rectangular token set per (row, key/value head) for sparse attention.
 
