@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 STAMP := $(VENV)/.installed
 
-.PHONY: install run demo test gpu-check lint constraints clean
+.PHONY: install run demo test gpu-check peers-venv peers lint constraints clean
 
 install: $(STAMP)
 
@@ -24,6 +24,21 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# kvpress (the peer of `vtoken bench peers`) needs transformers < 5.3 and patches transformers'
+# attention table on import: its own venv, layered over .venv (a .pth file), like .ci/run's.
+PEERS := .venv-peers
+$(PEERS)/.installed: $(STAMP)
+	rm -rf $(PEERS) && $(PY) -m venv $(PEERS)
+	$(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > "$$($(PEERS)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/vtoken-base.pth"
+	$(PEERS)/bin/python -m pip install -q --disable-pip-version-check kvpress==0.5.5 transformers==5.2.0
+	$(PEERS)/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+	touch $@
+
+peers-venv: $(PEERS)/.installed
+
+peers: $(PEERS)/.installed
+	$(VENV)/bin/vtoken bench peers
 
 gpu-check: $(STAMP)
 	$(PY) -m vtoken.bench.gpu_check

@@ -1,4 +1,4 @@
-"""``vtoken bench`` (the whole benchmark), ``vtoken bench speed`` and ``vtoken bench accuracy``.
+"""``vtoken bench`` (the whole benchmark), ``vtoken bench speed``, ``accuracy`` and ``peers``.
 
 Wired into the main CLI by :func:`add_commands`; every run prints and records the command that
 reproduces it, the torch threads, the machine and the git commit (:mod:`vtoken.bench.provenance`).
@@ -18,6 +18,7 @@ from vtoken.eval.scoring import DEFAULT_METRIC, METRICS
 from vtoken.loading import load_model
 
 OUT_DIR = "runs/bench"
+PEERS_PYTHON = ".venv-peers/bin/python"
 #: Options of ``vtoken bench`` a results header repeats when they differ from these defaults.
 COMMAND_DEFAULTS = {
     "data": None, "plugin": [], "per_family": None, "repeats": None, "threads": 0, "shape": None,
@@ -181,6 +182,37 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     speed.add_argument("--out", help="write the result as JSON here")
     speed.set_defaults(fn=_bench_speed)
     _add_accuracy(sub, add_device_args)
+    _add_peers(sub)
+
+
+def _add_peers(sub: argparse._SubParsersAction) -> None:
+    peers = sub.add_parser(
+        "peers",
+        help="kvpress's presses against zipvl and token_pruning at the same KV budgets, on the bundled "
+        "test split (runs in .venv-peers: make peers-venv)",
+        description="Runs `python -m vtoken.bench.peers` in the peers environment (kvpress needs "
+        "transformers < 5.3 and patches transformers' attention functions when imported).",
+    )
+    from vtoken.bench.peers import add_peers_options
+
+    add_peers_options(peers)
+    peers.add_argument("--python", default=PEERS_PYTHON, help="the peers environment's interpreter")
+    peers.set_defaults(fn=_bench_peers)
+
+
+def _bench_peers(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from vtoken.errors import VTokenError
+
+    if not Path(args.python).is_file():
+        raise VTokenError(
+            f"No peers environment at {args.python}: build it with `make peers-venv` (kvpress "
+            f"0.5.5 and transformers 5.2.0 layered over .venv), or pass --python."
+        )
+    from vtoken.bench.peers import peers_argv
+
+    return subprocess.call([args.python, "-m", "vtoken.bench.peers", *peers_argv(args)])
 
 
 def _add_accuracy(sub: argparse._SubParsersAction, add_device_args) -> None:
@@ -223,6 +255,7 @@ def _add_shape_arg(parser: argparse.ArgumentParser) -> None:
         "--shape",
         choices=list(SHAPES),
         help="random-weight model of the speed measurement: small (LLaVA-1.5's 576 visual tokens, "
-        "2 x 256 tower, 16 x 768 language model; the default), quick, or llava-1.5-7b (LLaVA-1.5-7B's "
-        "real shape, 24 x 1024 tower, 32 x 4096 language model; a GPU)",
+        "2 x 256 tower, 16 x 768 language model; the default), quick, long (4,096 visual tokens, "
+        "8 x 768 language model: attention weighs), or llava-1.5-7b (LLaVA-1.5-7B's real shape, "
+        "24 x 1024 tower, 32 x 4096 language model; a GPU)",
     )

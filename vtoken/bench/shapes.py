@@ -1,8 +1,9 @@
 """Model and prompt shapes of the speed benchmark, and the random-weight LLaVA built from one.
 
 ``small`` (the default) has LLaVA-1.5's token count (a 336x336 image in 14x14 patches gives 576
-visual tokens) with a language model sized for a fair CPU measurement; ``llava-1.5-7b`` is
-LLaVA-1.5-7B's real shape, for a GPU; ``quick`` is a smoke-test size.
+visual tokens) with a language model sized for a fair CPU measurement; ``long`` has 4,096 visual
+tokens, where attention weighs; ``llava-1.5-7b`` is LLaVA-1.5-7B's real shape, for a GPU; ``quick``
+is a smoke-test size.
 """
 
 from __future__ import annotations
@@ -76,8 +77,13 @@ LLAVA_7B = SpeedShape(
     vocab=32064,
 )
 
+#: A long prompt (4,096 visual tokens: a 896 px image, or e.g. 7 LLaVA-1.5 frames of a video) on
+#: an 8-layer language model: prefill attention is about half of a decoder layer's FLOPs here
+#: (about 17% in ``small``), the regime ZipVL's sparse attention targets (long videos).
+LONG = SpeedShape(image_size=896, layers=8)
+
 SMALL = SpeedShape()
-SHAPES: dict[str, SpeedShape] = {"small": SMALL, "quick": QUICK, "llava-1.5-7b": LLAVA_7B}
+SHAPES: dict[str, SpeedShape] = {"small": SMALL, "quick": QUICK, "long": LONG, "llava-1.5-7b": LLAVA_7B}
 
 
 def build_model(
