@@ -232,3 +232,16 @@ def test_sixteen_bit_tiers_hold_the_tensors_themselves():
     keys = torch.randn(B, G, T, D, dtype=torch.bfloat16)
     tier = Tier.store(keys, keys, torch.arange(T).expand(B, T), 16)
     assert tier.dense(torch.bfloat16)[0] is keys and tier.nbytes() == 2 * keys.nbytes
+
+
+def test_decoding_keeps_no_dequantized_copy_between_steps():
+    import weakref
+
+    layer, _, _ = _filled_layer(4, 2)
+    layer.flush(torch.ones(B, T, dtype=torch.bool), None)
+    held = layer.nbytes()
+    keys, values = layer.update(torch.randn(B, G, 1, D), torch.randn(B, G, 1, D))  # the step's attention input
+    refs = [weakref.ref(keys), weakref.ref(values)]
+    del keys, values  # the attention call is over
+    assert all(ref() is None for ref in refs)  # nothing else held the dense copies
+    assert layer.nbytes() == held + 2 * B * G * D * 4  # only the new entry, in the full-precision tail

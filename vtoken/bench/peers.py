@@ -229,7 +229,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     result, _ = run_peers(model, processor, items, args.press or PRESS_NAMES, args.max_new_tokens)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "peers.json").write_text(json.dumps(result, indent=1, default=str))
+    summary = {k: v for k, v in result.items() if k not in ("answers", "scores")}
+    (out / "peers.json").write_text(json.dumps(summary, indent=1, default=str))
+    (out / "peers_answers.json").write_text(json.dumps({k: result[k] for k in ("answers", "scores")}))
     command = " ".join(["vtoken bench peers", *(sys.argv[1:] if argv is None else argv)])
     print(write_peers_report(result, out, command))
     return 0
