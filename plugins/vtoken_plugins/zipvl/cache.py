@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from vtoken import PrunableLayer
 from vtoken.cache import PAD
@@ -88,6 +89,12 @@ class Tier:
         return self.positions.shape[-1]
 
 
+def _nonempty(index: Tensor) -> bool:
+    """Whether a left-packed ``(B, W)`` index selects anything (``W > 0``); a width not known yet
+    (fake tensors, tracing) counts as non-empty."""
+    return guard_or_true(index.shape[-1] != 0)
+
+
 class ZipLayer(PrunableLayer):
     """One decoder layer's cache in ZipVL's layout (see the module docstring).
 
@@ -135,7 +142,7 @@ class ZipLayer(PrunableLayer):
             groups.append((low, self.bits_low))
         for chosen, bits in groups:
             index, pad = left_pack(chosen & real)
-            if index.shape[-1]:
+            if _nonempty(index):
                 keys, values = (gather_tokens(x, index, dim=2) for x in (self.keys, self.values))
                 held = positions.gather(-1, index).masked_fill(pad, PAD)
                 self.tiers.append(Tier.store(keys, values, held, bits))
@@ -161,7 +168,7 @@ class ZipLayer(PrunableLayer):
             part = keep[:, start : start + tier.length] & (tier.positions != PAD)
             start += tier.length
             index, pad = left_pack(part)
-            if index.shape[-1]:
+            if _nonempty(index):
                 tiers.append(tier.take(index, pad))
         tail = self.tail_positions
         index, pad = left_pack(keep[:, start:] & (tail != PAD))

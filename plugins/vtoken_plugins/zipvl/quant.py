@@ -27,18 +27,19 @@ META = torch.float16
 
 def pack(codes: Tensor, bits: int) -> Tensor:
     """``(..., d)`` integer codes below ``2^bits`` -> ``(..., d * bits / 8)`` uint8."""
-    per_byte = 8 // bits
-    grouped = codes.to(torch.uint8).unflatten(-1, (-1, per_byte))  # (..., d / per_byte, per_byte)
-    shifts = torch.arange(per_byte, device=codes.device, dtype=torch.uint8) * bits
-    return (grouped << shifts).sum(-1, dtype=torch.uint8)
+    grouped = codes.to(torch.uint8).unflatten(-1, (-1, 8 // bits))  # (..., d / per_byte, per_byte)
+    return (grouped * _places(bits, codes.device)).sum(-1, dtype=torch.uint8)  # disjoint bit fields
 
 
 def unpack(packed: Tensor, bits: int) -> Tensor:
     """``(..., d * bits / 8)`` uint8 -> ``(..., d)`` uint8 codes (inverse of :func:`pack`)."""
-    per_byte = 8 // bits
-    shifts = torch.arange(per_byte, device=packed.device, dtype=torch.uint8) * bits
-    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
-    return codes.flatten(-2)
+    mask = (1 << bits) - 1
+    return torch.stack([(packed >> (bits * i)) & mask for i in range(8 // bits)], -1).flatten(-2)
+
+
+def _places(bits: int, device: torch.device) -> Tensor:
+    """``2^(bits * i)`` for each code slot ``i`` of a byte (uint8): the value of its lowest bit."""
+    return (2 ** (torch.arange(8 // bits, device=device) * bits)).to(torch.uint8)
 
 
 def _down(x: Tensor) -> Tensor:

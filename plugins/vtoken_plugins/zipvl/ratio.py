@@ -100,7 +100,7 @@ def widen_to_widest(scores: Tensor, high: Tensor, valid: Tensor, forced: Tensor)
     hold padding slots in the high-precision block. Filling those slots with their next best tokens
     costs no bytes and only adds precision (or, when the others are evicted, keeps more tokens).
     """
-    width = int(high.sum(-1).max())
+    width = high.sum(-1).max().item()  # the one host sync (item(), not int(): traces under fake tensors)
     ranked = scores.float().masked_fill(~valid, -math.inf).masked_fill(forced & valid, math.inf)
     rank = ranked.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
     return high | (valid & (rank < width))
@@ -122,6 +122,6 @@ def top_sets(scores: Tensor, count: Tensor, valid: Tensor, forced: Tensor) -> Te
     ranked = scores.float().masked_fill(~valid[:, None], -math.inf)
     ranked = ranked.masked_fill(forced[:, None] & valid[:, None], math.inf)
     n_forced = (forced & valid).sum(-1)
-    width = int((count + n_forced).clamp(max=scores.shape[-1]).max())
+    width = (count + n_forced).clamp(max=scores.shape[-1]).max().item()
     index = ranked.topk(width, dim=-1).indices  # forced first, then by score
     return index.sort(-1).values
