@@ -13,7 +13,7 @@ from vtoken_plugins.zipvl.ratio import probe_rows
 
 import vtoken
 from vtoken.bench.exactness import reproduces_unplugged
-from vtoken.tiny import TINY_FAMILIES
+from vtoken.tiny import TINY_FAMILIES, build_tiny
 
 GEN = dict(max_new_tokens=6, do_sample=False, output_logits=True, return_dict_in_generate=True)
 MODES = {
@@ -108,13 +108,11 @@ def test_runs_beside_token_pruning_and_in_bfloat16():
     plugins = [TokenPruning(scorer="fastv", keep_ratio=0.5, layers=(2,)), ZipVL(tau=0.9, interval=2)]
     out, report = _generate(model, inputs, plugins)
     assert len(out.logits) == GEN["max_new_tokens"] and report.visual_last_layer < report.visual_tokens
-    bf16 = model.to(torch.bfloat16)
-    try:
-        inputs16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
-        out, report = _generate(bf16, inputs16, ZipVL(tau=0.9, interval=2))
-        assert torch.isfinite(out.logits[-1]).all() and report.kv_bytes > 0
-    finally:
-        model.to(torch.float32)
+    bf16, _ = build_tiny("llava")  # a copy of its own: the cached model must stay float32
+    bf16 = bf16.to(torch.bfloat16)
+    inputs16 = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in inputs.items()}
+    out, report = _generate(bf16, inputs16, ZipVL(tau=0.9, interval=2))
+    assert torch.isfinite(out.logits[-1]).all() and report.kv_bytes > 0
 
 
 def test_detach_restores_the_model_bit_for_bit():
