@@ -13,17 +13,15 @@ from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from vtoken_plugins.zipvl.cache import ZipLayer
 from vtoken_plugins.zipvl.quant import quantize_keys, quantize_values
 from vtoken_plugins.zipvl.ratio import (
-    group_scores,
     important_count,
     important_mask,
-    normalised_scores,
     probe_rows,
+    probe_scores,
     top_sets,
     widen_to_widest,
 )
 from vtoken_plugins.zipvl.sparse import sparse_attention
 
-from vtoken.probe import attention_rows, visible_rows
 
 CUDA = "cuda"
 B, H, G, T, D = 2, 4, 2, 10, 8
@@ -51,14 +49,12 @@ def valid() -> torch.Tensor:
 def test_scoring_and_selection(dtype):
     query, key = randn(B, H, T, D, dtype=dtype), randn(B, G, T, D, dtype=dtype)
     rows, pad = probe_rows(valid(), 0.2, 0.2, torch.Generator().manual_seed(0))
-    weights = attention_rows(query, key, None, rows, 0.3)
-    scores = normalised_scores(weights, pad, visible_rows(None, rows, T, T))
-    groups = group_scores(scores, G)
+    groups = probe_scores(query, key, None, rows, pad, 0.3)
     count = important_count(groups.sum(1), valid(), 0.9)
     forced = torch.zeros(B, T, dtype=torch.bool, device=CUDA)
     high = widen_to_widest(groups.sum(1), important_mask(groups.sum(1), count, valid(), forced), valid(), forced)
     sets = top_sets(groups, count, valid(), forced)
-    assert on_cuda(rows, weights, scores, groups, count, high, sets)
+    assert on_cuda(rows, groups, count, high, sets)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -10,11 +10,10 @@ import torch
 from vtoken_plugins.zipvl.cache import Tier, ZipLayer
 from vtoken_plugins.zipvl.quant import pack, quantize_keys, quantize_values, unpack
 from vtoken_plugins.zipvl.ratio import (
-    group_scores,
     important_count,
     important_mask,
-    normalised_scores,
     probe_rows,
+    probe_scores,
     top_sets,
     widen_to_widest,
 )
@@ -106,16 +105,20 @@ def test_important_count_is_the_smallest_prefix_reaching_tau(tau):
         assert count[b] == _direct_count(scores[b][valid[b]].tolist(), tau)
 
 
-def test_normalised_scores_divide_by_the_probe_rows_that_see_each_key():
+@pytest.mark.parametrize("masked", [False, True], ids=["causal", "padding-mask"])
+def test_probe_scores_sum_the_probe_rows_attention_over_the_rows_that_see_each_key(masked):
     torch.manual_seed(2)
     query, key = torch.randn(B, H, T, D), torch.randn(B, G, T, D)
     rows, pad = torch.tensor([[9, 11], [11, 0]]), torch.tensor([[False, False], [False, True]])
-    weights = attention_rows(query, key, None, rows, 0.3)  # (B, H, 2, T)
-    scores = normalised_scores(weights, pad, visible_rows(None, rows, T, T))
-    assert torch.allclose(scores[1], weights[1, :, 0])  # one real row: its own attention
+    mask = None
+    if masked:
+        mask = (torch.ones(T, T, dtype=torch.bool).tril() & (torch.arange(T) >= 1)[None, :])[None, None]
+    weights = attention_rows(query, key, mask, rows, 0.3, softcap=5.0)  # (B, H, 2, T), as eager attention
+    scores = probe_scores(query, key, mask, rows, pad, 0.3, softcap=5.0)  # (B, G, T)
+    assert torch.allclose(scores[1], weights[1, :, 0].view(G, 2, T).sum(1), atol=1e-6)  # one real row
     seen = torch.tensor([2.0] * 10 + [1.0, 1.0])  # keys 10, 11 are seen by row 11 only
-    assert torch.allclose(scores[0], weights[0].sum(1) / seen)
-    assert torch.allclose(group_scores(scores, G)[:, 0], scores[:, :2].sum(1))  # heads 0-1: group 0
+    expected = (weights[0].sum(1) / seen).view(G, 2, T).sum(1)  # heads 0-1 share group 0
+    assert torch.allclose(scores[0], expected, atol=1e-6)
 
 
 def test_important_tokens_and_rectangular_sets_hold_the_forced_ones():

@@ -9,15 +9,13 @@ from torch import Tensor, nn
 
 from vtoken import Plugin, RunState, UnsupportedInputError, UnsupportedModelError, VTokenCache
 from vtoken.cache import PAD
-from vtoken.probe import attention_rows, visible_rows
 from vtoken_plugins.zipvl.cache import FULL_BITS, ZipLayer
 from vtoken_plugins.zipvl.config import ZipVLConfig
 from vtoken_plugins.zipvl.ratio import (
-    group_scores,
     important_count,
     important_mask,
-    normalised_scores,
     probe_rows,
+    probe_scores,
     top_sets,
     widen_to_widest,
 )
@@ -156,9 +154,8 @@ class ZipVL(Plugin):
     def _scores(self, query: Tensor, key: Tensor, mask, valid: Tensor, kwargs: dict) -> tuple[Tensor, int]:
         """``(B, H_kv, T)`` normalised scores per key/value group, and the number of probe rows."""
         rows, row_pad = probe_rows(valid, self.config.probe_last, self.config.probe_random, self.generator)
-        weights = attention_rows(query, key, mask, rows, kwargs["scaling"], kwargs.get("softcap"))
-        visible = visible_rows(mask, rows, query.shape[2], key.shape[2])
-        return group_scores(normalised_scores(weights, row_pad, visible), key.shape[1]), rows.shape[-1]
+        scores = probe_scores(query, key, mask, rows, row_pad, kwargs["scaling"], kwargs.get("softcap"))
+        return scores, rows.shape[-1]
 
     def _grow_tail(self, layer: ZipLayer, query: Tensor, key: Tensor, kwargs: dict) -> None:
         """Keep the step's queries; once the tail holds ``interval`` entries, score and store it."""
@@ -173,9 +170,8 @@ class ZipVL(Plugin):
         visible = real_keys[:, None, :] & (held[:, None, :] <= tail[:, :, None])  # (B, n, T)
         queries = layer.tail_queries
         rows, row_pad = probe_rows(tail != PAD, self.config.probe_last, self.config.probe_random, self.generator)
-        mask = visible[:, None]
-        weights = attention_rows(queries, key, mask, rows, kwargs["scaling"], kwargs.get("softcap"))
-        scores = normalised_scores(weights, row_pad, visible_rows(mask, rows, tail.shape[1], held.shape[1])).sum(1)
+        scaling, softcap = kwargs["scaling"], kwargs.get("softcap")
+        scores = probe_scores(queries, key, visible[:, None], rows, row_pad, scaling, softcap).sum(1)
         count = important_count(scores, real_keys, self.config.tau)
         forced = self._protected(real_keys, held, self.session.state)
         high = important_mask(scores, count, real_keys, forced)[:, held.shape[1] - tail.shape[1] :]

@@ -16,7 +16,8 @@ import math
 import torch
 from torch import Tensor
 
-from vtoken.indexing import left_pack
+from vtoken.indexing import gather_tokens, left_pack
+from vtoken.probe import visible_rows
 
 
 def probe_rows(valid: Tensor, last: float, random: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -43,27 +44,47 @@ def probe_rows(valid: Tensor, last: float, random: float, generator: torch.Gener
     return left_pack(chosen)
 
 
-def normalised_scores(weights: Tensor, row_pad: Tensor, visible: Tensor) -> Tensor:
-    """ZipCache's normalised attention score of every key.
+def probe_scores(
+    query: Tensor,
+    key: Tensor,
+    mask: Tensor | None,
+    rows: Tensor,
+    row_pad: Tensor,
+    scaling: float,
+    softcap: float | None = None,
+) -> Tensor:
+    """ZipCache's normalised score of every key, per key/value head (GQA: summed over the query
+    heads sharing it): the probe rows' attention to the key, summed, divided by the number of probe
+    rows that can see it.
+
+    The same probabilities as :func:`vtoken.probe.attention_rows`, computed for a column sum only:
+    queries grouped by key/value head (no repeated keys), the scale applied to the few query rows,
+    the mask applied in place, and the sum over rows done as a matrix product, so the
+    ``(B, H, R, T)`` probabilities are written once and read once.
 
     Args:
-        weights: ``(B, H, R, T)`` probe rows' attention probabilities.
-        row_pad: ``(B, R)`` True on padding rows.
-        visible: ``(B, R, T)`` which keys each probe row may see.
+        query: ``(B, H, q, d)``; key: ``(B, H_kv, T, d)``; mask: ``(B, 1, q, T)`` or ``None`` (causal).
+        rows: ``(B, R)`` probe rows (indices into q); row_pad: ``(B, R)`` True on padding rows.
+        scaling, softcap: as the attention call's.
 
     Returns:
-        ``(B, H, T)`` float32: column sums over the real probe rows divided by how many of them see
-        each key (0 for keys none sees).
+        ``(B, H_kv, T)`` float32 scores (0 for keys no probe row sees).
     """
-    real = ~row_pad
-    mass = (weights.float() * real[:, None, :, None]).sum(2)  # (B, H, T)
-    seen_by = (visible & real[..., None]).sum(1)  # (B, T)
+    batch, heads, length, _ = query.shape
+    kv_heads, keys = key.shape[1], key.shape[2]
+    picked = gather_tokens(query, rows, dim=2) * scaling  # (B, H, R, d)
+    grouped = picked.reshape(batch, kv_heads, -1, picked.shape[-1])  # (B, H_kv, H/H_kv * R, d)
+    logits = torch.matmul(grouped, key.transpose(2, 3))  # (B, H_kv, H/H_kv * R, T)
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    visible = visible_rows(mask, rows, length, keys)  # (B, R, T)
+    per_head = logits.view(batch, kv_heads, heads // kv_heads, rows.shape[1], keys)
+    per_head.masked_fill_(~visible[:, None, None], torch.finfo(logits.dtype).min)  # finite: padding rows
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    real = (~row_pad).float().repeat(1, heads // kv_heads)  # (B, H/H_kv * R), head-major like rows
+    mass = torch.matmul(real[:, None, None, :], probs).squeeze(-2)  # (B, H_kv, T)
+    seen_by = (visible & ~row_pad[..., None]).sum(1)  # (B, T)
     return mass / seen_by.clamp(min=1)[:, None, :]
-
-
-def group_scores(head_scores: Tensor, kv_heads: int) -> Tensor:
-    """``(B, H, T)`` -> ``(B, H_kv, T)``: sum over the query heads sharing each key/value head (GQA)."""
-    return head_scores.unflatten(1, (kv_heads, -1)).sum(2)
 
 
 def important_count(scores: Tensor, valid: Tensor, tau: float) -> Tensor:
