@@ -15,7 +15,8 @@ from vtoken.cli import main
 
 needs_kvpress = pytest.mark.skipif(
     importlib.util.find_spec("kvpress") is None,
-    reason="kvpress lives in the peers environment: make peers-venv; .venv-peers/bin/python -m pytest tests/test_peers.py",
+    reason="kvpress lives in the peers environment: make peers-venv, then "
+    ".venv-peers/bin/python -m pytest tests/test_peers.py",
 )
 
 

@@ -151,7 +151,9 @@ class LanguageAttention:
     ``session.state.probes[(layer, spec)]``, then runs the plugins' :meth:`~vtoken.Plugin.attention`
     overrides, the first attached outermost, around the model's own sdpa or eager function."""
 
-    def __init__(self, session: Session, requests: list[tuple[int, ProbeSpec]], plugins: list[Plugin]) -> None:
+    def __init__(
+        self, session: Session, requests: list[tuple[int, ProbeSpec]], plugins: list[Plugin]
+    ) -> None:
         self.state = session.state
         impl = session.model.config.get_text_config()._attn_implementation
         base, base_mask = attention_functions(session.parts.attention(0), impl)

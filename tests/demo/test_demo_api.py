@@ -28,8 +28,9 @@ def picture(tmp_path_factory):
     return path
 
 
-def _ask(client, path, question="what is it ?", model="tiny:llava", plugin=TOKEN_PRUNING, layer=3, zipvl=ZIPVL_OFF):
+def _ask(client, path, question="what is it ?", model="tiny:llava", plugin=TOKEN_PRUNING, layer=3, zipvl=()):
     upload = gradio_client.handle_file(str(path)) if path else None
+    zipvl = zipvl or ZIPVL_OFF
     return client.predict(model, upload, question, layer, *plugin, *zipvl, api_name="/ask")
 
 
@@ -57,7 +58,8 @@ def test_without_plugins_both_answers_agree(client, picture):
 
 
 def test_zipvl_shows_its_per_layer_ratios_and_cache_by_precision(client, picture):
-    _, _, _, stats, details = _ask(client, picture, plugin=[False, "fastv", 0.25, "2", 1.0, 1.0], zipvl=ZIPVL_ON)
+    off = [False, "fastv", 0.25, "2", 1.0, 1.0]
+    _, _, _, stats, details = _ask(client, picture, plugin=off, zipvl=ZIPVL_ON)
     assert float({r[0]: r for r in stats["data"]}["KV cache after prefill (KiB)"][3]) < 0.25
     pixels = np.asarray(Image.open(details))
     assert pixels.ndim == 3 and pixels.shape[1] > pixels.shape[0] and pixels.std() > 0  # two charts

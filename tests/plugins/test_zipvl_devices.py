@@ -4,8 +4,6 @@ tests/test_devices.py for how), in float32 and bfloat16."""
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -21,7 +19,6 @@ from vtoken_plugins.zipvl.ratio import (
     widen_to_widest,
 )
 from vtoken_plugins.zipvl.sparse import sparse_attention
-
 
 CUDA = "cuda"
 B, H, G, T, D = 2, 4, 2, 10, 8
@@ -52,7 +49,9 @@ def test_scoring_and_selection(dtype):
     groups = probe_scores(query, key, None, rows, pad, 0.3)
     count = important_count(groups.sum(1), valid(), 0.9)
     forced = torch.zeros(B, T, dtype=torch.bool, device=CUDA)
-    high = widen_to_widest(groups.sum(1), important_mask(groups.sum(1), count, valid(), forced), valid(), forced)
+    high = widen_to_widest(
+        groups.sum(1), important_mask(groups.sum(1), count, valid(), forced), valid(), forced
+    )
     sets = top_sets(groups, count, valid(), forced)
     assert on_cuda(rows, groups, count, high, sets)
 
@@ -60,9 +59,15 @@ def test_scoring_and_selection(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sparse_attention(dtype):
     def base(module, q, k, v, mask, **kwargs):  # transformers' (B, q, H, d) output layout
-        return torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)).transpose(1, 2), None
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
+        ).transpose(1, 2), None
 
-    query, key, value = randn(B, H, T, D, dtype=dtype), randn(B, G, T, D, dtype=dtype), randn(B, G, T, D, dtype=dtype)
+    query, key, value = (
+        randn(B, H, T, D, dtype=dtype),
+        randn(B, G, T, D, dtype=dtype),
+        randn(B, G, T, D, dtype=dtype),
+    )
     sets = torch.arange(4, device=CUDA).expand(B, G, 4)
     out, _ = sparse_attention(base, None, query, key, value, None, sets, valid())
     assert on_cuda(out) and out.shape == (B, T, H, D) and out.dtype == dtype

@@ -21,7 +21,7 @@ from vtoken_plugins.zipvl.sparse import sparse_attention
 
 from vtoken.cache import PAD
 from vtoken.patch import attention_functions
-from vtoken.probe import attention_rows, visible_rows
+from vtoken.probe import attention_rows
 
 B, H, G, T, D = 2, 4, 2, 12, 8
 
@@ -243,7 +243,9 @@ def test_decoding_keeps_no_dequantized_copy_between_steps():
     layer, _, _ = _filled_layer(4, 2)
     layer.flush(torch.ones(B, T, dtype=torch.bool), None)
     held = layer.nbytes()
-    keys, values = layer.update(torch.randn(B, G, 1, D), torch.randn(B, G, 1, D))  # the step's attention input
+    keys, values = layer.update(
+        torch.randn(B, G, 1, D), torch.randn(B, G, 1, D)
+    )  # the step's attention input
     refs = [weakref.ref(keys), weakref.ref(values)]
     del keys, values  # the attention call is over
     assert all(ref() is None for ref in refs)  # nothing else held the dense copies

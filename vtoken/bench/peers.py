@@ -99,7 +99,9 @@ def _inputs(model, processor, item: VQAItem) -> dict:
     return inputs
 
 
-def answer_plugged(model, processor, item: VQAItem, plugins: Sequence[vtoken.Plugin], max_new_tokens: int) -> Answer:
+def answer_plugged(
+    model, processor, item: VQAItem, plugins: Sequence[vtoken.Plugin], max_new_tokens: int
+) -> Answer:
     """Greedy ``generate`` with ``plugins`` attached (none: the unplugged model)."""
     inputs = _inputs(model, processor, item)
     with vtoken.attach(model, list(plugins)) as session, torch.no_grad():
@@ -127,9 +129,15 @@ def answer_pressed(model, processor, item: VQAItem, press: Any, max_new_tokens: 
             if int(token) in eos or step == max_new_tokens - 1:
                 break
             position = torch.tensor([[length + step]], device=token.device)
-            logits = model(input_ids=token[:, None], past_key_values=cache, position_ids=position).logits[:, -1]
+            logits = model(input_ids=token[:, None], past_key_values=cache, position_ids=position).logits[
+                :, -1
+            ]
     report = vtoken.Report(family=vtoken.resolve_family(model).name, batch_size=1, prompt_tokens=length)
-    report.decode_steps, report.prefill_kv_bytes, report.kv_bytes = len(tokens) - 1, prefill_bytes, _cache_bytes(cache)
+    report.decode_steps, report.prefill_kv_bytes, report.kv_bytes = (
+        len(tokens) - 1,
+        prefill_bytes,
+        _cache_bytes(cache),
+    )
     text = processor.batch_decode([tokens], skip_special_tokens=True)[0]
     return Answer(" ".join(text.split()), report)
 
@@ -165,11 +173,19 @@ def run_peers(
     """Every setting on ``items``; returns the :class:`~vtoken.eval.vqa.VQAResult` as a dict (with a
     ``"budget"`` per label: the share of the unplugged cache it holds) and the budgets used."""
     runs: dict[str, tuple[list, RunStats]] = {}
-    runs["baseline"] = ([], _run(items, lambda i: answer_plugged(model, processor, i, [], max_new_tokens), "baseline"))
-    runs["kvpress:no-press"] = ([], _run(items, lambda i: answer_pressed(model, processor, i, None, max_new_tokens), "no press"))
+    runs["baseline"] = (
+        [],
+        _run(items, lambda i: answer_plugged(model, processor, i, [], max_new_tokens), "baseline"),
+    )
+    runs["kvpress:no-press"] = (
+        [],
+        _run(items, lambda i: answer_pressed(model, processor, i, None, max_new_tokens), "no press"),
+    )
     base, budgets = runs["baseline"][1], {}
     for label, plugins in our_settings().items():
-        stats = _run(items, lambda i, p=plugins: answer_plugged(model, processor, i, p, max_new_tokens), label)
+        stats = _run(
+            items, lambda i, p=plugins: answer_plugged(model, processor, i, p, max_new_tokens), label
+        )
         runs[label] = (plugins, stats)
         budgets[label] = budget_share(stats, base, at_end=label.startswith("token_pruning"))
     shares = sorted({round(b, 2) for b in budgets.values()} | set(EXTRA_BUDGETS), reverse=True)
@@ -177,7 +193,10 @@ def run_peers(
         for share in shares:
             press = make_press(name, 1.0 - share)
             label = f"kvpress:{name}@{share:.2f}"
-            runs[label] = ([], _run(items, lambda i, p=press: answer_pressed(model, processor, i, p, max_new_tokens), label))
+            runs[label] = (
+                [],
+                _run(items, lambda i, p=press: answer_pressed(model, processor, i, p, max_new_tokens), label),
+            )
             budgets[label] = budget_share(runs[label][1], base, at_end=False)
     result = result_of(items, runs, metric_name).to_dict()
     result["budget"] = budgets

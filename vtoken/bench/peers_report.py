@@ -23,19 +23,33 @@ def peers_table(result: dict[str, Any]) -> str:
     rows = []
     for label in labels:
         head = result["accuracy"][label]["headline"]
-        retention, loyalty, costs = result["retention"][label], result["loyalty"][label], result["costs"][label]
+        retention, loyalty, costs = (
+            result["retention"][label],
+            result["loyalty"][label],
+            result["costs"][label],
+        )
         rows.append(
             (
                 label,
                 f"{result['budget'].get(label, 1.0):.3f}",
                 f"{head['value']:.3f} [{head['low']:.3f}, {head['high']:.3f}]",
-                "-" if retention is None else f"{retention['value']:.3f} [{retention['low']:.3f}, {retention['high']:.3f}]",
+                "-"
+                if retention is None
+                else f"{retention['value']:.3f} [{retention['low']:.3f}, {retention['high']:.3f}]",
                 f"{loyalty['value']:.3f}",
                 f"{costs['kv_prefill_mib'] * 1024:.1f}",
                 f"{costs['kv_end_mib'] * 1024:.1f}",
             )
         )
-    header = ("setting", "KV share held", "accuracy", "retention", "loyalty", "KV after prefill (KiB)", "KV at end (KiB)")
+    header = (
+        "setting",
+        "KV share held",
+        "accuracy",
+        "retention",
+        "loyalty",
+        "KV after prefill (KiB)",
+        "KV at end (KiB)",
+    )
     return table(header, rows)
 
 
@@ -59,7 +73,9 @@ def plot_peers(result: dict[str, Any], path: Path) -> Path:
         err = [[v - h["low"] for v, h in zip(y, heads)], [h["high"] - v for v, h in zip(y, heads)]]
         marker = MARKERS.get(group.split(":")[0], "o")
         style = "-" if group.startswith("kvpress") else ""
-        ax.errorbar(x, y, yerr=err, fmt=f"{marker}{style}", capsize=2, label=group.removeprefix("kvpress:"), ms=7)
+        ax.errorbar(
+            x, y, yerr=err, fmt=f"{marker}{style}", capsize=2, label=group.removeprefix("kvpress:"), ms=7
+        )
     base = result["accuracy"]["baseline"]["headline"]["value"]
     ax.axhline(base, color="grey", ls="--", lw=1, label="unplugged")
     ax.set_xlabel("KV cache held, share of the unplugged model's (prompt cache; thinning: at the end)")
@@ -76,7 +92,8 @@ def write_peers_report(result: dict[str, Any], folder: Path, command: str) -> st
     plot_peers(result, folder / "peers.png")
     text = "\n".join(
         [
-            f"`{command}`: {result['items']} questions of the bundled model's test split, batch size 1, greedy.",
+            f"`{command}`: {result['items']} questions of the bundled model's test split, "
+            "batch size 1, greedy.",
             "",
             peers_table(result),
             "",

@@ -151,7 +151,11 @@ class ZipLayer(PrunableLayer):
         self._set_positions()
 
     def _set_positions(self) -> None:
-        tail = self.positions[:, self.positions.shape[-1] - self.tail_length :] if self.positions is not None else None
+        tail = (
+            self.positions[:, self.positions.shape[-1] - self.tail_length :]
+            if self.positions is not None
+            else None
+        )
         parts = [tier.positions for tier in self.tiers] + ([tail] if tail is not None else [])
         self.positions = torch.cat(parts, dim=-1)
         self._dense = self._padded = None
@@ -176,7 +180,9 @@ class ZipLayer(PrunableLayer):
         if self.tail_queries is not None:
             self.tail_queries = gather_tokens(self.tail_queries, index, dim=2)
         self.tiers = tiers
-        self.positions = torch.cat([t.positions for t in tiers] + [tail.gather(-1, index).masked_fill(pad, PAD)], -1)
+        self.positions = torch.cat(
+            [t.positions for t in tiers] + [tail.gather(-1, index).masked_fill(pad, PAD)], -1
+        )
         self._dense = self._padded = None
 
     def _map_batch(self, fn: Callable[[Tensor], Tensor]) -> None:

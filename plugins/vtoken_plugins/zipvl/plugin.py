@@ -112,7 +112,9 @@ class ZipVL(Plugin):
         return {"important tokens per layer (% of the prompt)": ratios, "KV cache by precision (KiB)": held}
 
     # -- attention -------------------------------------------------------------------------------
-    def attention(self, base, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs):
+    def attention(
+        self, base, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask, **kwargs
+    ):
         phase = self.session.state.phase
         if phase == "prefill":
             return self._prefill(base, module, query, key, value, attention_mask, **kwargs)
@@ -169,14 +171,18 @@ class ZipVL(Plugin):
             return
         visible = real_keys[:, None, :] & (held[:, None, :] <= tail[:, :, None])  # (B, n, T)
         queries = layer.tail_queries
-        rows, row_pad = probe_rows(tail != PAD, self.config.probe_last, self.config.probe_random, self.generator)
+        rows, row_pad = probe_rows(
+            tail != PAD, self.config.probe_last, self.config.probe_random, self.generator
+        )
         scaling, softcap = kwargs["scaling"], kwargs.get("softcap")
         scores = probe_scores(queries, key, visible[:, None], rows, row_pad, scaling, softcap).sum(1)
         count = important_count(scores, real_keys, self.config.tau)
         forced = self._protected(real_keys, held, self.session.state)
         high = important_mask(scores, count, real_keys, forced)[:, held.shape[1] - tail.shape[1] :]
         real_tail = tail != PAD
-        high = widen_to_widest(scores[:, held.shape[1] - tail.shape[1] :], high, real_tail, torch.zeros_like(high))
+        high = widen_to_widest(
+            scores[:, held.shape[1] - tail.shape[1] :], high, real_tail, torch.zeros_like(high)
+        )
         layer.flush(high & real_tail, ~high & real_tail)
 
     # -- helpers ---------------------------------------------------------------------------------

@@ -20,7 +20,9 @@ from vtoken.indexing import gather_tokens, left_pack
 from vtoken.probe import visible_rows
 
 
-def probe_rows(valid: Tensor, last: float, random: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+def probe_rows(
+    valid: Tensor, last: float, random: float, generator: torch.Generator
+) -> tuple[Tensor, Tensor]:
     """Probe query rows per batch row, over its valid tokens.
 
     Args:
@@ -110,7 +112,12 @@ def important_mask(scores: Tensor, count: Tensor, valid: Tensor, forced: Tensor)
     Args:
         scores: ``(B, T)``; count: ``(B,)``; valid, forced: ``(B, T)`` bool.
     """
-    rank = scores.float().masked_fill(~valid, -math.inf).argsort(dim=-1, descending=True, stable=True).argsort(dim=-1)
+    rank = (
+        scores.float()
+        .masked_fill(~valid, -math.inf)
+        .argsort(dim=-1, descending=True, stable=True)
+        .argsort(dim=-1)
+    )
     return valid & ((rank < count[:, None]) | forced)
 
 

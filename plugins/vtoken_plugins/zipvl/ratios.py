@@ -30,7 +30,9 @@ def collect(model, processor, items, tau: float) -> tuple[list[list[float]], dic
     with vtoken.attach(model, plugin), torch.no_grad():
         for item in tqdm(items, desc=f"tau {tau}", unit="q"):
             prompt = build_prompt(processor, family, item.question)
-            inputs = to_model(processor(images=[[load_image(item.image)]], text=[prompt], return_tensors="pt"), model)
+            inputs = to_model(
+                processor(images=[[load_image(item.image)]], text=[prompt], return_tensors="pt"), model
+            )
             model(**inputs)
             for layer, ratio in plugin.kept_ratios().items():
                 shares[layer].append(ratio[0])
@@ -49,15 +51,15 @@ def plot(results: dict[float, tuple[list[list[float]], dict[int, int]]], path: P
     width = 0.8 / len(results)
     for i, (tau, (shares, _)) in enumerate(results.items()):
         positions = [layer + (i - (len(results) - 1) / 2) * width for layer in range(len(shares))]
-        boxes = left.boxplot([[100 * s for s in layer] for layer in shares], positions=positions, widths=width * 0.9,
-                             patch_artist=True, showfliers=False)  # fmt: skip
+        percent = [[100 * s for s in layer] for layer in shares]
+        boxes = left.boxplot(percent, positions=positions, widths=width * 0.9, patch_artist=True)
         for box in boxes["boxes"]:
             box.set_facecolor(f"C{i}")
         left.plot([], [], color=f"C{i}", lw=6, label=f"tau = {tau}")
     left.set_xticks(range(len(shares)), [f"layer {k}" for k in range(len(shares))])
     left.set_ylabel("important tokens (% of the prompt)")
     left.legend(fontsize=8)
-    for i, (tau, (_, held)) in enumerate(results.items()):
+    for i, (_, held) in enumerate(results.values()):
         total = sum(held.values()) or 1
         bottom = 0.0
         for j, bits in enumerate(sorted(held, reverse=True)):
