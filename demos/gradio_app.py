@@ -308,12 +308,12 @@ def build_demo(
                 image = gr.Image(type="pil", label="image", sources=["upload", "clipboard"])
                 question = gr.Textbox(value=SAMPLE_QUESTION, label="question", elem_id="question")
                 gr.Examples(sample_scenes(samples), inputs=[image, question], label="sample scenes")
+                button = gr.Button("Ask", variant="primary")  # above the plugin panels: in view
                 values = []
-                for name, plugin_knobs_ in knobs.items():
-                    with gr.Accordion(name, open=True):
+                for i, (name, plugin_knobs_) in enumerate(knobs.items()):
+                    with gr.Accordion(name, open=i == 0):  # the first panel open, the others folded
                         values.append(gr.Checkbox(value=name == "token_pruning", label=f"attach {name}"))
                         values.extend(_knob_widget(k) for k in plugin_knobs_)
-                button = gr.Button("Ask", variant="primary")
             with gr.Column():
                 base = gr.Textbox(label="answer without plugins", elem_id="answer_base")
                 plugged = gr.Textbox(label="answer with plugins", elem_id="answer_plugged")

@@ -28,6 +28,7 @@ def test_sample_scene_question_with_token_pruning(demo_url):
             page.locator("tr", has_text=question).first.click(timeout=30_000)  # a sample scene
             playwright.expect(page.locator("#question textarea")).to_have_value(question)
             page.get_by_role("button", name="Ask").click()
+            page.locator("#heatmap").scroll_into_view_if_needed()  # images load when in view
             page.locator("#heatmap img").wait_for(timeout=60_000)
             page.locator("#stats", has_text="prefill GFLOPs").wait_for(timeout=10_000)
             for box in ("answer_base", "answer_plugged"):  # both answers appear (tiny random model)
