@@ -13,6 +13,7 @@ from vtoken.bench import exactness
 from vtoken.bench.gpu_check import main
 from vtoken.bench.kernels import check_kernels
 from vtoken.bench.shapes import LLAVA_7B, build_model
+from vtoken.registry import BUILTIN_PLUGINS
 from vtoken.testing import FixedDrop
 
 
@@ -20,9 +21,9 @@ def test_quick_run_on_the_cpu_writes_every_part(tmp_path, capsys):
     assert main(["--device", "cpu", "--quick", "--out-dir", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert result["passed"] and result["dtype"] == "bfloat16"
+    families = ("llava", "qwen2_vl")  # the quick families
     assert {(c["plugin"], c["family"]) for c in result["plugins"]} == {
-        ("token_pruning", "llava"),
-        ("token_pruning", "qwen2_vl"),
+        (plugin, family) for plugin in BUILTIN_PLUGINS for family in families
     }
     assert all(c["do_nothing_exact"] for c in result["plugins"])
     assert len(result["oracle"]) == 4 and all(o["error"] > 0 for o in result["oracle"])  # bf16: never 0
