@@ -115,6 +115,14 @@ def test_runs_beside_token_pruning_and_in_bfloat16():
     assert torch.isfinite(out.logits[-1]).all() and report.kv_bytes > 0
 
 
+def test_a_forward_without_cache_runs_the_sparse_attention_alone():
+    model, processor = tiny("qwen2_vl")
+    inputs = make_inputs("qwen2_vl", processor, batch=True)
+    with vtoken.attach(model, ZipVL(tau=0.9)) as session, torch.no_grad():
+        logits = model(**inputs, use_cache=False).logits
+        assert session.plugins[0].kept and torch.isfinite(logits).all()
+
+
 def test_detach_restores_the_model_bit_for_bit():
     model, processor = tiny("idefics3")
     inputs = make_inputs("idefics3", processor, batch=True)

@@ -149,7 +149,7 @@ class ZipVL(Plugin):
             else:
                 output = base(module, query, key, value, mask, **kwargs)
             state.attention_pairs[idx] = width * width + rows * length / 2  # the probe: QK^T only
-        if self.config.compresses_cache:
+        if self.config.compresses_cache and state.cache is not None:  # None: use_cache=False
             self._layer_cache(idx).flush(high, low)
         return output
 
