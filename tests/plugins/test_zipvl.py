@@ -123,6 +123,18 @@ def test_a_forward_without_cache_runs_the_sparse_attention_alone():
         assert session.plugins[0].kept and torch.isfinite(logits).all()
 
 
+def test_output_attentions_reports_the_sparse_attention_computed():
+    model, processor = tiny("llava", "eager")
+    inputs = make_inputs("llava", processor, batch=True)
+    with vtoken.attach(model, ZipVL(tau=0.9)) as session, torch.no_grad():
+        attentions = model(**inputs, output_attentions=True).attentions
+        kept = session.plugins[0].kept_ratios()
+    assert len(attentions) == len(kept)  # every layer reports its weights
+    for weights in attentions:
+        sums = weights.sum(-1)  # (B, H, T): 1 on the rows each head computed, 0 on the others
+        assert torch.allclose(sums[sums > 0], torch.ones(()), atol=1e-5) and (sums == 0).any()
+
+
 def test_detach_restores_the_model_bit_for_bit():
     model, processor = tiny("idefics3")
     inputs = make_inputs("idefics3", processor, batch=True)

@@ -49,7 +49,7 @@ def sparse_attention(
     sets: Tensor,
     valid: Tensor,
     **kwargs,
-) -> tuple[Tensor, None]:
+) -> tuple[Tensor, Tensor | None]:
     """Attention of each head's token set among itself; zeros elsewhere.
 
     Args:
@@ -61,19 +61,30 @@ def sparse_attention(
             padding, whose attention may be undefined).
 
     Returns:
-        ``(B, T, H, d)`` output and ``None`` weights (no full attention matrix exists).
+        ``(B, T, H, d)`` output, and the ``(B, H, T, T)`` weights when ``base`` returns weights
+        (eager attention; zero outside each head's set), else ``None``.
     """
     batch, heads, length, _ = query.shape
     query_sets = sets.repeat_interleave(heads // key.shape[1], dim=1)  # (B, H, P)
-    out, _ = base(
+    out, weights = base(
         module,
         gather_sets(query, query_sets),
         gather_sets(key, sets),
         gather_sets(value, sets),
         sub_mask(mask, query_sets),
         **kwargs,
-    )  # (B, P, H, d_v)
+    )  # (B, P, H, d_v), and (B, H, P, P) or None
     full = out.new_zeros(batch, heads, length, out.shape[-1])
     full.scatter_(2, query_sets[..., None].expand(-1, -1, -1, out.shape[-1]), out.transpose(1, 2))
     full = torch.where(valid[:, None, :, None], full, 0.0)
-    return full.transpose(1, 2), None
+    return full.transpose(1, 2), None if weights is None else _full_weights(weights, query_sets, length)
+
+
+def _full_weights(weights: Tensor, query_sets: Tensor, length: int) -> Tensor:
+    """``(B, H, T, T)`` attention weights from the sets' ``(B, H, P, P)`` ones (zero elsewhere), for
+    callers asking for ``output_attentions`` (eager attention returns weights)."""
+    batch, heads, width = query_sets.shape
+    rows = weights.new_zeros(batch, heads, length, width)
+    rows.scatter_(2, query_sets[..., None].expand(-1, -1, -1, width), weights)
+    full = weights.new_zeros(batch, heads, length, length)
+    return full.scatter_(3, query_sets[:, :, None, :].expand(-1, -1, length, -1), rows)
