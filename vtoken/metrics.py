@@ -198,12 +198,12 @@ class Recorder:
             report.visual_per_layer = self._visual_per_layer()
             if report.first_token_s is None:
                 report.first_token_s = now - self._t0.get("prompt", start)
-            report.prefill_kv_bytes = _cache_bytes(self.state.cache)
+            report.prefill_kv_bytes = cache_bytes(self.state.cache)
         elif self.state.phase == "decode":
             report.decode_s += now - start
             report.decode_steps += 1
             report.decode_flops = report.decode_flops + flops
-        report.kv_bytes = _cache_bytes(self.state.cache)
+        report.kv_bytes = cache_bytes(self.state.cache)
         if self._gpus:
             report.peak_memory_bytes = sum(torch.cuda.max_memory_allocated(gpu) for gpu in self._gpus)
 
@@ -266,7 +266,7 @@ def _held(cache: Any, layer_idx: int, default: int) -> int:
     return layer.physical_length if hasattr(layer, "physical_length") else layer.keys.shape[-2]
 
 
-def _cache_bytes(cache: Any) -> int:
+def cache_bytes(cache: Any) -> int:
     """Bytes of every key/value tensor a cache holds (any layer storage that has ``nbytes``)."""
     total = 0
     for layer in getattr(cache, "layers", []):

@@ -203,12 +203,13 @@ def _add_peers(sub: argparse._SubParsersAction) -> None:
 def _bench_peers(args: argparse.Namespace) -> int:
     import subprocess
 
+    from vtoken.bench.peers import KVPRESS_VERSION
     from vtoken.errors import VTokenError
 
     if not Path(args.python).is_file():
         raise VTokenError(
             f"No peers environment at {args.python}: build it with `make peers-venv` (kvpress "
-            f"0.5.5 and transformers 5.2.0 layered over .venv), or pass --python."
+            f"{KVPRESS_VERSION} and transformers 5.2.0 layered over .venv), or pass --python."
         )
     from vtoken.bench.peers import peers_argv
 

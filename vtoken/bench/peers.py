@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 import vtoken
 from vtoken.eval.vqa import RunStats, VQAItem, result_of
 from vtoken.loading import build_prompt, load_image, to_model
+from vtoken.metrics import cache_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -87,10 +88,6 @@ class Answer:
     report: vtoken.Report
 
 
-def _cache_bytes(cache: Any) -> int:
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if layer.keys is not None)
-
-
 def _inputs(model, processor, item: VQAItem) -> dict:
     family = vtoken.resolve_family(model).name
     prompt = build_prompt(processor, family, item.question)
@@ -122,7 +119,7 @@ def answer_pressed(model, processor, item: VQAItem, press: Any, max_new_tokens: 
     with torch.no_grad():
         with press(model) if press is not None else contextlib.nullcontext():
             logits = model(**inputs, past_key_values=cache, use_cache=True).logits[:, -1]
-        prefill_bytes, tokens = _cache_bytes(cache), []
+        prefill_bytes, tokens = cache_bytes(cache), []
         for step in range(max_new_tokens):
             token = logits.argmax(-1)
             tokens.append(int(token))
@@ -136,7 +133,7 @@ def answer_pressed(model, processor, item: VQAItem, press: Any, max_new_tokens: 
     report.decode_steps, report.prefill_kv_bytes, report.kv_bytes = (
         len(tokens) - 1,
         prefill_bytes,
-        _cache_bytes(cache),
+        cache_bytes(cache),
     )
     text = processor.batch_decode([tokens], skip_special_tokens=True)[0]
     return Answer(" ".join(text.split()), report)
