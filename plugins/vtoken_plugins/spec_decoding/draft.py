@@ -1,0 +1,161 @@
+"""The EAGLE-style draft model of SpecVLM (Li et al., EAGLE, 2024; Huang et al., SpecVLM, 2025).
+
+The draft predicts the target's next feature rather than its next token. Element ``p`` of the draft's
+sequence joins the embedding of token ``x_p`` and the target's feature ``f_{p-1}`` (its last hidden
+state, after the final norm: what the LM head reads):
+
+    e_p = fc([RMSNorm(embed(x_p)); RMSNorm(f_{p-1})])        (fc: 2D -> D; the norms are SpecVLM's)
+    h_p = DecoderLayer(e_<=p)   ~ f_p,       logits_p = lm_head(h_p)   (the target's frozen head)
+
+A visual slot (a compressed visual token ``c_k``, see :mod:`.compressor`) joins ``c_k`` with a learned
+feature ``f_vis`` (no target feature exists per compressed slot: our choice, the paper does not say);
+so does an element whose predecessor has no feature (the first token, the token after an image).
+
+The decoder layer is our own LLaMA-style block (RMSNorm, GQA attention with 1-D RoPE over draft-local
+positions, SwiGLU), sized from the target's text config, on ``F.scaled_dot_product_attention`` with
+an explicit boolean mask: tree drafting and the holes of padded batches need masks and a KV layout of
+our own. The draft always runs in float32; the target's embedding and head are called, never copied
+or registered, so the draft's state dict holds its own weights only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vtoken_plugins.spec_decoding.compressor import Compressor, CompressorSpec
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    """Sizes of a draft model (a target's text config gives them, see :meth:`from_target`).
+
+    Args:
+        hidden_size: width ``D`` (the target's, so features and embeddings fit).
+        heads / kv_heads / head_dim: attention geometry. intermediate_size: SwiGLU width.
+        rope_theta: RoPE base. eps: RMSNorm epsilon.
+        compressor: the visual compressor's geometry.
+    """
+
+    hidden_size: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rope_theta: float = 10000.0
+    eps: float = 1e-6
+    compressor: CompressorSpec = CompressorSpec()
+
+    @classmethod
+    def from_target(cls, model: nn.Module, compressor: CompressorSpec | None = None) -> DraftSpec:
+        """The spec matching ``model``'s language model (one decoder layer of the same shape)."""
+        text = model.config.get_text_config()
+        heads = text.num_attention_heads
+        rope = getattr(text, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(text, "rope_theta", 10000.0)) if isinstance(rope, dict) else 1e4
+        return cls(
+            hidden_size=text.hidden_size,
+            heads=heads,
+            kv_heads=getattr(text, "num_key_value_heads", None) or heads,
+            head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+            intermediate_size=text.intermediate_size,
+            rope_theta=float(theta),
+            eps=float(getattr(text, "rms_norm_eps", 1e-6)),
+            compressor=compressor or CompressorSpec(),
+        )
+
+
+def rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """Apply RoPE (half-split convention) to ``x`` ``(B, H, q, d)`` at ``positions`` ``(B, q)``."""
+    d = x.shape[-1]
+    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
+    angles = positions[:, None, :, None].float() * inv  # (B, 1, q, d/2)
+    cos, sin = angles.cos().repeat(1, 1, 1, 2), angles.sin().repeat(1, 1, 1, 2)
+    half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
+    return x * cos + half * sin
+
+
+class DraftLayer(nn.Module):
+    """One pre-norm decoder layer whose attention takes past keys and an explicit mask."""
+
+    def __init__(self, spec: DraftSpec) -> None:
+        super().__init__()
+        d, inner = spec.hidden_size, spec.heads * spec.head_dim
+        self.spec = spec
+        self.norm1, self.norm2 = nn.RMSNorm(d, eps=spec.eps), nn.RMSNorm(d, eps=spec.eps)
+        self.q = nn.Linear(d, inner, bias=False)
+        self.kv = nn.Linear(d, 2 * spec.kv_heads * spec.head_dim, bias=False)
+        self.o = nn.Linear(inner, d, bias=False)
+        self.gate_up = nn.Linear(d, 2 * spec.intermediate_size, bias=False)
+        self.down = nn.Linear(spec.intermediate_size, d, bias=False)
+
+    def forward(
+        self, x: Tensor, positions: Tensor, mask: Tensor, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Run the layer on new elements.
+
+        Args:
+            x: ``(B, q, D)`` new elements. positions: ``(B, q)`` their draft-local positions.
+            mask: ``(B, q, T + q)`` bool, True where a new element may attend: the ``T`` past keys,
+                then the new ones. past: ``(B, H_kv, T, d)`` keys and values, or ``None`` (T = 0).
+
+        Returns:
+            ``(B, q, D)`` outputs and the new elements' keys and values ``(B, H_kv, q, d)``.
+        """
+        s = self.spec
+        b, q, _ = x.shape
+        h = self.norm1(x)
+        query = self.q(h).view(b, q, s.heads, s.head_dim).transpose(1, 2)
+        key, value = self.kv(h).view(b, q, 2, s.kv_heads, s.head_dim).permute(2, 0, 3, 1, 4)
+        query, key = rotate(query, positions, s.rope_theta), rotate(key, positions, s.rope_theta)
+        keys, values = (key, value) if past is None else (torch.cat([past[0], key], 2), torch.cat([past[1], value], 2))
+        groups = s.heads // s.kv_heads
+        out = F.scaled_dot_product_attention(
+            query,
+            keys.repeat_interleave(groups, 1),
+            values.repeat_interleave(groups, 1),
+            attn_mask=mask[:, None],
+            scale=1 / math.sqrt(s.head_dim),
+        )  # (B, H, q, d)
+        x = x + self.o(out.transpose(1, 2).reshape(b, q, -1))
+        gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
+        return x + self.down(F.silu(gate) * up), key, value
+
+
+class DraftModel(nn.Module):
+    """fc over [token or visual slot; feature] -> one decoder layer (see the module), plus the
+    elastic visual compressor and its gate."""
+
+    def __init__(self, spec: DraftSpec) -> None:
+        super().__init__()
+        d = spec.hidden_size
+        self.spec = spec
+        self.norm_input, self.norm_feature = nn.RMSNorm(d, eps=spec.eps), nn.RMSNorm(d, eps=spec.eps)
+        self.fc = nn.Linear(2 * d, d, bias=False)
+        self.layer = DraftLayer(spec)
+        self.f_vis = nn.Parameter(torch.zeros(d))
+        self.compressor = Compressor(d, spec.compressor)
+
+    def elements(self, inputs: Tensor, features: Tensor, no_feature: Tensor) -> Tensor:
+        """``(B, S, D)`` elements from inputs ``(B, S, D)`` (token embeddings or visual slots) and
+        features ``(B, S, D)`` of the previous positions; ``no_feature`` ``(B, S)`` bool takes
+        ``f_vis`` instead (visual slots, first tokens)."""
+        features = torch.where(no_feature[..., None], self.f_vis.to(features.dtype), features)
+        return self.fc(torch.cat([self.norm_input(inputs), self.norm_feature(features)], -1))
+
+    def forward(
+        self,
+        inputs: Tensor,
+        features: Tensor,
+        no_feature: Tensor,
+        positions: Tensor,
+        mask: Tensor,
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Predicted features ``(B, q, D)`` of ``q`` new elements, and their keys and values (see
+        :meth:`DraftLayer.forward` for ``positions``, ``mask`` and ``past``)."""
+        return self.layer(self.elements(inputs, features, no_feature), positions, mask, past)

@@ -1,0 +1,325 @@
+"""Online logit distillation of the draft, compressor and gate (SpecVLM, Huang et al., 2025, 3.3).
+
+No offline corpus: every step runs the frozen target on a fresh batch of the bundled model's
+synthetic questions (half of them scene descriptions, ``describe_share``: the benchmark's task), reads
+its logits ``z``, last hidden states ``f`` and projector output, and trains the draft on the spot.
+For each compressor branch ``b``, the draft runs over the elements (:mod:`.elements`) and, at every
+text position after the image,
+
+    L_b = ce_weight * CE(softmax(z_p), draft logits_p) + feature_weight * SmoothL1(h_p, f_p)
+
+(0.1 and 1.0: the paper's weights). All five branches are trained on every input (``mean_b L_b``);
+the gate learns to pick, per input, the branch with the lowest loss plus ``cost_weight`` times its
+visual share, through a hard Gumbel-softmax choice ``y`` (temperature ``tau_start -> tau_end``):
+``sum_b y_b * (sg(L_b) + cost_weight * share_b)`` (our objective: the paper does not give the gate's).
+
+Deviation: with ``unroll=2`` a second pass feeds the draft its own prediction ``h_{p-1}`` in place of
+``f_{p-1}`` (its keys still see pass 1's elements before it, as at the second level of a draft tree),
+so that the draft learns to continue from its own guesses (as EAGLE-3 / HASS train); ``unroll=1`` is
+the paper's training. AdamW (0.9, 0.95), no warm-up, as in the paper.
+
+Checkpoints (draft, optimizer, step, RNG, config) are written atomically every
+``checkpoint_minutes``; ``--resume`` continues from the last one on the same data stream (the data
+of a step depend on the step alone). Snapshots of the draft at ``first_snapshot * 2**k`` steps feed
+the scaling curve (accepted length against training steps). Command (bundled model)::
+
+    python -m vtoken_plugins.spec_decoding.train --model synth-llava-tiny --run-dir runs/spec_train
+    python -m vtoken_plugins.spec_decoding.train --run-dir runs/spec_train --export   # -> weights/
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from vtoken import locate_parts
+from vtoken.layout import VisualLayout
+from vtoken.patch import Patcher
+from vtoken_plugins.spec_decoding.compressor import BRANCHES
+from vtoken_plugins.spec_decoding.draft import DraftModel, DraftSpec
+from vtoken_plugins.spec_decoding.elements import DraftInputs, draft_inputs, image_starts
+from vtoken_plugins.spec_decoding.weights import WEIGHTS, save_draft
+
+SEED_OFFSET = 2 * 10**6  # data seeds (SEED_OFFSET + step) * batch_size + j: beyond the zoo's and token_pruning's
+
+
+@dataclass
+class TrainConfig:
+    """Args:
+    model: bundled model name. run_dir: checkpoints, log and snapshots.
+    steps: optimiser steps. batch_size: questions per step. lr / clip: AdamW rate, gradient clip.
+    ce_weight / feature_weight: the two distillation terms. unroll: passes (2: see the module).
+    describe_share: share of scene descriptions in a batch (the rest by the zoo's family weights).
+    tau_start / tau_end: the gate's Gumbel temperature. cost_weight: the gate's price of visual share.
+    seed: seed. threads: torch threads. workers: data workers (0: in the training process).
+    checkpoint_minutes: time between checkpoints. log_every: steps between log records.
+    first_snapshot: first snapshot step (then doubling).
+    """
+
+    model: str = "synth-llava-tiny"
+    run_dir: str = "runs/spec_train"
+    steps: int = 8000
+    batch_size: int = 16
+    lr: float = 1e-3
+    clip: float = 0.5
+    ce_weight: float = 0.1
+    feature_weight: float = 1.0
+    unroll: int = 2
+    describe_share: float = 0.5
+    tau_start: float = 1.0
+    tau_end: float = 0.5
+    cost_weight: float = 0.05
+    seed: int = 0
+    threads: int = 1
+    workers: int = 1
+    checkpoint_minutes: float = 5.0
+    log_every: int = 25
+    first_snapshot: int = 125
+
+
+def spec_items(step: int, batch_size: int, describe_share: float) -> list:
+    """The step's questions (one image each, no crop): deterministic in ``step``."""
+    from vtoken.zoo.data import make_item
+    from vtoken.zoo.questions import sample
+    from vtoken.zoo.scenes import split_seed
+
+    rng = np.random.default_rng([step, 11])
+    items = []
+    for j in range(batch_size):
+        family = "describe" if rng.random() < describe_share else None
+        scene, qa = sample(split_seed("train", (SEED_OFFSET + step) * batch_size + j), family)
+        items.append(make_item(scene, qa, False, rng))
+    return items
+
+
+class TargetReader:
+    """Hooks that keep the target's last hidden states and projector output of each forward."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.parts = locate_parts(model)
+        self.hidden: Tensor | None = None  # (B, L, D)
+        self.visual: Tensor | None = None  # projector output, family layout
+        self.patcher = Patcher()
+        self.patcher.post_hook(self.parts.language_model, self._hidden)
+        self.patcher.post_hook(self.parts.projector, self._visual)
+
+    def _hidden(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+
+    def _visual(self, module: nn.Module, args: tuple, kwargs: dict, output: Tensor) -> None:
+        self.visual = output
+
+    def close(self) -> None:
+        self.patcher.undo_all()
+
+
+class Distiller:
+    """One distillation step's forward (see the module) for a frozen target."""
+
+    def __init__(self, model: nn.Module, draft: DraftModel, cfg: TrainConfig) -> None:
+        self.model, self.draft, self.cfg = model, draft, cfg
+        self.reader = TargetReader(model)
+        self.embed, self.head = model.get_input_embeddings(), model.get_output_embeddings()
+        self.tau = cfg.tau_start
+
+    def loss(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """Total loss and metrics for an encoded batch with ``labels`` (right-padded)."""
+        ids, real = batch["input_ids"], batch["attention_mask"].bool()
+        with torch.no_grad():
+            logits = self.model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]).logits
+            feats, visual = self.reader.hidden.float(), self.reader.visual.float()  # (B, L, D), (n, N, D)
+            embeds = self.embed(ids).float()
+        parts = self.reader.parts
+        layout = VisualLayout.from_input_ids(ids, parts.image_token_ids, parts.tokens_per_image)
+        is_visual = layout.is_visual(ids.shape[1])
+        starts = image_starts(layout)
+        per_row = [len(s) for s in starts]
+        question = _mean(embeds, real & ~is_visual & (batch["labels"] == -100))
+        vis_mean = torch.stack([v.mean((0, 1)) for v in visual.split(per_row)])
+        gate = self.draft.compressor.gate_logits(question, vis_mean)  # (B, K)
+        choice = F.gumbel_softmax(gate, tau=self.tau, hard=True)  # (B, K), one-hot forward
+        targets = _loss_positions(ids, real, is_visual)  # (B, L)
+        rows, shares = [], []
+        for branch in BRANCHES:
+            slots = self.draft.compressor(branch, visual)  # (n, M, D)
+            shares.append(slots.shape[1] / visual.shape[1])
+            rows += [list(s) for s in slots.split(per_row)]
+        k = len(BRANCHES)
+        inputs = draft_inputs(embeds.repeat(k, 1, 1), feats.repeat(k, 1, 1), real.repeat(k, 1), is_visual.repeat(k, 1), starts * k, rows)
+        per_elem, metrics = self._passes(inputs, feats.repeat(k, 1, 1), logits.float().repeat(k, 1, 1), targets.repeat(k, 1))
+        branch_loss = per_elem.view(k, -1)  # (K, B)
+        cost = torch.tensor(shares)[None] * self.cfg.cost_weight  # (1, K)
+        gate_loss = (choice * (branch_loss.T.detach() + cost)).sum(-1).mean()
+        metrics.update({f"pick_{b}": v for b, v in zip(BRANCHES, choice.detach().mean(0).tolist())})
+        metrics.update({f"loss_{b}": v for b, v in zip(BRANCHES, branch_loss.detach().mean(1).tolist())})
+        return branch_loss.mean() + gate_loss, metrics
+
+    def _passes(self, inputs: DraftInputs, feats: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, dict]:
+        """Per-row mean loss ``(R,)`` over ``unroll`` passes, and metrics (top-1 agreement per pass)."""
+        src = inputs.src.clamp(min=0)
+        where = targets.gather(1, src) & (inputs.src >= 0)  # (R, S)
+        f_t = feats.gather(1, src[..., None].expand(-1, -1, feats.shape[-1]))  # (R, S, D)
+        z_t = logits.gather(1, src[..., None].expand(-1, -1, logits.shape[-1]))  # (R, S, V)
+        mask = inputs.causal_mask()
+        h, key, value = self.draft(inputs.inputs, inputs.features, inputs.no_feature, inputs.positions, mask)
+        total, metrics = 0.0, {}
+        for n in range(self.cfg.unroll):
+            if n:  # feed the previous pass's predictions as features, seeing pass 1's keys before
+                prev = torch.cat([h[:, :1].detach() * 0, h[:, :-1].detach()], 1)
+                eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device).expand_as(mask)
+                strict = mask & ~eye
+                h, _, _ = self.draft(inputs.inputs, prev, inputs.no_feature, inputs.positions, torch.cat([strict, eye], -1), (key, value))
+            draft_logits = F.linear(h, self.head.weight.float(), None if self.head.bias is None else self.head.bias.float())
+            ce = -(z_t.softmax(-1) * draft_logits.log_softmax(-1)).sum(-1)  # (R, S)
+            l1 = F.smooth_l1_loss(h, f_t, reduction="none").mean(-1)
+            elem = self.cfg.ce_weight * ce + self.cfg.feature_weight * l1
+            total = total + (elem * where).sum(1) / where.sum(1).clamp(min=1)
+            agree = (draft_logits.argmax(-1) == z_t.argmax(-1)) & where
+            metrics[f"agree{n + 1}"] = (agree.sum() / where.sum().clamp(min=1)).item()
+            metrics[f"l1_{n + 1}"] = ((l1 * where).sum() / where.sum().clamp(min=1)).item()
+        return total / self.cfg.unroll, metrics
+
+
+def _mean(x: Tensor, where: Tensor) -> Tensor:
+    """``(B, D)`` mean of ``x`` ``(B, L, D)`` over ``where`` ``(B, L)``."""
+    w = where.to(x.dtype)[..., None]
+    return (x * w).sum(1) / w.sum(1).clamp(min=1)
+
+
+def _loss_positions(ids: Tensor, real: Tensor, is_visual: Tensor) -> Tensor:
+    """``(B, L)`` bool: real text positions after a row's last visual token whose next token is real."""
+    index = torch.arange(ids.shape[1], device=ids.device)
+    last_visual = torch.where(is_visual, index, -1).max(1, keepdim=True).values  # (B, 1)
+    next_real = torch.zeros_like(real)
+    next_real[:, :-1] = real[:, 1:]
+    return real & next_real & (index > last_visual)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> DraftModel:
+    """Train (or resume) a draft for ``cfg.model``; returns it (the run folder holds the rest)."""
+    from vtoken.loading import load_model
+    from vtoken.zoo.data import TrainStream
+
+    torch.set_num_threads(cfg.threads)
+    run = Path(cfg.run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    model, processor = load_model(cfg.model, dtype="float32")
+    model.requires_grad_(False).eval()
+    torch.manual_seed(cfg.seed)
+    draft = DraftModel(DraftSpec.from_target(model)).train()
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
+    start = _resume(run / "last.pt", draft, optimizer) if resume else 0
+    (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    items = partial(spec_items, batch_size=cfg.batch_size, describe_share=cfg.describe_share)
+    stream = TrainStream(processor, start, items)
+    loader = torch.utils.data.DataLoader(
+        stream, batch_size=None, num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None
+    )
+    distiller = Distiller(model, draft, cfg)
+    log, ema, last_save = (run / "log.jsonl").open("a"), None, time.time()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="spec draft", disable=not progress)
+    try:
+        for step, batch in zip(bar, loader):
+            distiller.tau = cfg.tau_start + (cfg.tau_end - cfg.tau_start) * step / max(cfg.steps - 1, 1)
+            loss, metrics = distiller.loss(batch)
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(draft.parameters(), cfg.clip)
+            optimizer.step()
+            metrics["loss"] = loss.item()
+            ema = metrics if ema is None else {k: 0.95 * ema[k] + 0.05 * v for k, v in metrics.items()}
+            bar.set_postfix(loss=f"{ema['loss']:.3f}", agree1=f"{ema['agree1']:.3f}")
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.steps:
+                record = {"step": done, **{k: round(v, 4) for k, v in ema.items()}, "time": round(time.time(), 1)}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+            if _is_snapshot(done, cfg.first_snapshot):
+                save_draft(draft, run / "snapshots" / f"step{done:06d}", {"trained_steps": done, "target": cfg.model})
+            if time.time() - last_save > 60 * cfg.checkpoint_minutes or done == cfg.steps:
+                _checkpoint(run / "last.pt", draft, optimizer, done, cfg)
+                last_save = time.time()
+    finally:
+        distiller.reader.close()
+        log.close()
+    return draft.eval()
+
+
+def _is_snapshot(step: int, first: int) -> bool:
+    return step >= first and step % first == 0 and ((step // first) & (step // first - 1)) == 0
+
+
+def _checkpoint(path: Path, draft: DraftModel, optimizer, step: int, cfg: TrainConfig) -> None:
+    """Atomically write the draft, optimizer, step, RNG state and config to ``path``."""
+    state = {"draft": draft.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+             "rng": torch.get_rng_state(), "config": asdict(cfg)}  # fmt: skip
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _resume(path: Path, draft: DraftModel, optimizer) -> int:
+    """Load the checkpoint at ``path`` (if any) and drop log records after it; returns its step."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False)
+    draft.load_state_dict(state["draft"])
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    log = path.parent / "log.jsonl"
+    if log.exists():
+        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
+        log.write_text("".join(line + "\n" for line in kept))
+    return state["step"]
+
+
+def export(run_dir: str, out: str | None = None) -> Path:
+    """Write the last checkpoint's draft to ``out`` (default: the bundled weights folder)."""
+    run = Path(run_dir)
+    state = torch.load(run / "last.pt", weights_only=False)
+    cfg = TrainConfig(**state["config"])
+    from vtoken.loading import load_model
+
+    model, _ = load_model(cfg.model)
+    draft = DraftModel(DraftSpec.from_target(model))
+    draft.load_state_dict(state["draft"])
+    seconds = _training_seconds(run / "log.jsonl")
+    info = {"trained_steps": state["step"], "target": cfg.model, "train_seconds": seconds, "config": state["config"]}
+    return save_draft(draft, out or WEIGHTS / cfg.model, info)
+
+
+def _training_seconds(log: Path) -> float | None:
+    """Wall time between the first and the last log record (resumes included)."""
+    if not log.exists():
+        return None
+    times = [json.loads(line)["time"] for line in log.read_text().splitlines()]
+    return round(times[-1] - times[0], 1) if len(times) > 1 else None
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in vars(TrainConfig()).items():
+        parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
+    parser.add_argument("--resume", action="store_true", help="continue from run-dir/last.pt")
+    parser.add_argument("--export", action="store_true", help="only export run-dir/last.pt's draft")
+    parser.add_argument("--out", help="export folder (default: the bundled weights folder)")
+    args = parser.parse_args(argv)
+    if args.export:
+        print(f"exported to {export(args.run_dir, args.out)}")
+        return
+    train(TrainConfig(**{k: getattr(args, k) for k in vars(TrainConfig())}), resume=args.resume)
+
+
+if __name__ == "__main__":
+    main()
