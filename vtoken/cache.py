@@ -113,6 +113,25 @@ class PrunableLayer(DynamicLayer):
         self.positions = self.positions.gather(-1, index).masked_fill(pad, PAD)
         self._dense = self._padded = None
 
+    def keep_recent(self, index: Tensor, recent: int) -> None:
+        """Of the last ``recent`` logical positions keep the relative slots ``index`` and renumber
+        them ``past .. past + m - 1`` (``past = logical_length - recent``): the rollback of a tree
+        verify step, which keeps an accepted path that need not be a prefix of what was fed.
+
+        Args:
+            index: ``(B, m)`` long, sorted slots in ``[0, recent)``; rows keep the same count.
+            recent: how many logical positions the last step added.
+        """
+        past = self.logical_length - recent
+        rel = self.positions - past  # (B, T): slot of each recent entry, negative before
+        match = rel[..., None] == index[:, None, :].to(rel.device)  # (B, T, m)
+        is_recent = (rel >= 0) & (self.positions != PAD)
+        renumbered = torch.where(is_recent, past + match.int().argmax(-1), self.positions)
+        keep = ~is_recent | match.any(-1)
+        self.positions = renumbered
+        self.evict(keep)
+        self.logical_length = past + index.shape[1]
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
         if self.positions is not None:
@@ -180,3 +199,27 @@ class VTokenCache(Cache):
     def nbytes(self) -> int:
         """Bytes of all key and value tensors really held."""
         return sum(layer.nbytes() for layer in self.layers)
+
+
+def keep_recent(cache: Cache, index: Tensor, recent: int) -> None:
+    """Of the last ``recent`` tokens of every layer of ``cache``, keep the slots ``index`` ``(B, m)``
+    (sorted, per row) and drop the rest; the kept ones move up to follow what was before.
+
+    Works on a :class:`VTokenCache` (logical positions, see :meth:`PrunableLayer.keep_recent`) and on
+    transformers' ``DynamicCache`` of full-attention layers (never through ``crop``, whose argument
+    changed meaning between releases).
+    """
+    for layer in cache.layers:
+        if isinstance(layer, PrunableLayer):
+            layer.keep_recent(index, recent)
+        elif type(layer) is DynamicLayer:
+            past = layer.keys.shape[-2] - recent
+            for name in ("keys", "values"):
+                full = getattr(layer, name)
+                kept = gather_tokens(full[..., past:, :], index.to(full.device), dim=2)
+                setattr(layer, name, torch.cat([full[..., :past, :], kept], dim=2))
+        else:
+            raise TypeError(
+                f"Cannot roll back a {type(layer).__name__} (sliding-window or other special cache layers); "
+                "vtoken's speculative decoding needs full-attention layers in a DynamicCache or VTokenCache."
+            )

@@ -34,6 +34,7 @@ from vtoken.cache import PAD, VTokenCache
 from vtoken.compat import GENERATE_ENCODES_IMAGES_ONCE
 from vtoken.errors import UnsupportedInputError
 from vtoken.indexing import gather_tokens, left_pack, scatter_tokens
+from vtoken.masks import as_attention_mask
 from vtoken.state import RunState
 
 if TYPE_CHECKING:
@@ -260,7 +261,7 @@ class TokenRuntime:
         allowed = allowed & ~pad[:, None, None, :]
         eye = torch.eye(index.shape[1], dtype=torch.bool, device=index.device)
         allowed = allowed | (pad[:, None, :, None] & eye)  # padding slots attend to themselves
-        return self._as_mask(allowed, mask, dtype)
+        return as_attention_mask(allowed, dtype, self.eager, mask)
 
     def _decode(self, layer_idx: int, kwargs: dict) -> None:
         cache = self.state.cache
@@ -287,16 +288,7 @@ class TokenRuntime:
         else:
             mask = gather_tokens(mask, columns.clamp(min=0), dim=3)
             allowed = mask if mask.dtype == torch.bool else mask == 0
-        return self._as_mask(allowed & ~pad[:, None, None, :], mask, dtype)
-
-    def _as_mask(self, allowed: Tensor, like: Tensor | None, dtype: torch.dtype) -> Tensor:
-        """Return ``allowed`` in the mask format of ``like`` (else of the attention implementation:
-        additive floats of the model's dtype for eager, booleans for sdpa)."""
-        dtype = like.dtype if like is not None else (dtype if self.eager else torch.bool)
-        if dtype == torch.bool:
-            return allowed
-        zeros = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-        return zeros.masked_fill(~allowed, torch.finfo(dtype).min)
+        return as_attention_mask(allowed & ~pad[:, None, None, :], dtype, self.eager, mask)
 
 
 def _require_vtoken_cache(cache: Any) -> None:

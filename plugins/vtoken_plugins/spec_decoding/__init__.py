@@ -1,1 +1,6 @@
-"""``spec_decoding``: SpecVLM's speculative decoding (EAGLE-2 draft trees, elastic visual compressor)."""
+"""``spec_decoding``: SpecVLM's lossless speculative decoding (EAGLE-2 draft trees, elastic visual compressor)."""
+
+from vtoken_plugins.spec_decoding.config import SpecDecodingConfig
+from vtoken_plugins.spec_decoding.plugin import SpecDecoding
+
+__all__ = ["SpecDecoding", "SpecDecodingConfig"]

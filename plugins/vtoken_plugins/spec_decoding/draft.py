@@ -69,14 +69,24 @@ class DraftSpec:
         )
 
 
-def rotate(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """Apply RoPE (half-split convention) to ``x`` ``(B, H, q, d)`` at ``positions`` ``(B, q)``."""
-    d = x.shape[-1]
-    inv = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)  # (d/2,)
-    angles = positions[:, None, :, None].float() * inv  # (B, 1, q, d/2)
-    cos, sin = angles.cos().repeat(1, 1, 1, 2), angles.sin().repeat(1, 1, 1, 2)
-    half = torch.cat([-x[..., d // 2 :], x[..., : d // 2]], -1)
-    return x * cos + half * sin
+class Rotary:
+    """RoPE (half-split convention) with a cached cos/sin table, grown on demand."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        self.inv = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (d/2,)
+        self.table = torch.zeros(0, 2, head_dim)
+
+    def __call__(self, x: Tensor, positions: Tensor) -> Tensor:
+        """Rotate ``x`` ``(B, H, q, d)`` to ``positions`` ``(B, q)``."""
+        top = int(positions.max()) + 1 if positions.numel() else 0
+        if top > len(self.table) or self.table.device != x.device:
+            angles = torch.arange(max(top, 2 * len(self.table), 64), dtype=torch.float32)[:, None] * self.inv
+            angles = torch.cat([angles, angles], -1)
+            self.table = torch.stack([angles.cos(), angles.sin()], 1).to(x.device)  # (P, 2, d)
+        cos, sin = self.table[positions].to(x.dtype).unbind(2)  # (B, q, d) each
+        d = x.shape[-1] // 2
+        half = torch.cat([-x[..., d:], x[..., :d]], -1)
+        return x * cos[:, None] + half * sin[:, None]
 
 
 class DraftLayer(nn.Module):
@@ -92,6 +102,7 @@ class DraftLayer(nn.Module):
         self.o = nn.Linear(inner, d, bias=False)
         self.gate_up = nn.Linear(d, 2 * spec.intermediate_size, bias=False)
         self.down = nn.Linear(spec.intermediate_size, d, bias=False)
+        self.rotary = Rotary(spec.head_dim, spec.rope_theta)
 
     def forward(
         self, x: Tensor, positions: Tensor, mask: Tensor, past: tuple[Tensor, Tensor] | None = None
@@ -104,26 +115,23 @@ class DraftLayer(nn.Module):
                 then the new ones. past: ``(B, H_kv, T, d)`` keys and values, or ``None`` (T = 0).
 
         Returns:
-            ``(B, q, D)`` outputs and the new elements' keys and values ``(B, H_kv, q, d)``.
+            ``(B, q, D)`` outputs and the keys and values attended to, ``(B, H_kv, T + q, d)``
+            (the past ones, then the new ones).
         """
         s = self.spec
         b, q, _ = x.shape
         h = self.norm1(x)
         query = self.q(h).view(b, q, s.heads, s.head_dim).transpose(1, 2)
         key, value = self.kv(h).view(b, q, 2, s.kv_heads, s.head_dim).permute(2, 0, 3, 1, 4)
-        query, key = rotate(query, positions, s.rope_theta), rotate(key, positions, s.rope_theta)
+        query, key = self.rotary(query, positions), self.rotary(key, positions)
         keys, values = (key, value) if past is None else (torch.cat([past[0], key], 2), torch.cat([past[1], value], 2))
-        groups = s.heads // s.kv_heads
         out = F.scaled_dot_product_attention(
-            query,
-            keys.repeat_interleave(groups, 1),
-            values.repeat_interleave(groups, 1),
-            attn_mask=mask[:, None],
-            scale=1 / math.sqrt(s.head_dim),
-        )  # (B, H, q, d)
+            query, keys, values, attn_mask=mask[:, None], scale=1 / math.sqrt(s.head_dim),
+            enable_gqa=s.heads != s.kv_heads,
+        )  # (B, H, q, d)  # fmt: skip
         x = x + self.o(out.transpose(1, 2).reshape(b, q, -1))
         gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
-        return x + self.down(F.silu(gate) * up), key, value
+        return x + self.down(F.silu(gate) * up), keys, values
 
 
 class DraftModel(nn.Module):
@@ -140,22 +148,23 @@ class DraftModel(nn.Module):
         self.f_vis = nn.Parameter(torch.zeros(d))
         self.compressor = Compressor(d, spec.compressor)
 
-    def elements(self, inputs: Tensor, features: Tensor, no_feature: Tensor) -> Tensor:
+    def elements(self, inputs: Tensor, features: Tensor, no_feature: Tensor | None) -> Tensor:
         """``(B, S, D)`` elements from inputs ``(B, S, D)`` (token embeddings or visual slots) and
         features ``(B, S, D)`` of the previous positions; ``no_feature`` ``(B, S)`` bool takes
-        ``f_vis`` instead (visual slots, first tokens)."""
-        features = torch.where(no_feature[..., None], self.f_vis.to(features.dtype), features)
+        ``f_vis`` instead (visual slots, first tokens; ``None``: nowhere)."""
+        if no_feature is not None:
+            features = torch.where(no_feature[..., None], self.f_vis.to(features.dtype), features)
         return self.fc(torch.cat([self.norm_input(inputs), self.norm_feature(features)], -1))
 
     def forward(
         self,
         inputs: Tensor,
         features: Tensor,
-        no_feature: Tensor,
+        no_feature: Tensor | None,
         positions: Tensor,
         mask: Tensor,
         past: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Predicted features ``(B, q, D)`` of ``q`` new elements, and their keys and values (see
-        :meth:`DraftLayer.forward` for ``positions``, ``mask`` and ``past``)."""
+        """Predicted features ``(B, q, D)`` of ``q`` new elements, and the keys and values attended
+        to (see :meth:`DraftLayer.forward` for ``positions``, ``mask`` and ``past``)."""
         return self.layer(self.elements(inputs, features, no_feature), positions, mask, past)

@@ -1,0 +1,60 @@
+"""Configuration of the ``spec_decoding`` plugin."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from vtoken import ConfigError, PluginConfig, check_range
+
+
+@dataclass
+class SpecDecodingConfig(PluginConfig):
+    """Lossless speculative decoding with an EAGLE-style draft (SpecVLM).
+
+    Args:
+        enabled: draft and verify; ``False`` hands ``generate`` back to transformers unchanged
+            (the do-nothing setting).
+        tree: ``"dynamic"`` - EAGLE-2's draft tree (``top_k`` children per expanded node, the best
+            ``total_tokens - 1`` nodes by path probability are verified); ``"chain"`` - one draft
+            path of ``depth`` tokens (the same as ``top_k=1``, ``total_tokens=depth+1``).
+        top_k: children drafted per expanded node, and nodes expanded per level (EAGLE-2: 10).
+        depth: tree levels below the last committed token = draft forwards per round (EAGLE-2: 5-7).
+        total_tokens: tokens per row the target verifies in one forward, the last committed one
+            included (EAGLE-2: 60). Ignored by ``"chain"``.
+        draft: ``"auto"`` (the weights trained for the model's folder name), ``"random"`` (an
+            untrained draft: still lossless, rarely accepted), a folder holding ``draft.json`` and
+            ``draft.safetensors``, or a bundled model's name.
+        compressor: how the draft sees the image: ``"gate"`` (the trained gate picks a branch per
+            input), a fixed branch (``prune``, ``pool``, ``conv``, ``resampler``, ``text_only``), or
+            ``"none"`` (every visual token).
+        seed: seed of a ``"random"`` draft.
+    """
+
+    enabled: bool = True
+    tree: Literal["dynamic", "chain"] = "dynamic"
+    top_k: int = 10
+    depth: int = 6
+    total_tokens: int = 60
+    draft: str = "auto"
+    compressor: Literal["gate", "prune", "pool", "conv", "resampler", "text_only", "none"] = "gate"
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("spec_decoding.top_k", self.top_k, 1, 64)
+        check_range("spec_decoding.depth", self.depth, 1, 32)
+        check_range("spec_decoding.total_tokens", self.total_tokens, 2, 1024)
+        most = 1 + self.top_k + (self.depth - 1) * self.top_k**2
+        if self.tree == "dynamic" and self.total_tokens > most:
+            raise ConfigError(
+                f"spec_decoding.total_tokens={self.total_tokens} exceeds the {most} tokens a tree of "
+                f"top_k={self.top_k} and depth={self.depth} can draft (1 + top_k + (depth - 1) * top_k^2); "
+                "lower total_tokens or raise top_k / depth."
+            )
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """``(top_k, depth, total_tokens)`` actually drafted (a chain is a tree of width 1)."""
+        if self.tree == "chain":
+            return 1, self.depth, self.depth + 1
+        return self.top_k, self.depth, self.total_tokens

@@ -1,0 +1,93 @@
+"""The draft at decoding time: its own KV cache, tree steps and commits.
+
+The draft cache holds one entry per committed token (and per visual slot): keys and values
+``(B, H_kv, S, d)``, ``valid (B, S)`` (False on padding and on the holes rows of a batch leave when
+they commit fewer tokens than others) and each row's next draft position. Tree steps append
+temporary entries that :meth:`Drafter.commit` drops before appending the accepted tokens again with
+the target's true features (EAGLE's rule), so rollback is always a suffix cut.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vtoken_plugins.spec_decoding.draft import DraftModel
+from vtoken_plugins.spec_decoding.elements import DraftInputs
+
+
+class Drafter:
+    """A :class:`DraftModel` bound to a target's embedding and head, with a cache for one generation."""
+
+    def __init__(self, draft: DraftModel, embed: nn.Module, head: nn.Module) -> None:
+        self.draft, self.embed, self.head = draft, embed, head
+        param = next(draft.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.keys = self.values = self.valid = self.next_pos = self.last = None
+        self.committed = 0  # entries before the temporary tree entries
+
+    def start(self, inputs: DraftInputs) -> None:
+        """Run the draft over a prompt's elements (left-padded; the last one is real in every row)."""
+        x = _to(inputs, self.device, self.dtype)
+        hidden, self.keys, self.values = self.draft(x.inputs, x.features, x.no_feature, x.positions, x.causal_mask())
+        self.valid, self.committed = x.valid, x.valid.shape[1]
+        self.next_pos = x.valid.sum(1)
+        self.last = hidden[:, -1]
+
+    def log_probs(self, hidden: Tensor) -> Tensor:
+        """``(B, q, V)`` the target head's log-probabilities for draft outputs ``(B, q, D)``."""
+        logits = self.head(hidden.to(self.head.weight.dtype)).float()
+        return logits.log_softmax(-1)
+
+    def tree_step(self, tokens: Tensor, features: Tensor, level: int, visible: Tensor) -> Tensor:
+        """Append the frontier's entries (see :data:`.tree.DraftStep`); returns their outputs."""
+        b, k = tokens.shape
+        positions = (self.next_pos + level - 1)[:, None].expand(b, k)
+        past = self.valid[:, None, : self.committed].expand(b, k, -1)  # then the tree entries
+        mask = torch.cat([past, visible, torch.eye(k, dtype=torch.bool, device=self.device).expand(b, k, k)], -1)
+        hidden, self.keys, self.values = self.draft(
+            self._embed(tokens), features, None, positions, mask, (self.keys, self.values)
+        )
+        self.valid = torch.cat([self.valid, torch.zeros(b, k, dtype=torch.bool, device=self.device)], 1)
+        return hidden
+
+    def commit(self, tokens: Tensor, features: Tensor, real: Tensor) -> None:
+        """Drop the tree entries, then append committed elements (holes first in each row, so the
+        last element is real in every row that committed anything).
+
+        Args:
+            tokens: ``(B, m)`` committed tokens. features: ``(B, m, D)`` the target feature of each
+                one's predecessor. real: ``(B, m)`` bool, False on holes.
+        """
+        self._cut(self.committed)
+        b, m = tokens.shape
+        positions = self.next_pos[:, None] + real.long().cumsum(1) - 1
+        new = torch.ones(m, m, dtype=torch.bool, device=self.device).tril() & real[:, None, :]
+        new = new | torch.eye(m, dtype=torch.bool, device=self.device)
+        mask = torch.cat([self.valid[:, None, :].expand(b, m, -1), new], -1)
+        hidden, self.keys, self.values = self.draft(
+            self._embed(tokens), features.to(self.dtype), None, positions.clamp(min=0), mask, (self.keys, self.values)
+        )
+        self.valid = torch.cat([self.valid, real], 1)
+        self.committed = self.valid.shape[1]
+        self.next_pos = self.next_pos + real.sum(1)
+        self.last = hidden[:, -1]
+
+    def _cut(self, length: int) -> None:
+        self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+        self.valid = self.valid[:, :length]
+
+    def _embed(self, tokens: Tensor) -> Tensor:
+        return self.embed(tokens.to(self.embed.weight.device)).to(self.device, self.dtype)
+
+
+def _to(inputs: DraftInputs, device: torch.device, dtype: torch.dtype) -> DraftInputs:
+    return DraftInputs(
+        inputs=inputs.inputs.to(device, dtype),
+        features=inputs.features.to(device, dtype),
+        no_feature=inputs.no_feature.to(device),
+        src=inputs.src.to(device),
+        valid=inputs.valid.to(device),
+        positions=inputs.positions.to(device),
+    )
+

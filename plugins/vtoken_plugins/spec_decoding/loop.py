@@ -1,0 +1,167 @@
+"""The decoding loop behind ``model.generate`` (greedy): draft a tree, verify it, keep the right path.
+
+1. transformers' own ``generate`` runs the prefill and one decode step (``max_new_tokens=2``): it
+   encodes the images, computes padding-aware and M-RoPE positions and builds the cache exactly as
+   for plain decoding; hooks keep the prompt's embeddings, the target's features and the position
+   of the first generated token, from which every later position follows.
+2. The draft reads the prompt (images through its compressor) and the two tokens.
+3. Each round drafts a tree (:mod:`.tree`), verifies it in one target forward (:mod:`.verify`),
+   keeps the accepted path in the target's cache (:func:`vtoken.cache.keep_recent`) and commits the
+   path and the bonus token to the draft.
+
+Rows of a batch keep the same number of new cache slots per round: a row that accepted fewer tokens
+keeps some rejected nodes as holes, masked from then on like left padding, so every cache keeps one
+logical length. Finished rows ride along with nothing accepted.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+
+from vtoken.cache import keep_recent
+from vtoken.masks import as_attention_mask
+from vtoken_plugins.spec_decoding.elements import draft_inputs, image_starts
+from vtoken_plugins.spec_decoding.tree import draft_tree
+from vtoken_plugins.spec_decoding.verify import greedy_accept, keep_slots, tree_mask, tree_positions
+
+PREFILL_TOKENS = 2  # tokens transformers' generate produces before the rounds start
+
+
+@dataclass
+class Rows:
+    """Per-row output bookkeeping.
+
+    Attributes:
+        tokens: new tokens of each row. finished: rows done (eos or budget). budget: max new tokens.
+        eos: end-of-sequence ids. rounds: accepted drafts per round and row (finished rows left out).
+    """
+
+    tokens: list[list[int]]
+    finished: list[bool]
+    budget: int
+    eos: set[int]
+    rounds: list[list[int]] = field(default_factory=list)
+
+    def add(self, row: int, new: list[int]) -> None:
+        """Commit ``new`` to ``row``, cut at the first eos (kept) and at the budget."""
+        for token in new:
+            if self.finished[row]:
+                return
+            self.tokens[row].append(token)
+            self.finished[row] = token in self.eos or len(self.tokens[row]) >= self.budget
+
+
+class SpecLoop:
+    """One ``generate`` call of the ``spec_decoding`` plugin (all state lives here)."""
+
+    def __init__(self, plugin: Any, config: GenerationConfig, shape: tuple[int, int, int]) -> None:
+        self.plugin, self.session = plugin, plugin.session
+        self.model, self.config = self.session.model, config
+        self.top_k, self.depth, self.total = shape
+
+    def run(self, base_generate: Any, inputs: dict[str, Any]) -> Any:
+        """Prefill through ``base_generate``, then the rounds; returns what ``generate`` would."""
+        prefill = copy.deepcopy(self.config)
+        prefill.max_new_tokens, prefill.max_length = PREFILL_TOKENS, None
+        prefill.min_new_tokens = min(prefill.min_new_tokens or 0, PREFILL_TOKENS) or None
+        prefill.return_dict_in_generate = True
+        capture = self.plugin.capture
+        capture.start()
+        try:
+            out = base_generate(**inputs, generation_config=prefill)
+            rows = self._rows(inputs["input_ids"], out.sequences)
+            if not all(rows.finished):
+                self._rounds(inputs, out.sequences, rows)
+        finally:
+            capture.stop()
+        self.plugin.rounds = rows.rounds
+        return self._output(out.sequences[:, : inputs["input_ids"].shape[1]], rows)
+
+    # -- setup -------------------------------------------------------------------------------------
+    def _rows(self, prompt: Tensor, sequences: Tensor) -> Rows:
+        eos = self.config.eos_token_id
+        eos = set() if eos is None else {int(e) for e in torch.tensor(eos).flatten().tolist()}
+        length = prompt.shape[1]
+        budget = self.config.max_new_tokens or (self.config.max_length - length)
+        rows = Rows([[] for _ in range(len(prompt))], [False] * len(prompt), budget, eos)
+        for b, new in enumerate(sequences[:, length:].tolist()):
+            rows.add(b, new)
+        return rows
+
+    def _rounds(self, inputs: dict[str, Any], sequences: Tensor, rows: Rows) -> None:
+        capture, session = self.plugin.capture, self.session
+        cache = session.state.cache
+        prompt = inputs["input_ids"]
+        real = inputs.get("attention_mask", torch.ones_like(prompt)).bool()
+        key_valid = torch.cat([real, torch.ones_like(sequences[:, prompt.shape[1] : -1], dtype=torch.bool)], 1)
+        drafter = self.plugin.drafter
+        drafter.start(self._draft_prompt(prompt, real, sequences))
+        next_pos = capture.next_position()
+        root = sequences[:, -1]
+        while not all(rows.finished):
+            tree = draft_tree(root, drafter.last, drafter.tree_step, drafter.log_probs, self.top_k, self.depth, self.total)
+            ancestors = tree.ancestors()
+            mask = as_attention_mask(tree_mask(key_valid, ancestors), self.model.dtype, self.plugin.eager)
+            logits = self.model(
+                input_ids=tree.tokens,
+                attention_mask=mask,
+                position_ids=tree_positions(next_pos, tree.depth),
+                use_cache=True,
+                **{session._cache_arg: cache},
+            ).logits
+            accepted = greedy_accept(tree, ancestors, logits.argmax(-1))
+            width = int(accepted.count.max()) + 1
+            slots, on_path = keep_slots(accepted.on_path, width)
+            keep_recent(cache, slots, tree.size)
+            done = torch.tensor(rows.finished, device=key_valid.device)
+            key_valid = torch.cat([key_valid, on_path.to(key_valid.device) & ~done[:, None]], 1)
+            self._commit(drafter, tree, accepted, capture.hidden, done, rows)
+            next_pos = next_pos + (accepted.count + 1).to(next_pos.device)
+            root = accepted.bonus
+
+    def _commit(self, drafter, tree, accepted, hidden: Tensor, done: Tensor, rows: Rows) -> None:
+        """Give the draft the accepted path and bonus (with the target's features) and the rows
+        their new tokens."""
+        index, real = accepted.commit_order()  # (B, m): root, accepted nodes; left-padded
+        tokens = torch.cat([tree.tokens.gather(1, index)[:, 1:], accepted.bonus[:, None]], 1)
+        features = hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
+        real = real & ~done.to(real.device)[:, None]
+        drafter.commit(tokens, features.float(), real.to(drafter.device))
+        counts = accepted.count.tolist()
+        rows.rounds.append([c for c, f in zip(counts, done.tolist()) if not f])
+        for b, (row, n) in enumerate(zip(tokens.tolist(), counts)):
+            rows.add(b, row[len(row) - n - 1 :])
+
+    def _draft_prompt(self, prompt: Tensor, real: Tensor, sequences: Tensor):
+        """The draft's elements for the prompt and the tokens generated so far."""
+        capture, layout = self.plugin.capture, self.session.state.layout
+        length, total = prompt.shape[1], sequences.shape[1]
+        generated = self.model.get_input_embeddings()(sequences[:, length:])
+        embeds = torch.cat([capture.embeds.to(generated.dtype), generated], 1).float()  # (B, total, D)
+        features = capture.features().float()  # (B, total - 1, D): the prompt's, then the decode step's
+        features = torch.cat([features, features[:, -1:]], 1)  # the newest token's is never read
+        real = torch.cat([real, torch.ones_like(sequences[:, length:], dtype=torch.bool)], 1)
+        visual = torch.zeros_like(real)
+        starts: list[list[int]] = [[] for _ in range(len(prompt))]
+        if layout is not None:
+            visual[:, :length] = layout.is_visual(length).to(visual.device)
+            starts = image_starts(layout)
+        slots = self.plugin.compress(embeds[:, :length], real[:, :length], visual[:, :length], layout)
+        return draft_inputs(embeds, features, real, visual, starts, slots)
+
+    # -- output ----------------------------------------------------------------------------------
+    def _output(self, prompt: Tensor, rows: Rows) -> Any:
+        pad = self.config.pad_token_id
+        if pad is None:
+            pad = next(iter(sorted(rows.eos)), 0)
+        width = max(len(t) for t in rows.tokens)
+        new = torch.full((len(rows.tokens), width), int(pad), dtype=prompt.dtype, device=prompt.device)
+        for b, tokens in enumerate(rows.tokens):
+            new[b, : len(tokens)] = torch.tensor(tokens, dtype=prompt.dtype)
+        return torch.cat([prompt, new], 1)

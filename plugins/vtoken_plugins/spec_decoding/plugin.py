@@ -1,0 +1,159 @@
+"""The ``spec_decoding`` plugin: SpecVLM's lossless speculative decoding behind ``model.generate``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from vtoken import Plugin, UnsupportedInputError
+from vtoken.layout import VisualLayout
+from vtoken_plugins.spec_decoding.compressor import BRANCHES
+from vtoken_plugins.spec_decoding.config import SpecDecodingConfig
+from vtoken_plugins.spec_decoding.drafting import Drafter
+from vtoken_plugins.spec_decoding.loop import PREFILL_TOKENS, SpecLoop
+from vtoken_plugins.spec_decoding.options import parse_generate
+from vtoken_plugins.spec_decoding.weights import find_draft
+
+
+class Capture:
+    """Hooks on the language model that keep, while a speculative ``generate`` runs, the prompt's
+    input embeddings, the target's last hidden states and the positions transformers chose."""
+
+    def __init__(self, session) -> None:
+        self.session, self.active = session, False
+        self.clear()
+        session.patcher.pre_hook(session.parts.language_model, self._before)
+        session.patcher.post_hook(session.parts.language_model, self._after)
+
+    def clear(self) -> None:
+        self.embeds: Tensor | None = None  # (B, L, D) the prompt as the language model saw it
+        self.history: list[Tensor] = []  # (B, q, D) last hidden states of the first forwards
+        self.hidden: Tensor | None = None  # (B, q, D) of the latest forward
+        self.positions: Tensor | None = None  # position ids of the latest forward, if passed
+        self.past = 0
+
+    def start(self) -> None:
+        self.clear()
+        self.active = True
+
+    def stop(self) -> None:
+        self.active = False
+        self.clear()
+
+    def features(self) -> Tensor:
+        """``(B, L + PREFILL_TOKENS - 1, D)``: the prompt's and the prefill decode step's features."""
+        return torch.cat(self.history[:PREFILL_TOKENS], 1)
+
+    def next_position(self) -> Tensor:
+        """Position ids of the token after the latest forward's last one: ``(B,)``, or ``(A, B)``
+        for multi-axis RoPE (each axis advances by one for a text token)."""
+        batch = self.hidden.shape[0]
+        if self.positions is None:  # the model used its cache position
+            return torch.full((batch,), self.past + 1, device=self.hidden.device)
+        last = self.positions[..., -1] + 1  # (1|B,) or (A, 1|B)
+        return last.expand(*last.shape[:-1], batch)
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if not self.active:
+            return
+        state = self.session.state
+        self.positions, self.past = kwargs.get("position_ids"), state.past_length
+        if state.phase == "prefill":
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None:
+                embeds = module.get_input_embeddings()(kwargs["input_ids"] if "input_ids" in kwargs else args[0])
+            self.embeds = embeds.detach()
+
+    def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self.active:
+            return
+        self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
+        if len(self.history) < PREFILL_TOKENS:
+            self.history.append(self.hidden)
+
+
+class SpecDecoding(Plugin):
+    """SpecVLM (Huang et al., 2025, arXiv:2508.16201) on EAGLE-2 (Li et al., 2024, arXiv:2406.16858).
+
+    A one-layer draft reads the target's features and a compressed view of the image
+    (:mod:`.draft`, :mod:`.compressor`), drafts a tree of continuations (:mod:`.tree`) which the
+    target verifies in one forward (:mod:`.verify`). Lossless: the output is the target's own greedy
+    decoding whatever the draft proposes.
+
+    Example:
+        >>> vtoken.attach(model, SpecDecoding(tree="chain", depth=5))  # doctest: +SKIP
+    """
+
+    name = "spec_decoding"
+    config_class = SpecDecodingConfig
+    knobs = ("enabled", "tree", "top_k", "depth", "total_tokens", "compressor")
+    config: SpecDecodingConfig
+
+    def __init__(self, config: SpecDecodingConfig | None = None, /, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self.rounds: list[list[int]] = []  # accepted drafts per round and unfinished row, last call
+
+    @classmethod
+    def do_nothing(cls) -> SpecDecodingConfig:
+        """No drafting: ``generate`` is transformers' own."""
+        return SpecDecodingConfig(enabled=False)
+
+    def check_model(self, parts) -> None:
+        super().check_model(parts)
+        impl = parts.language_model.config._attn_implementation  # before any plugin wraps it
+        if self.config.enabled and impl not in ("sdpa", "eager"):
+            raise UnsupportedInputError(
+                f"spec_decoding verifies a tree through a 4-D attention mask, which the {impl!r} attention "
+                "implementation cannot take; call model.set_attn_implementation('sdpa') before attaching."
+            )
+        self.eager = impl == "eager"  # eager adds its mask: the tree mask must be additive there
+
+    def setup(self, session) -> None:
+        if not self.config.enabled:
+            return
+        model = session.model
+        draft, self.draft_info = find_draft(model, self.config.draft, self.config.seed)
+        head = model.get_output_embeddings()
+        self.draft = draft.to(head.weight.device, torch.float32)
+        self.capture = Capture(session)
+
+    def generate(self, base_generate: Any, *args: Any, **kwargs: Any) -> Any:
+        if not self.config.enabled:
+            return base_generate(*args, **kwargs)
+        model = self.session.model
+        config, inputs = parse_generate(model, args, kwargs)
+        budget = config.max_new_tokens or (config.max_length - inputs["input_ids"].shape[1])
+        if budget <= PREFILL_TOKENS:  # nothing left to speculate on
+            return base_generate(*args, **kwargs)
+        self.drafter = Drafter(self.draft, model.get_input_embeddings(), model.get_output_embeddings())
+        with torch.no_grad():
+            return SpecLoop(self, config, self.config.shape).run(base_generate, inputs)
+
+    def compress(self, embeds: Tensor, real: Tensor, visual: Tensor, layout: VisualLayout | None) -> list[list[Tensor]]:
+        """Each row's images as draft slots: per row, a ``(M_k, D)`` tensor per image.
+
+        Args:
+            embeds: ``(B, L, D)`` the prompt as the language model saw it (visual tokens included).
+            real, visual: ``(B, L)`` bool. layout: where the images are.
+        """
+        if layout is None:
+            return [[] for _ in range(len(embeds))]
+        compressor = self.draft.compressor
+        embeds = embeds.to(self.draft.f_vis.device, torch.float32)
+        branches = [self.config.compressor] * len(embeds)
+        if self.config.compressor == "gate":
+            text = (real & ~visual).to(embeds.dtype)[..., None]
+            vis = visual.to(embeds.dtype)[..., None]
+            question = (embeds * text).sum(1) / text.sum(1).clamp(min=1)
+            seen = (embeds * vis).sum(1) / vis.sum(1).clamp(min=1)
+            branches = [BRANCHES[i] for i in compressor.gate_logits(question, seen).argmax(-1).tolist()]
+        self.branches = branches
+        out = []
+        for b, branch in enumerate(branches):
+            row = layout.positions[b]
+            segments = layout.segments[b]
+            images = [row[(segments == s) & (row >= 0)] for s in range(int(segments.max()) + 1)] if len(row) else []
+            out.append([compressor(branch, embeds[b, pos.to(embeds.device)][None])[0] for pos in images if len(pos)])
+        return out

@@ -1,0 +1,179 @@
+"""spec_decoding on the tiny models of every family: greedy output identical to plain greedy decoding
+(random drafts, trees and chains, batch 1 and a left-padded batch of 3, with token_pruning), no state
+carried between calls, detach restores generate, and unsupported options are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import image, make_inputs, tiny
+from vtoken_plugins.spec_decoding import SpecDecoding, SpecDecodingConfig
+from vtoken_plugins.token_pruning import TokenPruning
+
+import vtoken
+from vtoken import ConfigError, UnsupportedInputError
+from vtoken.bench.exactness import reproduces_unplugged
+from vtoken.loading import load_model
+from vtoken.tiny import TINY_FAMILIES, tiny_prompt
+from vtoken.zoo.data import encode
+from vtoken.zoo.evaluate import split_items
+
+NEW = 12
+SHAPES = {
+    "tree": dict(tree="dynamic", top_k=3, depth=4, total_tokens=10),
+    "chain": dict(tree="chain", depth=4),
+}
+
+
+def _batch_of_three(family: str, processor) -> dict[str, torch.Tensor]:
+    """Three left-padded rows of different lengths and image counts."""
+    processor.tokenizer.padding_side = "left"
+    texts = [
+        tiny_prompt(family),
+        tiny_prompt(family, "how many red square are there in the image ?", n_images=2),
+        tiny_prompt(family, "is there a star ?"),
+    ]
+    images = [[image(0, 40, 56)], [image(1, 64, 32), image(2, 48, 48)], [image(3, 32, 32)]]
+    inputs = processor(images=images, text=texts, return_tensors="pt", padding=True)
+    inputs.pop("labels", None)
+    return dict(inputs)
+
+
+def _greedy(model, inputs, *plugins, new: int = NEW) -> torch.Tensor:
+    with torch.no_grad():
+        if not plugins:
+            return model.generate(**inputs, max_new_tokens=new, do_sample=False)
+        with vtoken.attach(model, list(plugins)):
+            return model.generate(**inputs, max_new_tokens=new, do_sample=False)
+
+
+def _random(shape: str) -> SpecDecoding:
+    return SpecDecoding(draft="random", **SHAPES[shape])
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_greedy_equals_plain_greedy_at_batch_one(family, shape):
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, batch=False)
+    assert torch.equal(_greedy(model, inputs, _random(shape)), _greedy(model, inputs))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_greedy_equals_plain_greedy_on_a_padded_batch_of_three(family, shape):
+    model, processor = tiny(family)
+    inputs = _batch_of_three(family, processor)
+    assert torch.equal(_greedy(model, inputs, _random(shape)), _greedy(model, inputs))
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma"])
+def test_greedy_with_token_pruning_equals_greedy_with_token_pruning_alone(family):
+    model, processor = tiny(family)
+    inputs = _batch_of_three(family, processor)
+    pruning = dict(scorer="fastv", layers=(2,), keep_ratio=0.5)
+    alone = _greedy(model, inputs, TokenPruning(**pruning))
+    assert torch.equal(_greedy(model, inputs, TokenPruning(**pruning), _random("tree")), alone)
+
+
+def test_eager_attention_gets_an_additive_tree_mask():
+    model, processor = tiny("qwen2_vl", "eager")
+    inputs = _batch_of_three("qwen2_vl", processor)
+    assert torch.equal(_greedy(model, inputs, _random("tree")), _greedy(model, inputs))
+
+
+def test_a_trained_draft_is_accepted_and_still_exact():
+    model, processor = load_model("synth-llava-tiny")
+    items = [it for it in split_items("val", 8) if it.family == "describe"][:3]
+    inputs = encode(processor, items, with_answers=False)
+    plugin = SpecDecoding(tree="chain", depth=5)
+    assert torch.equal(_greedy(model, inputs, plugin, new=40), _greedy(model, inputs, new=40))
+    accepted = [n for round_ in plugin.rounds for n in round_]
+    assert sum(accepted) / len(accepted) >= 2.0  # the committed draft is far better than chance
+
+
+def test_calls_do_not_share_state():
+    model, processor = tiny("qwen2_vl")
+    one, three = make_inputs("qwen2_vl", processor, batch=False), _batch_of_three("qwen2_vl", processor)
+    with torch.no_grad(), vtoken.attach(model, _random("tree")):
+        first = model.generate(**three, max_new_tokens=NEW, do_sample=False)
+        second = model.generate(**one, max_new_tokens=NEW, do_sample=False)
+        third = model.generate(**three, max_new_tokens=NEW, do_sample=False)
+    assert torch.equal(first, third)
+    assert torch.equal(second, _greedy(model, one))
+
+
+def test_budget_and_eos_end_rows_as_plain_generate_does():
+    model, processor = tiny("llava")
+    inputs = _batch_of_three("llava", processor)
+    reference = _greedy(model, inputs, new=9)
+    eos = int(reference[0, -4])  # a token the first row emits: it ends that row mid-round
+    with torch.no_grad():
+        plain = model.generate(**inputs, max_new_tokens=9, do_sample=False, eos_token_id=eos)
+        with vtoken.attach(model, _random("chain")):
+            spec = model.generate(**inputs, max_new_tokens=9, do_sample=False, eos_token_id=eos)
+    assert torch.equal(spec, plain)
+
+
+def test_do_nothing_is_exact_and_detach_restores_generate():
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=True)
+    assert reproduces_unplugged(model, inputs, SpecDecoding(SpecDecoding.do_nothing()))
+    generate = model.generate
+    with vtoken.attach(model, _random("tree")):
+        assert model.generate != generate
+    assert model.generate == generate
+    assert torch.equal(_greedy(model, inputs), _greedy(model, inputs))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(num_beams=2),
+        dict(do_sample=True),
+        dict(no_repeat_ngram_size=2),
+        dict(repetition_penalty=1.2),
+        dict(output_attentions=True, return_dict_in_generate=True),
+        dict(prompt_lookup_num_tokens=3),
+    ],
+    ids=lambda o: next(iter(o)),
+)
+def test_unsupported_generate_options_are_refused_by_name(options):
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=False)
+    with vtoken.attach(model, _random("chain")), pytest.raises(UnsupportedInputError, match=next(iter(options))):
+        model.generate(**inputs, max_new_tokens=NEW, **options)
+
+
+def test_flash_attention_is_refused_when_attaching():
+    model, _ = tiny("llava")
+    model.config.get_text_config()._attn_implementation = "flex_attention"
+    try:
+        with pytest.raises(UnsupportedInputError, match="sdpa"):
+            vtoken.attach(model, _random("chain"))
+    finally:
+        model.config.get_text_config()._attn_implementation = "sdpa"
+    assert vtoken.active_session(model) is None
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(top_k=0), "top_k"),
+        (dict(depth=0), "depth"),
+        (dict(total_tokens=1), "total_tokens"),
+        (dict(top_k=2, depth=2, total_tokens=8), "exceeds"),
+        (dict(tree="wide"), "tree"),
+        (dict(compressor="crop"), "compressor"),
+    ],
+)
+def test_bad_config_values_are_refused(fields, message):
+    with pytest.raises(ConfigError, match=message):
+        SpecDecodingConfig(**fields)
+
+
+def test_a_missing_trained_draft_names_the_remedy():
+    model, _ = tiny("llava")
+    with pytest.raises(ConfigError, match="random"):
+        vtoken.attach(model, SpecDecoding(draft="auto"))
+    assert vtoken.active_session(model) is None
