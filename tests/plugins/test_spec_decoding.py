@@ -130,7 +130,7 @@ def test_do_nothing_is_exact_and_detach_restores_generate():
     "options",
     [
         dict(num_beams=2),
-        dict(do_sample=True),
+        dict(typical_p=0.5, do_sample=True),
         dict(no_repeat_ngram_size=2),
         dict(repetition_penalty=1.2),
         dict(output_attentions=True, return_dict_in_generate=True),
@@ -177,3 +177,100 @@ def test_a_missing_trained_draft_names_the_remedy():
     with pytest.raises(ConfigError, match="random"):
         vtoken.attach(model, SpecDecoding(draft="auto"))
     assert vtoken.active_session(model) is None
+
+
+def test_scores_and_logits_match_plain_generate():
+    model, processor = tiny("qwen2_vl")
+    inputs = _batch_of_three("qwen2_vl", processor)
+    options = dict(max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    with torch.no_grad():
+        plain = model.generate(**inputs, **options)
+        with vtoken.attach(model, _random("tree")):
+            spec = model.generate(**inputs, **options)
+    assert torch.equal(spec.sequences, plain.sequences)
+    assert len(spec.scores) == len(plain.scores) == len(spec.logits)
+    length, eos = inputs["input_ids"].shape[1], torch.tensor(model.generation_config.eos_token_id).flatten()
+    for step, (a, b, la, lb) in enumerate(zip(spec.scores, plain.scores, spec.logits, plain.logits)):
+        live = [r for r in range(3) if not torch.isin(plain.sequences[r, length : length + step], eos).any()]
+        assert torch.allclose(a[live], b[live], atol=1e-4) and torch.allclose(la[live], lb[live], atol=1e-4)
+    assert spec.past_key_values is None  # holes in a batch's cache: not handed out
+
+
+def test_min_new_tokens_and_max_length_are_honoured():
+    model, processor = tiny("llava")
+    inputs = _batch_of_three("llava", processor)
+    eos = int(_greedy(model, inputs, new=6)[1, -5])  # emitted early by the second row
+    length = inputs["input_ids"].shape[1]
+    for options in (dict(min_new_tokens=7, max_new_tokens=11), dict(min_length=length + 5, max_length=length + 10)):
+        with torch.no_grad():
+            plain = model.generate(**inputs, do_sample=False, eos_token_id=eos, **options)
+            with vtoken.attach(model, _random("chain")):
+                spec = model.generate(**inputs, do_sample=False, eos_token_id=eos, **options)
+        assert torch.equal(spec, plain)
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.ended = False
+
+    def put(self, value: torch.Tensor) -> None:
+        self.tokens += value.flatten().tolist()
+
+    def end(self) -> None:
+        self.ended = True
+
+
+def test_a_streamer_receives_every_token_once_and_the_end():
+    model, processor = tiny("paligemma")
+    inputs = make_inputs("paligemma", processor, batch=False)
+    plain, spec = _Recorder(), _Recorder()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=NEW, streamer=plain)
+        with vtoken.attach(model, _random("tree")):
+            model.generate(**inputs, max_new_tokens=NEW, streamer=spec)
+    assert spec.tokens == plain.tokens == out[0].tolist() and spec.ended
+    three = _batch_of_three("paligemma", processor)
+    with vtoken.attach(model, _random("tree")), pytest.raises(UnsupportedInputError, match="batch size 1"):
+        model.generate(**three, max_new_tokens=NEW, streamer=_Recorder())
+
+
+def test_max_time_stops_between_rounds():
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=False)
+    reference = _greedy(model, inputs, new=40)
+    with torch.no_grad(), vtoken.attach(model, _random("chain")):
+        out = model.generate(**inputs, max_new_tokens=40, max_time=0.0)
+    assert out.shape[1] < reference.shape[1] and torch.equal(out, reference[:, : out.shape[1]])
+
+
+def test_sampling_draws_from_the_target_distribution():
+    """Token 3 (the first one a round emits) given the most frequent first two tokens follows the
+    target's warped distribution (chi-square at p = 0.001, fixed seed), with the trained draft
+    proposing likely tokens so that both acceptance and rejection happen."""
+    model, processor = load_model("synth-llava-tiny")
+    item = next(it for it in split_items("val", 4) if it.family == "describe")
+    rows = 600
+    one = encode(processor, [item], with_answers=False)
+    inputs = {k: v.expand(rows, *v.shape[1:]) for k, v in one.items()}
+    options = dict(max_new_tokens=3, do_sample=True, temperature=1.5, top_k=5)
+    torch.manual_seed(0)
+    plugin = SpecDecoding(tree="dynamic", top_k=2, depth=3, total_tokens=6)
+    with torch.no_grad(), vtoken.attach(model, plugin):
+        out = model.generate(**inputs, **options)
+    length = one["input_ids"].shape[1]
+    pairs = [tuple(r) for r in out[:, length : length + 2].tolist()]
+    common = max(set(pairs), key=pairs.count)
+    third = torch.tensor([r[2] for r, p in zip(out[:, length:].tolist(), pairs) if p == common])
+    assert len(third) > 150 and sum(n for round_ in plugin.rounds for n in round_) > 0
+    with torch.no_grad():
+        prefix = torch.cat([one["input_ids"], torch.tensor([common])], 1)
+        logits = model(input_ids=prefix, pixel_values=one["pixel_values"]).logits[0, -1].float()
+    warped = (logits / 1.5).masked_fill(logits < logits.topk(5).values[-1], float("-inf"))
+    law = warped.softmax(-1)
+    observed = torch.bincount(third, minlength=len(law)).float()
+    expected = law * len(third)
+    kept = expected > 5
+    chi2 = ((observed[kept] - expected[kept]) ** 2 / expected[kept]).sum()
+    assert chi2 < {1: 10.8, 2: 13.8, 3: 16.3, 4: 18.5}[int(kept.sum()) - 1]
+    assert observed[~kept].sum() <= 10

@@ -1,34 +1,42 @@
-"""The decoding loop behind ``model.generate`` (greedy): draft a tree, verify it, keep the right path.
+"""The decoding loop behind ``model.generate``: draft a tree, verify it, keep the accepted path.
 
 1. transformers' own ``generate`` runs the prefill and one decode step (``max_new_tokens=2``): it
    encodes the images, computes padding-aware and M-RoPE positions and builds the cache exactly as
    for plain decoding; hooks keep the prompt's embeddings, the target's features and the position
-   of the first generated token, from which every later position follows.
+   of the second generated token, from which every later position follows.
 2. The draft reads the prompt (images through its compressor) and the two tokens.
-3. Each round drafts a tree (:mod:`.tree`), verifies it in one target forward (:mod:`.verify`),
-   keeps the accepted path in the target's cache (:func:`vtoken.cache.keep_recent`) and commits the
-   path and the bonus token to the draft.
+3. Each round drafts a tree (:mod:`.tree`), verifies it in one target forward (:mod:`.verify`:
+   greedy acceptance, or rejection sampling when ``do_sample``), keeps the accepted path in the
+   target's cache (:func:`vtoken.cache.keep_recent`) and commits the path and the bonus token to
+   the draft.
 
 Rows of a batch keep the same number of new cache slots per round: a row that accepted fewer tokens
 keeps some rejected nodes as holes, masked from then on like left padding, so every cache keeps one
 logical length. Finished rows ride along with nothing accepted.
+
+Output as ``generate``'s, with two documented differences at batch > 1: ``scores`` / ``logits`` of a
+row that has finished are zeros (plain ``generate`` scores the padding it feeds such rows), and
+``past_key_values`` is ``None`` (the cache holds holes only this loop's mask knows).
 """
 
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from vtoken.cache import keep_recent
 from vtoken.masks import as_attention_mask
 from vtoken_plugins.spec_decoding.elements import draft_inputs, image_starts
+from vtoken_plugins.spec_decoding.scoring import min_new_tokens, node_scores
 from vtoken_plugins.spec_decoding.tree import draft_tree
-from vtoken_plugins.spec_decoding.verify import greedy_accept, keep_slots, tree_mask, tree_positions
+from vtoken_plugins.spec_decoding.verify import greedy_accept, keep_slots, sample_accept, tree_mask, tree_positions
 
 PREFILL_TOKENS = 2  # tokens transformers' generate produces before the rounds start
 
@@ -39,22 +47,33 @@ class Rows:
 
     Attributes:
         tokens: new tokens of each row. finished: rows done (eos or budget). budget: max new tokens.
-        eos: end-of-sequence ids. rounds: accepted drafts per round and row (finished rows left out).
+        eos: end-of-sequence ids. scores / logits: per row, the processed / raw target scores
+            ``(V,)`` behind each new token (kept when asked for). rounds: accepted drafts per
+            round and unfinished row.
     """
 
     tokens: list[list[int]]
     finished: list[bool]
     budget: int
     eos: set[int]
+    scores: list[list[Tensor]] | None = None
+    logits: list[list[Tensor]] | None = None
     rounds: list[list[int]] = field(default_factory=list)
 
-    def add(self, row: int, new: list[int]) -> None:
-        """Commit ``new`` to ``row``, cut at the first eos (kept) and at the budget."""
-        for token in new:
+    def add(self, row: int, new: list[int], scores: Tensor | None = None, logits: Tensor | None = None) -> int:
+        """Commit ``new`` (with its ``(n, V)`` scores) to ``row``, cut after the first eos and at the
+        budget; returns how many tokens were taken."""
+        taken = 0
+        for i, token in enumerate(new):
             if self.finished[row]:
-                return
+                break
             self.tokens[row].append(token)
+            for store, values in ((self.scores, scores), (self.logits, logits)):
+                if store is not None:
+                    store[row].append(values[i])
+            taken += 1
             self.finished[row] = token in self.eos or len(self.tokens[row]) >= self.budget
+        return taken
 
 
 class SpecLoop:
@@ -64,37 +83,51 @@ class SpecLoop:
         self.plugin, self.session = plugin, plugin.session
         self.model, self.config = self.session.model, config
         self.top_k, self.depth, self.total = shape
+        self.started = time.perf_counter()
 
     def run(self, base_generate: Any, inputs: dict[str, Any]) -> Any:
         """Prefill through ``base_generate``, then the rounds; returns what ``generate`` would."""
+        streamer = inputs.pop("streamer", None)
         prefill = copy.deepcopy(self.config)
         prefill.max_new_tokens, prefill.max_length = PREFILL_TOKENS, None
-        prefill.min_new_tokens = min(prefill.min_new_tokens or 0, PREFILL_TOKENS) or None
+        least = min(min_new_tokens(self.config, inputs["input_ids"].shape[1]), PREFILL_TOKENS)
+        prefill.min_new_tokens, prefill.min_length = least or None, 0
         prefill.return_dict_in_generate = True
         capture = self.plugin.capture
         capture.start()
         try:
             out = base_generate(**inputs, generation_config=prefill)
-            rows = self._rows(inputs["input_ids"], out.sequences)
+            rows = self._rows(inputs["input_ids"], out)
+            if streamer is not None:
+                streamer.put(out.sequences.cpu())
             if not all(rows.finished):
-                self._rounds(inputs, out.sequences, rows)
+                self._rounds(inputs, out.sequences, rows, streamer)
         finally:
             capture.stop()
+        if streamer is not None:
+            streamer.end()
         self.plugin.rounds = rows.rounds
-        return self._output(out.sequences[:, : inputs["input_ids"].shape[1]], rows)
+        return self._output(inputs["input_ids"], rows, self.session.state.cache)
 
     # -- setup -------------------------------------------------------------------------------------
-    def _rows(self, prompt: Tensor, sequences: Tensor) -> Rows:
+    def _rows(self, prompt: Tensor, out: Any) -> Rows:
         eos = self.config.eos_token_id
         eos = set() if eos is None else {int(e) for e in torch.tensor(eos).flatten().tolist()}
         length = prompt.shape[1]
         budget = self.config.max_new_tokens or (self.config.max_length - length)
-        rows = Rows([[] for _ in range(len(prompt))], [False] * len(prompt), budget, eos)
-        for b, new in enumerate(sequences[:, length:].tolist()):
-            rows.add(b, new)
+        batch = len(prompt)
+        scores = [[] for _ in range(batch)] if self.config.output_scores else None
+        logits = [[] for _ in range(batch)] if self.config.output_logits else None
+        rows = Rows([[] for _ in range(batch)], [False] * batch, budget, eos, scores, logits)
+        for b, new in enumerate(out.sequences[:, length:].tolist()):
+            rows.add(
+                b, new,
+                None if scores is None else [step[b] for step in out.scores],
+                None if logits is None else [step[b] for step in out.logits],
+            )  # fmt: skip
         return rows
 
-    def _rounds(self, inputs: dict[str, Any], sequences: Tensor, rows: Rows) -> None:
+    def _rounds(self, inputs: dict[str, Any], sequences: Tensor, rows: Rows, streamer: Any) -> None:
         capture, session = self.plugin.capture, self.session
         cache = session.state.cache
         prompt = inputs["input_ids"]
@@ -104,6 +137,8 @@ class SpecLoop:
         drafter.start(self._draft_prompt(prompt, real, sequences))
         next_pos = capture.next_position()
         root = sequences[:, -1]
+        minimum = min_new_tokens(self.config, prompt.shape[1])
+        eos = sorted(rows.eos)
         while not all(rows.finished):
             tree = draft_tree(root, drafter.last, drafter.tree_step, drafter.log_probs, self.top_k, self.depth, self.total)
             ancestors = tree.ancestors()
@@ -115,19 +150,27 @@ class SpecLoop:
                 use_cache=True,
                 **{session._cache_arg: cache},
             ).logits
-            accepted = greedy_accept(tree, ancestors, logits.argmax(-1))
+            generated = torch.tensor([len(t) for t in rows.tokens])
+            scores = node_scores(logits, self.config, tree.depth, generated, eos, minimum)
+            if self.config.do_sample:
+                accepted = sample_accept(tree, scores.softmax(-1))
+            else:
+                accepted = greedy_accept(tree, ancestors, scores.argmax(-1))
             width = int(accepted.count.max()) + 1
             slots, on_path = keep_slots(accepted.on_path, width)
             keep_recent(cache, slots, tree.size)
             done = torch.tensor(rows.finished, device=key_valid.device)
             key_valid = torch.cat([key_valid, on_path.to(key_valid.device) & ~done[:, None]], 1)
-            self._commit(drafter, tree, accepted, capture.hidden, done, rows)
+            self._commit(drafter, tree, accepted, (capture.hidden, scores, logits), done, rows, streamer)
             next_pos = next_pos + (accepted.count + 1).to(next_pos.device)
             root = accepted.bonus
+            if self.config.max_time is not None and time.perf_counter() - self.started > self.config.max_time:
+                rows.finished = [True] * len(rows.finished)
 
-    def _commit(self, drafter, tree, accepted, hidden: Tensor, done: Tensor, rows: Rows) -> None:
+    def _commit(self, drafter, tree, accepted, verified: tuple[Tensor, Tensor, Tensor], done, rows, streamer) -> None:
         """Give the draft the accepted path and bonus (with the target's features) and the rows
-        their new tokens."""
+        their new tokens (with the scores behind them)."""
+        hidden, scores, logits = verified
         index, real = accepted.commit_order()  # (B, m): root, accepted nodes; left-padded
         tokens = torch.cat([tree.tokens.gather(1, index)[:, 1:], accepted.bonus[:, None]], 1)
         features = hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
@@ -136,7 +179,14 @@ class SpecLoop:
         counts = accepted.count.tolist()
         rows.rounds.append([c for c, f in zip(counts, done.tolist()) if not f])
         for b, (row, n) in enumerate(zip(tokens.tolist(), counts)):
-            rows.add(b, row[len(row) - n - 1 :])
+            nodes = index[b, len(row) - n - 1 :]  # the node predicting each new token
+            taken = rows.add(
+                b, row[len(row) - n - 1 :],
+                scores[b, nodes] if rows.scores is not None else None,
+                logits[b, nodes].float() if rows.logits is not None else None,
+            )  # fmt: skip
+            if streamer is not None and taken:
+                streamer.put(torch.tensor(row[len(row) - n - 1 :][:taken]))
 
     def _draft_prompt(self, prompt: Tensor, real: Tensor, sequences: Tensor):
         """The draft's elements for the prompt and the tokens generated so far."""
@@ -156,7 +206,7 @@ class SpecLoop:
         return draft_inputs(embeds, features, real, visual, starts, slots)
 
     # -- output ----------------------------------------------------------------------------------
-    def _output(self, prompt: Tensor, rows: Rows) -> Any:
+    def _output(self, prompt: Tensor, rows: Rows, cache: Any) -> Any:
         pad = self.config.pad_token_id
         if pad is None:
             pad = next(iter(sorted(rows.eos)), 0)
@@ -164,4 +214,22 @@ class SpecLoop:
         new = torch.full((len(rows.tokens), width), int(pad), dtype=prompt.dtype, device=prompt.device)
         for b, tokens in enumerate(rows.tokens):
             new[b, : len(tokens)] = torch.tensor(tokens, dtype=prompt.dtype)
-        return torch.cat([prompt, new], 1)
+        sequences = torch.cat([prompt, new], 1)
+        if not self.config.return_dict_in_generate:
+            return sequences
+        return GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=_steps(rows.scores, width),
+            logits=_steps(rows.logits, width),
+            past_key_values=cache if len(rows.tokens) == 1 else None,
+        )
+
+
+def _steps(per_row: list[list[Tensor]] | None, width: int) -> tuple[Tensor, ...] | None:
+    """Per-row score lists as ``generate``'s tuple of ``(B, V)`` steps (zeros after a row ended)."""
+    if per_row is None:
+        return None
+    like = next(t for row in per_row for t in row)
+    return tuple(
+        torch.stack([row[t] if t < len(row) else torch.zeros_like(like) for row in per_row]) for t in range(width)
+    )

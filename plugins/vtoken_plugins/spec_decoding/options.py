@@ -1,8 +1,12 @@
 """Reading a ``generate`` call: its generation config, its model inputs, and what is refused.
 
-Speculative decoding only replaces greedy search, so any option that changes the search, the scores
-of a step in ways the verifier does not reproduce, or what ``generate`` returns is refused with the
-option's name and what to do, never ignored.
+Speculative decoding replaces greedy search and multinomial sampling. It supports ``max_new_tokens``
+/ ``max_length``, ``min_new_tokens`` / ``min_length``, ``eos_token_id``, ``pad_token_id``, sampling
+with ``temperature``, ``top_k``, ``top_p`` and ``min_p``, ``max_time``, ``output_scores``,
+``output_logits``, ``return_dict_in_generate`` and a streamer (batch 1). Any option that changes the
+search, processes scores by the tokens before them (a tree verifies many prefixes at once), or asks
+for what a tree forward does not give (attentions, hidden states) is refused with the option's name
+and what to do, never ignored.
 """
 
 from __future__ import annotations
@@ -20,8 +24,11 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "num_beams": (1, None),
     "num_beam_groups": (1, None),
     "num_return_sequences": (1, None),
-    "do_sample": (False, None),
     "penalty_alpha": (None,),
+    "top_h": (None,),
+    "typical_p": (1.0, None),
+    "epsilon_cutoff": (0.0, None),
+    "eta_cutoff": (0.0, None),
     "dola_layers": (None,),
     "repetition_penalty": (1.0, None),
     "encoder_repetition_penalty": (1.0, None),
@@ -33,8 +40,6 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "begin_suppress_tokens": (None,),
     "forced_bos_token_id": (None,),
     "forced_eos_token_id": (None,),
-    "min_length": (0, None),
-    "min_new_tokens": (None, 0),
     "exponential_decay_length_penalty": (None,),
     "guidance_scale": (None, 1.0),
     "watermarking_config": (None,),
@@ -43,17 +48,13 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "assistant_early_exit": (None,),
     "output_attentions": (False, None),
     "output_hidden_states": (False, None),
-    "output_scores": (False, None),
-    "output_logits": (False, None),
-    "return_dict_in_generate": (False, None),
-    "max_time": (None,),
     "use_cache": (True, None),
     "cache_implementation": (None, "dynamic"),
 }
 
 # generate() arguments that are not model inputs
 REFUSED_ARGUMENTS = (
-    "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model", "streamer",
+    "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
     "negative_prompt_ids", "negative_prompt_attention_mask", "synced_gpus", "assistant_tokenizer", "tokenizer",
     "custom_generate",
 )  # fmt: skip
@@ -82,7 +83,7 @@ def parse_generate(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tup
         value = getattr(config, name, None)
         if value not in neutral:
             raise UnsupportedInputError(
-                f"spec_decoding runs greedy decoding and does not support {name}={value!r}; leave it at "
+                f"spec_decoding does not support {name}={value!r}; leave it at "
                 f"{neutral[0]!r}, or detach the plugin (or set spec_decoding.enabled=False) to use it."
             )
     if inputs.get("input_ids") is None:
@@ -90,6 +91,9 @@ def parse_generate(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tup
     cache = inputs.get("past_key_values", inputs.get("cache"))
     if cache is not None and cache.get_seq_length() > 0:
         raise UnsupportedInputError("spec_decoding starts from an empty cache; do not pass a filled past_key_values.")
+    streamer = inputs.get("streamer")
+    if streamer is not None and inputs["input_ids"].shape[0] > 1:
+        raise UnsupportedInputError("spec_decoding streams batch size 1 only (as transformers' streamers do).")
     if config.max_new_tokens is None and config.max_length is None:
         raise UnsupportedInputError("spec_decoding needs max_new_tokens (or max_length).")
     return config, inputs

@@ -223,9 +223,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Draf
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     items = partial(spec_items, batch_size=cfg.batch_size, describe_share=cfg.describe_share)
     stream = TrainStream(processor, start, items)
-    loader = torch.utils.data.DataLoader(
-        stream, batch_size=None, num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None
-    )
+    loader = torch.utils.data.DataLoader(  # its own generator: the global one drives the gate's noise
+        stream, batch_size=None, num_workers=cfg.workers, prefetch_factor=4 if cfg.workers else None,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )  # fmt: skip
     distiller = Distiller(model, draft, cfg)
     log, ema, last_save = (run / "log.jsonl").open("a"), None, time.time()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="spec draft", disable=not progress)

@@ -87,3 +87,58 @@ def keep_slots(on_path: Tensor, width: int) -> tuple[Tensor, Tensor]:
     order = torch.sort((~on_path).to(torch.int8), dim=1, stable=True).indices[:, :width]  # path first
     index = order.sort(1).values
     return index, on_path.gather(1, index)
+
+
+def sample_accept(tree: Tree, probs: Tensor) -> Accepted:
+    """Recursive rejection sampling over the tree (SpecInfer's multi-step speculative sampling,
+    Miao et al., 2024; EAGLE-2's ``evaluate_posterior``): the emitted tokens follow the target's
+    distribution exactly.
+
+    From the root, with residual ``p`` = the target's distribution at the current node, each child
+    ``c`` (in draft-score order) is accepted with probability ``p(c) / sum(p)``; on rejection
+    ``p(c)`` is set to 0. An accepted child becomes the current node (``p`` = its distribution);
+    when every child is rejected, or at a leaf, the bonus token is drawn from the residual. With a
+    deterministic draft each child is a point mass ``q = delta_c``, for which ``min(1, p/q)`` is
+    ``p(c)`` and the residual ``max(p - q, 0)`` renormalised is ``p`` without ``c``: candidate ``i`` is
+    emitted with probability ``prod_{j<i}(1 - p'_j) p'_i = p(c_i)``, and any other token ``y`` with
+    ``p(y)``.
+
+    Args:
+        tree: the verified tree. probs: ``(B, N, V)`` the target's (processed) distribution at every node.
+    """
+    batch, size, _ = probs.shape
+    rows = torch.arange(batch, device=probs.device)
+    kids = _children_by_score(tree)  # (B, N, K)
+    node = torch.zeros(batch, dtype=torch.long, device=probs.device)
+    on_path = torch.zeros(batch, size, dtype=torch.bool, device=probs.device)
+    on_path[:, 0] = True
+    residual = probs[:, 0].clone()
+    searching = torch.ones(batch, dtype=torch.bool, device=probs.device)
+    for _ in range(int(tree.depth.max())):
+        moved = torch.zeros_like(searching)
+        for j in range(kids.shape[-1]):
+            child = kids[rows, node, j]  # (B,)
+            live = searching & ~moved & (child >= 0)
+            token = tree.tokens.gather(1, child.clamp(min=0)[:, None])  # (B, 1)
+            mass = residual.gather(1, token).squeeze(1)
+            take = live & (torch.rand(batch, device=probs.device) * residual.sum(1) < mass)
+            residual = torch.where((live & ~take)[:, None], residual.scatter(1, token, 0.0), residual)
+            residual = torch.where(take[:, None], probs[rows, child.clamp(min=0)], residual)
+            node = torch.where(take, child, node)
+            on_path[rows[take], child[take]] = True
+            moved |= take
+        searching &= moved
+    bonus = torch.multinomial(residual / residual.sum(1, keepdim=True), 1).squeeze(1)
+    return Accepted(on_path=on_path, count=on_path.sum(1) - 1, last=node, bonus=bonus)
+
+
+def _children_by_score(tree: Tree) -> Tensor:
+    """``(B, N, K)`` each node's children, best draft score first, padded with -1."""
+    batch, size = tree.tokens.shape
+    order = torch.sort(tree.scores, dim=1, descending=True, stable=True).indices  # (B, N)
+    parent = tree.parent.gather(1, order)  # parents of the nodes in score order
+    is_child = parent[:, None, :] == torch.arange(size, device=parent.device)[None, :, None]  # (B, N, N)
+    width = max(int(is_child.sum(-1).max()), 1)
+    slot = torch.sort(is_child.to(torch.int8), dim=-1, descending=True, stable=True).indices[..., :width]
+    kids = order[:, None, :].expand(-1, size, -1).gather(2, slot)
+    return torch.where(is_child.gather(2, slot), kids, -1)

@@ -1,0 +1,261 @@
+"""spec_decoding's parts on their own: the tree against a hand-built one and a direct EAGLE-2
+implementation, greedy acceptance against a path search, the cache rollback, the compressor, the
+draft's elements and the resumable training."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicLayer
+from vtoken_plugins.spec_decoding.compressor import BRANCHES, Compressor, CompressorSpec
+from vtoken_plugins.spec_decoding.elements import draft_inputs
+from vtoken_plugins.spec_decoding.train import TrainConfig, train
+from vtoken_plugins.spec_decoding.tree import Tree, draft_tree
+from vtoken_plugins.spec_decoding.verify import greedy_accept, keep_slots, sample_accept, tree_mask
+
+from vtoken.cache import PAD, PrunableLayer, keep_recent
+
+
+def _hand_tree() -> Tree:
+    """root -> a, b; a -> c, d; b -> e (node order: root, a, b, c, d, e)."""
+    return Tree(
+        tokens=torch.tensor([[9, 1, 2, 3, 4, 5]]),
+        parent=torch.tensor([[-1, 0, 0, 1, 1, 2]]),
+        depth=torch.tensor([[0, 1, 1, 2, 2, 2]]),
+        scores=torch.tensor([[0.0, -0.1, -0.5, -0.3, -0.9, -0.6]]),
+    )
+
+
+def test_tree_mask_and_retrieval_indices_match_the_hand_built_tree():
+    tree = _hand_tree()
+    t, f = True, False
+    expected = torch.tensor([[
+        [t, f, f, f, f, f],
+        [t, t, f, f, f, f],
+        [t, f, t, f, f, f],
+        [t, t, f, t, f, f],
+        [t, t, f, f, t, f],
+        [t, f, t, f, f, t],
+    ]])  # fmt: skip
+    assert torch.equal(tree.ancestors(), expected)
+    paths = tree.paths()[0]
+    assert paths[3].tolist() == [0, 1, 3] and paths[4].tolist() == [0, 1, 4] and paths[5].tolist() == [0, 2, 5]
+    assert paths[1].tolist() == [0, 1, -1]
+    assert tree.leaves()[0].tolist() == [f, f, f, t, t, t]
+    mask = tree_mask(torch.tensor([[False, True]]), tree.ancestors())
+    assert mask.shape == (1, 1, 6, 8) and not mask[0, 0, :, 0].any() and mask[0, 0, :, 1].all()
+
+
+def _fake_draft(vocab: int, seed: int):
+    """A deterministic draft over ``vocab`` tokens: the hidden state carries the token path's hash."""
+    table = torch.randn(vocab * 7, vocab, generator=torch.Generator().manual_seed(seed)).log_softmax(-1)
+
+    def logp(hidden):  # (B, q, D) -> (B, q, V)
+        return table[hidden[..., 0].long() % len(table)]
+
+    def step(tokens, features, level, visible):
+        hidden = features.clone()
+        hidden[..., 0] = features[..., 0] * 3 + tokens + level
+        return hidden
+
+    return step, logp
+
+
+def _reference_tree(root_state: float, step, logp, top_k: int, depth: int, total: int):
+    """EAGLE-2 written out node by node: the kept (token, parent token path) set."""
+    def state_of(h):
+        return torch.tensor([[[h, 0.0]]])
+
+    first = logp(state_of(root_state))[0, 0]
+    scores, tokens = first.topk(top_k)
+    pool = [((int(t),), float(s), root_state) for s, t in zip(scores, tokens)]  # (path, score, parent state)
+    frontier = pool[:]
+    for level in range(1, depth):
+        children = []
+        for path, score, parent_state in frontier:
+            h = float(step(torch.tensor([[path[-1]]]), state_of(parent_state), level, None)[0, 0, 0])
+            s, t = logp(state_of(h))[0, 0].topk(top_k)
+            children += [((*path, int(tt)), score + float(ss), h) for ss, tt in zip(s, t)]
+        pool += children
+        frontier = sorted(children, key=lambda c: -c[1])[:top_k]
+    kept = sorted(pool, key=lambda c: -c[1])[: total - 1]  # Python's sort is stable too
+    return {path for path, _, _ in kept}
+
+
+@pytest.mark.parametrize("top_k, depth, total", [(2, 3, 6), (3, 4, 12), (1, 5, 6), (4, 2, 21)])
+def test_draft_tree_equals_eagle2_written_out(top_k, depth, total):
+    step, logp = _fake_draft(vocab=7, seed=top_k * 10 + depth)
+    root_hidden = torch.tensor([[5.0, 0.0], [11.0, 0.0]])
+    tree = draft_tree(torch.tensor([0, 0]), root_hidden, step, logp, top_k, depth, total)
+    paths = tree.paths()
+    for b in range(2):
+        got = {tuple(int(tree.tokens[b, i]) for i in p[1:] if i >= 0) for p in paths[b][1:]}
+        assert got == _reference_tree(float(root_hidden[b, 0]), step, logp, top_k, depth, total)
+        assert (tree.parent[b, 1:] < torch.arange(1, tree.size)).all()  # parents come first
+
+
+def test_rerank_keeps_parents_when_a_saturated_draft_ties_every_score():
+    vocab = 5
+
+    def logp(hidden):  # always certain of token (state mod vocab): log-probabilities 0 and -1e9
+        out = torch.full((*hidden.shape[:-1], vocab), -1e9)
+        return out.scatter(-1, (hidden[..., :1].long() % vocab), 0.0)
+
+    def step(tokens, features, level, visible):
+        return features + 1
+
+    tree = draft_tree(torch.tensor([0]), torch.zeros(1, 3), step, logp, top_k=3, depth=4, total=8)
+    assert (tree.parent[0, 1:] < torch.arange(1, tree.size)).all()
+    kept_scores = tree.scores[0, 1:]
+    assert (kept_scores[tree.depth[0, 1:] == 1] == 0).any()
+
+
+def _path_search(tree: Tree, predicted: torch.Tensor, b: int) -> tuple[list[int], int]:
+    """Walk from the root to the child holding the target's prediction, as long as one exists."""
+    node, path = 0, [0]
+    while True:
+        children = [i for i in range(tree.size) if int(tree.parent[b, i]) == node]
+        right = [i for i in children if int(tree.tokens[b, i]) == int(predicted[b, node])]
+        if not right:
+            return path, int(predicted[b, node])
+        node = right[0]
+        path.append(node)
+
+
+def test_greedy_acceptance_equals_a_path_search():
+    step, logp = _fake_draft(vocab=4, seed=3)
+    tree = draft_tree(torch.zeros(6, dtype=torch.long), torch.rand(6, 2) * 20, step, logp, 2, 4, 9)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        predicted = torch.randint(0, 4, tree.tokens.shape, generator=generator)
+        accepted = greedy_accept(tree, tree.ancestors(), predicted)
+        for b in range(6):
+            path, bonus = _path_search(tree, predicted, b)
+            assert accepted.on_path[b].nonzero().flatten().tolist() == path
+            assert int(accepted.count[b]) == len(path) - 1 and int(accepted.bonus[b]) == bonus
+        index, real = keep_slots(accepted.on_path, int(accepted.count.max()) + 1)
+        assert torch.equal(real.sum(1), accepted.count + 1) and (index.diff(dim=1) > 0).all()
+
+
+def _filled(layer, length: int, batch: int = 2):
+    keys = torch.arange(batch * length, dtype=torch.float32).view(batch, 1, length, 1).expand(-1, 2, -1, 3)
+    layer.update(keys.clone(), -keys.clone())
+    return keys
+
+
+def test_keep_recent_on_a_dynamic_layer_and_a_pruned_prunable_layer():
+    index = torch.tensor([[0, 2], [1, 3]])
+    plain = DynamicLayer()
+    keys = _filled(plain, 7)
+    cache = type("Cache", (), {"layers": [plain]})()
+    keep_recent(cache, index, recent=4)  # the last 4 of 7 entries: slots 3..6
+    assert plain.keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 5] and plain.keys[1, 0, :, 0].tolist() == [7, 8, 9, 11, 13]
+    assert torch.equal(plain.values, -plain.keys)
+
+    layer = PrunableLayer()
+    _filled(layer, 7)
+    layer.evict(torch.tensor([[True, False, True, True, True, True, True], [True] * 7]))  # row 0 dropped pos 1
+    assert layer.positions[0].tolist() == [PAD, 0, 2, 3, 4, 5, 6]
+    layer.keep_recent(index, recent=4)
+    assert layer.logical_length == 5
+    assert layer.positions[0].tolist() == [PAD, 0, 2, 3, 4] and layer.keys[0, 0, :, 0].tolist()[1:] == [0, 2, 3, 5]
+    assert layer.positions[1].tolist() == [0, 1, 2, 3, 4] and layer.keys[1, 0, :, 0].tolist() == [7, 8, 9, 11, 13]
+    del keys
+
+
+def test_keep_recent_refuses_special_cache_layers():
+    cache = type("Cache", (), {"layers": [object()]})()
+    with pytest.raises(TypeError, match="sliding"):
+        keep_recent(cache, torch.tensor([[0]]), 1)
+
+
+@pytest.mark.parametrize("count, grid", [(144, None), (16, (4, 4)), (15, None), (20, (4, 5))])
+def test_compressor_branches_make_the_documented_sizes(count, grid):
+    spec = CompressorSpec()
+    compressor = Compressor(32, spec)
+    h, w = grid or ((12, 12) if count == 144 else (1, count))
+    sizes = compressor.sizes(count, grid)
+    pool = (math.ceil(h / 4) * math.ceil(w / 4)) if h > 1 else math.ceil(count / 16)
+    conv = (math.ceil(h / 2) * math.ceil(w / 2)) if h > 1 else math.ceil(count / 2)
+    expected = {"prune": math.ceil(count / 4), "pool": pool, "conv": conv, "resampler": 2, "text_only": 0, "none": count}
+    assert sizes == expected
+    assert set(BRANCHES) <= set(sizes)
+
+
+def test_conv_and_pool_start_as_the_same_average():
+    compressor = Compressor(8, CompressorSpec(pool_stride=2, conv_stride=2))
+    visual = torch.randn(3, 16, 8)
+    assert torch.allclose(compressor("conv", visual), compressor("pool", visual), atol=1e-6)
+
+
+def test_draft_elements_replace_images_by_slots_and_pair_tokens_with_the_previous_feature():
+    embeds = torch.arange(2 * 7, dtype=torch.float32).view(2, 7, 1).expand(-1, -1, 4)
+    features = 100 + embeds
+    real = torch.tensor([[True] * 7, [False, False, True, True, True, True, True]])
+    visual = torch.tensor([[False, True, True, True, False, False, False], [False, False, False, True, True, False, False]])
+    slots = [[torch.full((1, 4), -1.0)], [torch.full((2, 4), -2.0)]]
+    out = draft_inputs(embeds, features, real, visual, [[1], [3]], slots)
+    assert out.src.tolist() == [[0, -1, 4, 5, 6], [2, -1, -1, 5, 6]]
+    assert out.valid.tolist() == [[True] * 5, [True] * 5]
+    assert out.inputs[0, :, 0].tolist() == [0, -1, 4, 5, 6] and out.inputs[1, :, 0].tolist() == [9, -2, -2, 12, 13]
+    # a token's feature is its predecessor's, unless that one is padding or a visual token
+    assert out.no_feature.tolist() == [[True, True, True, False, False], [True, True, True, True, False]]
+    assert out.features[0, 3, 0] == 104 and out.features[1, 4, 0] == 112
+    assert out.positions.tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+
+
+def test_training_resumes_exactly(tmp_path):
+    # a constant gate temperature: its schedule depends on the total steps, which differ here
+    config = dict(batch_size=2, workers=0, checkpoint_minutes=0.0, log_every=1, first_snapshot=2, tau_end=1.0)
+    straight = train(TrainConfig(run_dir=str(tmp_path / "a"), steps=4, **config), progress=False)
+    train(TrainConfig(run_dir=str(tmp_path / "b"), steps=2, **config), progress=False)
+    resumed = train(TrainConfig(run_dir=str(tmp_path / "b"), steps=4, **config), resume=True, progress=False)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert (tmp_path / "a" / "snapshots" / "step000004" / "draft.json").is_file()
+    assert len((tmp_path / "b" / "log.jsonl").read_text().splitlines()) == 4
+
+
+def _wilson_hilferty(df: int, z: float = 3.09) -> float:
+    """Chi-square quantile (z = 3.09: p = 0.001) by the Wilson-Hilferty approximation."""
+    return df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
+
+
+def test_tree_rejection_sampling_follows_the_target_distribution():
+    """A Markov chain over 6 tokens as the target, another as the draft: the first three tokens of
+    many multi-round generations have the target's joint law (chi-square at p = 0.001, fixed seeds)."""
+    vocab, rows = 6, 60_000
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(vocab, vocab, generator=gen).pow(2)
+    target = target / target.sum(1, keepdim=True)
+    draft = (torch.rand(vocab, vocab, generator=gen) + 0.1).log_softmax(-1)
+
+    def logp(hidden):
+        return draft[hidden[..., 0].long()]
+
+    def step(tokens, features, level, visible):
+        return torch.stack([tokens.float(), features[..., 1]], -1)
+
+    torch.manual_seed(0)
+    root = torch.zeros(rows, dtype=torch.long)
+    emitted = [[] for _ in range(rows)]
+    while min(len(e) for e in emitted) < 3:
+        hidden = torch.stack([root.float(), torch.zeros(rows)], -1)
+        tree = draft_tree(root, hidden, step, logp, top_k=2, depth=3, total=6)
+        accepted = sample_accept(tree, target[tree.tokens])
+        index, real = accepted.commit_order()
+        new = torch.cat([tree.tokens.gather(1, index)[:, 1:], accepted.bonus[:, None]], 1)
+        for b, (row, n) in enumerate(zip(new.tolist(), accepted.count.tolist())):
+            emitted[b] += row[len(row) - n - 1 :]
+        root = accepted.bonus
+    first = torch.tensor([e[:3] for e in emitted])
+    cells = (first[:, 0] * vocab + first[:, 1]) * vocab + first[:, 2]
+    observed = torch.bincount(cells, minlength=vocab**3).float()
+    law = (target[0][:, None, None] * target[:, :, None] * target[None]).flatten()
+    expected = law * rows
+    kept = expected > 5
+    chi2 = ((observed[kept] - expected[kept]) ** 2 / expected[kept]).sum()
+    assert chi2 < _wilson_hilferty(int(kept.sum()) - 1)
+    assert observed[~kept].sum() < 5 * max(int((~kept).sum()), 1) + 50
