@@ -23,6 +23,7 @@ from vtoken_plugins.token_pruning.predictors import Predictors, PredictorSpec
 
 from vtoken import PrunableLayer, RunState, VisualLayout, VTokenCache
 from vtoken.indexing import gather_tokens, left_pack, scatter_tokens
+from vtoken.masks import as_attention_mask
 from vtoken.probe import LanguageAttention, Probe, ProbeSpec, attention_rows, select_rows
 from vtoken.runtime import PruneView, TokenRuntime
 from vtoken.vision_probe import VisionProbe
@@ -258,7 +259,7 @@ def test_runtime_masks(eager):
         rt._prefill_mask(additive, index, pad, dtype),
         rt._decode_mask(given[:, :, :1, :11], columns, rows, dtype),
         rt._decode_mask(additive[:, :, :1, :11], columns, rows, dtype),
-        rt._as_mask(given, None, dtype),
+        as_attention_mask(given, dtype, eager),
     ]
     assert on_cuda(*masks) and masks[1].dtype == dtype
 

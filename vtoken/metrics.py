@@ -50,6 +50,10 @@ class Report:
         peak_memory_bytes: the most GPU memory allocated while the prompt ran, summed over the
             model's GPUs (``torch.cuda.max_memory_allocated`` after a reset at the prompt's start);
             ``None`` for a model on the CPU, where it is not measured.
+        new_tokens: tokens ``generate`` added to the longest row (0 outside ``generate``).
+        generate_s: wall time of the whole ``generate`` call (0.0 outside ``generate``).
+        extras: the plugins' own measurements of the call, by plugin name (e.g. accepted drafts
+            per round for speculative decoding).
     """
 
     family: str
@@ -67,6 +71,9 @@ class Report:
     decode_s: float = 0.0
     first_token_s: float | None = None
     peak_memory_bytes: int | None = None
+    new_tokens: int = 0
+    generate_s: float = 0.0
+    extras: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,17 +84,32 @@ class Report:
         return self.visual_per_layer[-1] if self.visual_per_layer else self.visual_tokens
 
     @property
+    def decoded_tokens(self) -> int:
+        """Tokens per row the decode forwards produced: ``new_tokens - 1`` after ``generate`` (the
+        first comes from the prefill; a speculative forward may give several), else one per step."""
+        return self.new_tokens - 1 if self.new_tokens else self.decode_steps
+
+    @property
     def kv_bytes_per_token(self) -> float:
-        """Net KV bytes one decode step adds per row (each step caches one generated token per row;
-        negative where decode-time thinning evicts more than it adds); 0.0 without decode steps."""
-        rows_steps = self.decode_steps * max(self.batch_size, 1)
-        return (self.kv_bytes - self.prefill_kv_bytes) / rows_steps if rows_steps else 0.0
+        """Net KV bytes each decoded token adds per row (negative where decode-time thinning evicts
+        more than it adds); 0.0 without decoded tokens."""
+        rows_tokens = self.decoded_tokens * max(self.batch_size, 1)
+        return (self.kv_bytes - self.prefill_kv_bytes) / rows_tokens if rows_tokens > 0 else 0.0
 
     @property
     def decode_flops_per_token(self) -> float:
-        """Decode FLOPs per generated token and row (the mean over the decode steps); 0.0 without any."""
-        rows_steps = self.decode_steps * max(self.batch_size, 1)
-        return self.decode_flops.total / rows_steps if rows_steps else 0.0
+        """Decode FLOPs per decoded token and row; 0.0 without any."""
+        rows_tokens = self.decoded_tokens * max(self.batch_size, 1)
+        return self.decode_flops.total / rows_tokens if rows_tokens > 0 else 0.0
+
+    @property
+    def decode_per_token_s(self) -> float | None:
+        """Wall time per decoded token after the first token: ``(generate_s - first_token_s) /
+        decoded_tokens``, everything in between included (a draft model's work, ``generate``'s own
+        per-step work); ``None`` outside ``generate`` or without decoded tokens."""
+        if not self.generate_s or self.first_token_s is None or self.decoded_tokens <= 0:
+            return None
+        return (self.generate_s - self.first_token_s) / self.decoded_tokens
 
     def rows(self) -> list[tuple[str, str]]:
         """``(metric, value)`` pairs for display."""
@@ -106,6 +128,7 @@ class Report:
             ("prefill (incl. vision)", f"{self.prefill_s * 1e3:.1f} ms"),
             ("decode", f"{self.decode_s * 1e3:.1f} ms"),
             ("time to first token", _ms(self.first_token_s)),
+            ("decode wall time per token", _ms(self.decode_per_token_s)),
             ("peak GPU memory", _mib(self.peak_memory_bytes)),
         ]
 
@@ -207,10 +230,24 @@ class Recorder:
         if self._gpus:
             report.peak_memory_bytes = sum(torch.cuda.max_memory_allocated(gpu) for gpu in self._gpus)
 
+    def on_generate_end(self, output: Any, extras: dict[str, Any]) -> None:
+        """Called by the session when ``generate`` returns: new tokens, wall time, plugin extras."""
+        report = self._report
+        if report is None:
+            return
+        sequences = output if isinstance(output, torch.Tensor) else getattr(output, "sequences", None)
+        if sequences is not None and report.prompt_tokens:
+            report.new_tokens = sequences.shape[-1] - report.prompt_tokens
+        report.generate_s = self._now() - self._t0.get("prompt", 0.0)
+        report.extras = extras
+
     def report(self) -> Report:
         if self._report is None:
             return Report(family=self.parts.spec.name)
-        return Report(**{**vars(self._report), "visual_per_layer": list(self._report.visual_per_layer)})
+        return Report(
+            **{**vars(self._report), "visual_per_layer": list(self._report.visual_per_layer),
+               "extras": dict(self._report.extras)}
+        )  # fmt: skip
 
     # -- internals -------------------------------------------------------------------------------
     def _now(self) -> float:

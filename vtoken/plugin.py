@@ -13,6 +13,7 @@ Override points:
     - :meth:`Plugin.after_forward` - after every prefill / decode forward (e.g. cache eviction);
     - :meth:`Plugin.make_cache` - the KV cache a prefill starts with;
     - :meth:`Plugin.generate` - the decoding loop behind ``model.generate``;
+    - :meth:`Plugin.report_extras` - the plugin's own measurements in the session's report;
     - :meth:`Plugin.charts` - figures about the last generation for user interfaces;
     - :meth:`Plugin.setup` - anything else, through the session's :class:`~vtoken.patch.Patcher`.
 """
@@ -186,6 +187,11 @@ class Plugin:
         """Replace the decoding loop of ``model.generate``; call ``base_generate`` to delegate."""
         return base_generate(*args, **kwargs)
 
+    def report_extras(self) -> dict[str, Any]:
+        """The plugin's own measurements of the last ``generate`` call, for ``session.report().extras``
+        (e.g. accepted drafts per round); read once when ``generate`` returns."""
+        return {}
+
     def charts(self) -> dict[str, dict[str, float]]:
         """What a user interface should plot about the last generation, as ``{title: {label:
         value}}`` bar charts (the demo draws each one), e.g. a share per layer; ``{}`` for none."""
@@ -203,6 +209,19 @@ class Plugin:
         """The plugin's main settings, by label, that ``vtoken bench`` compares against the
         unplugged model (the one place a plugin adds itself to the benchmarks)."""
         return {}
+
+    @property
+    def multi_token_decode(self) -> bool:
+        """Whether the plugin stays exact when one decode forward feeds several new tokens at once
+        under a tree mask (speculative verification). Plugins that act per decode step on the
+        step's single query (decode-time eviction, cache compression on a token schedule) say
+        ``False``; a speculative plugin is refused beside them."""
+        return True
+
+    @property
+    def speculative(self) -> bool:
+        """Whether the plugin verifies several drafted tokens per decode forward."""
+        return False
 
     # -- helpers for the session -----------------------------------------------------------------
     @property

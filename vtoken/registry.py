@@ -33,6 +33,7 @@ ALLOW_ENV = "VTOKEN_PLUGINS"
 BUILTIN_PLUGINS: dict[str, str] = {
     "token_pruning": "vtoken_plugins.token_pruning:TokenPruning",
     "zipvl": "vtoken_plugins.zipvl:ZipVL",
+    "spec_decoding": "vtoken_plugins.spec_decoding:SpecDecoding",
 }
 
 _RUNTIME: dict[str, str | type[Plugin]] = {}

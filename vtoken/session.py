@@ -139,6 +139,7 @@ class Session:
 
     # -- wiring ----------------------------------------------------------------------------------
     def _wire(self) -> None:
+        _check_speculation(self.plugins)
         self.patcher.pre_hook(self.model, self._on_forward_start)
         self.patcher.post_hook(self.model, self._on_forward_end, always=True)
         self.recorder.attach(self.patcher)
@@ -173,7 +174,10 @@ class Session:
             if cache is None or cache.get_seq_length() == 0:  # else: continuing (assistant drafts)
                 self._start_prompt(ids, kwargs)
             try:
-                return base(*args, **kwargs)
+                output = base(*args, **kwargs)
+                extras = {p.name: p.report_extras() for p in self.plugins if p.overrides("report_extras")}
+                self.recorder.on_generate_end(output, extras)
+                return output
             finally:
                 self.state.phase = "idle"
                 self._prompt_started = False
@@ -288,6 +292,19 @@ class Session:
                     )
                 features = new
         return features
+
+
+def _check_speculation(plugins: list[Plugin]) -> None:
+    """Refuse a speculative plugin beside one that is only exact one decoded token at a time."""
+    drafters = [p.name for p in plugins if p.speculative]
+    single = [p.name for p in plugins if not p.multi_token_decode]
+    if drafters and single:
+        raise UnsupportedInputError(
+            f"{', '.join(drafters)} verifies several tokens per decode forward, but {', '.join(single)} acts "
+            "on one decoded token per forward with its current settings (decode-time eviction or cache "
+            "compression). Use them separately, or turn that part off (token_pruning: decode_keep_ratio=1 "
+            "and decode_visual_ratio=1; zipvl: cache='full')."
+        )
 
 
 def _repeated_rows(ids: torch.Tensor | None, prompt_ids: torch.Tensor | None) -> bool:

@@ -141,7 +141,10 @@ def test_do_nothing_is_exact_and_detach_restores_generate():
 def test_unsupported_generate_options_are_refused_by_name(options):
     model, processor = tiny("llava")
     inputs = make_inputs("llava", processor, batch=False)
-    with vtoken.attach(model, _random("chain")), pytest.raises(UnsupportedInputError, match=next(iter(options))):
+    with (
+        vtoken.attach(model, _random("chain")),
+        pytest.raises(UnsupportedInputError, match=next(iter(options))),
+    ):
         model.generate(**inputs, max_new_tokens=NEW, **options)
 
 
@@ -182,7 +185,13 @@ def test_a_missing_trained_draft_names_the_remedy():
 def test_scores_and_logits_match_plain_generate():
     model, processor = tiny("qwen2_vl")
     inputs = _batch_of_three("qwen2_vl", processor)
-    options = dict(max_new_tokens=NEW, do_sample=False, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    options = dict(
+        max_new_tokens=NEW,
+        do_sample=False,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
     with torch.no_grad():
         plain = model.generate(**inputs, **options)
         with vtoken.attach(model, _random("tree")):
@@ -201,7 +210,10 @@ def test_min_new_tokens_and_max_length_are_honoured():
     inputs = _batch_of_three("llava", processor)
     eos = int(_greedy(model, inputs, new=6)[1, -5])  # emitted early by the second row
     length = inputs["input_ids"].shape[1]
-    for options in (dict(min_new_tokens=7, max_new_tokens=11), dict(min_length=length + 5, max_length=length + 10)):
+    for options in (
+        dict(min_new_tokens=7, max_new_tokens=11),
+        dict(min_length=length + 5, max_length=length + 10),
+    ):
         with torch.no_grad():
             plain = model.generate(**inputs, do_sample=False, eos_token_id=eos, **options)
             with vtoken.attach(model, _random("chain")):
@@ -274,3 +286,31 @@ def test_sampling_draws_from_the_target_distribution():
     chi2 = ((observed[kept] - expected[kept]) ** 2 / expected[kept]).sum()
     assert chi2 < {1: 10.8, 2: 13.8, 3: 16.3, 4: 18.5}[int(kept.sum()) - 1]
     assert observed[~kept].sum() <= 10
+
+
+def test_zipvl_sparse_prefill_composes():
+    from vtoken_plugins.zipvl import ZipVL
+
+    model, processor = tiny("qwen2_vl")
+    inputs = _batch_of_three("qwen2_vl", processor)
+    alone = _greedy(model, inputs, ZipVL(tau=0.9, cache="full"))
+    assert torch.equal(_greedy(model, inputs, ZipVL(tau=0.9, cache="full"), _random("tree")), alone)
+
+
+@pytest.mark.parametrize(
+    "other, setting",
+    [
+        (
+            TokenPruning(scorer="fastv", layers=(2,), keep_ratio=0.5, decode_keep_ratio=0.5),
+            "decode_keep_ratio",
+        ),
+        ("zipvl", "cache='full'"),
+    ],
+    ids=["token_pruning-decode-thinning", "zipvl-compressed-cache"],
+)
+def test_plugins_that_act_per_decoded_token_are_refused_beside_it(other, setting):
+    model, _ = tiny("llava")
+    with pytest.raises(UnsupportedInputError, match=setting):
+        vtoken.attach(model, [other, _random("chain")])
+    assert vtoken.active_session(model) is None
+    vtoken.attach(model, [other, SpecDecoding(enabled=False)]).detach()  # drafting off: fine

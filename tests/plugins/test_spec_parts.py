@@ -41,7 +41,9 @@ def test_tree_mask_and_retrieval_indices_match_the_hand_built_tree():
     ]])  # fmt: skip
     assert torch.equal(tree.ancestors(), expected)
     paths = tree.paths()[0]
-    assert paths[3].tolist() == [0, 1, 3] and paths[4].tolist() == [0, 1, 4] and paths[5].tolist() == [0, 2, 5]
+    assert (
+        paths[3].tolist() == [0, 1, 3] and paths[4].tolist() == [0, 1, 4] and paths[5].tolist() == [0, 2, 5]
+    )
     assert paths[1].tolist() == [0, 1, -1]
     assert tree.leaves()[0].tolist() == [f, f, f, t, t, t]
     mask = tree_mask(torch.tensor([[False, True]]), tree.ancestors())
@@ -65,6 +67,7 @@ def _fake_draft(vocab: int, seed: int):
 
 def _reference_tree(root_state: float, step, logp, top_k: int, depth: int, total: int):
     """EAGLE-2 written out node by node: the kept (token, parent token path) set."""
+
     def state_of(h):
         return torch.tensor([[[h, 0.0]]])
 
@@ -151,17 +154,36 @@ def test_keep_recent_on_a_dynamic_layer_and_a_pruned_prunable_layer():
     keys = _filled(plain, 7)
     cache = type("Cache", (), {"layers": [plain]})()
     keep_recent(cache, index, recent=4)  # the last 4 of 7 entries: slots 3..6
-    assert plain.keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 5] and plain.keys[1, 0, :, 0].tolist() == [7, 8, 9, 11, 13]
+    assert plain.keys[0, 0, :, 0].tolist() == [0, 1, 2, 3, 5] and plain.keys[1, 0, :, 0].tolist() == [
+        7,
+        8,
+        9,
+        11,
+        13,
+    ]
     assert torch.equal(plain.values, -plain.keys)
 
     layer = PrunableLayer()
     _filled(layer, 7)
-    layer.evict(torch.tensor([[True, False, True, True, True, True, True], [True] * 7]))  # row 0 dropped pos 1
+    layer.evict(
+        torch.tensor([[True, False, True, True, True, True, True], [True] * 7])
+    )  # row 0 dropped pos 1
     assert layer.positions[0].tolist() == [PAD, 0, 2, 3, 4, 5, 6]
     layer.keep_recent(index, recent=4)
     assert layer.logical_length == 5
-    assert layer.positions[0].tolist() == [PAD, 0, 2, 3, 4] and layer.keys[0, 0, :, 0].tolist()[1:] == [0, 2, 3, 5]
-    assert layer.positions[1].tolist() == [0, 1, 2, 3, 4] and layer.keys[1, 0, :, 0].tolist() == [7, 8, 9, 11, 13]
+    assert layer.positions[0].tolist() == [PAD, 0, 2, 3, 4] and layer.keys[0, 0, :, 0].tolist()[1:] == [
+        0,
+        2,
+        3,
+        5,
+    ]
+    assert layer.positions[1].tolist() == [0, 1, 2, 3, 4] and layer.keys[1, 0, :, 0].tolist() == [
+        7,
+        8,
+        9,
+        11,
+        13,
+    ]
     del keys
 
 
@@ -179,7 +201,14 @@ def test_compressor_branches_make_the_documented_sizes(count, grid):
     sizes = compressor.sizes(count, grid)
     pool = (math.ceil(h / 4) * math.ceil(w / 4)) if h > 1 else math.ceil(count / 16)
     conv = (math.ceil(h / 2) * math.ceil(w / 2)) if h > 1 else math.ceil(count / 2)
-    expected = {"prune": math.ceil(count / 4), "pool": pool, "conv": conv, "resampler": 2, "text_only": 0, "none": count}
+    expected = {
+        "prune": math.ceil(count / 4),
+        "pool": pool,
+        "conv": conv,
+        "resampler": 2,
+        "text_only": 0,
+        "none": count,
+    }
     assert sizes == expected
     assert set(BRANCHES) <= set(sizes)
 
@@ -194,12 +223,20 @@ def test_draft_elements_replace_images_by_slots_and_pair_tokens_with_the_previou
     embeds = torch.arange(2 * 7, dtype=torch.float32).view(2, 7, 1).expand(-1, -1, 4)
     features = 100 + embeds
     real = torch.tensor([[True] * 7, [False, False, True, True, True, True, True]])
-    visual = torch.tensor([[False, True, True, True, False, False, False], [False, False, False, True, True, False, False]])
+    visual = torch.tensor(
+        [[False, True, True, True, False, False, False], [False, False, False, True, True, False, False]]
+    )
     slots = [[torch.full((1, 4), -1.0)], [torch.full((2, 4), -2.0)]]
     out = draft_inputs(embeds, features, real, visual, [[1], [3]], slots)
     assert out.src.tolist() == [[0, -1, 4, 5, 6], [2, -1, -1, 5, 6]]
     assert out.valid.tolist() == [[True] * 5, [True] * 5]
-    assert out.inputs[0, :, 0].tolist() == [0, -1, 4, 5, 6] and out.inputs[1, :, 0].tolist() == [9, -2, -2, 12, 13]
+    assert out.inputs[0, :, 0].tolist() == [0, -1, 4, 5, 6] and out.inputs[1, :, 0].tolist() == [
+        9,
+        -2,
+        -2,
+        12,
+        13,
+    ]
     # a token's feature is its predecessor's, unless that one is padding or a visual token
     assert out.no_feature.tolist() == [[True, True, True, False, False], [True, True, True, True, False]]
     assert out.features[0, 3, 0] == 104 and out.features[1, 4, 0] == 112

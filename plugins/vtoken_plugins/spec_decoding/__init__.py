@@ -1,4 +1,4 @@
-"""``spec_decoding``: SpecVLM's lossless speculative decoding (EAGLE-2 draft trees, elastic visual compressor)."""
+"""``spec_decoding``: SpecVLM's lossless speculative decoding (EAGLE-2 trees, elastic visual compressor)."""
 
 from vtoken_plugins.spec_decoding.config import SpecDecodingConfig
 from vtoken_plugins.spec_decoding.plugin import SpecDecoding

@@ -56,7 +56,9 @@ class DraftSpec:
         text = model.config.get_text_config()
         heads = text.num_attention_heads
         rope = getattr(text, "rope_parameters", None) or {}
-        theta = rope.get("rope_theta", getattr(text, "rope_theta", 10000.0)) if isinstance(rope, dict) else 1e4
+        theta = (
+            rope.get("rope_theta", getattr(text, "rope_theta", 10000.0)) if isinstance(rope, dict) else 1e4
+        )
         return cls(
             hidden_size=text.hidden_size,
             heads=heads,
@@ -124,7 +126,9 @@ class DraftLayer(nn.Module):
         query = self.q(h).view(b, q, s.heads, s.head_dim).transpose(1, 2)
         key, value = self.kv(h).view(b, q, 2, s.kv_heads, s.head_dim).permute(2, 0, 3, 1, 4)
         query, key = self.rotary(query, positions), self.rotary(key, positions)
-        keys, values = (key, value) if past is None else (torch.cat([past[0], key], 2), torch.cat([past[1], value], 2))
+        keys, values = (
+            (key, value) if past is None else (torch.cat([past[0], key], 2), torch.cat([past[1], value], 2))
+        )
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=mask[:, None], scale=1 / math.sqrt(s.head_dim),
             enable_gqa=s.heads != s.kv_heads,

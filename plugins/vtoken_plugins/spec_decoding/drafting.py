@@ -29,7 +29,9 @@ class Drafter:
     def start(self, inputs: DraftInputs) -> None:
         """Run the draft over a prompt's elements (left-padded; the last one is real in every row)."""
         x = _to(inputs, self.device, self.dtype)
-        hidden, self.keys, self.values = self.draft(x.inputs, x.features, x.no_feature, x.positions, x.causal_mask())
+        hidden, self.keys, self.values = self.draft(
+            x.inputs, x.features, x.no_feature, x.positions, x.causal_mask()
+        )
         self.valid, self.committed = x.valid, x.valid.shape[1]
         self.next_pos = x.valid.sum(1)
         self.last = hidden[:, -1]
@@ -44,7 +46,9 @@ class Drafter:
         b, k = tokens.shape
         positions = (self.next_pos + level - 1)[:, None].expand(b, k)
         past = self.valid[:, None, : self.committed].expand(b, k, -1)  # then the tree entries
-        mask = torch.cat([past, visible, torch.eye(k, dtype=torch.bool, device=self.device).expand(b, k, k)], -1)
+        mask = torch.cat(
+            [past, visible, torch.eye(k, dtype=torch.bool, device=self.device).expand(b, k, k)], -1
+        )
         hidden, self.keys, self.values = self.draft(
             self._embed(tokens), features, None, positions, mask, (self.keys, self.values)
         )
@@ -66,7 +70,12 @@ class Drafter:
         new = new | torch.eye(m, dtype=torch.bool, device=self.device)
         mask = torch.cat([self.valid[:, None, :].expand(b, m, -1), new], -1)
         hidden, self.keys, self.values = self.draft(
-            self._embed(tokens), features.to(self.dtype), None, positions.clamp(min=0), mask, (self.keys, self.values)
+            self._embed(tokens),
+            features.to(self.dtype),
+            None,
+            positions.clamp(min=0),
+            mask,
+            (self.keys, self.values),
         )
         self.valid = torch.cat([self.valid, real], 1)
         self.committed = self.valid.shape[1]
@@ -90,4 +99,3 @@ def _to(inputs: DraftInputs, device: torch.device, dtype: torch.dtype) -> DraftI
         valid=inputs.valid.to(device),
         positions=inputs.positions.to(device),
     )
-

@@ -116,7 +116,14 @@ def _row(
         if slot is not None:
             m = slot.shape[0]
             none = torch.ones(m, dtype=torch.bool, device=slot.device)
-            pieces.append((slot.to(embeds.dtype), features.new_zeros(m, features.shape[-1]), chunk.new_full((m,), -1), none))
+            pieces.append(
+                (
+                    slot.to(embeds.dtype),
+                    features.new_zeros(m, features.shape[-1]),
+                    chunk.new_full((m,), -1),
+                    none,
+                )
+            )
             done = start
     inputs, feats, src, none = (torch.cat(parts) for parts in zip(*pieces))
     return inputs, feats, src, none

@@ -36,7 +36,13 @@ from vtoken.masks import as_attention_mask
 from vtoken_plugins.spec_decoding.elements import draft_inputs, image_starts
 from vtoken_plugins.spec_decoding.scoring import min_new_tokens, node_scores
 from vtoken_plugins.spec_decoding.tree import draft_tree
-from vtoken_plugins.spec_decoding.verify import greedy_accept, keep_slots, sample_accept, tree_mask, tree_positions
+from vtoken_plugins.spec_decoding.verify import (
+    greedy_accept,
+    keep_slots,
+    sample_accept,
+    tree_mask,
+    tree_positions,
+)
 
 PREFILL_TOKENS = 2  # tokens transformers' generate produces before the rounds start
 
@@ -60,7 +66,9 @@ class Rows:
     logits: list[list[Tensor]] | None = None
     rounds: list[list[int]] = field(default_factory=list)
 
-    def add(self, row: int, new: list[int], scores: Tensor | None = None, logits: Tensor | None = None) -> int:
+    def add(
+        self, row: int, new: list[int], scores: Tensor | None = None, logits: Tensor | None = None
+    ) -> int:
         """Commit ``new`` (with its ``(n, V)`` scores) to ``row``, cut after the first eos and at the
         budget; returns how many tokens were taken."""
         taken = 0
@@ -95,6 +103,7 @@ class SpecLoop:
         prefill.return_dict_in_generate = True
         capture = self.plugin.capture
         capture.start()
+        self.plugin.draft_s, self.plugin.branches = 0.0, []
         try:
             out = base_generate(**inputs, generation_config=prefill)
             rows = self._rows(inputs["input_ids"], out)
@@ -132,15 +141,21 @@ class SpecLoop:
         cache = session.state.cache
         prompt = inputs["input_ids"]
         real = inputs.get("attention_mask", torch.ones_like(prompt)).bool()
-        key_valid = torch.cat([real, torch.ones_like(sequences[:, prompt.shape[1] : -1], dtype=torch.bool)], 1)
+        key_valid = torch.cat(
+            [real, torch.ones_like(sequences[:, prompt.shape[1] : -1], dtype=torch.bool)], 1
+        )
         drafter = self.plugin.drafter
+        clock = _clock(drafter.device)
         drafter.start(self._draft_prompt(prompt, real, sequences))
         next_pos = capture.next_position()
         root = sequences[:, -1]
         minimum = min_new_tokens(self.config, prompt.shape[1])
         eos = sorted(rows.eos)
         while not all(rows.finished):
-            tree = draft_tree(root, drafter.last, drafter.tree_step, drafter.log_probs, self.top_k, self.depth, self.total)
+            tree = draft_tree(
+                root, drafter.last, drafter.tree_step, drafter.log_probs, self.top_k, self.depth, self.total
+            )
+            self.plugin.draft_s += _clock(drafter.device) - clock
             ancestors = tree.ancestors()
             mask = as_attention_mask(tree_mask(key_valid, ancestors), self.model.dtype, self.plugin.eager)
             logits = self.model(
@@ -161,13 +176,17 @@ class SpecLoop:
             keep_recent(cache, slots, tree.size)
             done = torch.tensor(rows.finished, device=key_valid.device)
             key_valid = torch.cat([key_valid, on_path.to(key_valid.device) & ~done[:, None]], 1)
+            clock = _clock(drafter.device)
             self._commit(drafter, tree, accepted, (capture.hidden, scores, logits), done, rows, streamer)
             next_pos = next_pos + (accepted.count + 1).to(next_pos.device)
             root = accepted.bonus
             if self.config.max_time is not None and time.perf_counter() - self.started > self.config.max_time:
                 rows.finished = [True] * len(rows.finished)
+        self.plugin.draft_s += _clock(drafter.device) - clock
 
-    def _commit(self, drafter, tree, accepted, verified: tuple[Tensor, Tensor, Tensor], done, rows, streamer) -> None:
+    def _commit(
+        self, drafter, tree, accepted, verified: tuple[Tensor, Tensor, Tensor], done, rows, streamer
+    ) -> None:
         """Give the draft the accepted path and bonus (with the target's features) and the rows
         their new tokens (with the scores behind them)."""
         hidden, scores, logits = verified
@@ -191,10 +210,10 @@ class SpecLoop:
     def _draft_prompt(self, prompt: Tensor, real: Tensor, sequences: Tensor):
         """The draft's elements for the prompt and the tokens generated so far."""
         capture, layout = self.plugin.capture, self.session.state.layout
-        length, total = prompt.shape[1], sequences.shape[1]
+        length = prompt.shape[1]
         generated = self.model.get_input_embeddings()(sequences[:, length:])
-        embeds = torch.cat([capture.embeds.to(generated.dtype), generated], 1).float()  # (B, total, D)
-        features = capture.features().float()  # (B, total - 1, D): the prompt's, then the decode step's
+        embeds = torch.cat([capture.embeds.to(generated.dtype), generated], 1).float()  # (B, T, D)
+        features = capture.features().float()  # (B, T - 1, D): the prompt's, then the decode step's
         features = torch.cat([features, features[:, -1:]], 1)  # the newest token's is never read
         real = torch.cat([real, torch.ones_like(sequences[:, length:], dtype=torch.bool)], 1)
         visual = torch.zeros_like(real)
@@ -225,11 +244,19 @@ class SpecLoop:
         )
 
 
+def _clock(device: torch.device) -> float:
+    """The time once ``device`` has finished its queued work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def _steps(per_row: list[list[Tensor]] | None, width: int) -> tuple[Tensor, ...] | None:
     """Per-row score lists as ``generate``'s tuple of ``(B, V)`` steps (zeros after a row ended)."""
     if per_row is None:
         return None
     like = next(t for row in per_row for t in row)
     return tuple(
-        torch.stack([row[t] if t < len(row) else torch.zeros_like(like) for row in per_row]) for t in range(width)
+        torch.stack([row[t] if t < len(row) else torch.zeros_like(like) for row in per_row])
+        for t in range(width)
     )

@@ -55,12 +55,14 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
 # generate() arguments that are not model inputs
 REFUSED_ARGUMENTS = (
     "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model",
-    "negative_prompt_ids", "negative_prompt_attention_mask", "synced_gpus", "assistant_tokenizer", "tokenizer",
-    "custom_generate",
+    "negative_prompt_ids", "negative_prompt_attention_mask", "synced_gpus", "assistant_tokenizer",
+    "tokenizer", "custom_generate",
 )  # fmt: skip
 
 
-def parse_generate(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[GenerationConfig, dict[str, Any]]:
+def parse_generate(
+    model: nn.Module, args: tuple, kwargs: dict[str, Any]
+) -> tuple[GenerationConfig, dict[str, Any]]:
     """The call's generation config (the model's, updated by the call) and its model inputs.
 
     Raises:
@@ -68,7 +70,9 @@ def parse_generate(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tup
     """
     kwargs = dict(kwargs)
     if len(args) > 1:
-        raise UnsupportedInputError("spec_decoding: pass generate's options by keyword (only input_ids positionally).")
+        raise UnsupportedInputError(
+            "spec_decoding: pass generate's options by keyword (only input_ids positionally)."
+        )
     if args:
         kwargs["input_ids"] = args[0]
     config = copy.deepcopy(kwargs.pop("generation_config", None) or model.generation_config)
@@ -87,13 +91,19 @@ def parse_generate(model: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tup
                 f"{neutral[0]!r}, or detach the plugin (or set spec_decoding.enabled=False) to use it."
             )
     if inputs.get("input_ids") is None:
-        raise UnsupportedInputError("spec_decoding needs input_ids (with pixel_values), not inputs_embeds alone.")
+        raise UnsupportedInputError(
+            "spec_decoding needs input_ids (with pixel_values), not inputs_embeds alone."
+        )
     cache = inputs.get("past_key_values", inputs.get("cache"))
     if cache is not None and cache.get_seq_length() > 0:
-        raise UnsupportedInputError("spec_decoding starts from an empty cache; do not pass a filled past_key_values.")
+        raise UnsupportedInputError(
+            "spec_decoding starts from an empty cache; do not pass a filled past_key_values."
+        )
     streamer = inputs.get("streamer")
     if streamer is not None and inputs["input_ids"].shape[0] > 1:
-        raise UnsupportedInputError("spec_decoding streams batch size 1 only (as transformers' streamers do).")
+        raise UnsupportedInputError(
+            "spec_decoding streams batch size 1 only (as transformers' streamers do)."
+        )
     if config.max_new_tokens is None and config.max_length is None:
         raise UnsupportedInputError("spec_decoding needs max_new_tokens (or max_length).")
     return config, inputs

@@ -63,7 +63,9 @@ class Capture:
         if state.phase == "prefill":
             embeds = kwargs.get("inputs_embeds")
             if embeds is None:
-                embeds = module.get_input_embeddings()(kwargs["input_ids"] if "input_ids" in kwargs else args[0])
+                embeds = module.get_input_embeddings()(
+                    kwargs["input_ids"] if "input_ids" in kwargs else args[0]
+                )
             self.embeds = embeds.detach()
 
     def _after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -94,6 +96,26 @@ class SpecDecoding(Plugin):
     def __init__(self, config: SpecDecodingConfig | None = None, /, **overrides: Any) -> None:
         super().__init__(config, **overrides)
         self.rounds: list[list[int]] = []  # accepted drafts per round and unfinished row, last call
+        self.draft_s = 0.0  # wall time the draft took in the last call (prefill, trees, commits)
+        self.branches: list[str] = []  # the compressor branch each row's image went through
+
+    @property
+    def speculative(self) -> bool:  # type: ignore[override]
+        return self.config.enabled
+
+    def report_extras(self) -> dict[str, Any]:
+        """Rounds, accepted drafts and committed tokens per round (mean over rounds and unfinished
+        rows: EAGLE's "accepted length" counts the bonus token too, ``tokens_per_round``), the draft's
+        wall time and the compressor branch per row."""
+        counts = [n for round_ in self.rounds for n in round_]
+        mean = sum(counts) / len(counts) if counts else 0.0
+        return {
+            "rounds": len(self.rounds),
+            "accepted_per_round": mean,
+            "tokens_per_round": mean + 1 if counts else 0.0,
+            "draft_s": self.draft_s,
+            "branches": list(self.branches),
+        }
 
     @classmethod
     def do_nothing(cls) -> SpecDecodingConfig:
@@ -131,7 +153,9 @@ class SpecDecoding(Plugin):
         with torch.no_grad():
             return SpecLoop(self, config, self.config.shape).run(base_generate, inputs)
 
-    def compress(self, embeds: Tensor, real: Tensor, visual: Tensor, layout: VisualLayout | None) -> list[list[Tensor]]:
+    def compress(
+        self, embeds: Tensor, real: Tensor, visual: Tensor, layout: VisualLayout | None
+    ) -> list[list[Tensor]]:
         """Each row's images as draft slots: per row, a ``(M_k, D)`` tensor per image.
 
         Args:
@@ -154,6 +178,12 @@ class SpecDecoding(Plugin):
         for b, branch in enumerate(branches):
             row = layout.positions[b]
             segments = layout.segments[b]
-            images = [row[(segments == s) & (row >= 0)] for s in range(int(segments.max()) + 1)] if len(row) else []
-            out.append([compressor(branch, embeds[b, pos.to(embeds.device)][None])[0] for pos in images if len(pos)])
+            images = (
+                [row[(segments == s) & (row >= 0)] for s in range(int(segments.max()) + 1)]
+                if len(row)
+                else []
+            )
+            out.append(
+                [compressor(branch, embeds[b, pos.to(embeds.device)][None])[0] for pos in images if len(pos)]
+            )
         return out

@@ -51,7 +51,9 @@ from vtoken_plugins.spec_decoding.draft import DraftModel, DraftSpec
 from vtoken_plugins.spec_decoding.elements import DraftInputs, draft_inputs, image_starts
 from vtoken_plugins.spec_decoding.weights import WEIGHTS, save_draft
 
-SEED_OFFSET = 2 * 10**6  # data seeds (SEED_OFFSET + step) * batch_size + j: beyond the zoo's and token_pruning's
+SEED_OFFSET = (
+    2 * 10**6
+)  # data seeds (SEED_OFFSET + step) * batch_size + j: beyond the zoo's and token_pruning's
 
 
 @dataclass
@@ -137,7 +139,9 @@ class Distiller:
         """Total loss and metrics for an encoded batch with ``labels`` (right-padded)."""
         ids, real = batch["input_ids"], batch["attention_mask"].bool()
         with torch.no_grad():
-            logits = self.model(input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]).logits
+            logits = self.model(
+                input_ids=ids, attention_mask=batch["attention_mask"], pixel_values=batch["pixel_values"]
+            ).logits
             feats, visual = self.reader.hidden.float(), self.reader.visual.float()  # (B, L, D), (n, N, D)
             embeds = self.embed(ids).float()
         parts = self.reader.parts
@@ -156,8 +160,17 @@ class Distiller:
             shares.append(slots.shape[1] / visual.shape[1])
             rows += [list(s) for s in slots.split(per_row)]
         k = len(BRANCHES)
-        inputs = draft_inputs(embeds.repeat(k, 1, 1), feats.repeat(k, 1, 1), real.repeat(k, 1), is_visual.repeat(k, 1), starts * k, rows)
-        per_elem, metrics = self._passes(inputs, feats.repeat(k, 1, 1), logits.float().repeat(k, 1, 1), targets.repeat(k, 1))
+        inputs = draft_inputs(
+            embeds.repeat(k, 1, 1),
+            feats.repeat(k, 1, 1),
+            real.repeat(k, 1),
+            is_visual.repeat(k, 1),
+            starts * k,
+            rows,
+        )
+        per_elem, metrics = self._passes(
+            inputs, feats.repeat(k, 1, 1), logits.float().repeat(k, 1, 1), targets.repeat(k, 1)
+        )
         branch_loss = per_elem.view(k, -1)  # (K, B)
         cost = torch.tensor(shares)[None] * self.cfg.cost_weight  # (1, K)
         gate_loss = (choice * (branch_loss.T.detach() + cost)).sum(-1).mean()
@@ -165,7 +178,9 @@ class Distiller:
         metrics.update({f"loss_{b}": v for b, v in zip(BRANCHES, branch_loss.detach().mean(1).tolist())})
         return branch_loss.mean() + gate_loss, metrics
 
-    def _passes(self, inputs: DraftInputs, feats: Tensor, logits: Tensor, targets: Tensor) -> tuple[Tensor, dict]:
+    def _passes(
+        self, inputs: DraftInputs, feats: Tensor, logits: Tensor, targets: Tensor
+    ) -> tuple[Tensor, dict]:
         """Per-row mean loss ``(R,)`` over ``unroll`` passes, and metrics (top-1 agreement per pass)."""
         src = inputs.src.clamp(min=0)
         where = targets.gather(1, src) & (inputs.src >= 0)  # (R, S)
@@ -179,8 +194,17 @@ class Distiller:
                 prev = torch.cat([h[:, :1].detach() * 0, h[:, :-1].detach()], 1)
                 eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device).expand_as(mask)
                 strict = mask & ~eye
-                h, _, _ = self.draft(inputs.inputs, prev, inputs.no_feature, inputs.positions, torch.cat([strict, eye], -1), (key, value))
-            draft_logits = F.linear(h, self.head.weight.float(), None if self.head.bias is None else self.head.bias.float())
+                h, _, _ = self.draft(
+                    inputs.inputs,
+                    prev,
+                    inputs.no_feature,
+                    inputs.positions,
+                    torch.cat([strict, eye], -1),
+                    (key, value),
+                )
+            draft_logits = F.linear(
+                h, self.head.weight.float(), None if self.head.bias is None else self.head.bias.float()
+            )
             ce = -(z_t.softmax(-1) * draft_logits.log_softmax(-1)).sum(-1)  # (R, S)
             l1 = F.smooth_l1_loss(h, f_t, reduction="none").mean(-1)
             elem = self.cfg.ce_weight * ce + self.cfg.feature_weight * l1
@@ -229,7 +253,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Draf
     )  # fmt: skip
     distiller = Distiller(model, draft, cfg)
     log, ema, last_save = (run / "log.jsonl").open("a"), None, time.time()
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="spec draft", disable=not progress)
+    bar = tqdm(
+        range(start, cfg.steps), initial=start, total=cfg.steps, desc="spec draft", disable=not progress
+    )
     try:
         for step, batch in zip(bar, loader):
             distiller.tau = cfg.tau_start + (cfg.tau_end - cfg.tau_start) * step / max(cfg.steps - 1, 1)
@@ -243,11 +269,17 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Draf
             bar.set_postfix(loss=f"{ema['loss']:.3f}", agree1=f"{ema['agree1']:.3f}")
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.steps:
-                record = {"step": done, **{k: round(v, 4) for k, v in ema.items()}, "time": round(time.time(), 1)}
+                record = {
+                    "step": done,
+                    **{k: round(v, 4) for k, v in ema.items()},
+                    "time": round(time.time(), 1),
+                }
                 log.write(json.dumps(record) + "\n")
                 log.flush()
             if _is_snapshot(done, cfg.first_snapshot):
-                save_draft(draft, run / "snapshots" / f"step{done:06d}", {"trained_steps": done, "target": cfg.model})
+                save_draft(
+                    draft, run / "snapshots" / f"step{done:06d}", {"trained_steps": done, "target": cfg.model}
+                )
             if time.time() - last_save > 60 * cfg.checkpoint_minutes or done == cfg.steps:
                 _checkpoint(run / "last.pt", draft, optimizer, done, cfg)
                 last_save = time.time()
@@ -296,7 +328,12 @@ def export(run_dir: str, out: str | None = None) -> Path:
     draft = DraftModel(DraftSpec.from_target(model))
     draft.load_state_dict(state["draft"])
     seconds = _training_seconds(run / "log.jsonl")
-    info = {"trained_steps": state["step"], "target": cfg.model, "train_seconds": seconds, "config": state["config"]}
+    info = {
+        "trained_steps": state["step"],
+        "target": cfg.model,
+        "train_seconds": seconds,
+        "config": state["config"],
+    }
     return save_draft(draft, out or WEIGHTS / cfg.model, info)
 
 
@@ -309,7 +346,9 @@ def _training_seconds(log: Path) -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for name, default in vars(TrainConfig()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     parser.add_argument("--resume", action="store_true", help="continue from run-dir/last.pt")

@@ -21,7 +21,9 @@ def save_draft(draft: DraftModel, folder: str | Path, info: dict[str, Any] | Non
     """Write ``draft`` to ``folder``; ``info`` (training steps, target, ...) goes into the JSON."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous() for k, v in draft.state_dict().items()}, folder / "draft.safetensors")
+    save_file(
+        {k: v.detach().contiguous() for k, v in draft.state_dict().items()}, folder / "draft.safetensors"
+    )
     meta = {"spec": asdict(draft.spec), "info": info or {}}
     (folder / "draft.json").write_text(json.dumps(meta, indent=2) + "\n")
     return folder
@@ -58,7 +60,9 @@ def find_draft(model: nn.Module, name: str, seed: int = 0) -> tuple[DraftModel, 
     try:
         draft, info = load_draft(folder)
     except FileNotFoundError as exc:
-        raise ConfigError(f"spec_decoding.draft: {exc} Or set spec_decoding.draft='random' (lossless, slow).") from exc
+        raise ConfigError(
+            f"spec_decoding.draft: {exc} Or set spec_decoding.draft='random' (lossless, slow)."
+        ) from exc
     if draft.spec.hidden_size != model.config.get_text_config().hidden_size:
         raise ConfigError(f"spec_decoding.draft: {folder} was trained for a model of another width.")
     return draft, info

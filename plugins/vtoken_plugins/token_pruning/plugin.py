@@ -68,6 +68,11 @@ class TokenPruning(Plugin):
     def evicts_cache(self) -> bool:  # type: ignore[override]
         return self.config.thins_decode
 
+    @property
+    def multi_token_decode(self) -> bool:  # type: ignore[override]
+        """Decode thinning reads each step's single query and counts steps per forward."""
+        return not self.config.thins_decode
+
     def prune_layers(self) -> tuple[int, ...]:
         return () if self.config.keeps_everything else self.config.layers
 

@@ -65,6 +65,11 @@ class ZipVL(Plugin):
     def evicts_cache(self) -> bool:  # type: ignore[override]
         return self.config.compresses_cache
 
+    @property
+    def multi_token_decode(self) -> bool:  # type: ignore[override]
+        """The decode tail is scored and stored on a per-step schedule, from each step's queries."""
+        return not self.config.compresses_cache
+
     def setup(self, session) -> None:
         text = session.model.config.get_text_config()
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
