@@ -201,9 +201,10 @@ class VTokenCache(Cache):
         return sum(layer.nbytes() for layer in self.layers)
 
 
-def keep_recent(cache: Cache, index: Tensor, recent: int) -> None:
+def keep_recent(cache: Cache, index: Tensor, recent: int, prefix: bool = False) -> None:
     """Of the last ``recent`` tokens of every layer of ``cache``, keep the slots ``index`` ``(B, m)``
-    (sorted, per row) and drop the rest; the kept ones move up to follow what was before.
+    (sorted, per row) and drop the rest; the kept ones move up to follow what was before. With
+    ``prefix`` the caller promises ``index`` is ``0 .. m - 1`` in every row: a plain cut.
 
     Works on a :class:`VTokenCache` (logical positions, see :meth:`PrunableLayer.keep_recent`) and on
     transformers' ``DynamicCache`` of full-attention layers (never through ``crop``, whose argument
@@ -216,6 +217,9 @@ def keep_recent(cache: Cache, index: Tensor, recent: int) -> None:
             past = layer.keys.shape[-2] - recent
             for name in ("keys", "values"):
                 full = getattr(layer, name)
+                if prefix:
+                    setattr(layer, name, full[..., : past + index.shape[1], :])
+                    continue
                 kept = gather_tokens(full[..., past:, :], index.to(full.device), dim=2)
                 setattr(layer, name, torch.cat([full[..., :past, :], kept], dim=2))
         else:

@@ -78,17 +78,21 @@ class Rotary:
         self.inv = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (d/2,)
         self.table = torch.zeros(0, 2, head_dim)
 
-    def __call__(self, x: Tensor, positions: Tensor) -> Tensor:
-        """Rotate ``x`` ``(B, H, q, d)`` to ``positions`` ``(B, q)``."""
+    def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` ``(B, 1, q, d)`` for ``positions`` ``(B, q)``."""
         top = int(positions.max()) + 1 if positions.numel() else 0
-        if top > len(self.table) or self.table.device != x.device:
+        if top > len(self.table) or self.table.device != positions.device:
             angles = torch.arange(max(top, 2 * len(self.table), 64), dtype=torch.float32)[:, None] * self.inv
             angles = torch.cat([angles, angles], -1)
-            self.table = torch.stack([angles.cos(), angles.sin()], 1).to(x.device)  # (P, 2, d)
-        cos, sin = self.table[positions].to(x.dtype).unbind(2)  # (B, q, d) each
-        d = x.shape[-1] // 2
-        half = torch.cat([-x[..., d:], x[..., :d]], -1)
-        return x * cos[:, None] + half * sin[:, None]
+            self.table = torch.stack([angles.cos(), angles.sin()], 1).to(positions.device)  # (P, 2, d)
+        cos, sin = self.table[positions].to(dtype).unbind(2)  # (B, q, d) each
+        return cos[:, None], sin[:, None]
+
+
+def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Apply RoPE to ``x`` ``(B, H, q, d)`` with :class:`Rotary`'s tables."""
+    d = x.shape[-1] // 2
+    return x * cos + torch.cat([-x[..., d:], x[..., :d]], -1) * sin
 
 
 class DraftLayer(nn.Module):
@@ -125,7 +129,8 @@ class DraftLayer(nn.Module):
         h = self.norm1(x)
         query = self.q(h).view(b, q, s.heads, s.head_dim).transpose(1, 2)
         key, value = self.kv(h).view(b, q, 2, s.kv_heads, s.head_dim).permute(2, 0, 3, 1, 4)
-        query, key = self.rotary(query, positions), self.rotary(key, positions)
+        cos, sin = self.rotary(positions, x.dtype)
+        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
         keys, values = (
             (key, value) if past is None else (torch.cat([past[0], key], 2), torch.cat([past[1], value], 2))
         )

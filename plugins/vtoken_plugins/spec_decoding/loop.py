@@ -173,7 +173,7 @@ class SpecLoop:
                 accepted = greedy_accept(tree, ancestors, scores.argmax(-1))
             width = int(accepted.count.max()) + 1
             slots, on_path = keep_slots(accepted.on_path, width)
-            keep_recent(cache, slots, tree.size)
+            keep_recent(cache, slots, tree.size, prefix=tree.chain)
             done = torch.tensor(rows.finished, device=key_valid.device)
             key_valid = torch.cat([key_valid, on_path.to(key_valid.device) & ~done[:, None]], 1)
             clock = _clock(drafter.device)

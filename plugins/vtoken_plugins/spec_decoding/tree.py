@@ -39,6 +39,7 @@ class Tree:
     parent: Tensor
     depth: Tensor
     scores: Tensor
+    chain: bool = False
 
     @property
     def size(self) -> int:
@@ -48,6 +49,8 @@ class Tree:
         """``(B, N, N)`` bool, ``[b, i, j]`` True when node ``j`` is ``i`` or one of its ancestors:
         the tree attention mask among the nodes."""
         b, n = self.tokens.shape
+        if self.chain:
+            return torch.ones(n, n, dtype=torch.bool, device=self.tokens.device).tril().expand(b, n, n)
         eye = torch.eye(n, dtype=torch.bool, device=self.tokens.device).expand(b, n, n)
         up = torch.zeros(b, n, n + 1, dtype=torch.bool, device=self.tokens.device)
         up.scatter_(2, self.parent.masked_fill(self.parent < 0, n)[..., None], True)
@@ -88,6 +91,8 @@ def draft_tree(
     Returns:
         A :class:`Tree` of ``min(total, 1 + pool size)`` nodes.
     """
+    if top_k == 1:
+        return _draft_chain(root, root_hidden, step, logp, depth)
     batch = root.shape[0]
     scores, tokens = logp(root_hidden[:, None])[:, 0].topk(top_k, -1)  # (B, k)
     pool_tokens, pool_scores = [tokens], [scores]
@@ -118,6 +123,22 @@ def draft_tree(
         root, torch.cat(pool_tokens, 1), torch.cat(pool_scores, 1), torch.cat(pool_parent, 1),
         torch.tensor(levels, device=root.device), total,
     )  # fmt: skip
+
+
+def _draft_chain(root: Tensor, hidden: Tensor, step: DraftStep, logp: LogProbs, depth: int) -> Tree:
+    """A tree of width 1: the draft's greedy continuation, ``depth`` tokens long."""
+    batch = root.shape[0]
+    tokens, scores = [root], [torch.zeros(batch, device=root.device)]
+    hidden = hidden[:, None]  # (B, 1, D)
+    for level in range(1, depth + 1):
+        score, token = logp(hidden)[:, 0].max(-1)  # (B,)
+        tokens.append(token)
+        scores.append(scores[-1] + score)
+        if level < depth:
+            visible = torch.ones(batch, 1, level - 1, dtype=torch.bool, device=root.device)
+            hidden = step(token[:, None], hidden, level, visible)
+    index = torch.arange(depth + 1, device=root.device).expand(batch, -1)
+    return Tree(torch.stack(tokens, 1), index - 1, index, torch.stack(scores, 1), chain=True)
 
 
 def _rerank(root: Tensor, tokens: Tensor, scores: Tensor, parent: Tensor, levels: Tensor, total: int) -> Tree:
