@@ -163,6 +163,7 @@ STATS: tuple[tuple[str, Callable[[vtoken.Report], float | None], str], ...] = (
     ("KV cache at end (KiB)", lambda r: r.kv_bytes / 1024, "{:.1f}"),
     ("prefill (ms)", lambda r: r.prefill_s * 1e3, "{:.1f}"),
     ("decode (ms)", lambda r: r.decode_s * 1e3, "{:.1f}"),
+    ("decode wall time per token (ms)", lambda r: _scaled(r.decode_per_token_s, 1e3), "{:.2f}"),
     ("time to first token (ms)", lambda r: _scaled(r.first_token_s, 1e3), "{:.1f}"),
     ("peak GPU memory (MiB)", lambda r: _scaled(r.peak_memory_bytes, 2**-20), "{:.1f}"),
 )
@@ -234,7 +235,23 @@ def compare(
     layer = min(max(int(layer), 0), plugged.kept.shape[0] - 1)
     heatmap = kept_heatmap(image, plugged.kept[layer], plugged.grid)
     details = charts_image(stack)
-    return base.text, plugged.text, heatmap, stats_rows(base, plugged), details, (image, plugged)
+    marks = token_marks(processor, stack)
+    return base.text, plugged.text, heatmap, stats_rows(base, plugged), details, marks, (image, plugged)
+
+
+def token_marks(processor, plugins: Sequence[vtoken.Plugin]) -> list[tuple[str, str | None]] | None:
+    """The plugged answer piece by piece with the plugins' :meth:`~vtoken.Plugin.token_marks` labels
+    (e.g. draft tokens the target accepted), or ``None`` when no plugin labels tokens."""
+    marks = next((m for p in plugins if (m := p.token_marks())), None)
+    if not marks:
+        return None
+    ids, pieces, before = [], [], ""
+    for token, label in marks:
+        ids.append(token)
+        text = processor.batch_decode([ids], skip_special_tokens=True)[0]
+        pieces.append((text[len(before) :], label))
+        before = text
+    return [(text, label) for text, label in pieces if text]
 
 
 def redraw(layer: int, last) -> Image.Image | None:
@@ -324,13 +341,17 @@ def build_demo(
                     headers=["metric", "baseline", "plugged", "ratio"], label="costs", elem_id="stats"
                 )
                 details = gr.Image(label="plugin details (last generation)", elem_id="details")
+                marks = gr.HighlightedText(
+                    label="answer with plugins, token by token (spec_decoding: draft tokens the target accepted)",
+                    elem_id="marks", combine_adjacent=True, color_map={"draft": "green", "target": "gray"},
+                )  # fmt: skip
                 gr.Markdown(TIMING_NOTE)
         last = gr.State(None)
 
         def run(spec, img, text, at, *widget_values):
             return compare(models, spec, img, text, at, knobs, widget_values)
 
-        outputs = [base, plugged, heatmap, stats, details, last]
+        outputs = [base, plugged, heatmap, stats, details, marks, last]
         button.click(run, [model, image, question, layer, *values], outputs, api_name="ask")
         layer.change(redraw, [layer, last], heatmap, api_visibility="private")
 

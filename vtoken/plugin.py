@@ -15,6 +15,7 @@ Override points:
     - :meth:`Plugin.generate` - the decoding loop behind ``model.generate``;
     - :meth:`Plugin.report_extras` - the plugin's own measurements in the session's report;
     - :meth:`Plugin.charts` - figures about the last generation for user interfaces;
+    - :meth:`Plugin.token_marks` - labels on the generated tokens for user interfaces;
     - :meth:`Plugin.setup` - anything else, through the session's :class:`~vtoken.patch.Patcher`.
 """
 
@@ -191,6 +192,11 @@ class Plugin:
         """The plugin's own measurements of the last ``generate`` call, for ``session.report().extras``
         (e.g. accepted drafts per round); read once when ``generate`` returns."""
         return {}
+
+    def token_marks(self) -> list[tuple[int, str | None]]:
+        """The last generation's first row token by token, as ``(token id, label or None)``, for
+        interfaces that highlight tokens (e.g. which tokens a draft proposed); ``[]`` for none."""
+        return []
 
     def charts(self) -> dict[str, dict[str, float]]:
         """What a user interface should plot about the last generation, as ``{title: {label:

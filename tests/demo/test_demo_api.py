@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,8 +37,8 @@ def _ask(client, path, question="what is it ?", model="tiny:llava", plugin=TOKEN
 
 
 def test_ask_returns_both_answers_heatmap_and_costs(client, picture):
-    base, plugged, heatmap, stats, details = _ask(client, picture)
-    assert details is None  # token_pruning draws no charts: its heatmap shows what it did
+    base, plugged, heatmap, stats, details, marks = _ask(client, picture)
+    assert details is None and marks is None  # token_pruning draws no charts: its heatmap shows what it did
     assert isinstance(base, str) and isinstance(plugged, str)
     pixels = np.asarray(Image.open(heatmap))
     assert pixels.ndim == 3 and pixels.shape[1] == 384 and pixels.std() > 0
@@ -52,14 +54,14 @@ def test_ask_returns_both_answers_heatmap_and_costs(client, picture):
 
 
 def test_without_plugins_both_answers_agree(client, picture):
-    base, plugged, _, stats, _ = _ask(client, picture, plugin=[False, "fastv", 0.25, "2", 1.0, 1.0])
+    base, plugged, _, stats, _, _ = _ask(client, picture, plugin=[False, "fastv", 0.25, "2", 1.0, 1.0])
     assert base == plugged
     assert {r[0]: r for r in stats["data"]}["prefill GFLOPs"][3] == "1.000"
 
 
 def test_zipvl_shows_its_per_layer_ratios_and_cache_by_precision(client, picture):
     off = [False, "fastv", 0.25, "2", 1.0, 1.0]
-    _, _, _, stats, details = _ask(client, picture, plugin=off, zipvl=ZIPVL_ON)
+    _, _, _, stats, details, _ = _ask(client, picture, plugin=off, zipvl=ZIPVL_ON)
     assert float({r[0]: r for r in stats["data"]}["KV cache after prefill (KiB)"][3]) < 0.25
     pixels = np.asarray(Image.open(details))
     assert pixels.ndim == 3 and pixels.shape[1] > pixels.shape[0] and pixels.std() > 0  # two charts
@@ -104,3 +106,21 @@ def test_the_about_text_says_what_the_bundled_model_is(app):
     from vtoken.zoo.card import BUNDLED_MODEL_NOTE
 
     assert BUNDLED_MODEL_NOTE in app.ABOUT and "indicative only" in app.TIMING_NOTE
+
+
+def test_speculative_decoding_marks_the_accepted_draft_tokens(app):
+    """On the bundled model (its draft is trained): the plugged answer equals the baseline, the
+    marked view spells it with draft and target pieces, the chart shows tokens per round."""
+    knobs = app.plugin_knobs(("spec_decoding",))
+    values = [True, "chain", 10, 5, 60, "gate"]  # attach, then SpecDecoding.knobs in order
+    assert len(values) == 1 + len(knobs["spec_decoding"])
+    models = app.Models(("synth-llava-tiny",))
+    scene = Image.open(app.sample_scenes(Path(tempfile.mkdtemp()))[0][0])
+    question = "describe the scene ."
+    base, plugged, _, stats, details, marks, _ = app.compare(models, "synth-llava-tiny", scene, question, 0, knobs, values)
+    assert plugged == base and len(base.split()) > 8
+    assert "".join(text for text, _ in marks).strip() == plugged
+    assert {"draft", "target"} <= {label for _, label in marks}
+    assert details is not None
+    rows = {r[0]: r for r in stats}
+    assert float(rows["decode wall time per token (ms)"][2]) > 0

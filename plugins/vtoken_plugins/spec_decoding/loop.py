@@ -103,7 +103,7 @@ class SpecLoop:
         prefill.return_dict_in_generate = True
         capture = self.plugin.capture
         capture.start()
-        self.plugin.draft_s, self.plugin.branches = 0.0, []
+        self.plugin.draft_s, self.plugin.branches, self.plugin.marks, self.plugin.row0_rounds = 0.0, [], [], []
         try:
             out = base_generate(**inputs, generation_config=prefill)
             rows = self._rows(inputs["input_ids"], out)
@@ -129,11 +129,13 @@ class SpecLoop:
         logits = [[] for _ in range(batch)] if self.config.output_logits else None
         rows = Rows([[] for _ in range(batch)], [False] * batch, budget, eos, scores, logits)
         for b, new in enumerate(out.sequences[:, length:].tolist()):
-            rows.add(
+            taken = rows.add(
                 b, new,
                 None if scores is None else [step[b] for step in out.scores],
                 None if logits is None else [step[b] for step in out.logits],
             )  # fmt: skip
+            if b == 0:
+                self.plugin.marks += [(t, "target") for t in new[:taken]]
         return rows
 
     def _rounds(self, inputs: dict[str, Any], sequences: Tensor, rows: Rows, streamer: Any) -> None:
@@ -204,8 +206,12 @@ class SpecLoop:
                 scores[b, nodes] if rows.scores is not None else None,
                 logits[b, nodes].float() if rows.logits is not None else None,
             )  # fmt: skip
+            new = row[len(row) - n - 1 :][:taken]
+            if b == 0 and taken:
+                self.plugin.marks += list(zip(new, ["draft"] * n + ["target"]))
+                self.plugin.row0_rounds.append(taken)
             if streamer is not None and taken:
-                streamer.put(torch.tensor(row[len(row) - n - 1 :][:taken]))
+                streamer.put(torch.tensor(new))
 
     def _draft_prompt(self, prompt: Tensor, real: Tensor, sequences: Tensor):
         """The draft's elements for the prompt and the tokens generated so far."""

@@ -90,7 +90,7 @@ class SpecDecoding(Plugin):
 
     name = "spec_decoding"
     config_class = SpecDecodingConfig
-    knobs = ("enabled", "tree", "top_k", "depth", "total_tokens", "compressor")
+    knobs = ("tree", "top_k", "depth", "total_tokens", "compressor")
     config: SpecDecodingConfig
 
     def __init__(self, config: SpecDecodingConfig | None = None, /, **overrides: Any) -> None:
@@ -98,6 +98,8 @@ class SpecDecoding(Plugin):
         self.rounds: list[list[int]] = []  # accepted drafts per round and unfinished row, last call
         self.draft_s = 0.0  # wall time the draft took in the last call (prefill, trees, commits)
         self.branches: list[str] = []  # the compressor branch each row's image went through
+        self.marks: list[tuple[int, str | None]] = []  # row 0's tokens: "draft" (accepted) or "target"
+        self.row0_rounds: list[int] = []  # tokens row 0 committed in each round
 
     @property
     def speculative(self) -> bool:  # type: ignore[override]
@@ -116,6 +118,16 @@ class SpecDecoding(Plugin):
             "draft_s": self.draft_s,
             "branches": list(self.branches),
         }
+
+    def token_marks(self) -> list[tuple[int, str | None]]:
+        """Row 0 of the last call: each token labelled ``"draft"`` (proposed by the draft and
+        accepted) or ``"target"`` (the target's own: the prefill's and each round's bonus token)."""
+        return list(self.marks)
+
+    def charts(self) -> dict[str, dict[str, float]]:
+        """Tokens committed in each round (accepted drafts + the bonus token), for row 0."""
+        rounds = {str(i + 1): n for i, n in enumerate(self.row0_rounds)}
+        return {"tokens per round (row 0; draft + target)": rounds} if rounds else {}
 
     @classmethod
     def do_nothing(cls) -> SpecDecodingConfig:
