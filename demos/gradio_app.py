@@ -342,7 +342,7 @@ def build_demo(
                 )
                 details = gr.Image(label="plugin details (last generation)", elem_id="details")
                 marks = gr.HighlightedText(
-                    label="answer with plugins, token by token (spec_decoding: draft tokens the target accepted)",
+                    label="answer with plugins, token by token (spec_decoding: the draft's accepted tokens)",
                     elem_id="marks", combine_adjacent=True, color_map={"draft": "green", "target": "gray"},
                 )  # fmt: skip
                 gr.Markdown(TIMING_NOTE)

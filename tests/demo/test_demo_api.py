@@ -117,7 +117,9 @@ def test_speculative_decoding_marks_the_accepted_draft_tokens(app):
     models = app.Models(("synth-llava-tiny",))
     scene = Image.open(app.sample_scenes(Path(tempfile.mkdtemp()))[0][0])
     question = "describe the scene ."
-    base, plugged, _, stats, details, marks, _ = app.compare(models, "synth-llava-tiny", scene, question, 0, knobs, values)
+    base, plugged, _, stats, details, marks, _ = app.compare(
+        models, "synth-llava-tiny", scene, question, 0, knobs, values
+    )
     assert plugged == base and len(base.split()) > 8
     assert "".join(text for text, _ in marks).strip() == plugged
     assert {"draft", "target"} <= {label for _, label in marks}

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import time
@@ -82,13 +83,19 @@ def run_speed(
 ) -> dict[str, Any]:  # fmt: skip
     """Interleaved decode timings of every arm over the batches of ``items`` (see the module)."""
     batches = _batches(processor, items, batch_size)
-    arms: dict[str, Callable[[dict], Any]] = {"greedy": lambda b: model.generate(**b, max_new_tokens=new_tokens)}
+    arms: dict[str, Callable[[dict], Any]] = {
+        "greedy": lambda b: model.generate(**b, max_new_tokens=new_tokens)
+    }
     for label, config in settings.items():
         arms[label] = _spec_arm(model, config, new_tokens)
     if peers and batch_size == 1:
         assistant = truncated_assistant(model)
-        arms["prompt-lookup"] = lambda b: model.generate(**b, max_new_tokens=new_tokens, prompt_lookup_num_tokens=5)
-        arms["assisted-1layer"] = lambda b: model.generate(**b, max_new_tokens=new_tokens, assistant_model=assistant)
+        arms["prompt-lookup"] = lambda b: model.generate(
+            **b, max_new_tokens=new_tokens, prompt_lookup_num_tokens=5
+        )
+        arms["assisted-1layer"] = lambda b: model.generate(
+            **b, max_new_tokens=new_tokens, assistant_model=assistant
+        )
     prefill = lambda b: model.generate(**b, max_new_tokens=1)  # noqa: E731
     times = {label: [[] for _ in batches] for label in [*arms, "prefill"]}
     stats = {label: {"equal": True, "accepted": [], "draft_s": 0.0} for label in arms}
@@ -100,7 +107,8 @@ def run_speed(
             for i, batch in enumerate(batches):
                 rotated = order[rep % len(order) :] + order[: rep % len(order)]
                 for label in ["prefill", *rotated]:
-                    seconds, out = _timed(lambda: (prefill if label == "prefill" else arms[label])(batch))
+                    run = prefill if label == "prefill" else arms[label]
+                    seconds, out = _timed(functools.partial(run, batch))
                     if rep == 0:
                         if label == "greedy":
                             reference[i] = out
@@ -169,7 +177,9 @@ def _summary(times: dict, stats: dict, decoded: int) -> dict[str, Any]:
     return out
 
 
-def projection(tokens_per_round: dict[str, float], settings: dict[str, SpecDecodingConfig], repeats: int = 5) -> dict:
+def projection(
+    tokens_per_round: dict[str, float], settings: dict[str, SpecDecodingConfig], repeats: int = 5
+) -> dict:
     """Draft-step and verify costs on the random-weight ``small`` shape, relative to a decode step,
     and the speedup they imply at each setting's measured tokens per round (see the module)."""
     from transformers import DynamicCache
@@ -225,7 +235,9 @@ def projection(tokens_per_round: dict[str, float], settings: dict[str, SpecDecod
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="synth-llava-tiny")
     parser.add_argument("--prompts", type=int, default=48, help="test-split descriptions")
     parser.add_argument("--batch-sizes", default="1,4")
@@ -249,7 +261,11 @@ def main(argv: list[str] | None = None) -> None:
             model, processor, items, size, settings, args.repeats, args.new_tokens, not args.no_peers
         )
     if not args.no_projection:
-        taus = {k: v["tokens_per_round"] for k, v in results["batch1"].items() if isinstance(v, dict) and k in settings}
+        taus = {
+            k: v["tokens_per_round"]
+            for k, v in results["batch1"].items()
+            if isinstance(v, dict) and k in settings
+        }
         results["projection"] = projection(taus, settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
