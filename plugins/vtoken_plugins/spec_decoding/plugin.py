@@ -130,6 +130,12 @@ class SpecDecoding(Plugin):
         return {"tokens per round (row 0; draft + target)": rounds} if rounds else {}
 
     @classmethod
+    def bench_settings(cls) -> dict[str, SpecDecodingConfig]:
+        """A draft chain of 5 (the trained draft: on the bundled model only; a random-weight speed
+        model has no draft, so ``vtoken bench`` times speculative decoding in its own benchmark)."""
+        return {"spec-chain-d5": SpecDecodingConfig(tree="chain", depth=5)}
+
+    @classmethod
     def do_nothing(cls) -> SpecDecodingConfig:
         """No drafting: ``generate`` is transformers' own."""
         return SpecDecodingConfig(enabled=False)
