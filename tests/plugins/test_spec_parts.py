@@ -296,3 +296,17 @@ def test_tree_rejection_sampling_follows_the_target_distribution():
     chi2 = ((observed[kept] - expected[kept]) ** 2 / expected[kept]).sum()
     assert chi2 < _wilson_hilferty(int(kept.sum()) - 1)
     assert observed[~kept].sum() < 5 * max(int((~kept).sum()), 1) + 50
+
+
+def test_unrolled_training_sees_what_a_tree_node_sees():
+    """Pass 3 (depth 2) at position p: pass 1's keys up to the root p - 2, pass 2's key at p - 1,
+    its own key at p."""
+    from vtoken_plugins.spec_decoding.train import _unrolled_mask
+
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()[None]
+    mask = _unrolled_mask(causal, 2)[0]
+    assert mask.shape == (5, 15)
+    p = 4
+    assert mask[p, :5].nonzero().flatten().tolist() == [0, 1, 2]  # committed, root included
+    assert mask[p, 5:10].nonzero().flatten().tolist() == [3]  # the depth-1 ancestor (pass 2)
+    assert mask[p, 10:].nonzero().flatten().tolist() == [4]  # itself (pass 3)

@@ -13,10 +13,11 @@ the gate learns to pick, per input, the branch with the lowest loss plus ``cost_
 visual share, through a hard Gumbel-softmax choice ``y`` (temperature ``tau_start -> tau_end``):
 ``sum_b y_b * (sg(L_b) + cost_weight * share_b)`` (our objective: the paper does not give the gate's).
 
-Deviation: with ``unroll=2`` a second pass feeds the draft its own prediction ``h_{p-1}`` in place of
-``f_{p-1}`` (its keys still see pass 1's elements before it, as at the second level of a draft tree),
-so that the draft learns to continue from its own guesses (as EAGLE-3 / HASS train); ``unroll=1`` is
-the paper's training. AdamW (0.9, 0.95), no warm-up, as in the paper.
+Deviation: with ``unroll=k`` passes 2..k feed the draft its own prediction ``h_{p-1}`` of the pass
+before in place of ``f_{p-1}``, each element seeing exactly what a node at that depth of a draft tree
+sees (the true-feature elements up to the root, then its ancestors' elements of the earlier passes),
+so that the draft learns to continue from its own guesses (EAGLE-3's training-time test; HASS);
+``unroll=1`` is the paper's training. AdamW (0.9, 0.95), no warm-up, as in the paper.
 
 Checkpoints (draft, optimizer, step, RNG, config) are written atomically every
 ``checkpoint_minutes``; ``--resume`` continues from the last one on the same data stream (the data
@@ -188,20 +189,21 @@ class Distiller:
         z_t = logits.gather(1, src[..., None].expand(-1, -1, logits.shape[-1]))  # (R, S, V)
         mask = inputs.causal_mask()
         h, key, value = self.draft(inputs.inputs, inputs.features, inputs.no_feature, inputs.positions, mask)
+        keys, values = [key], [value]
+        size = mask.shape[1]
+        index = torch.arange(size, device=mask.device)
         total, metrics = 0.0, {}
         for n in range(self.cfg.unroll):
-            if n:  # feed the previous pass's predictions as features, seeing pass 1's keys before
+            if n:  # depth n: fed the previous pass's predictions, seeing what a tree node sees
                 prev = torch.cat([h[:, :1].detach() * 0, h[:, :-1].detach()], 1)
-                eye = torch.eye(mask.shape[1], dtype=torch.bool, device=mask.device).expand_as(mask)
-                strict = mask & ~eye
-                h, _, _ = self.draft(
-                    inputs.inputs,
-                    prev,
-                    inputs.no_feature,
-                    inputs.positions,
-                    torch.cat([strict, eye], -1),
-                    (key, value),
-                )
+                h, key, value = self.draft(
+                    inputs.inputs, prev, inputs.no_feature, inputs.positions, _unrolled_mask(mask, n),
+                    (torch.cat(keys, 2), torch.cat(values, 2)),
+                )  # fmt: skip
+                keys.append(key[:, :, -size:])
+                values.append(value[:, :, -size:])
+                back = inputs.src.gather(1, (index - n).clamp(min=0).expand_as(inputs.src))
+                where = where & (index >= n) & (back == inputs.src - n)  # a chain of n text tokens back
             draft_logits = F.linear(
                 h, self.head.weight.float(), None if self.head.bias is None else self.head.bias.float()
             )
@@ -213,6 +215,19 @@ class Distiller:
             metrics[f"agree{n + 1}"] = (agree.sum() / where.sum().clamp(min=1)).item()
             metrics[f"l1_{n + 1}"] = ((l1 * where).sum() / where.sum().clamp(min=1)).item()
         return total / self.cfg.unroll, metrics
+
+
+def _unrolled_mask(causal: Tensor, depth: int) -> Tensor:
+    """``(R, S, (depth + 1) S)`` what the element at ``p`` of pass ``depth + 1`` sees, as a node at
+    that depth of a draft tree whose root is ``r = p - depth``: pass 1's keys up to ``r`` (committed
+    tokens, true features), then pass ``m + 1``'s key at ``r + m`` for ``m = 1 .. depth`` (its
+    ancestors and itself; EAGLE-3's training-time test)."""
+    size = causal.shape[1]
+    index = torch.arange(size, device=causal.device)
+    offset = index[:, None] - index[None, :]  # p - j
+    blocks = [causal & (offset >= depth)]
+    blocks += [(offset == depth - m).expand_as(causal) for m in range(1, depth + 1)]
+    return torch.cat(blocks, -1)
 
 
 def _mean(x: Tensor, where: Tensor) -> Tensor:
