@@ -14,7 +14,7 @@ import vtoken
 from vtoken import ConfigError, UnsupportedInputError
 from vtoken.bench.exactness import reproduces_unplugged
 from vtoken.loading import load_model
-from vtoken.tiny import TINY_FAMILIES, tiny_prompt
+from vtoken.tiny import TINY_FAMILIES, build_tiny, tiny_prompt
 from vtoken.zoo.data import encode
 from vtoken.zoo.evaluate import split_items
 
@@ -314,3 +314,29 @@ def test_plugins_that_act_per_decoded_token_are_refused_beside_it(other, setting
         vtoken.attach(model, [other, _random("chain")])
     assert vtoken.active_session(model) is None
     vtoken.attach(model, [other, SpecDecoding(enabled=False)]).detach()  # drafting off: fine
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_bfloat16_differs_from_plain_greedy_only_at_near_ties(family):
+    """In bfloat16 a verify forward's kernels (several queries) round differently from a one-token
+    step, as in transformers' assisted decoding: outputs match until a step whose top two logits
+    are within two bfloat16 steps of each other."""
+    model, processor = build_tiny(family)
+    model = model.to(torch.bfloat16)
+    inputs = {
+        k: v.to(torch.bfloat16) if v.is_floating_point() else v
+        for k, v in make_inputs(family, processor, batch=True).items()
+    }
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        plain = model.generate(
+            **inputs, max_new_tokens=NEW, do_sample=False, output_logits=True, return_dict_in_generate=True
+        )
+        with vtoken.attach(model, _random("tree")):
+            spec = model.generate(**inputs, max_new_tokens=NEW, do_sample=False)
+    for row in range(len(spec)):
+        differ = (spec[row, length:] != plain.sequences[row, length:]).nonzero()
+        if len(differ):
+            step = int(differ[0])
+            top = plain.logits[step][row].float().topk(2).values
+            assert top[0] - top[1] <= 2 * torch.finfo(torch.bfloat16).eps * top[0].abs().clamp(min=1)
