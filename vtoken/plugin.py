@@ -229,6 +229,16 @@ class Plugin:
         """Whether the plugin verifies several drafted tokens per decode forward."""
         return False
 
+    def speculation_budget(self, state: RunState) -> int | None:
+        """How many new cache entries the next verify forward may commit before this plugin must
+        act on them (e.g. compress the decode tail); ``None``: no limit. A speculative plugin drafts
+        no further, and then calls :meth:`after_accept`."""
+        return None
+
+    def after_accept(self, state: RunState) -> None:
+        """Called after a verify forward's accepted tokens are kept and the rest rolled back: do the
+        per-token work deferred while ``state.speculating`` was True."""
+
     # -- helpers for the session -----------------------------------------------------------------
     @property
     def prunes(self) -> bool:

@@ -42,6 +42,9 @@ class RunState:
         attention_pairs: query-key products per head and row that a plugin's attention computed at a
             layer in the last prefill, where fewer than the full rectangle (see
             :func:`vtoken.flops.decoder_layer_flops`); the FLOPs count reads them.
+        speculating: True while a decode forward verifies drafted tokens (several new tokens, some
+            of which will be rolled back); plugins defer per-token work to
+            :meth:`~vtoken.Plugin.after_accept`.
         extras: scratch space for plugins, cleared at every prefill.
     """
 
@@ -62,6 +65,7 @@ class RunState:
     layer_positions: dict[int, Tensor | None] = field(default_factory=dict)
     probes: dict[tuple[int, Any], Any] = field(default_factory=dict)
     attention_pairs: dict[int, float] = field(default_factory=dict)
+    speculating: bool = False
     extras: dict[str, object] = field(default_factory=dict)
 
     def start_prompt(self, prompt_ids: Tensor | None, layout: VisualLayout | None) -> None:

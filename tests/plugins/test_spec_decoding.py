@@ -297,23 +297,39 @@ def test_zipvl_sparse_prefill_composes():
     assert torch.equal(_greedy(model, inputs, ZipVL(tau=0.9, cache="full"), _random("tree")), alone)
 
 
-@pytest.mark.parametrize(
-    "other, setting",
-    [
-        (
-            TokenPruning(scorer="fastv", layers=(2,), keep_ratio=0.5, decode_keep_ratio=0.5),
-            "decode_keep_ratio",
-        ),
-        ("zipvl", "cache='full'"),
-    ],
-    ids=["token_pruning-decode-thinning", "zipvl-compressed-cache"],
-)
-def test_plugins_that_act_per_decoded_token_are_refused_beside_it(other, setting):
+def test_decode_thinning_is_refused_beside_it():
     model, _ = tiny("llava")
-    with pytest.raises(UnsupportedInputError, match=setting):
-        vtoken.attach(model, [other, _random("chain")])
+    thinning = TokenPruning(scorer="fastv", layers=(2,), keep_ratio=0.5, decode_keep_ratio=0.5)
+    with pytest.raises(UnsupportedInputError, match="decode_keep_ratio"):
+        vtoken.attach(model, [thinning, _random("chain")])
     assert vtoken.active_session(model) is None
-    vtoken.attach(model, [other, SpecDecoding(enabled=False)]).detach()  # drafting off: fine
+    vtoken.attach(model, [thinning, SpecDecoding(enabled=False)]).detach()  # drafting off: fine
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("cache", ["mixed", "evict"])
+def test_zipvl_compressed_cache_composes_at_batch_one(family, cache):
+    """Rounds stop at zipvl's tail flushes (its speculation budget), which then run on the accepted
+    tokens: the same cache and answer as zipvl decoding one token at a time."""
+    from vtoken_plugins.zipvl import ZipVL
+
+    model, processor = tiny(family)
+    inputs = make_inputs(family, processor, batch=False)
+    zipvl = dict(tau=0.9, cache=cache, interval=3)
+    alone = _greedy(model, inputs, ZipVL(**zipvl), new=16)
+    assert torch.equal(_greedy(model, inputs, ZipVL(**zipvl), _random("tree"), new=16), alone)
+
+
+def test_zipvl_compressed_cache_beside_it_is_refused_at_batch_size_two():
+    from vtoken_plugins.zipvl import ZipVL
+
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=True)
+    with (
+        vtoken.attach(model, [ZipVL(), _random("chain")]),
+        pytest.raises(UnsupportedInputError, match="batch size 1"),
+    ):
+        model.generate(**inputs, max_new_tokens=NEW)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

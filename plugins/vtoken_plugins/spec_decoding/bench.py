@@ -268,7 +268,9 @@ def plot_scaling(result: dict, path: Path) -> Path:
     ax.set_xscale("log", base=2)
     ax.set_xlabel("training steps (16 questions each)")
     ax.set_ylabel("tokens per round (drafts accepted + 1)")
-    ax.set_title(f"spec_decoding draft on synth-llava-tiny ({result['prompts']} val descriptions)", fontsize=9)
+    ax.set_title(
+        f"spec_decoding draft on synth-llava-tiny ({result['prompts']} val descriptions)", fontsize=9
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

@@ -31,6 +31,7 @@ from torch import Tensor
 from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from vtoken import UnsupportedInputError
 from vtoken.cache import keep_recent
 from vtoken.masks import as_attention_mask
 from vtoken_plugins.spec_decoding.elements import draft_inputs, image_starts
@@ -159,19 +160,24 @@ class SpecLoop:
         minimum = min_new_tokens(self.config, prompt.shape[1])
         eos = sorted(rows.eos)
         while not all(rows.finished):
+            depth = self._depth(len(prompt))
             tree = draft_tree(
-                root, drafter.last, drafter.tree_step, drafter.log_probs, self.top_k, self.depth, self.total
+                root, drafter.last, drafter.tree_step, drafter.log_probs, self.top_k, depth, self.total
             )
             self.plugin.draft_s += _clock(drafter.device) - clock
             ancestors = tree.ancestors()
             mask = as_attention_mask(tree_mask(key_valid, ancestors), self.model.dtype, self.plugin.eager)
-            logits = self.model(
-                input_ids=tree.tokens,
-                attention_mask=mask,
-                position_ids=tree_positions(next_pos, tree.depth),
-                use_cache=True,
-                **{session._cache_arg: cache},
-            ).logits
+            session.state.speculating = True
+            try:
+                logits = self.model(
+                    input_ids=tree.tokens,
+                    attention_mask=mask,
+                    position_ids=tree_positions(next_pos, tree.depth),
+                    use_cache=True,
+                    **{session._cache_arg: cache},
+                ).logits
+            finally:
+                session.state.speculating = False
             generated = torch.tensor([len(t) for t in rows.tokens])
             scores = node_scores(logits, self.config, tree.depth, generated, eos, minimum)
             if self.config.do_sample:
@@ -181,6 +187,8 @@ class SpecLoop:
             width = int(accepted.count.max()) + 1
             slots, on_path = keep_slots(accepted.on_path, width)
             keep_recent(cache, slots, tree.size, prefix=tree.chain)
+            for plugin in session.plugins:
+                plugin.after_accept(session.state)
             done = torch.tensor(rows.finished, device=key_valid.device)
             key_valid = torch.cat([key_valid, on_path.to(key_valid.device) & ~done[:, None]], 1)
             clock = _clock(drafter.device)
@@ -190,6 +198,23 @@ class SpecLoop:
             if self.config.max_time is not None and time.perf_counter() - self.started > self.config.max_time:
                 rows.finished = [True] * len(rows.finished)
         self.plugin.draft_s += _clock(drafter.device) - clock
+
+    def _depth(self, batch: int) -> int:
+        """This round's tree depth: the configured one, or less where another plugin must act on
+        the cache after a few more entries (its :meth:`~vtoken.Plugin.speculation_budget`); the root
+        and the accepted drafts are the round's new entries."""
+        state = self.session.state
+        budgets = {p.name: b for p in self.session.plugins if (b := p.speculation_budget(state)) is not None}
+        if not budgets:
+            return self.depth
+        if batch > 1:
+            names = ", ".join(budgets)
+            raise UnsupportedInputError(
+                f"spec_decoding beside {names} runs at batch size 1: rows commit different numbers of "
+                f"tokens per round, while {names} acts on the whole batch's cache on a token schedule. "
+                "Generate one prompt at a time, or detach one of them."
+            )
+        return max(0, min(self.depth, min(budgets.values()) - 1))
 
     def _commit(
         self, drafter, tree, accepted, verified: tuple[Tensor, Tensor, Tensor], done, rows, streamer

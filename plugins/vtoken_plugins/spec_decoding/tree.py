@@ -91,7 +91,7 @@ def draft_tree(
     Returns:
         A :class:`Tree` of ``min(total, 1 + pool size)`` nodes.
     """
-    if top_k == 1:
+    if top_k == 1 or depth == 0:
         return _draft_chain(root, root_hidden, step, logp, depth)
     batch = root.shape[0]
     scores, tokens = logp(root_hidden[:, None])[:, 0].topk(top_k, -1)  # (B, k)
@@ -126,7 +126,8 @@ def draft_tree(
 
 
 def _draft_chain(root: Tensor, hidden: Tensor, step: DraftStep, logp: LogProbs, depth: int) -> Tree:
-    """A tree of width 1: the draft's greedy continuation, ``depth`` tokens long."""
+    """A tree of width 1: the draft's greedy continuation, ``depth`` tokens long (0: the root alone,
+    a plain decoding step)."""
     batch = root.shape[0]
     tokens, scores = [root], [torch.zeros(batch, device=root.device)]
     hidden = hidden[:, None]  # (B, 1, D)

@@ -120,6 +120,11 @@ class ZipLayer(PrunableLayer):
         values = torch.cat([v for _, v in dense] + [tail_values], dim=-2)
         return keys, values
 
+    def held_keys(self) -> Tensor:
+        """``(B, H_kv, T, d)`` every key held, tiers dequantized, in ``positions`` order."""
+        dense = [tier.dense(self.keys.dtype)[0] for tier in self.tiers]
+        return torch.cat([*dense, self.keys], dim=-2)
+
     def add_queries(self, query: Tensor) -> None:
         """Remember the ``(B, H, n, d)`` queries of the newest ``n`` tail entries (decode)."""
         self.tail_queries = query if self.tail_queries is None else torch.cat([self.tail_queries, query], 2)

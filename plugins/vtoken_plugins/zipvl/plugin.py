@@ -65,10 +65,20 @@ class ZipVL(Plugin):
     def evicts_cache(self) -> bool:  # type: ignore[override]
         return self.config.compresses_cache
 
-    @property
-    def multi_token_decode(self) -> bool:  # type: ignore[override]
-        """The decode tail is scored and stored on a per-step schedule, from each step's queries."""
-        return not self.config.compresses_cache
+    def speculation_budget(self, state: RunState) -> int | None:
+        """Entries the tail can take before it is scored and stored (a speculative round must not
+        run past a flush: the tokens after it read the stored, quantized entries)."""
+        if not self.config.compresses_cache or not isinstance(state.cache, VTokenCache):
+            return None
+        return min(self.config.interval - layer.tail_length for layer in state.cache.layers)
+
+    def after_accept(self, state: RunState) -> None:
+        """Flush every tail a speculative round filled, from the accepted entries' queries."""
+        if not self.config.compresses_cache:
+            return
+        for idx, layer in enumerate(state.cache.layers):
+            if layer.tail_length >= self.config.interval:
+                self._flush_tail(idx, layer, layer.held_keys())
 
     def setup(self, session) -> None:
         text = session.model.config.get_text_config()
@@ -82,6 +92,7 @@ class ZipVL(Plugin):
 
     def reset(self, state: RunState) -> None:
         self.generator = torch.Generator().manual_seed(self.config.seed)
+        self._attention_args: dict[int, tuple[float, float | None]] = {}  # layer -> (scaling, softcap)
         self.kept: dict[int, Tensor] = {}
         self.held_by_bits: dict[int, int] = {}
 
@@ -125,7 +136,8 @@ class ZipVL(Plugin):
             return self._prefill(base, module, query, key, value, attention_mask, **kwargs)
         output = base(module, query, key, value, attention_mask, **kwargs)
         if phase == "decode" and self.config.compresses_cache:
-            self._grow_tail(self._layer_cache(module.layer_idx), query, key, kwargs)
+            self._attention_args[module.layer_idx] = (kwargs["scaling"], kwargs.get("softcap"))
+            self._grow_tail(module.layer_idx, self._layer_cache(module.layer_idx), query, key)
         return output
 
     def _prefill(self, base, module, query, key, value, mask, **kwargs):
@@ -164,11 +176,16 @@ class ZipVL(Plugin):
         scores = probe_scores(query, key, mask, rows, row_pad, kwargs["scaling"], kwargs.get("softcap"))
         return scores, rows.shape[-1]
 
-    def _grow_tail(self, layer: ZipLayer, query: Tensor, key: Tensor, kwargs: dict) -> None:
-        """Keep the step's queries; once the tail holds ``interval`` entries, score and store it."""
+    def _grow_tail(self, idx: int, layer: ZipLayer, query: Tensor, key: Tensor) -> None:
+        """Keep the step's queries; once the tail holds ``interval`` entries, score and store it
+        (after the round, when the step verifies drafts: :meth:`after_accept`)."""
         layer.add_queries(query)
-        if layer.tail_length < self.config.interval:
-            return
+        if layer.tail_length >= self.config.interval and not self.session.state.speculating:
+            self._flush_tail(idx, layer, key)
+
+    def _flush_tail(self, idx: int, layer: ZipLayer, key: Tensor) -> None:
+        """Score the tail's entries with its queries against every held key ``(B, H_kv, T, d)``,
+        then store them at their tiers' widths."""
         tail, held = layer.tail_positions, layer.positions  # (B, n), (B, T)
         real_keys = self._real(held, self.session.state)
         if self.config.tau >= 1.0:
@@ -179,7 +196,7 @@ class ZipVL(Plugin):
         rows, row_pad = probe_rows(
             tail != PAD, self.config.probe_last, self.config.probe_random, self.generator
         )
-        scaling, softcap = kwargs["scaling"], kwargs.get("softcap")
+        scaling, softcap = self._attention_args[idx]
         scores = probe_scores(queries, key, visible[:, None], rows, row_pad, scaling, softcap).sum(1)
         count = important_count(scores, real_keys, self.config.tau)
         forced = self._protected(real_keys, held, self.session.state)
