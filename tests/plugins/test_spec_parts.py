@@ -301,7 +301,7 @@ def test_tree_rejection_sampling_follows_the_target_distribution():
 def test_unrolled_training_sees_what_a_tree_node_sees():
     """Pass 3 (depth 2) at position p: pass 1's keys up to the root p - 2, pass 2's key at p - 1,
     its own key at p."""
-    from vtoken_plugins.spec_decoding.train import _unrolled_mask
+    from vtoken_plugins.spec_decoding.distill import _unrolled_mask
 
     causal = torch.ones(5, 5, dtype=torch.bool).tril()[None]
     mask = _unrolled_mask(causal, 2)[0]

@@ -16,7 +16,8 @@ Measured (``python -m vtoken_plugins.spec_decoding.bench``, CPU, one thread by d
   the time of a draft step and of a verify forward of ``N`` tokens relative to a decode step, and the
   speedup they imply at the accepted length measured here (labelled a projection: real drafts for
   that model do not exist, and the loop's own overhead is left out);
-- the scaling curve: committed tokens per round of the training snapshots on validation prompts.
+
+The scaling curve (accepted length against training steps) is :mod:`.scaling`'s.
 """
 
 from __future__ import annotations
@@ -234,51 +235,6 @@ def projection(
     return out
 
 
-def scaling(model, processor, snapshots: Path, prompts: int, settings: dict[str, SpecDecodingConfig]) -> dict:
-    """Committed tokens per round of every training snapshot (``step*/`` folders) on ``prompts``
-    validation descriptions at batch 1: SpecVLM's scaling curve (accepted length against steps)."""
-    items = description_prompts(processor, "val", prompts)
-    batches = _batches(processor, items, 1)
-    curve: dict[str, dict[int, float]] = {label: {} for label in settings}
-    folders = sorted(p for p in snapshots.iterdir() if (p / "draft.json").is_file())
-    with torch.no_grad():
-        for folder in tqdm(folders, desc="snapshots"):
-            step = json.loads((folder / "draft.json").read_text())["info"]["trained_steps"]
-            for label, config in settings.items():
-                taus = []
-                for batch in batches:
-                    with vtoken.attach(model, SpecDecoding(config.replace(draft=str(folder)))) as session:
-                        model.generate(**batch, max_new_tokens=64)
-                        taus.append(session.report().extras["spec_decoding"]["tokens_per_round"])
-                curve[label][step] = statistics.mean(taus)
-    return {"prompts": len(items), "curve": curve}
-
-
-def plot_scaling(result: dict, path: Path) -> Path:
-    """Tokens per round against training steps (log scale), one line per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for label, points in result["curve"].items():
-        steps = sorted(int(s) for s in points)
-        ax.plot(steps, [points[s] if s in points else points[str(s)] for s in steps], marker="o", label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("training steps (16 questions each)")
-    ax.set_ylabel("tokens per round (drafts accepted + 1)")
-    ax.set_title(
-        f"spec_decoding draft on synth-llava-tiny ({result['prompts']} val descriptions)", fontsize=9
-    )
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -293,7 +249,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="demos/results/spec_decoding")
     parser.add_argument("--no-peers", action="store_true")
     parser.add_argument("--no-projection", action="store_true")
-    parser.add_argument("--snapshots", help="training snapshots folder: only draw the scaling curve")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     from vtoken.loading import load_model
@@ -301,12 +256,6 @@ def main(argv: list[str] | None = None) -> None:
     model, processor = load_model(args.model)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.snapshots:
-        chosen = {k: SETTINGS[k] for k in ("chain-d5", "tree-k4d6n16")}
-        curve = scaling(model, processor, Path(args.snapshots), args.prompts, chosen)
-        (out / "scaling.json").write_text(json.dumps(curve, indent=2) + "\n")
-        print(f"wrote {plot_scaling(curve, out / 'scaling.png')}")
-        return
     items = description_prompts(processor, "test", args.prompts)
     settings = {k: SETTINGS[k] for k in args.settings.split(",")}
     results: dict[str, Any] = {"model": args.model, "prompts": len(items), "new_tokens": args.new_tokens}
