@@ -179,7 +179,10 @@ def _summary(times: dict, stats: dict, decoded: int) -> dict[str, Any]:
 
 
 def projection(
-    tokens_per_round: dict[str, float], settings: dict[str, SpecDecodingConfig], repeats: int = 5
+    tokens_per_round: dict[str, float],
+    settings: dict[str, SpecDecodingConfig],
+    repeats: int = 5,
+    shape: Any = None,
 ) -> dict:
     """Draft-step and verify costs on the random-weight ``small`` shape, relative to a decode step,
     and the speedup they imply at each setting's measured tokens per round (see the module)."""
@@ -188,7 +191,8 @@ def projection(
     from vtoken.bench.shapes import SMALL, build_inputs, build_model
     from vtoken_plugins.spec_decoding.draft import DraftModel, DraftSpec
 
-    model, inputs = build_model(SMALL), build_inputs(SMALL)
+    shape = shape or SMALL
+    model, inputs = build_model(shape), build_inputs(shape)
     draft = DraftModel(DraftSpec.from_target(model)).eval()
     head = model.get_output_embeddings()
 
@@ -221,7 +225,7 @@ def projection(
             mask = torch.ones(1, q, 120 + q, dtype=torch.bool)
             return lambda: head(draft(x, x, None, torch.full((1, q), 120), mask, past)[0]).topk(max(q, 1))
 
-        out = {"shape": SMALL.describe(), "decode_step_s": step, "settings": {}}
+        out = {"shape": shape.describe(), "decode_step_s": step, "settings": {}}
         for label, config in settings.items():
             top_k, depth, total = config.shape
             verify, drafting = median(forward(total)), median(draft_step(top_k))
