@@ -42,7 +42,7 @@ from vtoken_plugins.spec_decoding.plugin import SpecDecoding
 SETTINGS: dict[str, SpecDecodingConfig] = {
     "chain-d5": SpecDecodingConfig(tree="chain", depth=5),
     "chain-d7": SpecDecodingConfig(tree="chain", depth=7),
-    "tree-k2d6n10": SpecDecodingConfig(top_k=2, depth=6, total_tokens=10),
+    "tree-k2d8n12": SpecDecodingConfig(top_k=2, depth=8, total_tokens=12),
     "tree-k4d6n16": SpecDecodingConfig(top_k=4, depth=6, total_tokens=16),
     "eagle2-k10d6n60": SpecDecodingConfig(),
 }

@@ -118,7 +118,7 @@ class DraftLayer(nn.Module):
         Args:
             x: ``(B, q, D)`` new elements. positions: ``(B, q)`` their draft-local positions.
             mask: ``(B, q, T + q)`` bool, True where a new element may attend: the ``T`` past keys,
-                then the new ones. past: ``(B, H_kv, T, d)`` keys and values, or ``None`` (T = 0).
+                then the new ones; ``None``: every key. past: ``(B, H_kv, T, d)`` keys and values, or ``None`` (T = 0).
 
         Returns:
             ``(B, q, D)`` outputs and the keys and values attended to, ``(B, H_kv, T + q, d)``
@@ -135,7 +135,7 @@ class DraftLayer(nn.Module):
             (key, value) if past is None else (torch.cat([past[0], key], 2), torch.cat([past[1], value], 2))
         )
         out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=mask[:, None], scale=1 / math.sqrt(s.head_dim),
+            query, keys, values, attn_mask=None if mask is None else mask[:, None], scale=1 / math.sqrt(s.head_dim),
             enable_gqa=s.heads != s.kv_heads,
         )  # (B, H, q, d)  # fmt: skip
         x = x + self.o(out.transpose(1, 2).reshape(b, q, -1))

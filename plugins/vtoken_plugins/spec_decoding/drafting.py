@@ -24,6 +24,7 @@ class Drafter:
         param = next(draft.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.keys = self.values = self.valid = self.next_pos = self.last = None
+        self.dense = True  # no padding or hole among the committed entries
         self.committed = 0  # entries before the temporary tree entries
 
     def start(self, inputs: DraftInputs) -> None:
@@ -33,22 +34,27 @@ class Drafter:
             x.inputs, x.features, x.no_feature, x.positions, x.causal_mask()
         )
         self.valid, self.committed = x.valid, x.valid.shape[1]
+        self.dense = bool(x.valid.all())
         self.next_pos = x.valid.sum(1)
         self.last = hidden[:, -1]
 
     def log_probs(self, hidden: Tensor) -> Tensor:
         """``(B, q, V)`` the target head's log-probabilities for draft outputs ``(B, q, D)``."""
-        logits = self.head(hidden.to(self.head.weight.dtype)).float()
-        return logits.log_softmax(-1)
+        return self.logits(hidden).log_softmax(-1)
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        """``(B, q, V)`` the target head's logits (float32) for draft outputs ``(B, q, D)``."""
+        return self.head(hidden.to(self.head.weight.dtype)).float()
 
     def tree_step(self, tokens: Tensor, features: Tensor, level: int, visible: Tensor) -> Tensor:
         """Append the frontier's entries (see :data:`.tree.DraftStep`); returns their outputs."""
         b, k = tokens.shape
         positions = (self.next_pos + level - 1)[:, None].expand(b, k)
-        past = self.valid[:, None, : self.committed].expand(b, k, -1)  # then the tree entries
-        mask = torch.cat(
-            [past, visible, torch.eye(k, dtype=torch.bool, device=self.device).expand(b, k, k)], -1
-        )
+        mask = None  # a chain over a cache without padding or holes sees every entry
+        if k > 1 or not self.dense:
+            past = self.valid[:, None, : self.committed].expand(b, k, -1)  # then the tree entries
+            eye = torch.eye(k, dtype=torch.bool, device=self.device).expand(b, k, k)
+            mask = torch.cat([past, visible, eye], -1)
         hidden, self.keys, self.values = self.draft(
             self._embed(tokens), features, None, positions, mask, (self.keys, self.values)
         )
@@ -79,6 +85,7 @@ class Drafter:
         )
         self.valid = torch.cat([self.valid, real], 1)
         self.committed = self.valid.shape[1]
+        self.dense = self.dense and bool(real.all())
         self.next_pos = self.next_pos + real.sum(1)
         self.last = hidden[:, -1]
 
