@@ -82,22 +82,20 @@ def run_speed(
     model, processor, items: list, batch_size: int, settings: dict[str, SpecDecodingConfig], repeats: int,
     new_tokens: int, peers: bool,
 ) -> dict[str, Any]:  # fmt: skip
-    """Interleaved decode timings of every arm over the batches of ``items`` (see the module)."""
+    """Interleaved decode timings of every arm over the batches of ``items`` (see the module).
+    Every arm times its ``generate`` call alone (a speculative arm attaches its plugin first,
+    untimed: users attach once and generate many times)."""
     batches = _batches(processor, items, batch_size)
-    arms: dict[str, Callable[[dict], Any]] = {
-        "greedy": lambda b: model.generate(**b, max_new_tokens=new_tokens)
+    arms: dict[str, Callable[[dict], tuple[float, Any]]] = {
+        "greedy": _plain_arm(model, max_new_tokens=new_tokens)
     }
     for label, config in settings.items():
         arms[label] = _spec_arm(model, config, new_tokens)
     if peers and batch_size == 1:
         assistant = truncated_assistant(model)
-        arms["prompt-lookup"] = lambda b: model.generate(
-            **b, max_new_tokens=new_tokens, prompt_lookup_num_tokens=5
-        )
-        arms["assisted-1layer"] = lambda b: model.generate(
-            **b, max_new_tokens=new_tokens, assistant_model=assistant
-        )
-    prefill = lambda b: model.generate(**b, max_new_tokens=1)  # noqa: E731
+        arms["prompt-lookup"] = _plain_arm(model, max_new_tokens=new_tokens, prompt_lookup_num_tokens=5)
+        arms["assisted-1layer"] = _plain_arm(model, max_new_tokens=new_tokens, assistant_model=assistant)
+    prefill = _plain_arm(model, max_new_tokens=1)
     times = {label: [[] for _ in batches] for label in [*arms, "prefill"]}
     stats = {label: {"equal": True, "accepted": [], "draft_s": 0.0} for label in arms}
     reference = [None] * len(batches)
@@ -108,8 +106,7 @@ def run_speed(
             for i, batch in enumerate(batches):
                 rotated = order[rep % len(order) :] + order[: rep % len(order)]
                 for label in ["prefill", *rotated]:
-                    run = prefill if label == "prefill" else arms[label]
-                    seconds, out = _timed(functools.partial(run, batch))
+                    seconds, out = (prefill if label == "prefill" else arms[label])(batch)
                     if rep == 0:
                         if label == "greedy":
                             reference[i] = out
@@ -130,12 +127,16 @@ def _decoded(new: torch.Tensor, eos: torch.Tensor) -> int:
     return int((real.sum(1) - 1).clamp(min=0).sum())
 
 
-def _spec_arm(model, config: SpecDecodingConfig, new_tokens: int) -> Callable[[dict], Any]:
-    def arm(batch: dict) -> Any:
+def _plain_arm(model, **options: Any) -> Callable[[dict], tuple[float, Any]]:
+    return lambda batch: _timed(functools.partial(model.generate, **batch, **options))
+
+
+def _spec_arm(model, config: SpecDecodingConfig, new_tokens: int) -> Callable[[dict], tuple[float, Any]]:
+    def arm(batch: dict) -> tuple[float, Any]:
         with vtoken.attach(model, SpecDecoding(config)) as session:
-            out = model.generate(**batch, max_new_tokens=new_tokens)
+            seconds, out = _timed(functools.partial(model.generate, **batch, max_new_tokens=new_tokens))
             arm.extras = session.report().extras["spec_decoding"]
-        return out
+        return seconds, out
 
     arm.extras = None
     return arm

@@ -118,7 +118,8 @@ class DraftLayer(nn.Module):
         Args:
             x: ``(B, q, D)`` new elements. positions: ``(B, q)`` their draft-local positions.
             mask: ``(B, q, T + q)`` bool, True where a new element may attend: the ``T`` past keys,
-                then the new ones; ``None``: every key. past: ``(B, H_kv, T, d)`` keys and values, or ``None`` (T = 0).
+                then the new ones; ``None``: every key.
+            past: ``(B, H_kv, T, d)`` keys and values, or ``None`` (T = 0).
 
         Returns:
             ``(B, q, D)`` outputs and the keys and values attended to, ``(B, H_kv, T + q, d)``
@@ -134,10 +135,10 @@ class DraftLayer(nn.Module):
         keys, values = (
             (key, value) if past is None else (torch.cat([past[0], key], 2), torch.cat([past[1], value], 2))
         )
+        attn_mask = None if mask is None else mask[:, None]
         out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=None if mask is None else mask[:, None], scale=1 / math.sqrt(s.head_dim),
-            enable_gqa=s.heads != s.kv_heads,
-        )  # (B, H, q, d)  # fmt: skip
+            query, keys, values, attn_mask=attn_mask, scale=1 / math.sqrt(s.head_dim), enable_gqa=s.heads != s.kv_heads
+        )  # (B, H, q, d)
         x = x + self.o(out.transpose(1, 2).reshape(b, q, -1))
         gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
         return x + self.down(F.silu(gate) * up), keys, values
