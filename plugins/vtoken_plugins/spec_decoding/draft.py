@@ -135,9 +135,9 @@ class DraftLayer(nn.Module):
         keys, values = (
             (key, value) if past is None else (torch.cat([past[0], key], 2), torch.cat([past[1], value], 2))
         )
-        attn_mask = None if mask is None else mask[:, None]
+        attn_mask, gqa = None if mask is None else mask[:, None], s.heads != s.kv_heads
         out = F.scaled_dot_product_attention(
-            query, keys, values, attn_mask=attn_mask, scale=1 / math.sqrt(s.head_dim), enable_gqa=s.heads != s.kv_heads
+            query, keys, values, attn_mask=attn_mask, scale=1 / math.sqrt(s.head_dim), enable_gqa=gqa
         )  # (B, H, q, d)
         x = x + self.o(out.transpose(1, 2).reshape(b, q, -1))
         gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
