@@ -89,7 +89,7 @@ def test_a_trained_draft_is_accepted_and_still_exact():
     plugin = SpecDecoding(tree="chain", depth=5)
     assert torch.equal(_greedy(model, inputs, plugin, new=40), _greedy(model, inputs, new=40))
     accepted = [n for round_ in plugin.rounds for n in round_]
-    assert sum(accepted) / len(accepted) >= 2.0  # the committed draft is far better than chance
+    assert sum(accepted) / len(accepted) >= 3.0  # the committed draft accepts 4.2 per round on the test split
 
 
 def test_calls_do_not_share_state():
