@@ -125,7 +125,6 @@ SPEC_DERIVED = {
     "0.1": "the paper's weight of the cross-entropy term (SpecVLM), also TrainConfig.ce_weight",
     "1.0": "the paper's weight of the feature term, also TrainConfig.feature_weight",
     "3.5": "the issue's target for tokens per round",
-    "1.8": "the issue's target for the decode speedup",
     "1.5": "LLaVA-1.5, a model's name",
 }
 
