@@ -180,10 +180,9 @@ def _resume(path: Path, draft: DraftModel, optimizer) -> int:
     draft.load_state_dict(state["draft"])
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
-    log = path.parent / "log.jsonl"
-    if log.exists():
-        kept = [line for line in log.read_text().splitlines() if json.loads(line)["step"] <= state["step"]]
-        log.write_text("".join(line + "\n" for line in kept))
+    from vtoken.zoo.train import drop_log_after
+
+    drop_log_after(path.parent / "log.jsonl", state["step"])
     return state["step"]
 
 
