@@ -104,12 +104,6 @@ class SpecLoop:
         prefill.return_dict_in_generate = True
         capture = self.plugin.capture
         capture.start()
-        self.plugin.draft_s, self.plugin.branches, self.plugin.marks, self.plugin.row0_rounds = (
-            0.0,
-            [],
-            [],
-            [],
-        )
         try:
             out = base_generate(**inputs, generation_config=prefill)
             rows = self._rows(inputs["input_ids"], out)

@@ -95,8 +95,12 @@ class SpecDecoding(Plugin):
 
     def __init__(self, config: SpecDecodingConfig | None = None, /, **overrides: Any) -> None:
         super().__init__(config, **overrides)
-        self.rounds: list[list[int]] = []  # accepted drafts per round and unfinished row, last call
-        self.draft_s = 0.0  # wall time the draft took in the last call (prefill, trees, commits)
+        self.reset(None)
+
+    def reset(self, state) -> None:
+        """A new prompt: forget the last call's measurements."""
+        self.rounds: list[list[int]] = []  # accepted drafts per round and unfinished row
+        self.draft_s = 0.0  # wall time the draft took (prefill, trees, commits)
         self.branches: list[str] = []  # the compressor branch each row's image went through
         self.marks: list[tuple[int, str | None]] = []  # row 0's tokens: "draft" (accepted) or "target"
         self.row0_rounds: list[int] = []  # tokens row 0 committed in each round
