@@ -190,6 +190,7 @@ def projection(
     from transformers import DynamicCache
 
     from vtoken.bench.shapes import SMALL, build_inputs, build_model
+    from vtoken.compat import cache_argument
     from vtoken_plugins.spec_decoding.draft import DraftModel, DraftSpec
 
     shape = shape or SMALL
@@ -201,9 +202,10 @@ def projection(
         fn()
         return statistics.median(_timed(fn)[0] for _ in range(repeats))
 
+    name = cache_argument(model.forward)  # "cache" from transformers 5.25 on
     with torch.no_grad():
         cache = DynamicCache()
-        model(**inputs, past_key_values=cache, use_cache=True)
+        model(**inputs, **{name: cache}, use_cache=True)
         length = cache.get_seq_length()
 
         def forward(q: int) -> Callable[[], Any]:
@@ -212,7 +214,7 @@ def projection(
 
             def run() -> None:
                 model(input_ids=ids, attention_mask=mask, position_ids=torch.arange(length, length + q)[None],
-                      past_key_values=cache, use_cache=True)  # fmt: skip
+                      **{name: cache}, use_cache=True)  # fmt: skip
                 for layer in cache.layers:
                     layer.keys, layer.values = layer.keys[:, :, :length], layer.values[:, :, :length]
 
