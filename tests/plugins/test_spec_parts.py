@@ -10,12 +10,15 @@ import pytest
 import torch
 from transformers.cache_utils import DynamicLayer
 from vtoken_plugins.spec_decoding.compressor import BRANCHES, Compressor, CompressorSpec
+from vtoken_plugins.spec_decoding.draft import DraftModel, DraftSpec
+from vtoken_plugins.spec_decoding.drafting import Drafter, token_table
 from vtoken_plugins.spec_decoding.elements import draft_inputs
 from vtoken_plugins.spec_decoding.train import TrainConfig, train
 from vtoken_plugins.spec_decoding.tree import Tree, draft_tree
 from vtoken_plugins.spec_decoding.verify import greedy_accept, keep_slots, sample_accept, tree_mask
 
 from vtoken.cache import PAD, PrunableLayer, keep_recent
+from vtoken.tiny import build_tiny
 
 
 def _hand_tree() -> Tree:
@@ -127,9 +130,11 @@ def _path_search(tree: Tree, predicted: torch.Tensor, b: int) -> tuple[list[int]
         path.append(node)
 
 
-def test_greedy_acceptance_equals_a_path_search():
+@pytest.mark.parametrize("top_k, total", [(2, 9), (1, 5)])  # a tree; a chain (its own fast path)
+def test_greedy_acceptance_equals_a_path_search(top_k, total):
     step, logp = _fake_draft(vocab=4, seed=3)
-    tree = draft_tree(torch.zeros(6, dtype=torch.long), torch.rand(6, 2) * 20, step, logp, 2, 4, 9)
+    tree = draft_tree(torch.zeros(6, dtype=torch.long), torch.rand(6, 2) * 20, step, logp, top_k, 4, total)
+    assert tree.chain == (top_k == 1)
     generator = torch.Generator().manual_seed(0)
     for _ in range(20):
         predicted = torch.randint(0, 4, tree.tokens.shape, generator=generator)
@@ -310,3 +315,27 @@ def test_unrolled_training_sees_what_a_tree_node_sees():
     assert mask[p, :5].nonzero().flatten().tolist() == [0, 1, 2]  # committed, root included
     assert mask[p, 5:10].nonzero().flatten().tolist() == [3]  # the depth-1 ancestor (pass 2)
     assert mask[p, 10:].nonzero().flatten().tolist() == [4]  # itself (pass 3)
+
+
+def test_token_table_and_joined_projections_compute_the_draft_step_they_replace():
+    model, _ = build_tiny("llava")
+    draft = DraftModel(DraftSpec.from_target(model)).eval()
+    embed, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tokens, features = torch.tensor([[3, 7, 1]]), torch.randn(1, 3, draft.spec.hidden_size)
+    with torch.no_grad():
+        table = token_table(draft, embed, limit_mb=64)
+        looked_up = Drafter(draft, embed, head, table)._elements(tokens, features)
+        reference = draft.elements(embed(tokens), features, None)
+        assert torch.allclose(looked_up, reference, atol=1e-5)
+        assert token_table(draft, embed, limit_mb=1e-3) is None  # over the limit: embed per step
+        x, positions = torch.randn(1, 3, draft.spec.hidden_size), torch.arange(3)[None]
+        before = draft.layer(x, positions, None)[0]
+        draft.layer.q.weight.mul_(2)  # frozen weights changed in place: the joined copy follows
+        after = draft.layer(x, positions, None)[0]
+        draft.layer.q.weight.div_(2)
+        assert not torch.allclose(before, after) and torch.allclose(
+            draft.layer(x, positions, None)[0], before
+        )
+    x.requires_grad_(True)
+    draft.layer(x, positions, None)[0].sum().backward()  # training: gradients reach both projections
+    assert draft.layer.q.weight.grad is not None and draft.layer.kv.weight.grad is not None

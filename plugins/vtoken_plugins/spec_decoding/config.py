@@ -29,6 +29,9 @@ class SpecDecodingConfig(PluginConfig):
             input), a fixed branch (``prune``, ``pool``, ``conv``, ``resampler``, ``text_only``), or
             ``"none"`` (every visual token).
         seed: seed of a ``"random"`` draft.
+        table_mb: precompute the token half of the draft's input for the whole vocabulary when that
+            float32 ``(V, D)`` table takes at most this many MiB (once per attach; a draft step then
+            looks tokens up; 0: embed at every step). 64 MiB covers ``V * D`` up to 16.7M entries.
     """
 
     enabled: bool = True
@@ -39,8 +42,10 @@ class SpecDecodingConfig(PluginConfig):
     draft: str = "auto"
     compressor: Literal["gate", "prune", "pool", "conv", "resampler", "text_only", "none"] = "gate"
     seed: int = 0
+    table_mb: float = 64.0
 
     def validate(self) -> None:
+        check_range("spec_decoding.table_mb", self.table_mb, 0, 1e6)
         check_range("spec_decoding.top_k", self.top_k, 1, 64)
         check_range("spec_decoding.depth", self.depth, 1, 32)
         check_range("spec_decoding.total_tokens", self.total_tokens, 2, 1024)

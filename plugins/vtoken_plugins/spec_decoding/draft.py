@@ -109,6 +109,7 @@ class DraftLayer(nn.Module):
         self.gate_up = nn.Linear(d, 2 * spec.intermediate_size, bias=False)
         self.down = nn.Linear(spec.intermediate_size, d, bias=False)
         self.rotary = Rotary(spec.head_dim, spec.rope_theta)
+        self._joined: tuple[tuple, Tensor] | None = None  # (weight versions, joined q|kv weight)
 
     def forward(
         self, x: Tensor, positions: Tensor, mask: Tensor, past: tuple[Tensor, Tensor] | None = None
@@ -126,12 +127,13 @@ class DraftLayer(nn.Module):
             (the past ones, then the new ones).
         """
         s = self.spec
-        b, q, _ = x.shape
-        h = self.norm1(x)
-        query = self.q(h).view(b, q, s.heads, s.head_dim).transpose(1, 2)
-        key, value = self.kv(h).view(b, q, 2, s.kv_heads, s.head_dim).permute(2, 0, 3, 1, 4)
+        b, q, dim = x.shape
+        heads = s.heads + s.kv_heads  # rotated: the queries and keys
+        h = F.rms_norm(x, (dim,), self.norm1.weight, self.norm1.eps)
+        qkv = F.linear(h, self._qkv()).view(b, q, heads + s.kv_heads, s.head_dim).transpose(1, 2)
         cos, sin = self.rotary(positions, x.dtype)
-        query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+        rotated = rotate(qkv[:, :heads], cos, sin)
+        query, key, value = rotated[:, : s.heads], rotated[:, s.heads :], qkv[:, heads:]
         keys, values = (
             (key, value) if past is None else (torch.cat([past[0], key], 2), torch.cat([past[1], value], 2))
         )
@@ -139,9 +141,21 @@ class DraftLayer(nn.Module):
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=attn_mask, scale=1 / math.sqrt(s.head_dim), enable_gqa=gqa
         )  # (B, H, q, d)
-        x = x + self.o(out.transpose(1, 2).reshape(b, q, -1))
-        gate, up = self.gate_up(self.norm2(x)).chunk(2, -1)
-        return x + self.down(F.silu(gate) * up), keys, values
+        x = x + F.linear(out.transpose(1, 2).reshape(b, q, -1), self.o.weight)
+        h = F.rms_norm(x, (dim,), self.norm2.weight, self.norm2.eps)
+        gate, up = F.linear(h, self.gate_up.weight).chunk(2, -1)
+        return x + F.linear(F.silu(gate) * up, self.down.weight), keys, values
+
+    def _qkv(self) -> Tensor:
+        """The query and key/value projections as one ``(H d + 2 H_kv d, D)`` weight (one matmul
+        per step): joined on every call while training, once per weight version when frozen."""
+        weights = (self.q.weight, self.kv.weight)
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return torch.cat(weights)
+        version = tuple((w._version, w.data_ptr(), w.device, w.dtype) for w in weights)
+        if self._joined is None or self._joined[0] != version:
+            self._joined = (version, torch.cat(weights).detach())
+        return self._joined[1]
 
 
 class DraftModel(nn.Module):
@@ -164,7 +178,17 @@ class DraftModel(nn.Module):
         ``f_vis`` instead (visual slots, first tokens; ``None``: nowhere)."""
         if no_feature is not None:
             features = torch.where(no_feature[..., None], self.f_vis.to(features.dtype), features)
-        return self.fc(torch.cat([self.norm_input(inputs), self.norm_feature(features)], -1))
+        return self.input_part(inputs) + self.feature_part(features)
+
+    def input_part(self, inputs: Tensor) -> Tensor:
+        """``fc``'s input half over normalised inputs ``(..., D)`` (``fc`` over the concatenation is
+        the sum of its two halves; a token's half can thus be tabulated, see
+        :func:`vtoken_plugins.spec_decoding.drafting.token_table`)."""
+        return F.linear(self.norm_input(inputs), self.fc.weight[:, : self.spec.hidden_size])
+
+    def feature_part(self, features: Tensor) -> Tensor:
+        """``fc``'s feature half over normalised features ``(..., D)``."""
+        return F.linear(self.norm_feature(features), self.fc.weight[:, self.spec.hidden_size :])
 
     def forward(
         self,

@@ -16,11 +16,31 @@ from vtoken_plugins.spec_decoding.draft import DraftModel
 from vtoken_plugins.spec_decoding.elements import DraftInputs
 
 
-class Drafter:
-    """A :class:`DraftModel` bound to a target's embedding and head, with a cache for one generation."""
+def token_table(draft: DraftModel, embed: nn.Module, limit_mb: float) -> Tensor | None:
+    """``(V, D)`` the token half of the draft's input for every vocabulary entry
+    (:meth:`DraftModel.input_part` of the target's embedding of every token), so that a draft step looks its
+    tokens up instead of embedding, normalising and projecting them; ``None`` when the float32
+    table would exceed ``limit_mb`` MiB (it is the size of the embedding matrix in float32)."""
+    vocab, dim = embed.weight.shape
+    if vocab * dim * 4 > limit_mb * 2**20:
+        return None
+    param = next(draft.parameters())
+    with torch.no_grad():
+        every = embed(torch.arange(vocab, device=embed.weight.device))  # the module's own scaling, if any
+        return draft.input_part(every.to(param.device, param.dtype))
 
-    def __init__(self, draft: DraftModel, embed: nn.Module, head: nn.Module) -> None:
-        self.draft, self.embed, self.head = draft, embed, head
+
+class Drafter:
+    """A :class:`DraftModel` bound to a target's embedding and head, with a cache for one generation.
+
+    Args:
+        table: :func:`token_table`'s output, or ``None`` to embed tokens at every step.
+    """
+
+    def __init__(
+        self, draft: DraftModel, embed: nn.Module, head: nn.Module, table: Tensor | None = None
+    ) -> None:
+        self.draft, self.embed, self.head, self.table = draft, embed, head, table
         param = next(draft.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.keys = self.values = self.valid = self.next_pos = self.last = None
@@ -55,8 +75,8 @@ class Drafter:
             past = self.valid[:, None, : self.committed].expand(b, k, -1)  # then the tree entries
             eye = torch.eye(k, dtype=torch.bool, device=self.device).expand(b, k, k)
             mask = torch.cat([past, visible, eye], -1)
-        hidden, self.keys, self.values = self.draft(
-            self._embed(tokens), features, None, positions, mask, (self.keys, self.values)
+        hidden, self.keys, self.values = self.draft.layer(
+            self._elements(tokens, features), positions, mask, (self.keys, self.values)
         )
         self.valid = torch.cat([self.valid, torch.zeros(b, k, dtype=torch.bool, device=self.device)], 1)
         return hidden
@@ -75,10 +95,8 @@ class Drafter:
         new = torch.ones(m, m, dtype=torch.bool, device=self.device).tril() & real[:, None, :]
         new = new | torch.eye(m, dtype=torch.bool, device=self.device)
         mask = torch.cat([self.valid[:, None, :].expand(b, m, -1), new], -1)
-        hidden, self.keys, self.values = self.draft(
-            self._embed(tokens),
-            features.to(self.dtype),
-            None,
+        hidden, self.keys, self.values = self.draft.layer(
+            self._elements(tokens, features.to(self.dtype)),
             positions.clamp(min=0),
             mask,
             (self.keys, self.values),
@@ -93,8 +111,14 @@ class Drafter:
         self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
         self.valid = self.valid[:, :length]
 
-    def _embed(self, tokens: Tensor) -> Tensor:
-        return self.embed(tokens.to(self.embed.weight.device)).to(self.device, self.dtype)
+    def _elements(self, tokens: Tensor, features: Tensor) -> Tensor:
+        """``(B, k, D)`` the draft's elements for tokens ``(B, k)`` after features ``(B, k, D)``."""
+        if self.table is not None:
+            part = self.table[tokens.to(self.table.device)]
+        else:
+            embedded = self.embed(tokens.to(self.embed.weight.device)).to(self.device, self.dtype)
+            part = self.draft.input_part(embedded)
+        return part + self.draft.feature_part(features)
 
 
 def _to(inputs: DraftInputs, device: torch.device, dtype: torch.dtype) -> DraftInputs:

@@ -1,10 +1,10 @@
 """The decoding loop behind ``model.generate``: draft a tree, verify it, keep the accepted path.
 
-1. transformers' own ``generate`` runs the prefill and one decode step (``max_new_tokens=2``): it
-   encodes the images, computes padding-aware and M-RoPE positions and builds the cache exactly as
-   for plain decoding; hooks keep the prompt's embeddings, the target's features and the position
-   of the second generated token, from which every later position follows.
-2. The draft reads the prompt (images through its compressor) and the two tokens.
+1. transformers' own ``generate`` runs the prefill (``max_new_tokens=1``): it encodes the images,
+   computes padding-aware and M-RoPE positions and builds the cache exactly as for plain decoding;
+   hooks keep the prompt's embeddings, the target's features and the prompt's positions, after
+   which every text token advances each position axis by one.
+2. The draft reads the prompt (images through its compressor) and the first generated token.
 3. Each round drafts a tree (:mod:`.tree`), verifies it in one target forward (:mod:`.verify`:
    greedy acceptance, or rejection sampling when ``do_sample``), keeps the accepted path in the
    target's cache (:func:`vtoken.cache.keep_recent`) and commits the path and the bonus token to
@@ -45,7 +45,7 @@ from vtoken_plugins.spec_decoding.verify import (
     tree_positions,
 )
 
-PREFILL_TOKENS = 2  # tokens transformers' generate produces before the rounds start
+PREFILL_TOKENS = 1  # tokens transformers' generate produces before the rounds start
 
 
 @dataclass
@@ -243,7 +243,7 @@ class SpecLoop:
         length = prompt.shape[1]
         generated = self.model.get_input_embeddings()(sequences[:, length:])
         embeds = torch.cat([capture.embeds.to(generated.dtype), generated], 1).float()  # (B, T, D)
-        features = capture.features().float()  # (B, T - 1, D): the prompt's, then the decode step's
+        features = capture.prompt_features.float()  # (B, L, D)
         features = torch.cat([features, features[:, -1:]], 1)  # the newest token's is never read
         real = torch.cat([real, torch.ones_like(sequences[:, length:], dtype=torch.bool)], 1)
         visual = torch.zeros_like(real)

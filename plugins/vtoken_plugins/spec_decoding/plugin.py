@@ -11,7 +11,7 @@ from vtoken import Plugin, UnsupportedInputError
 from vtoken.layout import VisualLayout
 from vtoken_plugins.spec_decoding.compressor import BRANCHES
 from vtoken_plugins.spec_decoding.config import SpecDecodingConfig
-from vtoken_plugins.spec_decoding.drafting import Drafter
+from vtoken_plugins.spec_decoding.drafting import Drafter, token_table
 from vtoken_plugins.spec_decoding.loop import PREFILL_TOKENS, SpecLoop
 from vtoken_plugins.spec_decoding.options import parse_generate
 from vtoken_plugins.spec_decoding.weights import find_draft
@@ -29,7 +29,7 @@ class Capture:
 
     def clear(self) -> None:
         self.embeds: Tensor | None = None  # (B, L, D) the prompt as the language model saw it
-        self.history: list[Tensor] = []  # (B, q, D) last hidden states of the first forwards
+        self.prompt_features: Tensor | None = None  # (B, L, D) the prefill's last hidden states
         self.hidden: Tensor | None = None  # (B, q, D) of the latest forward
         self.positions: Tensor | None = None  # position ids of the latest forward, if passed
         self.past = 0
@@ -42,16 +42,12 @@ class Capture:
         self.active = False
         self.clear()
 
-    def features(self) -> Tensor:
-        """``(B, L + PREFILL_TOKENS - 1, D)``: the prompt's and the prefill decode step's features."""
-        return torch.cat(self.history[:PREFILL_TOKENS], 1)
-
     def next_position(self) -> Tensor:
         """Position ids of the token after the latest forward's last one: ``(B,)``, or ``(A, B)``
         for multi-axis RoPE (each axis advances by one for a text token)."""
         batch = self.hidden.shape[0]
         if self.positions is None:  # the model used its cache position
-            return torch.full((batch,), self.past + 1, device=self.hidden.device)
+            return torch.full((batch,), self.past + self.hidden.shape[1], device=self.hidden.device)
         last = self.positions[..., -1] + 1  # (1|B,) or (A, 1|B)
         return last.expand(*last.shape[:-1], batch)
 
@@ -72,8 +68,8 @@ class Capture:
         if not self.active:
             return
         self.hidden = output[0] if isinstance(output, tuple) else output.last_hidden_state
-        if len(self.history) < PREFILL_TOKENS:
-            self.history.append(self.hidden)
+        if self.prompt_features is None:
+            self.prompt_features = self.hidden
 
 
 class SpecDecoding(Plugin):
@@ -162,6 +158,7 @@ class SpecDecoding(Plugin):
         draft, self.draft_info = find_draft(model, self.config.draft, self.config.seed)
         head = model.get_output_embeddings()
         self.draft = draft.to(head.weight.device, torch.float32)
+        self.table = token_table(self.draft, model.get_input_embeddings(), self.config.table_mb)
         self.capture = Capture(session)
 
     def generate(self, base_generate: Any, *args: Any, **kwargs: Any) -> Any:
@@ -172,7 +169,9 @@ class SpecDecoding(Plugin):
         budget = config.max_new_tokens or (config.max_length - inputs["input_ids"].shape[1])
         if budget <= PREFILL_TOKENS:  # nothing left to speculate on
             return base_generate(*args, **kwargs)
-        self.drafter = Drafter(self.draft, model.get_input_embeddings(), model.get_output_embeddings())
+        self.drafter = Drafter(
+            self.draft, model.get_input_embeddings(), model.get_output_embeddings(), self.table
+        )
         with torch.no_grad():
             return SpecLoop(self, config, self.config.shape).run(base_generate, inputs)
 

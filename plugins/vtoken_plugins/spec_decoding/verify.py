@@ -67,7 +67,10 @@ def greedy_accept(tree: Tree, ancestors: Tensor, predicted: Tensor) -> Accepted:
     """
     parent_pred = predicted.gather(1, tree.parent.clamp(min=0))
     right = (tree.tokens == parent_pred) | (tree.parent < 0)  # the root is committed already
-    on_path = ~(ancestors & ~right[:, None, :]).any(-1)  # every ancestor-or-self right
+    if tree.chain:  # ancestors are the prefix: the right prefix
+        on_path = right.cumprod(1).bool()
+    else:
+        on_path = ~(ancestors & ~right[:, None, :]).any(-1)  # every ancestor-or-self right
     last = torch.where(on_path, tree.depth, -1).argmax(1)  # one accepted node per depth at most
     return Accepted(
         on_path=on_path,
@@ -84,6 +87,8 @@ def keep_slots(on_path: Tensor, width: int) -> tuple[Tensor, Tensor]:
     Returns:
         ``(B, width)`` sorted node indices and ``(B, width)`` bool, True on path nodes.
     """
+    if bool(on_path[:, :width].all()):  # every path the same length from the root: a prefix
+        return torch.arange(width, device=on_path.device).expand(len(on_path), width), on_path[:, :width]
     order = torch.sort((~on_path).to(torch.int8), dim=1, stable=True).indices[:, :width]  # path first
     index = order.sort(1).values
     return index, on_path.gather(1, index)
