@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from vtoken.zoo.questions import FAMILIES, describe, parse_description, sample, vocabulary
-from vtoken.zoo.scenes import SOURCE_SIZE, SPLIT_SEEDS, SPLIT_SIZE, crop_box, make_scene, split_seed
+from vtoken.zoo.scenes import (
+    SOURCE_SIZE,
+    SPLIT_SEEDS,
+    SPLIT_SIZE,
+    crop_box,
+    jittered_crop_box,
+    make_scene,
+    split_seed,
+)
 
 
 def test_same_seed_gives_identical_scene_and_questions():
@@ -71,6 +79,24 @@ def test_crop_box_is_square_inside_and_covers_object():
         assert x1 - x0 == y1 - y0 and 0 <= x0 and x1 <= SOURCE_SIZE and 0 <= y0 and y1 <= SOURCE_SIZE
         assert x0 <= box[0] and y0 <= box[1] and box[2] <= x1 and box[3] <= y1
     assert np.isclose(crop_box((100, 100, 208, 208))[2] - crop_box((100, 100, 208, 208))[0], 135)
+
+
+def test_jittered_crops_stay_square_inside_and_keep_the_object_centre():
+    rng = np.random.default_rng(0)
+    assert jittered_crop_box((100, 100, 208, 208), rng, 0.0) == crop_box((100, 100, 208, 208))
+    sides, shifts = [], []
+    for box in [(0, 0, 40, 40), (300, 320, 384, 384), (100, 100, 208, 208)] * 50:
+        x0, y0, x1, y1 = jittered_crop_box(box, rng, 0.25)
+        exact = crop_box(box)
+        assert x1 - x0 == y1 - y0 and 0 <= x0 and x1 <= SOURCE_SIZE and 0 <= y0 and y1 <= SOURCE_SIZE
+        for lo, hi, e0, e1, centre in ((x0, x1, exact[0], exact[2], (box[0] + box[2]) / 2),
+                                       (y0, y1, exact[1], exact[3], (box[1] + box[3]) / 2)):
+            margin = min((hi - lo) / 4, centre - e0, e1 - centre)  # the digit tag stays as visible
+            assert lo + margin - 1 <= centre <= hi - margin + 1
+        sides.append((x1 - x0) / (exact[2] - exact[0]))
+        shifts.append(abs((x0 + x1) / 2 - (exact[0] + exact[2]) / 2) / (exact[2] - exact[0]))
+    assert 1.0 <= min(sides) and max(sides) <= 1.5 and max(sides) > 1.3  # enlarged up to 1 + 2 * 0.25
+    assert max(shifts) > 0.15  # moved, not just enlarged
 
 
 def test_object_range_and_curriculum():

@@ -36,6 +36,12 @@ class TrainConfig:
             at 0.5 they took three quarters of ``runs/scratch3``'s full training (4,000 tower then
             2,600 full steps, 2.3 h), which ended at 0.68 overall on validation (colour 0.37:
             wrong object; count 0.80, shape 0.87; per family ``vtoken.zoo.evaluate.score``).
+        crop_jitter: crop views of an object in training are enlarged by up to ``1 + 2 * crop_jitter``
+            and their centre moved by up to ``crop_jitter`` of their side
+            (:func:`vtoken.zoo.scenes.jittered_crop_box`); 0: the exact ``crop_box`` view, which is
+            all the bundled model saw: it reads the digit from that one geometry only (shifting the
+            crop by 8 source pixels took label accuracy from 0.95 to 0.53), while a region
+            proposer's crop lands off-centre.
         seed: initialisation seed.
         checkpoint_minutes: wall-clock minutes between checkpoints.
         eval_every: steps between quick validation runs.
@@ -98,6 +104,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.05
     crop_prob: float = 0.2
+    crop_jitter: float = 0.0
     seed: int = 0
     checkpoint_minutes: float = 5.0
     eval_every: int = 500
@@ -123,6 +130,8 @@ class TrainConfig:
             self.model = ZooModelConfig(**self.model)
         if not 0.0 <= self.crop_prob <= 1.0:
             raise ValueError(f"crop_prob must be in [0, 1], got {self.crop_prob}")
+        if not 0.0 <= self.crop_jitter <= 0.5:
+            raise ValueError(f"crop_jitter must be in [0, 0.5], got {self.crop_jitter}")
         weights = (
             self.aux_weight,
             self.attn_weight,

@@ -16,7 +16,15 @@ from vtoken.zoo.model import build_prompt, follow_up
 from vtoken.zoo.patch_targets import anchor_mask, evidence_mask, object_map, patch_targets, tag_mask
 from vtoken.zoo.questions import QA, draw_family, make_qa, sample
 from vtoken.zoo.readout import Target, object_target, readout_target
-from vtoken.zoo.scenes import MAX_OBJECTS, MIN_OBJECTS, SOURCE_SIZE, Scene, crop_box, split_seed
+from vtoken.zoo.scenes import (
+    MAX_OBJECTS,
+    MIN_OBJECTS,
+    SOURCE_SIZE,
+    Scene,
+    crop_box,
+    jittered_crop_box,
+    split_seed,
+)
 
 IGNORE_INDEX = -100
 CROP_LABEL_SHARE = 0.4
@@ -63,8 +71,10 @@ def make_item(
     rng: np.random.Generator,
     grid: int | None = None,
     follow_ups: tuple[QA, ...] = (),
+    jitter: float = 0.0,
 ) -> Item:
     """Item for ``qa`` (then ``follow_ups``); a crop shows the asked object or a random region.
+    ``jitter`` > 0 places the object's crop as :func:`~vtoken.zoo.scenes.jittered_crop_box` does.
 
     With ``grid`` (patches per side at the model input), also attach patch targets for each image
     and the evidence mask and readout target of each turn (and of each object of a description).
@@ -75,7 +85,9 @@ def make_item(
         if box is None:  # whole-scene question: an arbitrary (uninformative) region
             x, y = (int(v) for v in rng.integers(0, SOURCE_SIZE - 96, size=2))
             box = (x, y, x + 96, y + 96)
-        views.append(crop_box(box, SOURCE_SIZE))
+            views.append(crop_box(box, SOURCE_SIZE))
+        else:
+            views.append(jittered_crop_box(box, rng, jitter) if jitter else crop_box(box, SOURCE_SIZE))
     images = tuple(scene.image[y0:y1, x0:x1] for x0, y0, x1, y1 in views)
     turns = tuple((t.question, t.answer) for t in follow_ups)
     if grid is None:
@@ -114,6 +126,7 @@ def train_items(
     grid: int | None = None,
     turns: int = 1,
     curriculum: int = 0,
+    crop_jitter: float = 0.0,
 ) -> list[Item]:
     """Fresh training items for ``step``: deterministic in ``step`` alone (resume-safe).
 
@@ -134,7 +147,7 @@ def train_items(
         seed = split_seed("train", step * batch_size + j)
         scene, qa = sample(seed, family, objects)
         more = _follow_ups(scene, qa, turns - 1, seed) if not with_crop and turns > 1 else ()
-        items.append(make_item(scene, qa, with_crop, rng, grid, more))
+        items.append(make_item(scene, qa, with_crop, rng, grid, more, crop_jitter))
     return items
 
 

@@ -231,3 +231,24 @@ def crop_box(box: tuple[int, int, int, int], image_size: int = SOURCE_SIZE) -> t
     left = int(np.clip(round(cx - side / 2), 0, image_size - side))
     top = int(np.clip(round(cy - side / 2), 0, image_size - side))
     return left, top, left + side, top + side
+
+
+def jittered_crop_box(
+    box: tuple[int, int, int, int], rng: np.random.Generator, jitter: float, image_size: int = SOURCE_SIZE
+) -> tuple[int, ...]:
+    """:func:`crop_box`, enlarged by a factor drawn from ``[1, 1 + 2 * jitter]`` and its centre moved
+    by up to ``jitter`` of its side along each axis: a crop as a region proposer places it, not as
+    the ground-truth box does. The object's centre (where the digit tag is drawn) keeps the margin
+    it has in ``crop_box``'s view, up to a quarter of the side, and the crop stays inside the image.
+    ``jitter=0``: ``crop_box``."""
+    exact = crop_box(box, image_size)
+    side = int(min(image_size, (exact[2] - exact[0]) * float(rng.uniform(1.0, 1.0 + 2 * jitter))))
+    shift = rng.uniform(-jitter, jitter, size=2) * (exact[2] - exact[0])
+    corner = []
+    for axis in (0, 1):
+        centre = (box[axis] + box[axis + 2]) / 2
+        margin = min(side / 4, centre - exact[axis], exact[axis + 2] - centre)
+        start = (exact[axis] + exact[axis + 2]) / 2 + shift[axis] - side / 2
+        low, high = max(0.0, centre + margin - side), min(image_size - side, centre - margin)
+        corner.append(int(np.clip(round(start), np.ceil(low), np.floor(high))))
+    return corner[0], corner[1], corner[0] + side, corner[1] + side

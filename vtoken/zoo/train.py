@@ -131,6 +131,7 @@ def _loop(
     grid = cfg.model.image_size // cfg.model.patch_size if guided else None
     items = partial(
         train_items, batch_size=cfg.batch_size, crop_prob=cfg.crop_prob, grid=grid, turns=cfg.turns,
+        crop_jitter=cfg.crop_jitter,
         curriculum=cfg.curriculum,
     )  # fmt: skip
     stream = TrainStream(processor, start, items)
