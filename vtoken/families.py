@@ -27,6 +27,8 @@ class FamilySpec:
         projector: dotted path to the module whose output is the visual tokens as the language model
             sees them (the multimodal projector, Qwen's patch merger, Idefics3's connector).
         language_model: dotted path to the decoder stack (it has ``.layers`` and ``.embed_tokens``).
+        base_model: dotted path to the model without its LM head (embeddings, vision tower, image
+            merge, positions, masks, decoder), which takes the same image inputs as the full model.
         image_token_attrs: config attributes holding the placeholder token ids that mark visual
             tokens in ``input_ids`` (several: images and video frames).
         image_size_attr: dotted config attribute giving the number of tokens of one image, used to
@@ -53,6 +55,7 @@ class FamilySpec:
     vision_tower: str
     projector: str
     language_model: str
+    base_model: str = "model"
     image_token_attrs: tuple[str, ...] = ("image_token_id",)
     image_size_attr: str | None = None
     rope: Literal["1d", "mrope"] = "1d"
@@ -167,6 +170,7 @@ class ModelParts:
         vision_tower: vision encoder module.
         projector: module whose output are the visual tokens fed to the language model.
         language_model: decoder stack.
+        base_model: the model without its LM head (see :class:`FamilySpec`).
         layers: its decoder layers, in order.
         vision_blocks: the vision tower's transformer blocks, in order.
         image_token_ids: placeholder ids marking visual tokens in ``input_ids``.
@@ -177,6 +181,7 @@ class ModelParts:
     vision_tower: nn.Module
     projector: nn.Module
     language_model: nn.Module
+    base_model: nn.Module
     layers: nn.ModuleList
     vision_blocks: nn.ModuleList
     image_token_ids: tuple[int, ...]
@@ -204,6 +209,7 @@ def locate_parts(model: nn.Module) -> ModelParts:
         vision_tower=vision_tower,
         projector=_get_path(model, spec.projector),
         language_model=language_model,
+        base_model=_get_path(model, spec.base_model),
         layers=language_model.layers,
         vision_blocks=_get_path(vision_transformer(vision_tower), spec.vision_blocks),
         image_token_ids=ids,

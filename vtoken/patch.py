@@ -45,6 +45,11 @@ class Patcher:
         setattr(obj, name, value)
         self._undo.append(lambda: delattr(obj, name) if old is _MISSING else setattr(obj, name, old))
 
+    def register_attention(self, key: str, fn: Callable[..., Any]) -> None:
+        """Register ``fn`` under ``key`` in transformers' ``AttentionInterface`` only (a module whose
+        config names ``key`` then calls it); undo restores the table's entry."""
+        _register(AttentionInterface, key, fn, self._undo)
+
     def use_attention(
         self,
         model: PreTrainedModel,

@@ -43,19 +43,23 @@ IMAGE_INPUTS = ("image_sizes", "image_grid_thw", "pixel_attention_mask")
 _SESSIONS: weakref.WeakKeyDictionary[nn.Module, Session] = weakref.WeakKeyDictionary()
 
 
-def attach(model: nn.Module, plugins: PluginLike | Sequence[PluginLike] = ()) -> Session:
+def attach(
+    model: nn.Module, plugins: PluginLike | Sequence[PluginLike] = (), processor: Any = None
+) -> Session:
     """Attach ``plugins`` to ``model`` and return the :class:`Session` that owns them.
 
     Args:
         model: a supported ``*ForConditionalGeneration`` model (see ``vtoken info``).
         plugins: plugin names (``"token_pruning"``), plugin or config objects, YAML config file
             paths, or a list of these; they hook in the given order.
+        processor: the model's processor, for plugins that need more than ``generate``'s inputs
+            (``region_proposal`` crops the original images the processor was given).
 
     Raises:
         UnsupportedModelError: the model's family is unsupported, or it was ``torch.compile``d.
         AlreadyAttachedError: another session is attached to this model.
     """
-    return Session(model, plugins)
+    return Session(model, plugins, processor)
 
 
 def active_session(model: nn.Module) -> Session | None:
@@ -66,9 +70,12 @@ def active_session(model: nn.Module) -> Session | None:
 class Session:
     """Plugins attached to one model. Use as a context manager or call :meth:`detach`."""
 
-    def __init__(self, model: nn.Module, plugins: PluginLike | Sequence[PluginLike] = ()) -> None:
+    def __init__(
+        self, model: nn.Module, plugins: PluginLike | Sequence[PluginLike] = (), processor: Any = None
+    ) -> None:
         _check_attachable(model)
         self.model = model
+        self.processor = processor
         self.parts: ModelParts = locate_parts(model)
         self.plugins: list[Plugin] = create_plugins(plugins)
         self.state = RunState()
@@ -245,6 +252,12 @@ class Session:
         self.recorder.on_prompt_start(inputs)
         for plugin in self.plugins:
             plugin.reset(self.state)
+
+    def restart_prompt(self, inputs: dict[str, Any]) -> None:
+        """A plugin's ``generate`` rewrote the prompt (``region_proposal`` adds crops as images):
+        find the new prompt's visual tokens and reset the plugins' per-prompt state again, before
+        the rewritten inputs' prefill."""
+        self._start_prompt(inputs.get("input_ids"), inputs)
 
     def _expand_prompt(self, ids: torch.Tensor) -> None:
         """generate() repeated each prompt row (beam search, ``num_return_sequences``) after the

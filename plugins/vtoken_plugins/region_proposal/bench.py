@@ -1,0 +1,166 @@
+"""Benchmark: base view, training-free attention crop, SD-RPN and the ground-truth crop, side by side.
+
+On a VQA JSONL with boxes (the bundled split: ``vtoken zoo export-split``), every question is
+answered by each arm back to back (order rotated per question), batch 1, greedy:
+
+- ``base``: the image alone; ``gt``: the image plus the square crop around the ground-truth box
+  (the same crop rule as the plugin's);
+- ``attention``: the plugin with the unmodified model's attention at ``label_layer``;
+- ``twig``: the plugin with the trained twig (SD-RPN).
+
+Reported per arm and family: accuracy with its 95% bootstrap interval, the paired difference to the
+base view (interval over questions), how often the plugin cropped, the IoU of its first proposal
+(the grid box in original pixels) with the ground-truth box (0 when it did not crop; also the mean
+over cropped questions), and the wall time of ``generate`` relative to the base view's (median over
+questions). ``--fine`` names the fine-grained family the crops are for (the others should mostly be
+left alone).
+
+    python -m vtoken_plugins.region_proposal.bench --model synth-llava-tiny-crops --data runs/rpn/test.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import vtoken
+from vtoken.eval.intervals import draws, mean_of_groups
+from vtoken.eval.vqa import VQAItem, load_jsonl, question_scores
+from vtoken.families import locate_parts
+from vtoken.loading import build_prompt, load_image, load_model, to_model
+from vtoken_plugins.region_proposal.config import RegionProposalConfig
+from vtoken_plugins.region_proposal.crops import crop_square
+from vtoken_plugins.region_proposal.plugin import RegionProposal
+
+ARMS = ("base", "attention", "twig", "gt")
+
+
+def _answer(model, processor, images: list, text: str, new_tokens: int) -> tuple[str, float]:
+    inputs = to_model(processor(images=[images], text=[text], return_tensors="pt"), model)
+    started = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    seconds = time.perf_counter() - started
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip(), seconds
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+    return w * h / union if union > 0 else 0.0
+
+
+def run(model, processor, items: list[VQAItem], configs: dict[str, RegionProposalConfig], new_tokens: int) -> dict:
+    """Answers, times, crops and IoUs of every arm on every item (see the module)."""
+    family = locate_parts(model).spec.name
+    out: dict[str, dict[str, list]] = {arm: defaultdict(list) for arm in ARMS}
+    for k, item in enumerate(tqdm(items, desc="region proposal bench")):
+        image = load_image(item.image)
+        order = ARMS[k % len(ARMS) :] + ARMS[: k % len(ARMS)]
+        for arm in order:
+            record = out[arm]
+            if arm in ("base", "gt"):
+                images = [image]
+                if arm == "gt":
+                    box = crop_square(item.bbox, image.width, image.height, configs["twig"].crop_scale, configs["twig"].crop_min)
+                    images.append(image.crop(box))
+                text = build_prompt(processor, family, item.question, n_images=len(images))
+                answer, seconds = _answer(model, processor, images, text, new_tokens)
+                record["cropped"].append(arm == "gt")
+                record["iou"].append(1.0 if arm == "gt" else 0.0)
+            else:
+                with vtoken.attach(model, RegionProposal(configs[arm]), processor=processor) as session:
+                    text = build_prompt(processor, family, item.question)
+                    answer, seconds = _answer(model, processor, [image], text, new_tokens)
+                    extras = session.report().extras["region_proposal"]
+                proposal = extras["proposals"][0] if extras["proposals"] else []
+                record["cropped"].append(bool(proposal))
+                record["iou"].append(_iou(proposal[0], item.bbox) if proposal and item.bbox else 0.0)
+            record["answer"].append(answer)
+            record["seconds"].append(seconds)
+    return out
+
+
+def summarize(items: list[VQAItem], out: dict, fine: str) -> dict[str, Any]:
+    """Per arm and family (the fine-grained one, and the others together): accuracy, paired
+    difference to the base view, crop rate, IoU, time ratio."""
+    scores = {arm: np.asarray(question_scores(items, out[arm]["answer"])) for arm in ARMS}
+    groups = {"fine": [i for i, it in enumerate(items) if it.family == fine]}
+    groups["others"] = [i for i, it in enumerate(items) if it.family != fine]
+    summary: dict[str, Any] = {}
+    for name, index in groups.items():
+        if not index:
+            continue
+        families = sorted({items[i].family for i in index})
+        by_family = {f: [i for i in index if items[i].family == f] for f in families}
+        picks = draws([len(v) for v in by_family.values()])
+        base_seconds = np.asarray(out["base"]["seconds"])[index]
+        section = {}
+        for arm in ARMS:
+            acc = mean_of_groups({f: scores[arm][v] for f, v in by_family.items()})
+            diff = [scores[arm][v][p].mean(1) - scores["base"][v][p].mean(1) for v, p in zip(by_family.values(), picks)]
+            diff = np.mean(diff, axis=0)
+            point = np.mean([scores[arm][v].mean() - scores["base"][v].mean() for v in by_family.values()])
+            cropped = np.asarray(out[arm]["cropped"])[index]
+            iou = np.asarray(out[arm]["iou"])[index]
+            section[arm] = {
+                "accuracy": [acc.value, acc.low, acc.high], "questions": acc.n,
+                "minus_base": [float(point), *map(float, np.percentile(diff, [2.5, 97.5]))],
+                "cropped_share": float(cropped.mean()),
+                "iou_all": float(iou.mean()), "iou_cropped": float(iou[cropped].mean()) if cropped.any() else None,
+                "time_vs_base": float(np.median(np.asarray(out[arm]["seconds"])[index] / base_seconds)),
+                "per_family": {f: float(scores[arm][v].mean()) for f, v in by_family.items()},
+            }  # fmt: skip
+        summary[name] = section
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="synth-llava-tiny-crops")
+    parser.add_argument("--data", required=True, help="VQA JSONL with bbox (vtoken zoo export-split)")
+    parser.add_argument("--fine", default="label", help="the fine-grained family")
+    parser.add_argument("--fine-count", type=int, default=300)
+    parser.add_argument("--other-count", type=int, default=50, help="questions per other family")
+    parser.add_argument("--label-layer", type=int, default=2, help="the attention arm's layer")
+    parser.add_argument("--max-boxes", type=int, default=1)
+    parser.add_argument("--weights", default="auto", help="the twig's weights (see RegionProposalConfig)")
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="demos/results/region_proposal")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, processor = load_model(args.model)
+    counts: dict[str, int] = defaultdict(int)
+    items = []
+    for item in load_jsonl(args.data):
+        limit = args.fine_count if item.family == args.fine else args.other_count
+        if counts[item.family] < limit:
+            counts[item.family] += 1
+            items.append(item)
+    configs = {
+        "attention": RegionProposalConfig(proposer="attention", label_layer=args.label_layer, max_boxes=args.max_boxes),
+        "twig": RegionProposalConfig(proposer="twig", weights=args.weights, max_boxes=args.max_boxes),
+    }
+    out = run(model, processor, items, configs, args.new_tokens)
+    result = {
+        "model": args.model, "data": args.data, "threads": torch.get_num_threads(), "fine": args.fine,
+        "configs": {k: vars(v) for k, v in configs.items()}, "summary": summarize(items, out, args.fine),
+    }  # fmt: skip
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

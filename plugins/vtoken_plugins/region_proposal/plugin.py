@@ -1,0 +1,164 @@
+"""The ``region_proposal`` plugin: SD-RPN's crops behind an unchanged ``model.generate``."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from vtoken import ConfigError, Plugin, UnsupportedInputError
+from vtoken.session import IMAGE_INPUTS
+from vtoken_plugins.region_proposal.config import RegionProposalConfig
+from vtoken_plugins.region_proposal.crops import crop_image
+from vtoken_plugins.region_proposal.grid import Grid, first_image_grids
+from vtoken_plugins.region_proposal.originals import Originals
+from vtoken_plugins.region_proposal.postprocess import Box, boxes_from_map
+from vtoken_plugins.region_proposal.propose import region_maps
+from vtoken_plugins.region_proposal.splice import PER_TOKEN, Crop, check_family, crop_tokens, splice
+from vtoken_plugins.region_proposal.twig import Twig
+from vtoken_plugins.region_proposal.weights import find_twig
+
+MODEL_INPUTS = ("input_ids", *PER_TOKEN, "pixel_values", *IMAGE_INPUTS)
+
+
+class RegionProposal(Plugin):
+    """SD-RPN (Shi et al., 2025, arXiv:2509.16944): a partial pass (layers before ``K``, then a
+    trained twig) gives a region-of-interest map of the question; up to ``max_boxes`` crops of the
+    original image join the prompt as extra images after the first image; the answer is decoded as
+    usual. ``proposer="attention"`` reads the unmodified model's attention instead (ViCrop-style,
+    training-free). Attach with the processor: ``vtoken.attach(model, RegionProposal(),
+    processor=processor)``; the returned sequences start with the caller's own prompt.
+
+    Example:
+        >>> vtoken.attach(model, RegionProposal(proposer="attention", max_boxes=1), processor=proc)  # doctest: +SKIP
+    """
+
+    name = "region_proposal"
+    config_class = RegionProposalConfig
+    knobs = ("proposer", "threshold", "max_boxes")
+    config: RegionProposalConfig
+
+    def __init__(self, config: RegionProposalConfig | None = None, /, **overrides: Any) -> None:
+        super().__init__(config, **overrides)
+        self.reset(None)
+
+    def reset(self, state) -> None:
+        """Forget the last call's proposals (not while this plugin restarts the prompt itself)."""
+        if getattr(self, "_restarting", False):
+            return
+        self.maps: list[Tensor | None] = []  # per row, the (h, w) map in [0, 1]
+        self.boxes: list[list[Box]] = []  # per row, grid boxes (empty: no crop)
+        self.crops: list[list[tuple[int, ...]]] = []  # per row, crop boxes in original pixels
+        self.proposals: list[list[tuple[float, ...]]] = []  # per row, the grid boxes in original pixels
+        self.proposal_s = 0.0
+
+    @classmethod
+    def do_nothing(cls) -> RegionProposalConfig:
+        """No proposal: ``generate`` is transformers' own."""
+        return RegionProposalConfig(proposer="none")
+
+    def check_model(self, parts) -> None:
+        super().check_model(parts)
+        if self.config.proposer != "none":
+            check_family(parts)
+
+    def setup(self, session) -> None:
+        if self.config.proposer == "none":
+            return
+        if session.processor is None:
+            raise ConfigError(
+                "region_proposal crops the original images: attach it with the model's processor, "
+                "vtoken.attach(model, plugins, processor=processor)."
+            )
+        parts = session.parts
+        self.originals = Originals(session.processor, session.patcher)
+        if self.config.proposer == "twig":
+            self.twig, self.branch, self.twig_info = find_twig(parts, session.model.config, self.config.weights)
+        else:
+            layer = self.config.label_layer
+            if layer is None:
+                raise ConfigError("region_proposal.proposer='attention' needs label_layer (the layer to read).")
+            if layer >= parts.num_layers:
+                raise ConfigError(f"region_proposal.label_layer={layer}: the model has {parts.num_layers} layers.")
+            self.twig, self.branch, self.twig_info = Twig([parts.layers[layer]]).eval(), layer, {}
+
+    def generate(self, base_generate: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.config.proposer == "none":
+            return base_generate(*args, **kwargs)
+        if args:  # input_ids given by position
+            kwargs = {"input_ids": args[0], **kwargs}
+        inputs = {k: kwargs[k] for k in MODEL_INPUTS if kwargs.get(k) is not None}
+        if "input_ids" not in inputs:
+            raise UnsupportedInputError("region_proposal needs input_ids (with pixel_values), not inputs_embeds.")
+        if "pixel_values" not in inputs:  # a text-only prompt: nothing to crop
+            return base_generate(**kwargs)
+        started = time.perf_counter()
+        session = self.session
+        images = self.originals.find(inputs["pixel_values"])
+        per_row = [int(n) for n in session.state.layout.num_images.tolist()]
+        grids = first_image_grids(session.parts, session.state.layout, inputs, per_row)
+        with torch.no_grad():
+            self.maps = region_maps(session.parts, self.twig, self.branch, inputs, grids, self.config.proposer)
+        self.boxes = [boxes_from_map(m, self.config.rules) if m is not None else [] for m in self.maps]
+        crops = self._crops(images, grids, per_row)
+        self.proposal_s = time.perf_counter() - started
+        if not crops:
+            return base_generate(**kwargs)
+        pad = getattr(getattr(session.processor, "tokenizer", None), "pad_token_id", None) or 0
+        ends = [self._block_end(b) if grid is not None else 0 for b, grid in enumerate(grids)]
+        new = splice(session.parts, inputs, ends, crops, per_row, pad)
+        self._restarting = True
+        try:
+            session.restart_prompt(new)
+        finally:
+            self._restarting = False
+        output = base_generate(**{**kwargs, **new})
+        return _with_prompt(output, inputs["input_ids"], new["input_ids"].shape[1])
+
+    def _crops(self, images: list, grids: list[Grid | None], per_row: list[int]) -> list[Crop]:
+        """The crops of each row's first original image for its boxes."""
+        out, self.crops, self.proposals = [], [], []
+        image_processor = self.originals.image_processor
+        for b, (boxes, grid) in enumerate(zip(self.boxes, grids)):
+            row_crops, row_proposals = [], []
+            for box in boxes:
+                image = images[sum(per_row[:b])]
+                crop, pixels, proposal = crop_image(
+                    image, box, (grid.height, grid.width), image_processor, self.config.crop_scale, self.config.crop_min
+                )
+                processed = self.originals.preprocess(crop)
+                out.append(Crop(b, processed, crop_tokens(self.session.parts, processed)))
+                row_crops.append(pixels)
+                row_proposals.append(proposal)
+            self.crops.append(row_crops)
+            self.proposals.append(row_proposals)
+        return out
+
+    def _block_end(self, row: int) -> int:
+        """Index after the first image's block in a row (Qwen: after ``<|vision_end|>``)."""
+        layout = self.session.state.layout
+        last = int(layout.positions[row][layout.segments[row] == 0].max())
+        return last + (2 if self.session.parts.spec.rope == "mrope" else 1)
+
+    def report_extras(self) -> dict[str, Any]:
+        """Per row the grid boxes, the same in original pixels (``proposals``) and the crops (original
+        pixels), the share of rows cropped and the proposal's wall time (partial pass,
+        post-processing, cropping)."""
+        rows = len(self.boxes)
+        return {
+            "boxes": [list(map(list, b)) for b in self.boxes],
+            "proposals": [[[round(v, 1) for v in box] for box in row] for row in self.proposals],
+            "crops": [list(map(list, c)) for c in self.crops],
+            "cropped_share": sum(bool(b) for b in self.boxes) / rows if rows else 0.0,
+            "proposal_s": self.proposal_s,
+        }
+
+
+def _with_prompt(output: Any, prompt: Tensor, new_width: int) -> Any:
+    """``generate``'s output with the caller's prompt in front of the new tokens."""
+    if isinstance(output, Tensor):
+        return torch.cat([prompt.to(output.device), output[:, new_width:]], 1)
+    output.sequences = torch.cat([prompt.to(output.sequences.device), output.sequences[:, new_width:]], 1)
+    return output

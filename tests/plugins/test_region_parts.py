@@ -1,0 +1,183 @@
+"""region_proposal's parts: label rules, post-processing, the partial pass, crop geometry, splicing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import image, make_inputs, tiny
+from PIL import Image
+from transformers import CLIPImageProcessor, LlavaImageProcessor, SiglipImageProcessor
+
+from vtoken.families import locate_parts
+from vtoken.layout import VisualLayout
+from vtoken.tiny import TINY_FAMILIES, tiny_prompt
+from vtoken_plugins.region_proposal.crops import box_to_pixels, crop_square, view_kind, view_region
+from vtoken_plugins.region_proposal.grid import first_image_grids
+from vtoken_plugins.region_proposal.labels import IGNORE, LabelRules, pseudo_labels
+from vtoken_plugins.region_proposal.postprocess import BoxRules, boxes_from_map
+from vtoken_plugins.region_proposal.propose import region_maps
+from vtoken_plugins.region_proposal.splice import SPLICED, Crop, crop_tokens, splice
+from vtoken_plugins.region_proposal.twig import Twig, run_to_layer
+
+
+def test_label_rules_on_a_hand_computed_grid():
+    g = torch.zeros(6, 6)
+    g[1, 1], g[1, 2], g[2, 1] = 1.0, 0.5, 0.3  # foreground: > 0.2 (the box rows 1-2, cols 1-2)
+    g[2, 2] = 0.15  # inside the box, not foreground: ignored
+    g[4, 4] = 0.15  # outside the box but >= 0.1: ignored
+    g[5, 0] = 0.05  # outside, < 0.1: background
+    labels, why = pseudo_labels(g, None, LabelRules(label_layer=0))
+    expected = torch.zeros(6, 6, dtype=torch.long)
+    expected[1, 1] = expected[1, 2] = expected[2, 1] = 1
+    expected[2, 2] = expected[4, 4] = IGNORE
+    assert why == "" and torch.equal(labels, expected)
+    sink = torch.zeros(6, 6)
+    sink[1, 1] = 0.03  # >= 0.576 / 36 = 0.016: an attention sink, zeroed before the rules
+    labels, _ = pseudo_labels(g, sink, LabelRules(label_layer=0))
+    assert labels[1, 1] == IGNORE and labels[1, 2] == 1  # the peak is now 0.5: 0.3 > 0.1 stays
+    wide = torch.zeros(6, 6)
+    wide[0, 0] = wide[4, 4] = 1.0  # the box covers 25 of 36 cells
+    assert pseudo_labels(wide, None, LabelRules(label_layer=0)) == (None, "box too large")
+    assert pseudo_labels(torch.zeros(6, 6), None, LabelRules(label_layer=0)) == (None, "empty map")
+
+
+def _blobs(*boxes: tuple[int, ...], size: int = 24) -> torch.Tensor:
+    """A map with ``(x0, y0, x1, y1[, value])`` blocks (value 1 by default)."""
+    grid = torch.zeros(size, size)
+    for x0, y0, x1, y1, *value in boxes:
+        grid[y0:y1, x0:x1] = value[0] if value else 1.0
+    return grid
+
+
+# The 3x3 Gaussian (sigma 1) puts 0.452 of a cell's mass on itself and 0.274 on each neighbour per
+# axis: a solid block at 1.0 grows by one cell on each side (0.274 > 0.15), a lone cell keeps only
+# its centre (0.204), a pair at 0.6 keeps only itself (0.197; its neighbours 0.119).
+@pytest.mark.parametrize(
+    "blobs, expected",
+    [
+        ((), []),
+        (((2, 2, 6, 5),), [(1, 1, 7, 6)]),
+        (((2, 2, 6, 5), (14, 14, 18, 18)), [(1, 1, 7, 6), (13, 13, 19, 19)]),
+        (((2, 2, 6, 5), (14, 14, 18, 18), (2, 18, 5, 21)), []),  # three boxes: no crop
+        (((10, 10, 11, 11),), []),  # one cell over the threshold: noise
+        (((10, 10, 12, 11, 0.6),), [(9, 9, 12, 12)]),  # two cells: grown to 3x3 around the centre
+        (((0, 0, 20, 20),), []),  # 21 cells wide once blurred, over 15 of 24: not a region
+        (((0, 0, 2, 1, 0.6),), [(0, 0, 3, 3)]),  # three cells at the corner: grown inside the grid
+    ],
+)
+def test_post_processing_on_synthetic_maps(blobs, expected):
+    assert boxes_from_map(_blobs(*blobs), BoxRules(threshold=0.15)) == expected
+
+
+def test_a_single_cell_over_the_threshold_stays_a_one_cell_blob_and_is_dropped():
+    grid = _blobs((10, 10, 11, 11))
+    assert boxes_from_map(grid, BoxRules(blur_sigma=0.0, threshold=0.5)) == []  # min_cells 2
+    assert boxes_from_map(grid, BoxRules(blur_sigma=0.0, threshold=0.5, min_cells=1)) == [(9, 9, 12, 12)]
+
+
+def test_boxes_come_best_first():
+    grid = _blobs((2, 2, 6, 5, 0.5), (14, 14, 18, 18))
+    assert boxes_from_map(grid, BoxRules()) == [(13, 13, 19, 19), (2, 2, 6, 5)]  # at 0.5 it does not grow
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_attention_proposer_reads_the_models_own_attention(family):
+    """A one-layer copy of layer K after the partial pass gives eager attention's row exactly."""
+    model, processor = tiny(family, "eager")
+    parts = locate_parts(model)
+    inputs = make_inputs(family, processor, batch=True)
+    length = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        reference = model(**inputs, output_attentions=True).attentions[1][:, :, -1]  # (B, H, L)
+        _, every = Twig([parts.layers[1]])(
+            run_to_layer(parts, inputs, 1), torch.full((2,), length - 1), torch.zeros(2, 1, dtype=torch.long)
+        )
+    weights = every.masked_fill(~inputs["attention_mask"].bool()[:, None], float("-inf")).softmax(-1)
+    assert torch.allclose(weights, reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_the_partial_pass_runs_no_layer_beyond_the_twig(family):
+    model, processor = tiny(family)
+    parts = locate_parts(model)
+    inputs = make_inputs(family, processor, batch=False)
+    twig = Twig([parts.layers[1], parts.layers[2]])
+    ran: list[str] = []
+    # a layer's first sub-module, so that a pre-hook fires only if the layer's own code runs
+    watched = {f"layer{i}": layer.input_layernorm for i, layer in enumerate(parts.layers)}
+    watched |= {"norm": parts.language_model.norm, "head": model.get_output_embeddings()}
+    watched |= {f"twig{i}": layer.input_layernorm for i, layer in enumerate(twig.layers)}
+    watched["twig_last_mlp"] = twig.layers[-1].mlp
+    handles = [m.register_forward_pre_hook(lambda *_, n=name: ran.append(n)) for name, m in watched.items()]
+    try:
+        layout = VisualLayout.from_input_ids(inputs["input_ids"], parts.image_token_ids, parts.tokens_per_image)
+        grids = first_image_grids(parts, layout, inputs, [1])
+        with torch.no_grad():
+            maps = region_maps(parts, twig, 1, inputs, grids, "twig")
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran == ["layer0", "twig0", "twig1"]  # layers 1.. of the model, its norm and head: never
+    assert maps[0].shape == (grids[0].height, grids[0].width) and 0 <= float(maps[0].min())
+
+
+def _marker_image(width: int, height: int, x: int, y: int) -> Image.Image:
+    array = np.full((height, width, 3), 128, dtype=np.uint8)
+    array[y - 6 : y + 6, x - 6 : x + 6] = (255, 0, 0)
+    return Image.fromarray(array)
+
+
+@pytest.mark.parametrize(
+    "processor, kind",
+    [
+        (CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}), "center_crop"),
+        (LlavaImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}, do_pad=True, do_center_crop=False), "pad"),
+        (SiglipImageProcessor(size={"height": 48, "width": 48}), "whole"),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("width, height, x, y", [(160, 96, 100, 40), (96, 160, 30, 110), (160, 96, 20, 80)])
+def test_grid_cells_map_back_to_the_right_original_pixels(processor, kind, width, height, x, y):
+    """Where the processor put a red marker, that cell maps back onto the marker in the original."""
+    assert view_kind(processor) == kind
+    view = processor(images=[_marker_image(width, height, x, y)], return_tensors="pt")["pixel_values"][0]
+    red = (view[0] > 0.5) & (view[1] < -0.5)  # (48, 48) normalised: red high, green low
+    if not bool(red.any()):  # center crop cut the marker off: it lies outside the mapped region
+        region = view_region(kind, width, height, processor)
+        assert not (region[0] <= x < region[2] and region[1] <= y < region[3])
+        return
+    rows, cols = red.nonzero().float().mean(0).tolist()
+    cell = (int(cols // 4), int(rows // 4))  # a 12 x 12 grid on the 48-pixel view
+    x0, y0, x1, y1 = box_to_pixels((*cell, cell[0] + 1, cell[1] + 1), (12, 12), view_region(kind, width, height, processor))
+    assert x0 - 1 <= x <= x1 + 1 and y0 - 1 <= y <= y1 + 1
+
+
+def test_crop_squares_stay_inside_and_keep_the_bundled_models_rule():
+    from vtoken.zoo.scenes import crop_box
+
+    for box in [(0, 0, 40, 40), (300, 320, 384, 384), (100, 100, 208, 208)]:
+        assert crop_square(box, 384, 384, 1.25, 0.25) == crop_box(box)
+    left, top, right, bottom = crop_square((150, 10, 170, 30), 200, 100, 1.25, 0.25)
+    assert right - left == bottom - top == 25 and 0 <= left and right <= 200 and (left, top) == (148, 8)
+
+
+@pytest.mark.parametrize("family", SPLICED)
+def test_spliced_inputs_equal_the_processors_two_image_prompt(family):
+    model, processor = tiny(family)
+    parts = locate_parts(model)
+    first, crop = image(0, 40, 56), image(5, 24, 24)
+    one = tiny_prompt(family, "what colour is the circle ?")
+    mark = "<|vision_start|><|image_pad|><|vision_end|>" if family.startswith("qwen") else "<image>"
+    two = one.replace(mark, mark + mark, 1)
+    processor.tokenizer.padding_side = "left"
+    single = dict(processor(images=[[first]], text=[one], return_tensors="pt"))
+    double = dict(processor(images=[[first, crop]], text=[two], return_tensors="pt"))
+    single.pop("labels", None), double.pop("labels", None)  # PaliGemma's, for training only
+    pixels = {k: v for k, v in processor.image_processor([crop], return_tensors="pt").items() if torch.is_tensor(v)}
+    layout = VisualLayout.from_input_ids(single["input_ids"], parts.image_token_ids, parts.tokens_per_image)
+    end = int(layout.positions[0][layout.segments[0] == 0].max()) + (2 if family.startswith("qwen") else 1)
+    pad = processor.tokenizer.pad_token_id or 0
+    spliced = splice(parts, single, [end], [Crop(0, pixels, crop_tokens(parts, pixels))], [1], pad)
+    assert set(spliced) == set(double)
+    for key, value in double.items():
+        assert torch.equal(spliced[key], value), key
