@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import gradio as gr
+import numpy as np
 from PIL import Image
 
 import vtoken
@@ -210,6 +211,17 @@ def charts_image(plugins: Sequence[vtoken.Plugin]) -> Image.Image | None:
     return Image.open(buffer)
 
 
+def side_by_side(images: Sequence[Image.Image | None], height: int = 288) -> Image.Image | None:
+    """The given images scaled to one height and joined left to right (``None`` when none)."""
+    images = [i.resize((max(1, round(i.width * height / i.height)), height)) for i in images if i is not None]
+    if not images:
+        return None
+    out = Image.new("RGB", (sum(i.width for i in images), height), "white")
+    for x, picture in zip(np.cumsum([0] + [i.width for i in images[:-1]]), images):
+        out.paste(picture.convert("RGB"), (int(x), 0))
+    return out
+
+
 def compare(
     models: Models, spec: str, image: Any, question: str, layer: int, knobs, values, max_new_tokens: int = 48
 ):
@@ -234,7 +246,7 @@ def compare(
         raise gr.Error(str(exc)) from None
     layer = min(max(int(layer), 0), plugged.kept.shape[0] - 1)
     heatmap = kept_heatmap(image, plugged.kept[layer], plugged.grid)
-    details = charts_image(stack)
+    details = side_by_side([o for p in stack if (o := p.overlay(image)) is not None] + [charts_image(stack)])
     marks = token_marks(processor, stack)
     return base.text, plugged.text, heatmap, stats_rows(base, plugged), details, marks, (image, plugged)
 
@@ -340,7 +352,10 @@ def build_demo(
                 stats = gr.Dataframe(
                     headers=["metric", "baseline", "plugged", "ratio"], label="costs", elem_id="stats"
                 )
-                details = gr.Image(label="plugin details (last generation)", elem_id="details")
+                details = gr.Image(
+                    label="plugin details (last generation: what the plugins found, their charts)",
+                    elem_id="details",
+                )
                 marks = gr.HighlightedText(
                     label="answer with plugins, token by token (spec_decoding: the draft's accepted tokens)",
                     elem_id="marks", combine_adjacent=True, color_map={"draft": "green", "target": "gray"},

@@ -61,8 +61,8 @@ def ask(
     """
     family = vtoken.resolve_family(model).name
     prompt = build_prompt(processor, family, question)
-    inputs = to_model(processor(images=[[image]], text=[prompt], return_tensors="pt"), model)
-    with vtoken.attach(model, plugins) as session, torch.no_grad():
+    with vtoken.attach(model, plugins, processor=processor) as session, torch.no_grad():
+        inputs = to_model(processor(images=[[image]], text=[prompt], return_tensors="pt"), model)
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         kept = session.kept_visual(0)
         segments = session.state.layout.segments[0]

@@ -16,6 +16,7 @@ Override points:
     - :meth:`Plugin.report_extras` - the plugin's own measurements in the session's report;
     - :meth:`Plugin.charts` - figures about the last generation for user interfaces;
     - :meth:`Plugin.token_marks` - labels on the generated tokens for user interfaces;
+    - :meth:`Plugin.overlay` - what the plugin found, drawn on the input image, for user interfaces;
     - :meth:`Plugin.setup` - anything else, through the session's :class:`~vtoken.patch.Patcher`.
 """
 
@@ -36,6 +37,8 @@ from vtoken.state import RunState
 AttentionFunction = Callable[..., tuple[Tensor, Tensor | None]]
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from vtoken.runtime import PruneView
     from vtoken.session import Session
 
@@ -197,6 +200,12 @@ class Plugin:
         """The last generation's first row token by token, as ``(token id, label or None)``, for
         interfaces that highlight tokens (e.g. which tokens a draft proposed); ``[]`` for none."""
         return []
+
+    def overlay(self, image: Image.Image) -> Image.Image | None:
+        """``image`` (the first row's input image) with what the plugin found on it in the last
+        generation drawn over it (e.g. ``region_proposal``'s map and boxes), for interfaces; ``None``
+        for nothing to draw."""
+        return None
 
     def charts(self) -> dict[str, dict[str, float]]:
         """What a user interface should plot about the last generation, as ``{title: {label:

@@ -34,6 +34,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "token_pruning": "vtoken_plugins.token_pruning:TokenPruning",
     "zipvl": "vtoken_plugins.zipvl:ZipVL",
     "spec_decoding": "vtoken_plugins.spec_decoding:SpecDecoding",
+    "region_proposal": "vtoken_plugins.region_proposal:RegionProposal",
 }
 
 _RUNTIME: dict[str, str | type[Plugin]] = {}

@@ -8,10 +8,6 @@ import torch
 from conftest import image, make_inputs, tiny
 from PIL import Image
 from transformers import CLIPImageProcessor, LlavaImageProcessor, SiglipImageProcessor
-
-from vtoken.families import locate_parts
-from vtoken.layout import VisualLayout
-from vtoken.tiny import TINY_FAMILIES, tiny_prompt
 from vtoken_plugins.region_proposal.crops import box_to_pixels, crop_square, view_kind, view_region
 from vtoken_plugins.region_proposal.grid import first_image_grids
 from vtoken_plugins.region_proposal.labels import IGNORE, LabelRules, pseudo_labels
@@ -19,6 +15,10 @@ from vtoken_plugins.region_proposal.postprocess import BoxRules, boxes_from_map
 from vtoken_plugins.region_proposal.propose import region_maps
 from vtoken_plugins.region_proposal.splice import SPLICED, Crop, crop_tokens, splice
 from vtoken_plugins.region_proposal.twig import Twig, run_to_layer
+
+from vtoken.families import locate_parts
+from vtoken.layout import VisualLayout
+from vtoken.tiny import TINY_FAMILIES, tiny_prompt
 
 
 def test_label_rules_on_a_hand_computed_grid():
@@ -111,7 +111,9 @@ def test_the_partial_pass_runs_no_layer_beyond_the_twig(family):
     watched["twig_last_mlp"] = twig.layers[-1].mlp
     handles = [m.register_forward_pre_hook(lambda *_, n=name: ran.append(n)) for name, m in watched.items()]
     try:
-        layout = VisualLayout.from_input_ids(inputs["input_ids"], parts.image_token_ids, parts.tokens_per_image)
+        layout = VisualLayout.from_input_ids(
+            inputs["input_ids"], parts.image_token_ids, parts.tokens_per_image
+        )
         grids = first_image_grids(parts, layout, inputs, [1])
         with torch.no_grad():
             maps = region_maps(parts, twig, 1, inputs, grids, "twig")
@@ -128,14 +130,17 @@ def _marker_image(width: int, height: int, x: int, y: int) -> Image.Image:
     return Image.fromarray(array)
 
 
+SQUARE = dict(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+
+
 @pytest.mark.parametrize(
     "processor, kind",
     [
-        (CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}), "center_crop"),
-        (LlavaImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48}, do_pad=True, do_center_crop=False), "pad"),
+        (CLIPImageProcessor(**SQUARE), "center_crop"),
+        (LlavaImageProcessor(**SQUARE, do_pad=True, do_center_crop=False), "pad"),
         (SiglipImageProcessor(size={"height": 48, "width": 48}), "whole"),
     ],
-)  # fmt: skip
+)
 @pytest.mark.parametrize("width, height, x, y", [(160, 96, 100, 40), (96, 160, 30, 110), (160, 96, 20, 80)])
 def test_grid_cells_map_back_to_the_right_original_pixels(processor, kind, width, height, x, y):
     """Where the processor put a red marker, that cell maps back onto the marker in the original."""
@@ -148,7 +153,9 @@ def test_grid_cells_map_back_to_the_right_original_pixels(processor, kind, width
         return
     rows, cols = red.nonzero().float().mean(0).tolist()
     cell = (int(cols // 4), int(rows // 4))  # a 12 x 12 grid on the 48-pixel view
-    x0, y0, x1, y1 = box_to_pixels((*cell, cell[0] + 1, cell[1] + 1), (12, 12), view_region(kind, width, height, processor))
+    x0, y0, x1, y1 = box_to_pixels(
+        (*cell, cell[0] + 1, cell[1] + 1), (12, 12), view_region(kind, width, height, processor)
+    )
     assert x0 - 1 <= x <= x1 + 1 and y0 - 1 <= y <= y1 + 1
 
 
@@ -173,7 +180,9 @@ def test_spliced_inputs_equal_the_processors_two_image_prompt(family):
     single = dict(processor(images=[[first]], text=[one], return_tensors="pt"))
     double = dict(processor(images=[[first, crop]], text=[two], return_tensors="pt"))
     single.pop("labels", None), double.pop("labels", None)  # PaliGemma's, for training only
-    pixels = {k: v for k, v in processor.image_processor([crop], return_tensors="pt").items() if torch.is_tensor(v)}
+    pixels = {
+        k: v for k, v in processor.image_processor([crop], return_tensors="pt").items() if torch.is_tensor(v)
+    }
     layout = VisualLayout.from_input_ids(single["input_ids"], parts.image_token_ids, parts.tokens_per_image)
     end = int(layout.positions[0][layout.segments[0] == 0].max()) + (2 if family.startswith("qwen") else 1)
     pad = processor.tokenizer.pad_token_id or 0
@@ -181,3 +190,29 @@ def test_spliced_inputs_equal_the_processors_two_image_prompt(family):
     assert set(spliced) == set(double)
     for key, value in double.items():
         assert torch.equal(spliced[key], value), key
+
+
+def test_the_label_builder_reads_questions_and_images_never_the_boxes(tmp_path):
+    import json
+
+    from vtoken_plugins.region_proposal.labels import build
+
+    model, processor = tiny("llava")
+    image(0, 40, 56).save(tmp_path / "a.png")
+    image(1, 64, 32).save(tmp_path / "b.png")
+    outputs = []
+    for boxes in ([[0, 0, 5, 5], [1, 1, 9, 9]], [[30, 20, 40, 40], None]):
+        rows = [
+            {"image": name, "question": "what colour is the circle ?", "answer": "red", "bbox": box}
+            for name, box in zip(("a.png", "b.png"), boxes)
+        ]
+        data = tmp_path / "data.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        out = tmp_path / f"labels{len(outputs)}.jsonl"
+        build(model, processor, str(data), str(out), LabelRules(label_layer=1, sink_layer=0), resume=False)
+        outputs.append([{k: v for k, v in json.loads(line).items()} for line in out.read_text().splitlines()])
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 2
+    line = outputs[0][0]
+    assert line["grid"] == [4, 4] and (line["labels"] is None) == bool(line["dropped"])
+    if line["labels"] is not None:
+        assert set(line["labels"]) <= {IGNORE, 0, 1} and 1 in line["labels"]

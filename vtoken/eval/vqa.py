@@ -252,7 +252,7 @@ def _answer_all(model, processor, items, runs: dict[str, tuple[list, RunStats]],
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
     for batch in tqdm(batches, desc="vqa", unit="batch"):
         for stack, stats in runs.values():
-            with vtoken.attach(model, stack) as session:
+            with vtoken.attach(model, stack, processor=processor) as session:
                 stats.answers += _answer(model, processor, family, batch, max_new_tokens)
                 stats.reports.append(session.report())
 

@@ -4,7 +4,8 @@ On a VQA JSONL with boxes (the bundled split: ``vtoken zoo export-split``), ever
 answered by each arm back to back (order rotated per question), batch 1, greedy:
 
 - ``base``: the image alone; ``gt``: the image plus the square crop around the ground-truth box
-  (the same crop rule as the plugin's);
+  (the same crop rule as the plugin's); ``gt_shift{s}`` (with ``--gt-shifts``): that crop moved by
+  ``s`` pixels right and down (how precisely must a crop sit for this model?);
 - ``attention``: the plugin with the unmodified model's attention at ``label_layer``;
 - ``twig``: the plugin with the trained twig (SD-RPN).
 
@@ -49,7 +50,15 @@ def _answer(model, processor, images: list, text: str, new_tokens: int) -> tuple
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
     seconds = time.perf_counter() - started
-    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip(), seconds
+    return processor.tokenizer.decode(
+        out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+    ).strip(), seconds
+
+
+def _shifted(box: tuple[int, ...], by: int, width: int, height: int) -> tuple[int, ...]:
+    """``box`` moved ``by`` pixels right and down, kept inside the image."""
+    dx, dy = min(by, width - box[2]), min(by, height - box[3])
+    return box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy
 
 
 def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
@@ -59,24 +68,29 @@ def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return w * h / union if union > 0 else 0.0
 
 
-def run(model, processor, items: list[VQAItem], configs: dict[str, RegionProposalConfig], new_tokens: int) -> dict:
+def run(
+    model, processor, items: list[VQAItem], configs: dict[str, RegionProposalConfig], new_tokens: int,
+    arms: tuple[str, ...] = ARMS,
+) -> dict:  # fmt: skip
     """Answers, times, crops and IoUs of every arm on every item (see the module)."""
     family = locate_parts(model).spec.name
-    out: dict[str, dict[str, list]] = {arm: defaultdict(list) for arm in ARMS}
+    out: dict[str, dict[str, list]] = {arm: defaultdict(list) for arm in arms}
     for k, item in enumerate(tqdm(items, desc="region proposal bench")):
         image = load_image(item.image)
-        order = ARMS[k % len(ARMS) :] + ARMS[: k % len(ARMS)]
+        order = arms[k % len(arms) :] + arms[: k % len(arms)]
         for arm in order:
             record = out[arm]
-            if arm in ("base", "gt"):
+            if arm == "base" or arm.startswith("gt"):
                 images = [image]
-                if arm == "gt":
-                    box = crop_square(item.bbox, image.width, image.height, configs["twig"].crop_scale, configs["twig"].crop_min)
-                    images.append(image.crop(box))
+                if arm.startswith("gt") and item.bbox is not None:  # whole-scene questions have no box
+                    rule = configs["twig"]
+                    box = crop_square(item.bbox, image.width, image.height, rule.crop_scale, rule.crop_min)
+                    moved = _shifted(box, int(arm[8:] or 0), image.width, image.height)
+                    images.append(image.crop(moved))
                 text = build_prompt(processor, family, item.question, n_images=len(images))
                 answer, seconds = _answer(model, processor, images, text, new_tokens)
-                record["cropped"].append(arm == "gt")
-                record["iou"].append(1.0 if arm == "gt" else 0.0)
+                record["cropped"].append(len(images) > 1)
+                record["iou"].append(_iou(moved, box) if len(images) > 1 else 0.0)  # of the crops
             else:
                 with vtoken.attach(model, RegionProposal(configs[arm]), processor=processor) as session:
                     text = build_prompt(processor, family, item.question)
@@ -91,9 +105,10 @@ def run(model, processor, items: list[VQAItem], configs: dict[str, RegionProposa
 
 
 def summarize(items: list[VQAItem], out: dict, fine: str) -> dict[str, Any]:
+    arms = tuple(out)
     """Per arm and family (the fine-grained one, and the others together): accuracy, paired
     difference to the base view, crop rate, IoU, time ratio."""
-    scores = {arm: np.asarray(question_scores(items, out[arm]["answer"])) for arm in ARMS}
+    scores = {arm: np.asarray(question_scores(items, out[arm]["answer"])) for arm in arms}
     groups = {"fine": [i for i, it in enumerate(items) if it.family == fine]}
     groups["others"] = [i for i, it in enumerate(items) if it.family != fine]
     summary: dict[str, Any] = {}
@@ -105,9 +120,12 @@ def summarize(items: list[VQAItem], out: dict, fine: str) -> dict[str, Any]:
         picks = draws([len(v) for v in by_family.values()])
         base_seconds = np.asarray(out["base"]["seconds"])[index]
         section = {}
-        for arm in ARMS:
+        for arm in arms:
             acc = mean_of_groups({f: scores[arm][v] for f, v in by_family.items()})
-            diff = [scores[arm][v][p].mean(1) - scores["base"][v][p].mean(1) for v, p in zip(by_family.values(), picks)]
+            diff = [
+                scores[arm][v][p].mean(1) - scores["base"][v][p].mean(1)
+                for v, p in zip(by_family.values(), picks)
+            ]
             diff = np.mean(diff, axis=0)
             point = np.mean([scores[arm][v].mean() - scores["base"][v].mean() for v in by_family.values()])
             cropped = np.asarray(out[arm]["cropped"])[index]
@@ -116,7 +134,8 @@ def summarize(items: list[VQAItem], out: dict, fine: str) -> dict[str, Any]:
                 "accuracy": [acc.value, acc.low, acc.high], "questions": acc.n,
                 "minus_base": [float(point), *map(float, np.percentile(diff, [2.5, 97.5]))],
                 "cropped_share": float(cropped.mean()),
-                "iou_all": float(iou.mean()), "iou_cropped": float(iou[cropped].mean()) if cropped.any() else None,
+                "iou_all": float(iou.mean()),
+                "iou_cropped": float(iou[cropped].mean()) if cropped.any() else None,
                 "time_vs_base": float(np.median(np.asarray(out[arm]["seconds"])[index] / base_seconds)),
                 "per_family": {f: float(scores[arm][v].mean()) for f, v in by_family.items()},
             }  # fmt: skip
@@ -125,7 +144,9 @@ def summarize(items: list[VQAItem], out: dict, fine: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="synth-llava-tiny-crops")
     parser.add_argument("--data", required=True, help="VQA JSONL with bbox (vtoken zoo export-split)")
     parser.add_argument("--fine", default="label", help="the fine-grained family")
@@ -135,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-boxes", type=int, default=1)
     parser.add_argument("--weights", default="auto", help="the twig's weights (see RegionProposalConfig)")
     parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--gt-shifts", default="", help="comma-separated pixel shifts of the GT crop")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="demos/results/region_proposal")
     args = parser.parse_args(argv)
@@ -148,10 +170,13 @@ def main(argv: list[str] | None = None) -> None:
             counts[item.family] += 1
             items.append(item)
     configs = {
-        "attention": RegionProposalConfig(proposer="attention", label_layer=args.label_layer, max_boxes=args.max_boxes),
+        "attention": RegionProposalConfig(
+            proposer="attention", label_layer=args.label_layer, max_boxes=args.max_boxes
+        ),
         "twig": RegionProposalConfig(proposer="twig", weights=args.weights, max_boxes=args.max_boxes),
     }
-    out = run(model, processor, items, configs, args.new_tokens)
+    shifts = tuple(f"gt_shift{int(v)}" for v in args.gt_shifts.split(",") if v)
+    out = run(model, processor, items, configs, args.new_tokens, ARMS + shifts)
     result = {
         "model": args.model, "data": args.data, "threads": torch.get_num_threads(), "fine": args.fine,
         "configs": {k: vars(v) for k, v in configs.items()}, "summary": summarize(items, out, args.fine),

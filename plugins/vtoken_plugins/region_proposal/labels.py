@@ -26,7 +26,7 @@ import argparse
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -99,7 +99,9 @@ class LabelRecorder(Plugin):
 
     def after_forward(self, state) -> None:
         if self.grids is None:
-            self.grids = first_image_grids(self.session.parts, state.layout, state.image_inputs, self.images_per_row)
+            self.grids = first_image_grids(
+                self.session.parts, state.layout, state.image_inputs, self.images_per_row
+            )
         for layer in self.steps:
             probe = state.probes[(layer, SPEC)]
             weights = probe.weights[:, :, -1]  # (B, H, T): the newest captured row
@@ -128,7 +130,9 @@ def item_labels(recorder: LabelRecorder, answer_tokens: int, ended: bool) -> tup
     return pseudo_labels(grounding, sink, rules)
 
 
-def build(model, processor, data: str, out: str, rules: LabelRules, resume: bool, max_new_tokens: int = 16) -> int:
+def build(
+    model, processor, data: str, out: str, rules: LabelRules, resume: bool, max_new_tokens: int = 16
+) -> int:
     """Write labels for every question of ``data`` to ``out`` (see the module); returns how many
     lines the file holds."""
     items = load_jsonl(data)
@@ -141,7 +145,12 @@ def build(model, processor, data: str, out: str, rules: LabelRules, resume: bool
         for index in tqdm(range(done, len(items)), initial=done, total=len(items), desc="pseudo labels"):
             item = items[index]
             image = load_image(item.image)
-            inputs = to_model(processor(images=[image], text=[build_prompt(processor, family, item.question)], return_tensors="pt"), model)
+            inputs = to_model(
+                processor(
+                    images=[image], text=[build_prompt(processor, family, item.question)], return_tensors="pt"
+                ),
+                model,
+            )
             recorder = LabelRecorder(rules, [1])
             with vtoken.attach(model, recorder):
                 output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
@@ -161,7 +170,9 @@ def build(model, processor, data: str, out: str, rules: LabelRules, resume: bool
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="a bundled model's name or a local model folder")
     parser.add_argument("--data", required=True, help="VQA JSONL (image, question)")
     parser.add_argument("--out", required=True, help="labels JSONL to write")

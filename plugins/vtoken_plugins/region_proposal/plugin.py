@@ -5,13 +5,15 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image, ImageDraw
 from torch import Tensor
 
 from vtoken import ConfigError, Plugin, UnsupportedInputError
 from vtoken.session import IMAGE_INPUTS
 from vtoken_plugins.region_proposal.config import RegionProposalConfig
-from vtoken_plugins.region_proposal.crops import crop_image
+from vtoken_plugins.region_proposal.crops import crop_image, view_kind, view_region
 from vtoken_plugins.region_proposal.grid import Grid, first_image_grids
 from vtoken_plugins.region_proposal.originals import Originals
 from vtoken_plugins.region_proposal.postprocess import Box, boxes_from_map
@@ -32,7 +34,8 @@ class RegionProposal(Plugin):
     processor=processor)``; the returned sequences start with the caller's own prompt.
 
     Example:
-        >>> vtoken.attach(model, RegionProposal(proposer="attention", max_boxes=1), processor=proc)  # doctest: +SKIP
+        >>> plugin = RegionProposal(proposer="attention", label_layer=2, max_boxes=1)
+        >>> vtoken.attach(model, plugin, processor=proc)  # doctest: +SKIP
     """
 
     name = "region_proposal"
@@ -75,13 +78,19 @@ class RegionProposal(Plugin):
         parts = session.parts
         self.originals = Originals(session.processor, session.patcher)
         if self.config.proposer == "twig":
-            self.twig, self.branch, self.twig_info = find_twig(parts, session.model.config, self.config.weights)
+            self.twig, self.branch, self.twig_info = find_twig(
+                parts, session.model.config, self.config.weights
+            )
         else:
             layer = self.config.label_layer
             if layer is None:
-                raise ConfigError("region_proposal.proposer='attention' needs label_layer (the layer to read).")
+                raise ConfigError(
+                    "region_proposal.proposer='attention' needs label_layer (the layer to read)."
+                )
             if layer >= parts.num_layers:
-                raise ConfigError(f"region_proposal.label_layer={layer}: the model has {parts.num_layers} layers.")
+                raise ConfigError(
+                    f"region_proposal.label_layer={layer}: the model has {parts.num_layers} layers."
+                )
             self.twig, self.branch, self.twig_info = Twig([parts.layers[layer]]).eval(), layer, {}
 
     def generate(self, base_generate: Any, *args: Any, **kwargs: Any) -> Any:
@@ -91,7 +100,9 @@ class RegionProposal(Plugin):
             kwargs = {"input_ids": args[0], **kwargs}
         inputs = {k: kwargs[k] for k in MODEL_INPUTS if kwargs.get(k) is not None}
         if "input_ids" not in inputs:
-            raise UnsupportedInputError("region_proposal needs input_ids (with pixel_values), not inputs_embeds.")
+            raise UnsupportedInputError(
+                "region_proposal needs input_ids (with pixel_values), not inputs_embeds."
+            )
         if "pixel_values" not in inputs:  # a text-only prompt: nothing to crop
             return base_generate(**kwargs)
         started = time.perf_counter()
@@ -100,7 +111,9 @@ class RegionProposal(Plugin):
         per_row = [int(n) for n in session.state.layout.num_images.tolist()]
         grids = first_image_grids(session.parts, session.state.layout, inputs, per_row)
         with torch.no_grad():
-            self.maps = region_maps(session.parts, self.twig, self.branch, inputs, grids, self.config.proposer)
+            self.maps = region_maps(
+                session.parts, self.twig, self.branch, inputs, grids, self.config.proposer
+            )
         self.boxes = [boxes_from_map(m, self.config.rules) if m is not None else [] for m in self.maps]
         crops = self._crops(images, grids, per_row)
         self.proposal_s = time.perf_counter() - started
@@ -126,7 +139,12 @@ class RegionProposal(Plugin):
             for box in boxes:
                 image = images[sum(per_row[:b])]
                 crop, pixels, proposal = crop_image(
-                    image, box, (grid.height, grid.width), image_processor, self.config.crop_scale, self.config.crop_min
+                    image,
+                    box,
+                    (grid.height, grid.width),
+                    image_processor,
+                    self.config.crop_scale,
+                    self.config.crop_min,
                 )
                 processed = self.originals.preprocess(crop)
                 out.append(Crop(b, processed, crop_tokens(self.session.parts, processed)))
@@ -141,6 +159,28 @@ class RegionProposal(Plugin):
         layout = self.session.state.layout
         last = int(layout.positions[row][layout.segments[row] == 0].max())
         return last + (2 if self.session.parts.spec.rope == "mrope" else 1)
+
+    def overlay(self, image: Image.Image) -> Image.Image | None:
+        """The first row's map (red, over the region the model's grid covers), its proposals
+        (yellow) and crops (blue) on ``image``."""
+        if not self.maps or self.maps[0] is None:
+            return None
+        heat = self.maps[0].clamp(0, 1).numpy()
+        processor = self.originals.image_processor
+        x0, y0, x1, y1 = view_region(view_kind(processor), image.width, image.height, processor)
+        size = (max(1, round(x1 - x0)), max(1, round(y1 - y0)))
+        alpha = Image.fromarray((heat * 160).astype(np.uint8)).resize(size, Image.BILINEAR)
+        out = image.convert("RGB")
+        layer = Image.new("L", out.size, 0)
+        layer.paste(alpha, (round(x0), round(y0)))
+        out = Image.composite(Image.new("RGB", out.size, (255, 0, 0)), out, layer)
+        draw = ImageDraw.Draw(out)
+        width = max(2, image.width // 150)
+        for box in self.proposals[0] if self.proposals else []:
+            draw.rectangle(box, outline=(255, 220, 0), width=width)
+        for box in self.crops[0] if self.crops else []:
+            draw.rectangle(box, outline=(0, 120, 255), width=width)
+        return out
 
     def report_extras(self) -> dict[str, Any]:
         """Per row the grid boxes, the same in original pixels (``proposals``) and the crops (original

@@ -107,7 +107,9 @@ def _pad(values: Tensor, width: int, fill: int, left: bool) -> Tensor:
     return torch.cat([pad, values] if left else [values, pad])
 
 
-def _images(out: dict[str, Any], inputs: dict[str, Any], crops: list[Crop], images_per_row: list[int]) -> dict[str, Any]:
+def _images(
+    out: dict[str, Any], inputs: dict[str, Any], crops: list[Crop], images_per_row: list[int]
+) -> dict[str, Any]:
     """Per-image inputs with each crop after its row's first image."""
     starts = [sum(images_per_row[:b]) for b in range(len(images_per_row))]
     by_image = {starts[c.row]: c for c in crops}

@@ -123,7 +123,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Twig
 
 
 def _checkpoint(path: Path, twig: Twig, optimizer, step: int, cfg: TrainConfig) -> None:
-    state = {"twig": twig.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": asdict(cfg)}
+    state = {
+        "twig": twig.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": step,
+        "config": asdict(cfg),
+    }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -160,7 +165,9 @@ def export(run_dir: str, out: str | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for name, default in vars(TrainConfig()).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default)
     parser.add_argument("--resume", action="store_true", help="continue from run-dir/last.pt")
