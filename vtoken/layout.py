@@ -19,10 +19,13 @@ class VisualLayout:
         positions: ``(B, N)`` long, index of each visual token in the row's ``input_ids``; ``-1`` pads.
         segments: ``(B, N)`` long, which image of the row each token belongs to (for Idefics3 /
             SmolVLM: which tile); ``-1`` pads.
+        frozen: ``(B, N)`` bool, True on visual tokens no plugin may drop (``region_proposal``'s
+            crops), or ``None`` for none.
     """
 
     positions: Tensor
     segments: Tensor
+    frozen: Tensor | None = None
 
     @property
     def mask(self) -> Tensor:
@@ -49,6 +52,13 @@ class VisualLayout:
         flags = self.positions.new_zeros((self.positions.shape[0], length + 1), dtype=torch.bool)
         flags.scatter_(1, self.positions.masked_fill(~self.mask, length), True)
         return flags[:, :length]
+
+    def is_prunable(self, length: int) -> Tensor:
+        """``(B, length)`` bool, True at the prompt positions of visual tokens that may be dropped."""
+        if self.frozen is None:
+            return self.is_visual(length)
+        kept = VisualLayout(self.positions.masked_fill(self.frozen, -1), self.segments)
+        return kept.is_visual(length)
 
     @classmethod
     def from_input_ids(

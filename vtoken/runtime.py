@@ -175,7 +175,7 @@ class TokenRuntime:
     def _decide(self, layer_idx: int, hidden: Tensor) -> Tensor:
         """Ask the plugins deciding at this layer; gather the kept tokens."""
         positions = self._current_positions(hidden)
-        prompt_visual = self.state.layout.is_visual(self.state.query_length).to(positions.device)
+        prompt_visual = self.state.layout.is_prunable(self.state.query_length).to(positions.device)
         prompt_visual[:, -1] = False  # the last token's logits give the first generated token: kept
         is_visual = prompt_visual.gather(-1, positions.clamp(min=0)) & (positions != PAD)
         visual, visual_pad = left_pack(is_visual)

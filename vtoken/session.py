@@ -9,6 +9,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import weakref
@@ -253,18 +254,34 @@ class Session:
         for plugin in self.plugins:
             plugin.reset(self.state)
 
-    def restart_prompt(self, inputs: dict[str, Any]) -> None:
+    def restart_prompt(self, inputs: dict[str, Any], frozen_images: list[list[int]] | None = None) -> None:
         """A plugin's ``generate`` rewrote the prompt (``region_proposal`` adds crops as images):
         find the new prompt's visual tokens and reset the plugins' per-prompt state again, before
-        the rewritten inputs' prefill."""
+        the rewritten inputs' prefill.
+
+        Args:
+            frozen_images: per row, the images (segments) whose visual tokens no plugin may drop.
+        """
         self._start_prompt(inputs.get("input_ids"), inputs)
+        layout = self.state.layout
+        if frozen_images is not None and layout is not None:
+            frozen = torch.zeros_like(layout.mask)
+            for row, images in enumerate(frozen_images):
+                for image in images:
+                    frozen[row] |= layout.segments[row] == image
+            self.state.layout = dataclasses.replace(layout, frozen=frozen)
 
     def _expand_prompt(self, ids: torch.Tensor) -> None:
         """generate() repeated each prompt row (beam search, ``num_return_sequences``) after the
         prompt started: the prefill's rows are the truth from here on."""
         factor = expansion_factor(ids, self.state.prompt_ids)
         self.state.prompt_ids, self.state.expansion = ids, factor
+        frozen = self.state.layout.frozen if self.state.layout is not None else None
         self.state.layout = self._layout(ids)
+        if frozen is not None:  # the rows repeat, so do their frozen images
+            self.state.layout = dataclasses.replace(
+                self.state.layout, frozen=frozen.repeat_interleave(factor, 0)
+            )
         self.recorder.on_expand(factor)
 
     def _layout(self, ids: torch.Tensor) -> VisualLayout:

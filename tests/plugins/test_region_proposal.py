@@ -78,6 +78,9 @@ def test_with_token_pruning_the_crops_are_in_the_layout_it_prunes(family):
     _, out, both = _plugged(model, processor, family, False, RegionProposal(**ALWAYS), pruning)
     assert both.extras["region_proposal"]["cropped_share"] == 1.0
     assert both.visual_tokens > alone.visual_tokens  # the crop's tokens joined the pruned prompt
+    crop = both.visual_tokens - alone.visual_tokens
+    # fastv keeps half of the original view and the whole crop (token_pruning on the original view)
+    assert both.visual_per_layer[-1] == alone.visual_per_layer[-1] + crop
     inputs, out_never, _ = _plugged(model, processor, family, False, RegionProposal(**NEVER), pruning)
     with vtoken.attach(model, TokenPruning(scorer="fastv", layers=(1,), keep_ratio=0.5)):
         assert torch.equal(out_never, _plain(model, inputs))

@@ -124,7 +124,8 @@ class RegionProposal(Plugin):
         new = splice(session.parts, inputs, ends, crops, per_row, pad)
         self._restarting = True
         try:
-            session.restart_prompt(new)
+            crops_per_row = [sum(c.row == b for c in crops) for b in range(len(grids))]
+            session.restart_prompt(new, [list(range(1, 1 + n)) for n in crops_per_row])  # crops: kept whole
         finally:
             self._restarting = False
         output = base_generate(**{**kwargs, **new})

@@ -102,7 +102,7 @@ class AttentionThinning:
         old = (positions >= self.prompt_length) & (positions < recent)  # generated, out of the window
         keep_old = share(old.sum(-1), self.config.decode_keep_ratio)
         visual = torch.zeros_like(old)
-        visual[:, : self.prompt_length] = state.layout.is_visual(self.prompt_length).to(held.device)
+        visual[:, : self.prompt_length] = state.layout.is_prunable(self.prompt_length).to(held.device)
         if layer not in self.visual_budget:  # first eviction: a share of what prefill left here
             present = (visual.gather(1, held.clamp(min=0)) & (held != PAD)).sum(-1)
             self.visual_budget[layer] = share(present, self.config.decode_visual_ratio)
