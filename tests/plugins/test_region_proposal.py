@@ -17,7 +17,9 @@ from vtoken.layout import VisualLayout
 from vtoken.tiny import TINY_FAMILIES
 
 NEW = 6
-NEVER = dict(proposer="attention", label_layer=1, threshold=0.999)  # no cell passes: no crop
+NEVER = dict(
+    proposer="attention", threshold=0.999
+)  # label_layer: round(15 / 32 * 4) = 2  # no cell passes: no crop
 FIRST_IMAGES = [image(0, 40, 56), image(1, 64, 32)]  # each row's first image in make_inputs
 ALWAYS = dict(proposer="attention", label_layer=1, threshold=0.001, max_side=1.0, max_boxes=1)  # one box: all
 
@@ -98,7 +100,7 @@ def test_refusals_name_the_problem():
     with pytest.raises(ConfigError, match="processor"):
         vtoken.attach(model, RegionProposal(**NEVER))
     with pytest.raises(ConfigError, match="label_layer"):
-        vtoken.attach(model, RegionProposal(proposer="attention"), processor=processor)
+        vtoken.attach(model, RegionProposal(proposer="attention", label_layer=9), processor=processor)
     with pytest.raises(ConfigError, match="twig"):
         vtoken.attach(model, RegionProposal(proposer="twig"), processor=processor)
     with pytest.raises(ConfigError, match="threshold"):

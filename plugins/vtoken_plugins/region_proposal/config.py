@@ -21,12 +21,10 @@ class RegionProposalConfig(PluginConfig):
         weights: the twig's weights: ``"auto"`` (those trained for the model's folder name), or a
             folder holding ``twig.json`` and ``twig.safetensors``. Its ``branch_layer`` and
             ``twig_layers`` come with it.
-        branch_layer: ``K``, the decoder layer the twig branches before (the partial pass runs
-            layers ``0 .. K-1``); ``None``: ``round(15 / 32 * layers)`` (SD-RPN: 15 of LLaVA's 32).
-            Used when training a twig.
-        twig_layers: ``T``, the twig's decoder layers (SD-RPN: 3). Used when training a twig.
-        label_layer: the layer whose attention gives the pseudo labels and the ``"attention"``
-            proposer's map; ``None``: ``K + T - 1`` (the twig's last layer starts as its copy).
+        label_layer: the layer whose attention the ``"attention"`` proposer reads; ``None``:
+            ``round(15 / 32 * layers)`` (SD-RPN reads LLaVA-1.5-7B's layer 14-15 of 32; the bundled
+            models' 4 layers give 2, their last guided layer). A twig brings its own layers
+            (:mod:`~vtoken_plugins.region_proposal.train` sets its branch layer and depth).
         threshold, blur_sigma, min_cells, grow_below, max_side, max_boxes: the map's
             post-processing (:class:`~vtoken_plugins.region_proposal.postprocess.BoxRules`).
         crop_scale: a crop is a square ``crop_scale`` times the box's longer side, centred on it.
@@ -35,8 +33,6 @@ class RegionProposalConfig(PluginConfig):
 
     proposer: Literal["twig", "attention", "none"] = "twig"
     weights: str = "auto"
-    branch_layer: int | None = None
-    twig_layers: int = 3
     label_layer: int | None = None
     threshold: float = 0.15
     blur_sigma: float = 1.0
@@ -48,7 +44,6 @@ class RegionProposalConfig(PluginConfig):
     crop_min: float = 0.25
 
     def validate(self) -> None:
-        check_range("region_proposal.twig_layers", self.twig_layers, 1, 64)
         check_range("region_proposal.threshold", self.threshold, 0.0, 1.0, low_inclusive=False)
         check_range("region_proposal.blur_sigma", self.blur_sigma, 0.0, 10.0)
         check_range("region_proposal.min_cells", self.min_cells, 1, 10_000)
@@ -57,10 +52,8 @@ class RegionProposalConfig(PluginConfig):
         check_range("region_proposal.max_boxes", self.max_boxes, 1, 8)
         check_range("region_proposal.crop_scale", self.crop_scale, 1.0, 4.0)
         check_range("region_proposal.crop_min", self.crop_min, 0.0, 1.0)
-        for name in ("branch_layer", "label_layer"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise ConfigError(f"region_proposal.{name} must be >= 0 or None, got {value}.")
+        if self.label_layer is not None and self.label_layer < 0:
+            raise ConfigError(f"region_proposal.label_layer must be >= 0 or None, got {self.label_layer}.")
 
     @property
     def rules(self) -> BoxRules:

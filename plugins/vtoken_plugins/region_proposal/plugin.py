@@ -84,9 +84,7 @@ class RegionProposal(Plugin):
         else:
             layer = self.config.label_layer
             if layer is None:
-                raise ConfigError(
-                    "region_proposal.proposer='attention' needs label_layer (the layer to read)."
-                )
+                layer = round(15 / 32 * parts.num_layers)
             if layer >= parts.num_layers:
                 raise ConfigError(
                     f"region_proposal.label_layer={layer}: the model has {parts.num_layers} layers."
