@@ -143,6 +143,60 @@ def summarize(items: list[VQAItem], out: dict, fine: str) -> dict[str, Any]:
     return summary
 
 
+LABELS = {"base": "base view", "attention": "attention\ncrop", "twig": "SD-RPN", "gt": "ground-truth\ncrop"}
+
+
+def plot(results: list[Path], path: Path) -> None:
+    """Fine-grained accuracy per arm with its interval, one group of bars per benchmark output."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    width = 0.8 / len(results)
+    for k, result in enumerate(results):
+        data = json.loads(Path(result).read_text())
+        fine = data["summary"]["fine"]
+        arms = [a for a in fine if a in LABELS or a.startswith("gt_shift")]
+        values = np.array([fine[a]["accuracy"] for a in arms])
+        x = np.arange(len(arms)) + (k - (len(results) - 1) / 2) * width
+        errors = [values[:, 0] - values[:, 1], values[:, 2] - values[:, 0]]
+        ax.bar(x, values[:, 0], width, yerr=errors, capsize=3, label=data["model"])
+        ax.set_xticks(np.arange(len(arms)))
+        ax.set_xticklabels([LABELS.get(a, f"GT crop moved\n{a[8:]} px") for a in arms], fontsize=8)
+    ax.set_ylabel(f"{data['fine']} accuracy (95% CI)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def examples(model, processor, items: list[VQAItem], configs: dict[str, RegionProposalConfig], path: Path) -> None:
+    """Per question a row: the attention proposal and the twig's (map red, proposal yellow, crop
+    blue, the answer and the truth on top)."""
+    from PIL import Image, ImageDraw
+
+    family = locate_parts(model).spec.name
+    rows = []
+    for item in items:
+        image = load_image(item.image)
+        for arm in ("attention", "twig"):
+            with vtoken.attach(model, RegionProposal(configs[arm]), processor=processor) as session:
+                prompt = build_prompt(processor, family, item.question)
+                answer, _ = _answer(model, processor, [image], prompt, 8)
+                panel = session.plugins[0].overlay(image)
+            title = f"{LABELS[arm]}: {answer!r} ({item.question} {item.answer!r})".replace("\n", " ")
+            ImageDraw.Draw(panel).text((4, 4), title, fill="white")
+            rows.append(panel)
+    width, height = rows[0].size
+    out = Image.new("RGB", (2 * width, height * len(items)))
+    for k, panel in enumerate(rows):
+        out.paste(panel.resize((width, height)), ((k % 2) * width, (k // 2) * height))
+    out.resize((width, height * len(items) // 2)).save(path)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,9 +211,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--weights", default="auto", help="the twig's weights (see RegionProposalConfig)")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--gt-shifts", default="", help="comma-separated pixel shifts of the GT crop")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (base is needed)")
+    parser.add_argument("--twig-threshold", type=float, default=RegionProposalConfig.threshold)
+    parser.add_argument("--attention-threshold", type=float, default=RegionProposalConfig.threshold)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="demos/results/region_proposal")
+    parser.add_argument("--plot", nargs="+", help="only plot these bench.json files to OUT/accuracy.png")
+    parser.add_argument("--examples", type=int, help="only draw the first N fine questions to OUT/examples.png")
     args = parser.parse_args(argv)
+    if args.plot:
+        plot([Path(p) for p in args.plot], Path(args.out) / "accuracy.png")
+        return
     torch.set_num_threads(args.threads)
     model, processor = load_model(args.model)
     counts: dict[str, int] = defaultdict(int)
@@ -171,12 +233,21 @@ def main(argv: list[str] | None = None) -> None:
             items.append(item)
     configs = {
         "attention": RegionProposalConfig(
-            proposer="attention", label_layer=args.label_layer, max_boxes=args.max_boxes
+            proposer="attention", label_layer=args.label_layer, max_boxes=args.max_boxes,
+            threshold=args.attention_threshold,
         ),
-        "twig": RegionProposalConfig(proposer="twig", weights=args.weights, max_boxes=args.max_boxes),
-    }
+        "twig": RegionProposalConfig(
+            proposer="twig", weights=args.weights, max_boxes=args.max_boxes, threshold=args.twig_threshold
+        ),
+    }  # fmt: skip
     shifts = tuple(f"gt_shift{int(v)}" for v in args.gt_shifts.split(",") if v)
-    out = run(model, processor, items, configs, args.new_tokens, ARMS + shifts)
+    arms = tuple(a for a in args.arms.split(",") if a) + shifts
+    if args.examples:
+        fine = [item for item in items if item.family == args.fine][: args.examples]
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        examples(model, processor, fine, configs, Path(args.out) / "examples.png")
+        return
+    out = run(model, processor, items, configs, args.new_tokens, arms)
     result = {
         "model": args.model, "data": args.data, "threads": torch.get_num_threads(), "fine": args.fine,
         "configs": {k: vars(v) for k, v in configs.items()}, "summary": summarize(items, out, args.fine),
