@@ -126,3 +126,21 @@ def test_speculative_decoding_marks_the_accepted_draft_tokens(app):
     assert details is not None
     rows = {r[0]: r for r in stats}
     assert float(rows["decode wall time per token (ms)"][2]) > 0
+
+
+def test_region_proposal_draws_its_map_and_crop_beside_the_answer(app):
+    """On the bundled model with its trained twig: the details image shows the overlay."""
+    knobs = app.plugin_knobs(("region_proposal",))
+    values = [True, "twig", 0.15, 1]  # attach, then RegionProposal.knobs in order
+    assert len(values) == 1 + len(knobs["region_proposal"])
+    models = app.Models(("synth-llava-tiny",))
+    scene = Image.open(app.sample_scenes(Path(tempfile.mkdtemp()))[0][0])
+    base, plugged, _, _, details, _, _ = app.compare(
+        models, "synth-llava-tiny", scene, "what colour is the star ?", 0, knobs, values
+    )
+    assert details is not None and plugged.strip() and base.strip()
+    values[1] = "none"  # no proposal: nothing to draw (and no chart)
+    assert (
+        app.compare(models, "synth-llava-tiny", scene, "what colour is the star ?", 0, knobs, values)[4]
+        is None
+    )

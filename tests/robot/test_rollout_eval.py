@@ -127,6 +127,7 @@ def test_three_episode_rollouts_match_across_executors(suite, suites, ray_cluste
     from vtoken.robot.evaluation import evaluate_rollouts
 
     env_id = next(e for e in suites if ("MetaWorld" in e) == (suite == "metaworld"))
+
     def run(**kw):
         short = (("max_steps", 12),)  # an untrained policy fails: 12 steps, not the task's 30 or 150
         return evaluate_rollouts(

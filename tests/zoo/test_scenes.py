@@ -89,8 +89,10 @@ def test_jittered_crops_stay_square_inside_and_keep_the_object_centre():
         x0, y0, x1, y1 = jittered_crop_box(box, rng, 0.25)
         exact = crop_box(box)
         assert x1 - x0 == y1 - y0 and 0 <= x0 and x1 <= SOURCE_SIZE and 0 <= y0 and y1 <= SOURCE_SIZE
-        for lo, hi, e0, e1, centre in ((x0, x1, exact[0], exact[2], (box[0] + box[2]) / 2),
-                                       (y0, y1, exact[1], exact[3], (box[1] + box[3]) / 2)):
+        for lo, hi, e0, e1, centre in (
+            (x0, x1, exact[0], exact[2], (box[0] + box[2]) / 2),
+            (y0, y1, exact[1], exact[3], (box[1] + box[3]) / 2),
+        ):
             margin = min((hi - lo) / 4, centre - e0, e1 - centre)  # the digit tag stays as visible
             assert lo + margin - 1 <= centre <= hi - margin + 1
         sides.append((x1 - x0) / (exact[2] - exact[0]))

@@ -173,7 +173,9 @@ def plot(results: list[Path], path: Path) -> None:
     plt.close(fig)
 
 
-def examples(model, processor, items: list[VQAItem], configs: dict[str, RegionProposalConfig], path: Path) -> None:
+def examples(
+    model, processor, items: list[VQAItem], configs: dict[str, RegionProposalConfig], path: Path
+) -> None:
     """Per question a row: the attention proposal and the twig's (map red, proposal yellow, crop
     blue, the answer and the truth on top)."""
     from PIL import Image, ImageDraw
@@ -217,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="demos/results/region_proposal")
     parser.add_argument("--plot", nargs="+", help="only plot these bench.json files to OUT/accuracy.png")
-    parser.add_argument("--examples", type=int, help="only draw the first N fine questions to OUT/examples.png")
+    parser.add_argument(
+        "--examples", type=int, help="only draw the first N fine questions to OUT/examples.png"
+    )
     args = parser.parse_args(argv)
     if args.plot:
         plot([Path(p) for p in args.plot], Path(args.out) / "accuracy.png")

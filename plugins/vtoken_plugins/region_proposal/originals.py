@@ -48,32 +48,53 @@ class Originals:
     """
 
     def __init__(self, processor: Any, patcher: Patcher) -> None:
-        self.calls: deque[tuple[list[Image.Image], Tensor]] = deque(maxlen=KEEP)
+        self.calls: deque[tuple[list[Image.Image], list[int] | None, Tensor]] = deque(maxlen=KEEP)
         image_processor = getattr(processor, "image_processor", processor)
         original = image_processor.preprocess
 
         def preprocess(images: Any, *args: Any, **kwargs: Any) -> Any:
             out = original(images, *args, **kwargs)
+            if not self.recording:
+                return out
             pixels = out["pixel_values"]
             if not isinstance(pixels, Tensor):
                 pixels = torch.as_tensor(np.asarray(pixels))
-            self.calls.append(([_as_pil(image) for image in _flat(images)], pixels.detach().cpu()))
+            nested = isinstance(images, (list, tuple)) and all(isinstance(i, (list, tuple)) for i in images)
+            counts = [len(_flat(row)) for row in images] if nested else None
+            self.calls.append(([_as_pil(image) for image in _flat(images)], counts, pixels.detach().cpu()))
             return out
 
         patcher.set_attr(image_processor, "preprocess", preprocess)
-        self.image_processor, self._preprocess = image_processor, original
+        self.processor, self.image_processor, self._preprocess = processor, image_processor, original
+        self.recording = True
 
     def preprocess(self, image: Image.Image) -> dict[str, Tensor]:
         """The processor's tensors for one image (a crop), not remembered."""
         out = self._preprocess([image], return_tensors="pt")
         return {k: v for k, v in out.items() if isinstance(v, Tensor)}
 
-    def find(self, pixel_values: Tensor) -> list[Image.Image]:
-        """The images (in processor order) whose preprocessing gave ``pixel_values``."""
+    def block(self, image: Image.Image) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """The processor's encoding of one image mark with ``image`` (not remembered): the per-token
+        inputs of its block ``(n,)`` (what the tokenizer adds to any text, e.g. BOS, left out) and
+        its per-image tensors."""
+        mark = getattr(self.processor, "image_token", "<image>")
+        self.recording = False
+        try:
+            out = self.processor(images=[[image]], text=[mark], return_tensors="pt")
+        finally:
+            self.recording = True
+        added = len(self.processor.tokenizer("").input_ids)  # tokens any text starts with
+        per_token = {k: v[0, added:] for k, v in out.items() if k in ("input_ids", "attention_mask")}
+        per_image = {k: v for k, v in out.items() if isinstance(v, Tensor) and k not in per_token}
+        return per_token, per_image
+
+    def find(self, pixel_values: Tensor) -> tuple[list[Image.Image], list[int] | None]:
+        """The images (in processor order) whose preprocessing gave ``pixel_values``, and how many
+        each row held (``None`` when the processor got a flat list)."""
         wanted = pixel_values.detach().float().cpu()
-        for images, pixels in reversed(self.calls):
+        for images, counts, pixels in reversed(self.calls):
             if pixels.shape == wanted.shape and torch.allclose(pixels.float(), wanted, atol=1e-2, rtol=1e-2):
-                return images
+                return images, counts
         raise UnsupportedInputError(
             "region_proposal crops the original image, but these pixel_values came from no recent "
             "call of the processor given to attach: build the inputs with that processor "

@@ -18,7 +18,15 @@ from vtoken_plugins.region_proposal.grid import Grid, first_image_grids
 from vtoken_plugins.region_proposal.originals import Originals
 from vtoken_plugins.region_proposal.postprocess import Box, boxes_from_map
 from vtoken_plugins.region_proposal.propose import region_maps
-from vtoken_plugins.region_proposal.splice import PER_TOKEN, Crop, check_family, crop_tokens, splice
+from vtoken_plugins.region_proposal.splice import (
+    PER_TOKEN,
+    TILED,
+    Crop,
+    block_end,
+    check_family,
+    crop_tokens,
+    splice,
+)
 from vtoken_plugins.region_proposal.twig import Twig
 from vtoken_plugins.region_proposal.weights import find_twig
 
@@ -105,8 +113,9 @@ class RegionProposal(Plugin):
             return base_generate(**kwargs)
         started = time.perf_counter()
         session = self.session
-        images = self.originals.find(inputs["pixel_values"])
-        per_row = [int(n) for n in session.state.layout.num_images.tolist()]
+        images, per_row = self.originals.find(inputs["pixel_values"])
+        if per_row is None or len(per_row) != len(inputs["input_ids"]):  # a flat list: one run per image
+            per_row = [int(n) for n in session.state.layout.num_images.tolist()]
         grids = first_image_grids(session.parts, session.state.layout, inputs, per_row)
         with torch.no_grad():
             self.maps = region_maps(
@@ -118,7 +127,10 @@ class RegionProposal(Plugin):
         if not crops:
             return base_generate(**kwargs)
         pad = getattr(getattr(session.processor, "tokenizer", None), "pad_token_id", None) or 0
-        ends = [self._block_end(b) if grid is not None else 0 for b, grid in enumerate(grids)]
+        layout = session.state.layout
+        ends = [
+            block_end(session.parts, layout, b) if grid is not None else 0 for b, grid in enumerate(grids)
+        ]
         new = splice(session.parts, inputs, ends, crops, per_row, pad)
         self._restarting = True
         try:
@@ -145,19 +157,12 @@ class RegionProposal(Plugin):
                     self.config.crop_scale,
                     self.config.crop_min,
                 )
-                processed = self.originals.preprocess(crop)
-                out.append(Crop(b, processed, crop_tokens(self.session.parts, processed)))
+                out.append(build_crop(self.session.parts, self.originals, b, crop))
                 row_crops.append(pixels)
                 row_proposals.append(proposal)
             self.crops.append(row_crops)
             self.proposals.append(row_proposals)
         return out
-
-    def _block_end(self, row: int) -> int:
-        """Index after the first image's block in a row (Qwen: after ``<|vision_end|>``)."""
-        layout = self.session.state.layout
-        last = int(layout.positions[row][layout.segments[row] == 0].max())
-        return last + (2 if self.session.parts.spec.rope == "mrope" else 1)
 
     def overlay(self, image: Image.Image) -> Image.Image | None:
         """The first row's map (red, over the region the model's grid covers), its proposals
@@ -193,6 +198,15 @@ class RegionProposal(Plugin):
             "cropped_share": sum(bool(b) for b in self.boxes) / rows if rows else 0.0,
             "proposal_s": self.proposal_s,
         }
+
+
+def build_crop(parts, originals: Originals, row: int, image: Image.Image) -> Crop:
+    """A crop of row ``row`` as its family's prompt takes it (tiled families: the processor's block)."""
+    if parts.spec.token_map in TILED:  # the block depends on the crop's size: the processor writes it
+        block, pixels = originals.block(image)
+    else:
+        block, pixels = None, originals.preprocess(image)
+    return Crop(row, pixels, crop_tokens(parts, pixels, block), block)
 
 
 def _with_prompt(output: Any, prompt: Tensor, new_width: int) -> Any:
