@@ -34,12 +34,12 @@ class RegionProposalConfig(PluginConfig):
     proposer: Literal["twig", "attention", "none"] = "twig"
     weights: str = "auto"
     label_layer: int | None = None
-    threshold: float = 0.15
-    blur_sigma: float = 1.0
-    min_cells: int = 2
-    grow_below: int = 4
-    max_side: float = 0.625
-    max_boxes: int = 2
+    threshold: float = BoxRules.threshold  # the post-processing's defaults are SD-RPN's (BoxRules)
+    blur_sigma: float = BoxRules.blur_sigma
+    min_cells: int = BoxRules.min_cells
+    grow_below: int = BoxRules.grow_below
+    max_side: float = BoxRules.max_side
+    max_boxes: int = BoxRules.max_boxes
     crop_scale: float = 1.25
     crop_min: float = 0.25
 
