@@ -132,13 +132,7 @@ SPEC_DERIVED = {
 def test_every_spec_decoding_figure_comes_from_its_committed_outputs():
     """The spec_decoding section's numbers are in its benchmark's and scaling curve's outputs (as
     written, or rounded to the decimals shown), or derived as listed above."""
-    section = _section("### `spec_decoding`", "### `region_proposal`")
-    row = next(line for line in README.splitlines() if line.startswith("| `spec_decoding` |"))
-    sources = [p.read_text() for p in sorted((RESULTS / "spec_decoding").glob("*.json"))]
-    values = [float(v) for v in NUMBER.findall(" ".join(sources))]
-    for figure in sorted(_figures(section + row) - set(SPEC_DERIVED)):
-        decimals = len(figure.split(".")[1])
-        assert any(round(v, decimals) == float(figure) for v in values), f"{figure} is in no output"
+    _assert_from_outputs("spec_decoding", "### `region_proposal`", "*.json", SPEC_DERIVED)
     bench = json.loads((RESULTS / "spec_decoding" / "bench.json").read_text())
     for batch in ("batch1", "batch4"):
         assert all(v["equal_to_greedy"] for v in bench[batch].values() if isinstance(v, dict))
@@ -166,10 +160,16 @@ REGION_DERIVED = {
 def test_every_region_proposal_figure_comes_from_its_committed_outputs():
     """The region_proposal section's numbers (and its plugins-table row) are in its benchmark
     outputs (as written, or rounded to the decimals shown), or derived as listed above."""
-    section = _section("### `region_proposal`", "## Measuring")
-    row = next(line for line in README.splitlines() if line.startswith("| `region_proposal` |"))
-    sources = [p.read_text() for p in sorted((RESULTS / "region_proposal").glob("*/bench.json"))]
+    _assert_from_outputs("region_proposal", "## Measuring", "*/bench.json", REGION_DERIVED)
+
+
+def _assert_from_outputs(plugin: str, section_end: str, pattern: str, derived: dict[str, str]) -> None:
+    """Every number of ``plugin``'s README section and plugins-table row is in its result files
+    (as written, or rounded to the decimals shown), or in ``derived``."""
+    section = _section(f"### `{plugin}`", section_end)
+    row = next(line for line in README.splitlines() if line.startswith(f"| `{plugin}` |"))
+    sources = [p.read_text() for p in sorted((RESULTS / plugin).glob(pattern))]
     values = [float(v) for v in NUMBER.findall(" ".join(sources))]
-    for figure in sorted(_figures(section + row) - set(REGION_DERIVED)):
+    for figure in sorted(_figures(section + row) - set(derived)):
         decimals = len(figure.split(".")[1])
         assert any(round(v, decimals) == float(figure) for v in values), f"{figure} is in no output"
