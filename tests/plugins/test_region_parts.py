@@ -220,3 +220,57 @@ def test_the_label_builder_reads_questions_and_images_never_the_boxes(tmp_path):
     assert line["grid"] == [4, 4] and (line["labels"] is None) == bool(line["dropped"])
     if line["labels"] is not None:
         assert set(line["labels"]) <= {IGNORE, 0, 1} and 1 in line["labels"]
+
+
+@pytest.fixture(scope="module")
+def bundled_labels(tmp_path_factory):
+    """Six bundled-model questions with their scene images, and their labels file."""
+    import json
+
+    from vtoken_plugins.region_proposal.labels import build
+
+    import vtoken.zoo
+    from vtoken.zoo.questions import sample
+    from vtoken.zoo.scenes import split_seed
+
+    folder = tmp_path_factory.mktemp("rpn")
+    rows = []
+    for k, family in enumerate(["label", "colour", "shape", "label", "exists", "colour"]):
+        scene, qa = sample(split_seed("train", k), family)
+        Image.fromarray(scene.image).save(folder / f"{k}.png")
+        rows.append({"image": f"{k}.png", "question": qa.question, "answer": qa.answer})
+    (folder / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model, processor = vtoken.zoo.load("synth-llava-tiny")
+    rules = LabelRules(label_layer=2, sink_layer=0)
+    build(model, processor, str(folder / "data.jsonl"), str(folder / "labels.jsonl"), rules, resume=False)
+    return folder, model, processor, rules
+
+
+def test_label_building_resumes_where_it_stopped(bundled_labels):
+    from vtoken_plugins.region_proposal.labels import build
+
+    folder, model, processor, rules = bundled_labels
+    whole = (folder / "labels.jsonl").read_text()
+    cut = folder / "cut.jsonl"
+    cut.write_text("".join(whole.splitlines(keepends=True)[:2]))  # a run stopped after two questions
+    build(model, processor, str(folder / "data.jsonl"), str(cut), rules, resume=True)
+    assert cut.read_text() == whole
+
+
+def test_twig_training_resumes_exactly(bundled_labels):
+    from vtoken_plugins.region_proposal.train import TrainConfig, train
+
+    folder, *_ = bundled_labels
+    config = dict(
+        labels=str(folder / "labels.jsonl"), batch_size=2, checkpoint_minutes=0.0, log_every=1, lr=1e-3
+    )
+    straight = train(TrainConfig(run_dir=str(folder / "a"), steps=4, **config), progress=False)
+    train(TrainConfig(run_dir=str(folder / "b"), steps=2, **config), progress=False)
+    resumed = train(TrainConfig(run_dir=str(folder / "b"), steps=4, **config), resume=True, progress=False)
+    for (name, a), (_, b) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert len((folder / "b" / "log.jsonl").read_text().splitlines()) == 4
+    first = Twig([locate_parts(bundled_labels[1]).layers[1], locate_parts(bundled_labels[1]).layers[2]])
+    assert any(
+        not torch.equal(a, b) for a, b in zip(first.state_dict().values(), straight.state_dict().values())
+    )
