@@ -254,22 +254,19 @@ class Session:
         for plugin in self.plugins:
             plugin.reset(self.state)
 
-    def restart_prompt(self, inputs: dict[str, Any], frozen_images: list[list[int]] | None = None) -> None:
+    def restart_prompt(self, inputs: dict[str, Any], frozen: torch.Tensor | None = None) -> None:
         """A plugin's ``generate`` rewrote the prompt (``region_proposal`` adds crops as images):
         find the new prompt's visual tokens and reset the plugins' per-prompt state again, before
         the rewritten inputs' prefill.
 
         Args:
-            frozen_images: per row, the images (segments) whose visual tokens no plugin may drop.
+            frozen: ``(B, L)`` bool over the new prompt, True where visual tokens may not be dropped.
         """
         self._start_prompt(inputs.get("input_ids"), inputs)
         layout = self.state.layout
-        if frozen_images is not None and layout is not None:
-            frozen = torch.zeros_like(layout.mask)
-            for row, images in enumerate(frozen_images):
-                for image in images:
-                    frozen[row] |= layout.segments[row] == image
-            self.state.layout = dataclasses.replace(layout, frozen=frozen)
+        if frozen is not None and layout is not None:
+            at = frozen.to(layout.positions.device).gather(1, layout.positions.clamp(min=0))
+            self.state.layout = dataclasses.replace(layout, frozen=at & layout.mask)
 
     def _expand_prompt(self, ids: torch.Tensor) -> None:
         """generate() repeated each prompt row (beam search, ``num_return_sequences``) after the

@@ -190,7 +190,8 @@ def test_spliced_inputs_equal_the_processors_two_image_prompt(family):
         made = build_crop(parts, Originals(processor, patcher), 0, crop)
     finally:
         patcher.undo_all()
-    spliced = splice(parts, single, [block_end(parts, layout, 0)], [made], [1], pad)
+    spliced, inserted = splice(parts, single, [block_end(parts, layout, 0)], [made], [1], pad)
+    assert int(inserted.sum()) == double["input_ids"].shape[1] - single["input_ids"].shape[1]
     assert set(spliced) == set(double)
     for key, value in double.items():
         assert torch.equal(spliced[key], value), key

@@ -72,7 +72,7 @@ def test_crops_join_the_prompt_exactly_as_spliced_inputs_and_the_callers_prompt_
     layout = VisualLayout.from_input_ids(inputs["input_ids"], parts.image_token_ids, parts.tokens_per_image)
     ends = [block_end(parts, layout, b) for b in range(len(inputs["input_ids"]))]
     pad = processor.tokenizer.pad_token_id or 0
-    spliced = splice(parts, inputs, ends, crops, [1, 2][: len(ends)], pad)
+    spliced, _ = splice(parts, inputs, ends, crops, [1, 2][: len(ends)], pad)
     reference = _plain(model, spliced)
     assert torch.equal(out[:, prompt:], reference[:, spliced["input_ids"].shape[1] :])
 
@@ -85,7 +85,7 @@ def test_several_images_in_an_idefics3_row_are_refused():
             model.generate(**inputs, max_new_tokens=2)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
 def test_with_token_pruning_the_crops_are_in_the_layout_it_prunes(family):
     model, processor = tiny(family)
     pruning = TokenPruning(scorer="fastv", layers=(1,), keep_ratio=0.5)

@@ -131,11 +131,10 @@ class RegionProposal(Plugin):
         ends = [
             block_end(session.parts, layout, b) if grid is not None else 0 for b, grid in enumerate(grids)
         ]
-        new = splice(session.parts, inputs, ends, crops, per_row, pad)
+        new, inserted = splice(session.parts, inputs, ends, crops, per_row, pad)
         self._restarting = True
         try:
-            crops_per_row = [sum(c.row == b for c in crops) for b in range(len(grids))]
-            session.restart_prompt(new, [list(range(1, 1 + n)) for n in crops_per_row])  # crops: kept whole
+            session.restart_prompt(new, frozen=inserted)  # the crops' tokens: never dropped
         finally:
             self._restarting = False
         output = base_generate(**{**kwargs, **new})

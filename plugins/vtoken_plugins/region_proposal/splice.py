@@ -73,8 +73,9 @@ def crop_tokens(parts: ModelParts, pixels: dict[str, Tensor], block: dict[str, T
 def splice(
     parts: ModelParts, inputs: dict[str, Any], block_ends: list[int], crops: list[Crop],
     images_per_row: list[int], pad_id: int,
-) -> dict[str, Any]:  # fmt: skip
-    """``inputs`` with each crop's block inserted after its row's first image block.
+) -> tuple[dict[str, Any], Tensor]:  # fmt: skip
+    """``inputs`` with each crop's block inserted after its row's first image block, and
+    ``(B, L')`` bool, True at the inserted positions.
 
     Args:
         block_ends: per row, the index after the first image's block (its last visual token,
@@ -89,6 +90,7 @@ def splice(
     for b in range(len(ids)):
         keep = real[b]
         row = {k: inputs[k][b][keep] for k in ("input_ids", *PER_TOKEN) if inputs.get(k) is not None}
+        row["inserted"] = torch.zeros_like(row["input_ids"], dtype=torch.bool)
         end = block_ends[b] - int((~keep[: block_ends[b]]).sum())  # in the unpadded row
         first_end = end
         for crop in (c for c in crops if c.row == b):
@@ -107,7 +109,8 @@ def splice(
         out[key] = torch.stack([_pad(r[key], width, fill, left) for r in rows])
     if "attention_mask" not in inputs:
         out.pop("attention_mask", None)
-    return _images(out, inputs, crops, images_per_row)
+    inserted = out.pop("inserted")
+    return _images(out, inputs, crops, images_per_row), inserted
 
 
 def _insert(
@@ -125,12 +128,15 @@ def _insert(
         block = values[last].expand(tokens)
         if wrapped:
             block = torch.cat([values[first - 1 : first], block, values[first_end - 1 : first_end]])
+        if key == "inserted":
+            block = torch.ones_like(block)
         out[key] = torch.cat([values[:at], block, values[at:]])
     return out
 
 
 def _with_block(row: dict[str, Tensor], at: int, block: dict[str, Tensor]) -> dict[str, Tensor]:
     """One row with the processor's block for a crop inserted at ``at``."""
+    block = {**block, "inserted": torch.ones_like(block["input_ids"], dtype=torch.bool)}
     return {k: torch.cat([v[:at], block[k].to(v.device, v.dtype), v[at:]]) for k, v in row.items()}
 
 
