@@ -93,6 +93,33 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     return ckpt
 
 
+def save_module_checkpoint(
+    path: Path, key: str, module: torch.nn.Module, optimizer, step: int, config: dict, rng: bool = False
+) -> None:
+    """Atomically write a trained module (under ``key``), its optimizer, the step, the config and,
+    with ``rng``, torch's RNG state to ``path`` (the plugins' trainers: drafts, twigs)."""
+    state = {key: module.state_dict(), "optimizer": optimizer.state_dict(), "step": step, "config": config}
+    if rng:
+        state["rng"] = torch.get_rng_state()
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def resume_module_checkpoint(path: Path, key: str, module: torch.nn.Module, optimizer) -> int:
+    """Load :func:`save_module_checkpoint`'s ``path`` (if any; its RNG state too, if saved) and drop
+    log records after it; returns its step (0 without a checkpoint)."""
+    if not path.exists():
+        return 0
+    state = torch.load(path, weights_only=False)
+    module.load_state_dict(state[key])
+    optimizer.load_state_dict(state["optimizer"])
+    if "rng" in state:
+        torch.set_rng_state(state["rng"])
+    drop_log_after(path.parent / "log.jsonl", state["step"])
+    return state["step"]
+
+
 def drop_log_after(path: Path, step: int) -> None:
     """Remove the records of steps after ``step`` (logged before the run stopped, then lost with
     the steps after the last checkpoint), so that the log and the card's training time describe

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from tqdm.auto import tqdm
 from vtoken.families import locate_parts
 from vtoken.layout import VisualLayout
 from vtoken.loading import build_prompt, load_image, load_model, to_model
+from vtoken.zoo.train import resume_module_checkpoint, save_module_checkpoint
 from vtoken_plugins.region_proposal.grid import first_image_grids, stack_positions
 from vtoken_plugins.region_proposal.labels import IGNORE
 from vtoken_plugins.region_proposal.propose import last_rows
@@ -98,7 +98,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Twig
     twig = Twig([parts.layers[cfg.branch_layer + i] for i in range(cfg.twig_layers)]).train()
     twig.requires_grad_(True)
     optimizer = torch.optim.AdamW(twig.parameters(), lr=cfg.lr)
-    start = _resume(run / "last.pt", twig, optimizer) if resume else 0
+    start = resume_module_checkpoint(run / "last.pt", "twig", twig, optimizer) if resume else 0
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     lines = labelled(cfg.labels)
     log, ema, last_save = (run / "log.jsonl").open("a"), None, time.time()
@@ -116,34 +116,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Twig
             log.write(json.dumps({"step": done, "bce": round(ema, 5), "time": round(time.time(), 1)}) + "\n")
             log.flush()
         if time.time() - last_save > 60 * cfg.checkpoint_minutes or done == cfg.steps:
-            _checkpoint(run / "last.pt", twig, optimizer, done, cfg)
+            save_module_checkpoint(run / "last.pt", "twig", twig, optimizer, done, asdict(cfg))
             last_save = time.time()
     log.close()
     return twig.eval()
-
-
-def _checkpoint(path: Path, twig: Twig, optimizer, step: int, cfg: TrainConfig) -> None:
-    state = {
-        "twig": twig.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "step": step,
-        "config": asdict(cfg),
-    }
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _resume(path: Path, twig: Twig, optimizer) -> int:
-    if not path.exists():
-        return 0
-    from vtoken.zoo.train import drop_log_after
-
-    state = torch.load(path, weights_only=False)
-    twig.load_state_dict(state["twig"])
-    optimizer.load_state_dict(state["optimizer"])
-    drop_log_after(path.parent / "log.jsonl", state["step"])
-    return state["step"]
 
 
 def export(run_dir: str, out: str | None = None) -> Path:

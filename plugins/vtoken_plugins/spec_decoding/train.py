@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -42,6 +41,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from vtoken.zoo.train import resume_module_checkpoint, save_module_checkpoint
 from vtoken_plugins.spec_decoding.distill import Distiller
 from vtoken_plugins.spec_decoding.draft import DraftModel, DraftSpec
 from vtoken_plugins.spec_decoding.weights import WEIGHTS, save_draft
@@ -113,7 +113,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Draf
     torch.manual_seed(cfg.seed)
     draft = DraftModel(DraftSpec.from_target(model)).train()
     optimizer = torch.optim.AdamW(draft.parameters(), lr=cfg.lr, betas=(0.9, 0.95))
-    start = _resume(run / "last.pt", draft, optimizer) if resume else 0
+    start = resume_module_checkpoint(run / "last.pt", "draft", draft, optimizer) if resume else 0
     (run / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     items = partial(spec_items, batch_size=cfg.batch_size, describe_share=cfg.describe_share)
     stream = TrainStream(processor, start, items)
@@ -151,7 +151,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Draf
                     draft, run / "snapshots" / f"step{done:06d}", {"trained_steps": done, "target": cfg.model}
                 )
             if time.time() - last_save > 60 * cfg.checkpoint_minutes or done == cfg.steps:
-                _checkpoint(run / "last.pt", draft, optimizer, done, cfg)
+                save_module_checkpoint(
+                    run / "last.pt", "draft", draft, optimizer, done, asdict(cfg), rng=True
+                )
                 last_save = time.time()
     finally:
         distiller.reader.close()
@@ -161,29 +163,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Draf
 
 def _is_snapshot(step: int, first: int) -> bool:
     return step >= first and step % first == 0 and ((step // first) & (step // first - 1)) == 0
-
-
-def _checkpoint(path: Path, draft: DraftModel, optimizer, step: int, cfg: TrainConfig) -> None:
-    """Atomically write the draft, optimizer, step, RNG state and config to ``path``."""
-    state = {"draft": draft.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-             "rng": torch.get_rng_state(), "config": asdict(cfg)}  # fmt: skip
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def _resume(path: Path, draft: DraftModel, optimizer) -> int:
-    """Load the checkpoint at ``path`` (if any) and drop log records after it; returns its step."""
-    if not path.exists():
-        return 0
-    state = torch.load(path, weights_only=False)
-    draft.load_state_dict(state["draft"])
-    optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    from vtoken.zoo.train import drop_log_after
-
-    drop_log_after(path.parent / "log.jsonl", state["step"])
-    return state["step"]
 
 
 def export(run_dir: str, out: str | None = None) -> Path:
