@@ -188,3 +188,40 @@ def test_bad_rollout_requests_are_named(suites):
         evaluate_rollouts("synth-llava-tiny", env_id, CONDITIONS, 1)
     with pytest.raises(ConfigError, match="unknown env 'vtoken/Nope-v0'"):
         evaluate_rollouts(suites[env_id], "vtoken/Nope-v0", CONDITIONS, 1)
+
+
+def test_a_cut_run_resumes_from_its_stored_episodes(suites, tmp_path, monkeypatch):
+    """Episodes finished before a cut are read back, only the missing seeds run (whatever the shard
+    size), a condition added later runs alone, and the result equals an uncut run's."""
+    from vtoken.robot import evaluation
+
+    env_id = next(e for e in suites if "Tabletop" in e)
+    short = (("max_steps", 6),)
+    ran: list[tuple[str, tuple[int, ...]]] = []
+
+    def counted(job):
+        ran.append((job.condition.name, job.seeds))
+        return evaluation.run_job.__wrapped__(job)
+
+    counted.__wrapped__ = evaluation.run_job
+    monkeypatch.setattr(evaluation, "run_job", counted)
+
+    def run(conditions, shard_size, out_dir=tmp_path):
+        return evaluation.evaluate_rollouts(
+            suites[env_id], env_id, conditions, 3, shard_size=shard_size, env_kwargs=short, out_dir=out_dir
+        )
+
+    uncut = run(CONDITIONS, 3, out_dir=tmp_path / "uncut")
+    ran.clear()
+    run(CONDITIONS[:1], 2)  # the baseline alone, stored as seeds 0-1 and 2
+    (tmp_path / "episodes" / BASELINE / "2-2.json").unlink()  # as if cut before the last shard
+    assert ran == [(BASELINE, (0, 1)), (BASELINE, (2,))]
+    ran.clear()
+    resumed = run(CONDITIONS, 1)
+    assert ran == [("fastv25", (0,)), ("fastv25", (1,)), (BASELINE, (2,)), ("fastv25", (2,))]
+    assert _per_seed(resumed) == _per_seed(uncut) and resumed.seeds == [0, 1, 2]
+    ran.clear()
+    assert _per_seed(run(CONDITIONS, 2)) == _per_seed(uncut) and ran == []  # all stored: nothing runs
+    other = [CONDITIONS[0], parse_condition("fastv25=token_pruning,token_pruning.keep_ratio=0.5")]
+    with pytest.raises(ConfigError, match="holds episodes of another run.*delete"):
+        run(other, 2)

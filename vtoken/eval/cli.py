@@ -105,7 +105,10 @@ def _add_rollout(evals: argparse._SubParsersAction) -> None:
     rollout.add_argument("--shard-size", type=int, help="seeds per job (default: even split, at most 25)")
     rollout.add_argument("--threads", type=int, default=1, help="torch threads per job (default 1)")
     rollout.add_argument("--gifs", type=int, default=0, help="GIFs of the first N episodes per condition")
-    rollout.add_argument("--out-dir", help="write results.json, success.png and gifs/ here")
+    rollout.add_argument(
+        "--out-dir",
+        help="write results.json, success.png, gifs/ and episodes/ here; a rerun into it resumes",
+    )
     add_device_args(rollout)
     rollout.set_defaults(fn=_eval_rollout)
 

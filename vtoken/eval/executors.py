@@ -36,6 +36,7 @@ def run_jobs(
     workers: int = 1,
     ray_address: str | None = None,
     desc: str = "jobs",
+    on_result: Callable[[int, R], None] | None = None,
 ) -> list[R]:
     """``[fn(job) for job in jobs]``, computed by the chosen executor, with a progress bar.
 
@@ -45,30 +46,40 @@ def run_jobs(
         workers: processes on this machine (ignored with ``ray_address``).
         ray_address: a Ray cluster address (see the module docstring); None: no Ray.
         desc: progress-bar label.
+        on_result: called here as ``on_result(job_index, result)`` as soon as each job finishes
+            (``eval rollout`` stores finished shards with it, so a cut run resumes).
 
     Raises:
         ConfigError: ``workers < 1``, or Ray asked for but not installed.
     """
     if workers < 1:
         raise ConfigError(f"workers must be >= 1, got {workers}")
+    report = on_result or (lambda index, result: None)
     if ray_address:
-        return _on_ray(fn, jobs, ray_address, desc)
+        return _on_ray(fn, jobs, ray_address, desc, report)
     if workers == 1 or len(jobs) <= 1:
-        return [fn(job) for job in tqdm(jobs, desc=desc, unit="job")]
-    return _in_processes(fn, jobs, workers, desc)
+        return [_here(fn, job, i, report) for i, job in enumerate(tqdm(jobs, desc=desc, unit="job"))]
+    return _in_processes(fn, jobs, workers, desc, report)
 
 
-def _in_processes(fn: Callable, jobs: Sequence, workers: int, desc: str) -> list:
+def _here(fn: Callable, job, index: int, report: Callable) -> Any:
+    result = fn(job)
+    report(index, result)
+    return result
+
+
+def _in_processes(fn: Callable, jobs: Sequence, workers: int, desc: str, report: Callable) -> list:
     results: list[Any] = [None] * len(jobs)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=context) as pool:
         futures = {pool.submit(fn, job): i for i, job in enumerate(jobs)}
         for future in tqdm(as_completed(futures), total=len(jobs), desc=desc, unit="job"):
             results[futures[future]] = future.result()
+            report(futures[future], results[futures[future]])
     return results
 
 
-def _on_ray(fn: Callable, jobs: Sequence, address: str, desc: str) -> list:
+def _on_ray(fn: Callable, jobs: Sequence, address: str, desc: str, report: Callable) -> list:
     try:
         import ray
     except ImportError as err:
@@ -82,6 +93,8 @@ def _on_ray(fn: Callable, jobs: Sequence, address: str, desc: str) -> list:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             for ref in done:
-                results[pending.pop(ref)] = ray.get(ref)
+                index = pending.pop(ref)
+                results[index] = ray.get(ref)
+                report(index, results[index])
                 bar.update(1)
     return results

@@ -25,6 +25,7 @@ from vtoken.robot.conditions import BASELINE, Condition
 from vtoken.robot.episodes import SCRIPTED, RolloutJob, run_job
 from vtoken.robot.policy import check_policy_source
 from vtoken.robot.report import RolloutResult
+from vtoken.robot.store import EpisodeStore
 
 
 def plan_jobs(
@@ -74,7 +75,9 @@ def evaluate_rollouts(
         ray_address: run on this Ray cluster instead (``auto``, ``ray://host:port``, ``local``).
         shard_size: seeds per job (default: the seeds split evenly over the workers, at most 25).
         gifs: record the first ``gifs`` episodes of every condition as GIFs (needs ``out_dir``).
-        out_dir: where ``gifs/`` go.
+        out_dir: where ``gifs/`` and the finished episodes (``episodes/``) go; episodes already
+            there are reused, so a cut run resumes and new conditions run alone
+            (:mod:`vtoken.robot.store`).
         job_args: ``env_kwargs``, ``threads``, ``device``, ``dtype`` of :class:`RolloutJob`.
     """
     if episodes < 1:
@@ -93,10 +96,17 @@ def evaluate_rollouts(
     size = shard_size or min(25, math.ceil(episodes / lanes))
     gif_dir = str(Path(out_dir) / "gifs") if gifs else None
     jobs = plan_jobs(model, env_id, conditions, seeds, size, seeds[:gifs], gif_dir=gif_dir, **job_args)
-    results = run_jobs(run_job, jobs, workers=workers, ray_address=ray_address, desc="rollout shards")
-    by_condition: dict[str, list] = {c.name: [] for c in conditions}
+    store = EpisodeStore(out_dir) if out_dir is not None else None
+    jobs, stored = store.split(jobs) if store else (jobs, {})
+    save = (lambda i, records: store.save(jobs[i], records)) if store else None
+    results = run_jobs(
+        run_job, jobs, workers=workers, ray_address=ray_address, desc="rollout shards", on_result=save
+    )
+    by_condition: dict[str, list] = {c.name: list(stored.get(c.name, [])) for c in conditions}
     for job, records in zip(jobs, results, strict=True):
         by_condition[job.condition.name] += records
+    for records in by_condition.values():
+        records.sort(key=lambda e: e.seed)
     return RolloutResult.of(model, env_id, conditions, by_condition)
 
 
