@@ -17,6 +17,7 @@ Override points:
     - :meth:`Plugin.charts` - figures about the last generation for user interfaces;
     - :meth:`Plugin.token_marks` - labels on the generated tokens for user interfaces;
     - :meth:`Plugin.overlay` - what the plugin found, drawn on the input image, for user interfaces;
+    - :meth:`Plugin.start_episode` - a new stream of frames (a robot episode) begins;
     - :meth:`Plugin.setup` - anything else, through the session's :class:`~vtoken.patch.Patcher`.
 """
 
@@ -96,6 +97,11 @@ class Plugin:
 
     def reset(self, state: RunState) -> None:
         """Called at every prefill, before any hook of that forward: drop per-prompt state."""
+
+    def start_episode(self) -> None:
+        """Called by :meth:`Session.start_episode` (a policy's ``reset()``): the prompts that follow
+        are the frames of a new stream, unrelated to the previous ones; drop state kept across
+        ``generate`` calls (e.g. ``temporal_smoother``'s history)."""
 
     # -- override points -------------------------------------------------------------------------
     def prune_layers(self) -> tuple[int, ...]:

@@ -35,6 +35,7 @@ BUILTIN_PLUGINS: dict[str, str] = {
     "zipvl": "vtoken_plugins.zipvl:ZipVL",
     "spec_decoding": "vtoken_plugins.spec_decoding:SpecDecoding",
     "region_proposal": "vtoken_plugins.region_proposal:RegionProposal",
+    "temporal_smoother": "vtoken_plugins.temporal_smoother:TemporalSmoother",
 }
 
 _RUNTIME: dict[str, str | type[Plugin]] = {}

@@ -114,6 +114,13 @@ class Session:
             del _SESSIONS[self.model]
             self.state = RunState()
 
+    def start_episode(self) -> None:
+        """A new stream of frames begins (a robot episode): every plugin drops the state it keeps
+        across ``generate`` calls (:meth:`Plugin.start_episode`). ``VLAPolicy.reset()`` calls it;
+        call it yourself between the streams of your own loop."""
+        for plugin in self.plugins:
+            plugin.start_episode()
+
     def report(self) -> Report:
         """Efficiency report of the last generation (or forward) run while attached."""
         return self.recorder.report()

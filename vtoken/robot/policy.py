@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
+from vtoken.session import active_session
+
 ACTION_TOKENIZER_FILE = "action_tokenizer.json"
 
 
@@ -127,8 +129,11 @@ class VLAPolicy:
         self._only_actions = LogitsProcessorList([ActionTokensOnly(actions.token_ids)])
 
     def reset(self) -> None:
-        """Start of an episode (the policy itself keeps no history; stateful plugins reset on
-        their own hooks)."""
+        """Start of an episode: the policy keeps no history itself; the plugins attached to its
+        model drop theirs (:meth:`vtoken.Session.start_episode`)."""
+        session = active_session(self.model)
+        if session is not None:
+            session.start_episode()
 
     @torch.no_grad()
     def select_action(self, observation: dict) -> np.ndarray:
