@@ -38,9 +38,9 @@ class TemporalSmootherConfig(PluginConfig):
             (the frame's own estimate for them).
         warmup_frames: frames run unpruned at the start of an episode; ``None``: ``window`` when the
             action level is used (the reference waits for a full history), else 0.
-        level_share: share of the budget each level's top-k takes before the union (1.0: each level
-            proposes the whole budget, the reference; 0.5: half each, so the union always fits and
-            diversity only fills the rest).
+        level_share: share of the budget each level's top-k takes before the union,
+            ``max(1, floor(share * k))`` tokens (1.0: each level proposes the whole budget, the
+            reference; 0.5: half each, so the union fits and diversity only fills the rest).
         diversity_features: the features of DivPrune's max-min cosine filter: ``"embeddings"`` - the
             visual tokens entering the language model (reference), ``"hidden"`` - the hidden states
             entering ``prune_layer``.

@@ -57,7 +57,7 @@ def dual_select(
 ) -> Tensor:
     """Keep exactly ``k[b]`` tokens per row (fewer only when a row holds fewer).
 
-    The union ``U`` of the levels' top ``ceil(share * k)``: if ``|U| > k``, the ``k`` most diverse
+    The union ``U`` of the levels' top ``max(1, floor(share * k))``: if ``|U| > k``, the ``k`` most diverse
     members of ``U``; else all of ``U`` and the most diverse of the rest.
 
     Args:
@@ -68,7 +68,7 @@ def dual_select(
         share: each level's share of the budget.
         steps: Python bound on ``k`` (see :func:`max_min_diversity`).
     """
-    level_k = torch.ceil(k * share).long()
+    level_k = torch.floor(k * share).long().clamp(min=1)
     union = union_top_k(levels, pad, level_k)  # (B, N)
     none = torch.zeros_like(pad)
     cut = max_min_diversity(features, union, none, k, steps)
