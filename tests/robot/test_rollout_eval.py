@@ -17,7 +17,7 @@ from vtoken.robot.conditions import (
     parse_condition,
 )
 from vtoken.robot.episodes import EpisodeRecord
-from vtoken.robot.report import mcnemar_exact, paired, summary
+from vtoken.robot.report import mcnemar_exact, paired, retained, summary
 
 FASTV = "configs/token_pruning_fastv.yaml"
 
@@ -51,6 +51,28 @@ def test_paired_comparison_and_summary_by_hand():
     assert s["call_ms_p50"] == pytest.approx(35.0) and s["env_step_ms"] == pytest.approx(36.0)
     with pytest.raises(ValueError, match="same seeds"):
         paired(base, other[::-1])
+
+
+def test_retention_and_comparisons_between_conditions():
+    from vtoken.robot.report import RolloutResult
+
+    base, a, b = _records([1, 1, 0, 1, 1, 0]), _records([1, 0, 0, 1, 0, 1]), _records([0, 0, 0, 1, 0, 1])
+    kept = retained(base, a)
+    assert kept.value == pytest.approx(3 / 4) and kept.low <= kept.value <= kept.high
+    assert retained(_records([0, 0]), _records([1, 0])) is None  # the baseline never succeeded
+    conditions = [Condition(BASELINE), parse_condition("a=token_pruning"), parse_condition("b=token_pruning")]
+    episodes = {BASELINE: base, "a": a, "b": b}
+    result = RolloutResult.of("m", "env", conditions, episodes, compare=[("a", "b")])
+    versus = result.comparisons["a vs b"]
+    assert versus.difference == pytest.approx(1 / 6) and (versus.only_baseline, versus.only_condition) == (
+        0,
+        1,
+    )
+    assert result.retention["b"].value == pytest.approx(2 / 4)
+    text = result.format()
+    assert "retention of baseline" in text and "a vs b: +0.167" in text
+    with pytest.raises(ConfigError, match="unknown conditions.*'c'"):
+        RolloutResult.of("m", "env", conditions, episodes, compare=[("a", "c")])
 
 
 def test_conditions_from_names_yaml_and_overrides(tmp_path):

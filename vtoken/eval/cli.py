@@ -51,6 +51,7 @@ def _eval_rollout(args: argparse.Namespace) -> int:
         args.model, args.env, conditions, args.episodes, seed0=args.seed0, workers=args.workers,
         ray_address=args.ray_address, shard_size=args.shard_size, gifs=args.gifs, out_dir=args.out_dir,
         threads=args.threads, device=args.device, dtype=args.dtype, env_kwargs=_env_kwargs(args.env_arg),
+        compare=[_pair(text) for text in args.compare],
     )  # fmt: skip
     print(result.format())
     if args.out_dir:
@@ -73,6 +74,16 @@ def _env_kwargs(items: list[str]) -> tuple[tuple[str, object], ...]:
             raise ConfigError(f"--env-arg {item!r} must look like name=value, e.g. max_steps=20")
         pairs.append((key.strip(), parse_yaml(raw, "--env-arg")))
     return tuple(pairs)
+
+
+def _pair(text: str) -> tuple[str, str]:
+    """``"smoother25:fastv25"`` -> ``("smoother25", "fastv25")``."""
+    from vtoken.errors import ConfigError
+
+    a, sep, b = text.partition(":")
+    if not sep or not a.strip() or not b.strip():
+        raise ConfigError(f"--compare {text!r} must look like A:B, two condition names")
+    return a.strip(), b.strip()
 
 
 def _add_rollout(evals: argparse._SubParsersAction) -> None:
@@ -99,6 +110,10 @@ def _add_rollout(evals: argparse._SubParsersAction) -> None:
     rollout.add_argument(
         "--conditions", action="append", default=[], metavar="FILE",
         help="YAML with a 'conditions:' mapping from names to plugin lists (repeatable)",
+    )  # fmt: skip
+    rollout.add_argument(
+        "--compare", action="append", default=[], metavar="A:B",
+        help="also compare condition A with condition B seed by seed (repeatable)",
     )  # fmt: skip
     add_plugin_args(rollout)
     add_parallel_args(rollout)

@@ -60,6 +60,7 @@ def evaluate_rollouts(
     shard_size: int | None = None,
     gifs: int = 0,
     out_dir: str | Path | None = None,
+    compare: Sequence[tuple[str, str]] = (),
     **job_args,
 ) -> RolloutResult:
     """Run every condition on seeds ``seed0 ... seed0 + episodes - 1`` and summarise.
@@ -78,6 +79,8 @@ def evaluate_rollouts(
         out_dir: where ``gifs/`` and the finished episodes (``episodes/``) go; episodes already
             there are reused, so a cut run resumes and new conditions run alone
             (:mod:`vtoken.robot.store`).
+        compare: ``(a, b)`` condition names to compare seed by seed (besides each condition
+            against the baseline), e.g. ``("smoother25", "fastv25")``.
         job_args: ``env_kwargs``, ``threads``, ``device``, ``dtype`` of :class:`RolloutJob`.
     """
     if episodes < 1:
@@ -89,6 +92,10 @@ def evaluate_rollouts(
         check_policy_source(model)
     if model in SCRIPTED and len(conditions) > 1:
         raise ConfigError(f"the {model} policy has no model to attach plugins to: run it with no conditions")
+    names = {c.name for c in conditions}
+    unknown = sorted({n for pair in compare for n in pair} - names)
+    if unknown:
+        raise ConfigError(f"--compare names unknown conditions {unknown}; the conditions are {sorted(names)}")
     if gifs and out_dir is None:
         raise ConfigError("GIFs need an output folder (--out-dir)")
     seeds = list(range(seed0, seed0 + episodes))
@@ -107,7 +114,7 @@ def evaluate_rollouts(
         by_condition[job.condition.name] += records
     for records in by_condition.values():
         records.sort(key=lambda e: e.seed)
-    return RolloutResult.of(model, env_id, conditions, by_condition)
+    return RolloutResult.of(model, env_id, conditions, by_condition, compare)
 
 
 def _check_env(env_id: str) -> None:

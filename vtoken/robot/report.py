@@ -1,12 +1,14 @@
 """Summaries of a rollout evaluation: success with its interval, the paired comparison against the
-baseline, latency percentiles and costs per condition; a table, JSON and a plot.
+baseline (and between any two named conditions), the retention of the baseline's success, latency
+percentiles and costs per condition; a table, JSON and a plot.
 
 Every condition runs on the same seeds, so conditions pair up seed by seed. The paired comparison
 reports the difference in success rate with a 95% paired bootstrap interval over seeds
 (:func:`vtoken.eval.intervals.mean_of_groups` on per-seed differences) and McNemar's exact test
 (McNemar, 1947): under the null hypothesis the ``b`` seeds only the baseline solved and the ``c``
 seeds only the condition solved are ``Binomial(b + c, 1/2)``, so the two-sided p-value is
-``min(1, 2 P(X <= min(b, c)))``.
+``min(1, 2 P(X <= min(b, c)))``. The retention (condition success / baseline success) has a paired
+bootstrap interval over the same resampled seeds (:func:`vtoken.eval.intervals.retention`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from vtoken.eval.intervals import mean_of_groups
+from vtoken.errors import ConfigError
+from vtoken.eval.intervals import Estimate, mean_of_groups, retention
 from vtoken.robot.conditions import BASELINE
 from vtoken.robot.episodes import EpisodeRecord
 from vtoken.robot.rollout import wilson_interval
@@ -67,6 +70,15 @@ def paired(base: Sequence[EpisodeRecord], other: Sequence[EpisodeRecord]) -> Pai
     return Paired(estimate.value, estimate.low, estimate.high, only_base, only_other, p)
 
 
+def retained(base: Sequence[EpisodeRecord], other: Sequence[EpisodeRecord]) -> Estimate | None:
+    """``other``'s success rate over ``base``'s on the same seeds, with its paired interval (None
+    when the baseline never succeeded)."""
+    if [e.seed for e in base] != [e.seed for e in other]:
+        raise ValueError("retention needs the same seeds in the same order")
+    success = lambda records: {"seeds": [float(e.success) for e in records]}  # noqa: E731
+    return retention(success(other), success(base))
+
+
 def summary(records: Sequence[EpisodeRecord]) -> dict[str, float]:
     """Success with its 95% Wilson interval, per-call latency percentiles, per-env-step time and
     per-call costs of one condition's episodes."""
@@ -103,6 +115,9 @@ class RolloutResult:
         summaries: per condition, :func:`summary`.
         paired: per plugged condition, :class:`Paired` against the baseline.
         episodes: per condition, every :class:`EpisodeRecord` in seed order.
+        retention: per plugged condition, its success over the baseline's with a paired interval
+            (None when the baseline never succeeded).
+        comparisons: ``"a vs b"`` -> :class:`Paired` of condition ``a`` against ``b`` (``compare``).
     """
 
     model: str
@@ -112,10 +127,24 @@ class RolloutResult:
     summaries: dict[str, dict[str, float]]
     paired: dict[str, Paired]
     episodes: dict[str, list[EpisodeRecord]]
+    retention: dict[str, Estimate | None]
+    comparisons: dict[str, Paired]
 
     @classmethod
-    def of(cls, model: str, env_id: str, conditions, episodes: dict[str, list[EpisodeRecord]]):
+    def of(
+        cls,
+        model: str,
+        env_id: str,
+        conditions,
+        episodes: dict[str, list[EpisodeRecord]],
+        compare: Sequence[tuple[str, str]] = (),
+    ):
+        """Summarise ``episodes`` (per condition, in seed order); ``compare``: ``(a, b)`` pairs of
+        condition names to compare seed by seed besides each against the baseline."""
         base = episodes[BASELINE]
+        unknown = sorted({n for pair in compare for n in pair} - set(episodes))
+        if unknown:
+            raise ConfigError(f"--compare names unknown conditions {unknown}; known: {list(episodes)}")
         return cls(
             model=model,
             env_id=env_id,
@@ -124,6 +153,10 @@ class RolloutResult:
             summaries={name: summary(records) for name, records in episodes.items()},
             paired={name: paired(base, records) for name, records in episodes.items() if name != BASELINE},
             episodes=episodes,
+            retention={
+                name: retained(base, records) for name, records in episodes.items() if name != BASELINE
+            },
+            comparisons={f"{a} vs {b}": paired(episodes[b], episodes[a]) for a, b in compare},
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,6 +170,9 @@ class RolloutResult:
         rows.append(("success [95% Wilson]", *(_rate(s[n]) for n in names)))
         rows.append(("vs baseline [95% paired]", *(_paired(self.paired.get(n)) for n in names)))
         rows.append(("McNemar p (only base / only this)", *(_mcnemar(self.paired.get(n)) for n in names)))
+        rows.append(
+            ("retention of baseline [95% paired]", *(_retention(self.retention.get(n)) for n in names))
+        )
         for key, label in [("mean_steps", "mean steps"), ("call_ms_p50", "model call ms p50"),
                            ("call_ms_p90", "model call ms p90"), ("call_ms_p99", "model call ms p99"),
                            ("env_step_ms", "ms per env step (model + sim)"),
@@ -148,7 +184,11 @@ class RolloutResult:
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
         head = f"{self.model} on {self.env_id}: {len(self.seeds)} episodes per condition, same seeds"
         legend = [f"  {name}: {stack}" for name, stack in self.conditions.items()]
-        return "\n".join([head, *lines, "conditions:", *legend])
+        compared = [
+            f"  {pair}: {_paired(p)}, McNemar p {_mcnemar(p)}" for pair, p in self.comparisons.items()
+        ]
+        extra = ["paired comparisons (success difference [95% paired]):", *compared] if compared else []
+        return "\n".join([head, *lines, "conditions:", *legend, *extra])
 
     def plot(self, path: str | Path) -> Path:
         """Success (95% interval) against visual tokens kept, one point per condition."""
@@ -180,6 +220,10 @@ def _rate(s: dict[str, float]) -> str:
 
 def _paired(p: Paired | None) -> str:
     return "-" if p is None else f"{p.difference:+.3f} [{p.low:+.3f}, {p.high:+.3f}]"
+
+
+def _retention(e: Estimate | None) -> str:
+    return "-" if e is None else e.format()
 
 
 def _mcnemar(p: Paired | None) -> str:
