@@ -247,3 +247,20 @@ def test_a_cut_run_resumes_from_its_stored_episodes(suites, tmp_path, monkeypatc
     other = [CONDITIONS[0], parse_condition("fastv25=token_pruning,token_pruning.keep_ratio=0.5")]
     with pytest.raises(ConfigError, match="holds episodes of another run.*delete"):
         run(other, 2)
+
+
+def test_gifs_add_what_a_plugin_draws(suites, tmp_path):
+    from PIL import Image
+
+    from vtoken.robot.evaluation import evaluate_rollouts
+
+    env_id = next(e for e in suites if "Tabletop" in e)
+    smoother = parse_condition("smoother=temporal_smoother,temporal_smoother.window=1")
+    evaluate_rollouts(
+        suites[env_id], env_id, [Condition(BASELINE), smoother], 1, gifs=1, out_dir=tmp_path,
+        env_kwargs=(("max_steps", 3),),
+    )  # fmt: skip
+    with Image.open(tmp_path / "gifs" / "smoother" / "seed_0.gif") as gif:
+        assert gif.size[1] == 256 and gif.size[0] > 512  # frame | kept tokens | the smoother's maps
+    with Image.open(tmp_path / "gifs" / BASELINE / "seed_0.gif") as gif:
+        assert gif.size == (512, 256)

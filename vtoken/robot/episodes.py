@@ -6,7 +6,8 @@ so a worker process or a Ray node rebuilds it from scratch and the results depen
 Per model call it records the wall time of ``select_action``, the visual tokens in the prompt and
 those the decoder kept (mean over layers, from the session's report) and the FLOPs; per episode,
 the env's own step time. Optional GIFs show each frame beside the same frame with the patches of
-the visual tokens dropped before the last decoder layer dimmed.
+the visual tokens dropped before the last decoder layer dimmed, and what a plugin draws on it
+(:meth:`vtoken.Plugin.overlay`, e.g. ``temporal_smoother``'s maps).
 """
 
 from __future__ import annotations
@@ -142,7 +143,7 @@ def _episode(env, policy, session, seed: int, job: RolloutJob) -> EpisodeRecord:
             flops += report.prefill_flops.total + report.decode_flops.total
         if frames is not None:
             kept_now = session.kept_visual(0)[-1] if session is not None else None
-            frames.append(_frame(obs["image"], kept_now))
+            frames.append(_frame(obs["image"], kept_now, _overlay(session, obs["image"])))
         start = time.perf_counter()
         obs, _, terminated, truncated, info = env.step(action)
         record.env_ms += (time.perf_counter() - start) * 1e3
@@ -156,21 +157,35 @@ def _episode(env, policy, session, seed: int, job: RolloutJob) -> EpisodeRecord:
     return record
 
 
-def _frame(image: np.ndarray, kept) -> np.ndarray:
+def _overlay(session, image: np.ndarray):
+    """The first plugin drawing on the frame (:meth:`vtoken.Plugin.overlay`), or None."""
+    from PIL import Image
+
+    for plugin in session.plugins if session is not None else ():
+        drawn = plugin.overlay(Image.fromarray(image)) if plugin.overrides("overlay") else None
+        if drawn is not None:
+            return drawn
+    return None
+
+
+def _frame(image: np.ndarray, kept, drawn=None) -> np.ndarray:
     """``(H, W, 3)`` env image -> ``(s H, 2 s W, 3)``: the image, and beside it the image with the
     patches of dropped visual tokens dimmed (``kept``: ``(N,)`` bool, row-major patches; None: no
-    model, the image alone)."""
+    model, the image alone), then a plugin's drawing (``drawn``, scaled to the same height)."""
     from PIL import Image
 
     from vtoken.ask import kept_heatmap, token_grid
 
     picture = Image.fromarray(image)
-    size = image.shape[1] * GIF_SCALE
-    plain = np.asarray(picture.resize((size, image.shape[0] * GIF_SCALE), Image.NEAREST))
+    size, height = image.shape[1] * GIF_SCALE, image.shape[0] * GIF_SCALE
+    plain = np.asarray(picture.resize((size, height), Image.NEAREST))
     if kept is None:
         return plain
-    overlay = np.asarray(kept_heatmap(picture, kept.cpu(), token_grid(len(kept), {}), size=size))
-    return np.concatenate([plain, overlay], axis=1)
+    panels = [plain, np.asarray(kept_heatmap(picture, kept.cpu(), token_grid(len(kept), {}), size=size))]
+    if drawn is not None:
+        width = max(1, round(drawn.width * height / drawn.height))
+        panels.append(np.asarray(drawn.convert("RGB").resize((width, height))))
+    return np.concatenate(panels, axis=1)
 
 
 def _save_gif(frames: list[np.ndarray], path: Path) -> None:
