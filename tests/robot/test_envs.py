@@ -46,6 +46,19 @@ def test_instructions_name_a_cube_and_direction():
     colours = ("red", "green", "blue")
     assert reach == {f"reach the {c} cube" for c in colours}
     assert push == {f"push the {c} cube to the {d}" for c in colours for d in ("left", "right")}
+    env = gym.make(envs.ENV_IDS["push"])
+    assert set(env.unwrapped.instructions()) == push
+    for instruction in sorted(push):  # an instruction of the user's choice, the expert still succeeds
+        obs, info = env.reset(seed=3, options={"instruction": instruction})
+        assert info["task"] == instruction
+        expert, done = ExpertPolicy(env.unwrapped), False
+        expert.reset()
+        while not done:
+            obs, _, terminated, truncated, info = env.step(expert.select_action({}))
+            done = terminated or truncated
+        assert info["is_success"]
+    with pytest.raises(ValueError, match="unknown instruction 'fly'.*push the red cube"):
+        env.reset(seed=0, options={"instruction": "fly"})
 
 
 @pytest.mark.parametrize("task", sorted(envs.ENV_IDS))

@@ -9,7 +9,8 @@ Tasks (one per registered id, ``vtoken.robot.envs.TASKS``):
 
 Observations: ``image`` ``(64, 64, 3)`` uint8 from the top camera and ``state`` ``(2,)`` float32, the
 effector's (x, y) in metres. Actions: ``(2,)`` in [-1, 1], the effector's velocity as a fraction of
-``MAX_SPEED``. ``info`` carries ``is_success`` and ``task`` (the instruction). Episodes terminate on
+``MAX_SPEED``. ``info`` carries ``is_success`` and ``task`` (the instruction; the seed draws it, or
+``reset(options={"instruction": ...})`` picks one of ``instructions()``). Episodes terminate on
 success and are truncated after the task's ``max_steps``. A reset with the same seed gives the same
 episode, and the same actions then give the same frames.
 """
@@ -126,6 +127,8 @@ class TabletopEnv(gym.Env):
         rng = self.np_random
         self.target = int(rng.integers(len(self.colours)))
         self.direction = float(rng.choice(list(DIRECTIONS.values())))
+        if options and options.get("instruction"):  # the seed still draws the layout
+            self.target, self.direction = self._goal_of(options["instruction"])
         cubes, effector = self._sample_layout(rng)
         mujoco.mj_resetData(self.model, self.data)
         self.data.qpos[:2] = effector
@@ -173,11 +176,25 @@ class TabletopEnv(gym.Env):
     def _observation(self) -> dict[str, np.ndarray]:
         return {"image": self.render(), "state": self.effector_xy().astype(np.float32)}
 
-    def _instruction(self) -> str:
-        colour = self.colours[self.target]
+    def instructions(self) -> list[str]:
+        """Every instruction of this task (``reset(options={"instruction": ...})`` takes one)."""
+        return [self._instruction(target, direction) for target, direction in self._goals()]
+
+    def _goals(self) -> list[tuple[int, float]]:
+        sides = [-1.0] if self.spec_task.name == "reach" else list(DIRECTIONS.values())
+        return [(target, side) for target in range(len(self.colours)) for side in sides]
+
+    def _goal_of(self, instruction: str) -> tuple[int, float]:
+        for target, direction in self._goals():
+            if self._instruction(target, direction) == instruction:
+                return target, direction
+        raise ValueError(f"unknown instruction {instruction!r} for this task; one of {self.instructions()}")
+
+    def _instruction(self, target: int | None = None, direction: float | None = None) -> str:
+        colour = self.colours[self.target if target is None else target]
         if self.spec_task.name == "reach":
             return f"reach the {colour} cube"
-        side = "left" if self.direction < 0 else "right"
+        side = "left" if (self.direction if direction is None else direction) < 0 else "right"
         return f"push the {colour} cube to the {side}"
 
     def _sample_layout(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
