@@ -1,16 +1,19 @@
-"""vtoken demo: ask a VLM about an image with and without token-efficiency plugins, side by side.
+"""vtoken demo: ask a VLM about an image with and without token-efficiency plugins, side by side;
+and run a robot episode with a bundled VLA unplugged and plugged, side by side.
 
 Launch with ``vtoken demo`` (or ``make demo``); ``--model`` picks the default model. Visitors choose
 among the bundled models, the tiny random-weight ones and the local folders named at launch
 (``--model``, ``--allow-model-dir``): never any other folder the server can read. Every plugin in
 vtoken's registry appears with the options it lists in ``Plugin.knobs``, so a new plugin shows up
-here without touching this file. Requests are queued: one generation runs at a time.
+here without touching this file. Requests are queued: one generation or episode runs at a time.
+The robot rollout tab needs the robot extra (``pip install -e '.[robot]'``).
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import io
 import logging
 import re
@@ -305,6 +308,80 @@ def _knob_widget(knob: Knob):
     return gr.Number(value=knob.default, label=label, info=info, precision=0 if knob.kind == "int" else None)
 
 
+def plugin_panels(knobs: dict[str, list[Knob]], attached: str) -> list:
+    """One folded panel per plugin (``attached``'s open and ticked): the flat widget list that
+    :func:`build_stack` reads."""
+    values = []
+    for name, plugin_knobs_ in knobs.items():
+        with gr.Accordion(name, open=name == attached):
+            values.append(gr.Checkbox(value=name == attached, label=f"attach {name}"))
+            values.extend(_knob_widget(k) for k in plugin_knobs_)
+    return values
+
+
+def play_episode(models: Models, task: str, instruction: str, seed, max_steps, knobs, values):
+    """The rollout view's two episodes: GIF paths and the comparison table.
+
+    Raises:
+        gr.Error: with a user-facing message for any bad input.
+    """
+    from vtoken.robot.showcase import run_showcase
+
+    if seed is None or int(seed) < 0:
+        raise gr.Error("The seed must be a whole number >= 0.")
+    try:
+        stack = build_stack(knobs, values)
+        out = tempfile.mkdtemp(prefix="vtoken_rollout_")
+        shown = run_showcase(
+            task, instruction, int(seed), stack, out, int(max_steps) or None, models.device, models.dtype
+        )
+    except (vtoken.VTokenError, ValueError, OSError) as exc:
+        raise gr.Error(str(exc)) from None
+    return str(shown.base_gif), str(shown.plugged_gif), shown.rows()
+
+
+def rollout_tab(models: Models, knobs: dict[str, list[Knob]]) -> None:
+    """Pick a task, an instruction and a seed; watch the bundled VLA unplugged and plugged."""
+    if any(importlib.util.find_spec(m) is None for m in ("mujoco", "gymnasium")):
+        gr.Markdown("The robot rollout view needs the robot extra: `pip install -e '.[robot]'`.")
+        return
+    from vtoken.robot.showcase import instructions, task_models
+
+    tasks = list(task_models())
+    gr.Markdown(
+        "One episode of the task's bundled VLA (1.6M parameters, trained here) unplugged and one with "
+        "the plugins below, same scene. GIFs: the frame | the kept visual tokens | the plugin's maps."
+    )
+    with gr.Row():
+        with gr.Column():
+            task = gr.Dropdown(tasks, value=tasks[0], label="task")
+            first = instructions(tasks[0])  # a custom value reaches run_showcase, which names the valid ones
+            instruction = gr.Dropdown(first, value=first[0], label="instruction", allow_custom_value=True)
+            seed = gr.Number(value=0, precision=0, label="seed (draws the scene)")
+            steps = gr.Slider(0, 150, value=0, step=1, label="max steps (0: the task's own length)")
+            button = gr.Button("Run an episode", variant="primary")
+            default = "temporal_smoother" if "temporal_smoother" in knobs else next(iter(knobs), "")
+            values = plugin_panels(knobs, default)
+        with gr.Column():
+            with gr.Row():
+                base = gr.Image(label="unplugged", type="filepath", elem_id="rollout_base")
+                plugged = gr.Image(label="with plugins", type="filepath", elem_id="rollout_plugged")
+            table = gr.Dataframe(
+                headers=["metric", "unplugged", "plugged", "ratio"], label="episode", elem_id="rollout_stats"
+            )
+            gr.Markdown(TIMING_NOTE)
+
+    def run(*args):
+        return play_episode(models, *args[:4], knobs, args[4:])
+
+    def choices(env_id):
+        options = instructions(env_id)
+        return gr.Dropdown(choices=options, value=options[0])
+
+    button.click(run, [task, instruction, seed, steps, *values], [base, plugged, table], api_name="rollout")
+    task.change(choices, task, instruction, api_visibility="private")
+
+
 def build_demo(
     default_model: str | None = None,
     samples: Path | None = None,
@@ -326,55 +403,59 @@ def build_demo(
     models = models or Models(offered_models(default_model))
     knobs = plugin_knobs(plugins)
     samples = samples or Path(tempfile.mkdtemp(prefix="vtoken_demo_"))
-    with gr.Blocks(title="vtoken demo") as demo:
-        gr.Markdown(ABOUT)
-        with gr.Row():
-            with gr.Column():
-                model = gr.Dropdown(
-                    list(models.choices), value=default_model, label="model",
-                    info="bundled, `tiny:<family>` (random weights), or a folder named when the demo started",
-                )  # fmt: skip
-                image = gr.Image(type="pil", label="image", sources=["upload", "clipboard"])
-                question = gr.Textbox(value=SAMPLE_QUESTION, label="question", elem_id="question")
-                gr.Examples(sample_scenes(samples), inputs=[image, question], label="sample scenes")
-                button = gr.Button("Ask", variant="primary")  # above the plugin panels: in view
-                values = []
-                for i, (name, plugin_knobs_) in enumerate(knobs.items()):
-                    with gr.Accordion(name, open=i == 0):  # the first panel open, the others folded
-                        values.append(gr.Checkbox(value=name == "token_pruning", label=f"attach {name}"))
-                        values.extend(_knob_widget(k) for k in plugin_knobs_)
-            with gr.Column():
-                base = gr.Textbox(label="answer without plugins", elem_id="answer_base")
-                plugged = gr.Textbox(label="answer with plugins", elem_id="answer_plugged")
-                last = vtoken.locate_parts(models.get(default_model)[0]).num_layers - 1
-                layer = gr.Slider(0, last, value=last, step=1, label="decoder layer of the heatmap")
-                heatmap = gr.Image(label="visual tokens kept (dropped patches dimmed)", elem_id="heatmap")
-                stats = gr.Dataframe(
-                    headers=["metric", "baseline", "plugged", "ratio"], label="costs", elem_id="stats"
-                )
-                details = gr.Image(
-                    label="plugin details (last generation: what the plugins found, their charts)",
-                    elem_id="details",
-                )
-                marks = gr.HighlightedText(
-                    label="answer with plugins, token by token (spec_decoding: the draft's accepted tokens)",
-                    elem_id="marks", combine_adjacent=True, color_map={"draft": "green", "target": "gray"},
-                )  # fmt: skip
-                gr.Markdown(TIMING_NOTE)
-        last = gr.State(None)
-
-        def run(spec, img, text, at, *widget_values):
-            return compare(models, spec, img, text, at, knobs, widget_values)
-
-        outputs = [base, plugged, heatmap, stats, details, marks, last]
-        button.click(run, [model, image, question, layer, *values], outputs, api_name="ask")
-        layer.change(redraw, [layer, last], heatmap, api_visibility="private")
-
-        def slider_for(spec):
-            return layer_slider(models, spec)
-
-        model.change(slider_for, model, layer, api_visibility="private")
+    with gr.Blocks(title="vtoken demo") as demo, gr.Tabs():
+        with gr.Tab("ask about an image"):
+            _ask_tab(models, knobs, samples, default_model)
+        with gr.Tab("robot rollout"):
+            rollout_tab(models, knobs)
     return demo
+
+
+def _ask_tab(models: Models, knobs: dict[str, list[Knob]], samples: Path, default_model: str) -> None:
+    """Ask about an image unplugged and plugged: answers, heatmap, costs, the plugins' drawings."""
+    gr.Markdown(ABOUT)
+    with gr.Row():
+        with gr.Column():
+            model = gr.Dropdown(
+                list(models.choices), value=default_model, label="model",
+                info="bundled, `tiny:<family>` (random weights), or a folder named when the demo started",
+            )  # fmt: skip
+            image = gr.Image(type="pil", label="image", sources=["upload", "clipboard"])
+            question = gr.Textbox(value=SAMPLE_QUESTION, label="question", elem_id="question")
+            gr.Examples(sample_scenes(samples), inputs=[image, question], label="sample scenes")
+            button = gr.Button("Ask", variant="primary")  # above the plugin panels: in view
+            values = plugin_panels(knobs, "token_pruning")
+        with gr.Column():
+            base = gr.Textbox(label="answer without plugins", elem_id="answer_base")
+            plugged = gr.Textbox(label="answer with plugins", elem_id="answer_plugged")
+            last = vtoken.locate_parts(models.get(default_model)[0]).num_layers - 1
+            layer = gr.Slider(0, last, value=last, step=1, label="decoder layer of the heatmap")
+            heatmap = gr.Image(label="visual tokens kept (dropped patches dimmed)", elem_id="heatmap")
+            stats = gr.Dataframe(
+                headers=["metric", "baseline", "plugged", "ratio"], label="costs", elem_id="stats"
+            )
+            details = gr.Image(
+                label="plugin details (last generation: what the plugins found, their charts)",
+                elem_id="details",
+            )
+            marks = gr.HighlightedText(
+                label="answer with plugins, token by token (spec_decoding: the draft's accepted tokens)",
+                elem_id="marks", combine_adjacent=True, color_map={"draft": "green", "target": "gray"},
+            )  # fmt: skip
+            gr.Markdown(TIMING_NOTE)
+    last = gr.State(None)
+
+    def run(spec, img, text, at, *widget_values):
+        return compare(models, spec, img, text, at, knobs, widget_values)
+
+    outputs = [base, plugged, heatmap, stats, details, marks, last]
+    button.click(run, [model, image, question, layer, *values], outputs, api_name="ask")
+    layer.change(redraw, [layer, last], heatmap, api_visibility="private")
+
+    def slider_for(spec):
+        return layer_slider(models, spec)
+
+    model.change(slider_for, model, layer, api_visibility="private")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

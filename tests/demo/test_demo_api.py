@@ -144,3 +144,29 @@ def test_region_proposal_draws_its_map_and_crop_beside_the_answer(app):
         app.compare(models, "synth-llava-tiny", scene, "what colour is the star ?", 0, knobs, values)[4]
         is None
     )
+
+
+def test_rollout_view_plays_both_episodes(client):
+    pytest.importorskip("vtoken.robot.envs")
+    base, plugged, table = client.predict(
+        "vtoken/TabletopPush-v0", "push the blue cube to the left", 3, 4, *TOKEN_PRUNING, *ZIPVL_OFF,
+        api_name="/rollout",
+    )  # fmt: skip
+    rows = {r[0]: r for r in table["data"]}
+    assert rows["steps"][1:3] == ["4", "4"]  # cut to 4 steps
+    assert (
+        float(rows["visual tokens kept (mean over layers and calls)"][2])
+        < 64
+        == float(rows["visual tokens kept (mean over layers and calls)"][1])
+    )
+    for path in (base, plugged):
+        with Image.open(path) as gif:
+            assert gif.n_frames >= 1 and gif.size[1] == 256
+
+
+def test_rollout_view_refuses_a_wrong_instruction(client):
+    pytest.importorskip("vtoken.robot.envs")
+    with pytest.raises(gradio_client.exceptions.AppError, match="is not an instruction of"):
+        client.predict(
+            "vtoken/TabletopPush-v0", "fly away", 0, 4, *TOKEN_PRUNING, *ZIPVL_OFF, api_name="/rollout"
+        )

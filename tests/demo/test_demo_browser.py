@@ -37,3 +37,22 @@ def test_sample_scene_question_with_token_pruning(demo_url):
             assert page.locator(".toast-body").count() == 0  # no error message
         finally:
             browser.close()
+
+
+def test_rollout_tab_plays_an_episode(demo_url):
+    pytest.importorskip("vtoken.robot.envs")
+    assert CHROMIUM, "chromium is missing: .ci/run should have installed Debian's chromium package"
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(demo_url)
+            page.get_by_role("tab", name="robot rollout").click()
+            page.get_by_role("button", name="Run an episode").click()  # token_pruning attached
+            for box in ("rollout_base", "rollout_plugged"):
+                page.locator(f"#{box}").scroll_into_view_if_needed()
+                page.locator(f"#{box} img").wait_for(timeout=120_000)
+            page.locator("#rollout_stats", has_text="model call ms p50").wait_for(timeout=10_000)
+            assert page.locator(".toast-body").count() == 0
+        finally:
+            browser.close()

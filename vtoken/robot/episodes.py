@@ -125,10 +125,33 @@ def _scripted(env, job: RolloutJob) -> list[EpisodeRecord]:
 
 
 def _episode(env, policy, session, seed: int, job: RolloutJob) -> EpisodeRecord:
-    obs, info = env.reset(seed=seed)
+    gif = seed in job.gif_seeds and job.gif_dir is not None
+    record, frames = record_episode(env, policy, session, seed, frames=gif)
+    if frames:
+        save_gif(frames, Path(job.gif_dir) / job.condition.name / f"seed_{seed}.gif")
+    return record
+
+
+def record_episode(
+    env, policy, session, seed: int, frames: bool = False, options: dict | None = None
+) -> tuple[EpisodeRecord, list[np.ndarray] | None]:
+    """One measured episode (module docstring).
+
+    Args:
+        env: a gymnasium env with ``image`` observations and ``info["task"]``.
+        policy: ``reset()`` / ``select_action(observation)``.
+        session: the vtoken session attached to the policy's model (None: a scripted policy).
+        seed: reset seed.
+        frames: also return the GIF frames (``(s H, k s W, 3)`` uint8 each).
+        options: ``env.reset`` options (e.g. ``{"instruction": ...}`` on the tabletop tasks).
+
+    Returns:
+        The record, and the frames (None unless asked for).
+    """
+    obs, info = env.reset(seed=seed, options=options)
     policy.reset()
     record = EpisodeRecord(seed, False, 0, info["task"])
-    frames = [] if seed in job.gif_seeds and job.gif_dir else None
+    shots = [] if frames else None
     tokens = kept = flops = 0.0
     done = False
     while not done:
@@ -141,9 +164,9 @@ def _episode(env, policy, session, seed: int, job: RolloutJob) -> EpisodeRecord:
             layers = report.visual_per_layer
             kept += float(np.mean(layers)) if layers else report.visual_tokens
             flops += report.prefill_flops.total + report.decode_flops.total
-        if frames is not None:
+        if shots is not None:
             kept_now = session.kept_visual(0)[-1] if session is not None else None
-            frames.append(_frame(obs["image"], kept_now, _overlay(session, obs["image"])))
+            shots.append(_frame(obs["image"], kept_now, _overlay(session, obs["image"])))
         start = time.perf_counter()
         obs, _, terminated, truncated, info = env.step(action)
         record.env_ms += (time.perf_counter() - start) * 1e3
@@ -152,9 +175,7 @@ def _episode(env, policy, session, seed: int, job: RolloutJob) -> EpisodeRecord:
     record.success = bool(info["is_success"])
     record.visual_tokens, record.visual_kept = tokens / record.steps, kept / record.steps
     record.gflops = flops / record.steps / 1e9
-    if frames is not None:
-        _save_gif(frames, Path(job.gif_dir) / job.condition.name / f"seed_{seed}.gif")
-    return record
+    return record, shots
 
 
 def _overlay(session, image: np.ndarray):
@@ -188,7 +209,8 @@ def _frame(image: np.ndarray, kept, drawn=None) -> np.ndarray:
     return np.concatenate(panels, axis=1)
 
 
-def _save_gif(frames: list[np.ndarray], path: Path) -> None:
+def save_gif(frames: list[np.ndarray], path: Path) -> None:
+    """Write ``frames`` as a looping GIF, 100 ms per frame."""
     from PIL import Image
 
     path.parent.mkdir(parents=True, exist_ok=True)
