@@ -30,9 +30,11 @@ class TemporalSmootherConfig(PluginConfig):
         decay: weight ratio between neighbouring frames of the window, in (0, 1] (VLA-Pruner: 0.8).
         direction: ``"newest_first"`` - the newest frame weighs 1, the one before ``decay``, ...
             (the paper's text); ``"oldest_first"`` - the reverse (one of the official versions).
-        normalize: the estimate as shown and carried: ``"sum"`` - divided by its total (reference),
-            ``"weights"`` - the weighted mean of the frames' maps, ``"none"`` - the weighted sum.
-            Rankings, so selections, are the same for all three.
+        normalize: ``"sum"`` - the estimate divided by its total (reference; the maps sum to 1);
+            ``"none"`` - the decayed mean of the frames' maps as they are (the same selection as
+            ``"sum"``); ``"frame"`` - every frame's map divided by its own total before the mean,
+            so frames count by their weight only, not by how much the action tokens looked at the
+            image (:mod:`~vtoken_plugins.temporal_smoother.smoother`).
         fill: the action level of tokens a frame dropped before ``action_layer`` (unseen there):
             ``"zero"`` (reference: they return only through the semantic top-k) or ``"carry"``
             (the frame's own estimate for them).
@@ -56,7 +58,7 @@ class TemporalSmootherConfig(PluginConfig):
     window: int = 3
     decay: float = 0.8
     direction: Literal["newest_first", "oldest_first"] = "newest_first"
-    normalize: Literal["sum", "weights", "none"] = "sum"
+    normalize: Literal["sum", "frame", "none"] = "sum"
     fill: Literal["zero", "carry"] = "zero"
     warmup_frames: int | None = None
     level_share: float = 1.0
