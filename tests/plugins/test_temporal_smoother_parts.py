@@ -182,3 +182,17 @@ def test_warmup_defaults():
         TemporalSmootherConfig().action_layer_of(32) == 15
         and TemporalSmootherConfig().action_layer_of(4) == 2
     )
+
+
+def test_every_documented_choice_is_accepted():
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(TemporalSmootherConfig)
+    for field in dataclasses.fields(TemporalSmootherConfig):
+        if typing.get_origin(hints[field.name]) is typing.Literal:
+            for choice in typing.get_args(hints[field.name]):
+                assert getattr(TemporalSmootherConfig(**{field.name: choice}), field.name) == choice
+    history = History(2, 0.8, "newest_first", "frame", "zero")  # the history takes them too
+    history.push(torch.ones(1, 3), torch.ones(1, 3, dtype=torch.bool), None)
+    torch.testing.assert_close(history.frames[0], torch.full((1, 3), 1 / 3))

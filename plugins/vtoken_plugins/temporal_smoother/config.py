@@ -37,7 +37,8 @@ class TemporalSmootherConfig(PluginConfig):
             image (:mod:`~vtoken_plugins.temporal_smoother.smoother`).
         fill: the action level of tokens a frame dropped before ``action_layer`` (unseen there):
             ``"zero"`` (reference: they return only through the semantic top-k) or ``"carry"``
-            (the frame's own estimate for them).
+            (the frame's own estimate for them, rescaled to the frame's attention on the tokens
+            it saw).
         warmup_frames: frames run unpruned at the start of an episode; ``None``: ``window`` when the
             action level is used (the reference waits for a full history), else 0.
         level_share: share of the budget each level's top-k takes before the union,
