@@ -28,3 +28,11 @@ def test_knob_errors_name_the_problem():
     layers = config_knobs(TokenPruningConfig, ("layers",))[0]
     with pytest.raises(ConfigError, match="comma-separated integers"):
         layers.parse("two")
+
+
+def test_an_optional_int_is_an_int_knob_whose_empty_value_is_none():
+    from vtoken_plugins.temporal_smoother import TemporalSmootherConfig
+
+    knob = config_knobs(TemporalSmootherConfig, ("action_layer",))[0]
+    assert (knob.kind, knob.default) == ("int", None)
+    assert knob.parse(None) is None and knob.parse("") is None and knob.parse(2.0) == 2

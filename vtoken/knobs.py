@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,8 +27,9 @@ class Knob:
 
     Args:
         name: config field name.
-        kind: ``"choice"`` (a ``Literal``), ``"float"``, ``"int"``, ``"bool"`` or ``"ints"`` (a
-            tuple of ints, e.g. layers, edited as comma-separated text).
+        kind: ``"choice"`` (a ``Literal``), ``"float"``, ``"int"`` (also ``int | None``: empty is
+            None), ``"bool"`` or ``"ints"`` (a tuple of ints, e.g. layers, edited as comma-separated
+            text).
         default: the field's default value.
         choices: allowed values of a ``"choice"``.
         help: the field's description from the config docstring, on one line, as Markdown
@@ -49,7 +51,7 @@ class Knob:
             except ValueError:
                 raise ConfigError(f"{self.name} must be comma-separated integers, got {value!r}.") from None
         if self.kind == "int":
-            return int(value)
+            return None if value is None or value == "" else int(value)  # empty: None (optional ints)
         if self.kind == "float":
             return float(value)
         return value
@@ -78,8 +80,8 @@ def _kind(hint: Any) -> tuple[KnobKind, tuple[Any, ...]]:
         return "choice", args
     if hint is bool:
         return "bool", ()
-    if hint is int:
-        return "int", ()
+    if hint is int or (origin in (typing.Union, types.UnionType) and set(args) == {int, type(None)}):
+        return "int", ()  # an optional int: an empty widget means None
     if hint is float:
         return "float", ()
     if origin is tuple and args and args[0] is int:

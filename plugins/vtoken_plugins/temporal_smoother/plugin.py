@@ -67,7 +67,7 @@ class TemporalSmoother(Plugin):
 
     name = "temporal_smoother"
     config_class = TemporalSmootherConfig
-    knobs = ("keep_ratio", "levels", "window", "decay", "direction", "fill", "prune_layer")
+    knobs = ("keep_ratio", "levels", "action_layer", "window", "decay", "direction", "fill", "prune_layer")
     config: TemporalSmootherConfig
 
     def __init__(self, config: TemporalSmootherConfig | None = None, /, **overrides: Any) -> None:
