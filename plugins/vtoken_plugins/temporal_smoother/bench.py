@@ -214,7 +214,7 @@ def _latency(args: argparse.Namespace) -> None:
                   parse_condition("smoother25=temporal_smoother")]  # fmt: skip
     result = evaluate_rollouts(
         model, "vtoken/TabletopPush-v0", conditions, args.episodes, out_dir=Path(args.runs) / "latency",
-        env_kwargs=(("max_steps", args.steps),),
+        env_kwargs=(("max_steps", args.steps),), shard_size=1,  # one episode per job: conditions interleave
     )  # fmt: skip
     warmup = 3  # the smoother's default window
     base = result.episodes[BASELINE]
