@@ -11,7 +11,8 @@ from vtoken import ConfigError, PluginConfig, check_range
 @dataclass
 class TemporalSmootherConfig(PluginConfig):
     """VLA-Pruner's dual-level importance with the action level smoothed over a policy's frames
-    (Liu et al., 2025). Defaults follow the paper where this model's shape allows.
+    ("Temporal-Aware Dual-Level Visual Token Pruning for Efficient Vision-Language-Action
+    Inference", 2025; reference code MINT-SJTU/VLA-Pruner). Defaults follow the paper.
 
     Args:
         keep_ratio: share of each row's visual tokens kept from ``prune_layer`` on, in (0, 1]

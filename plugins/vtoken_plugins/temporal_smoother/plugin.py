@@ -46,8 +46,9 @@ class FrameMaps:
 
 
 class TemporalSmoother(Plugin):
-    """VLA-Pruner (Liu et al., 2025): keep the visual tokens that matter to the instruction
-    (semantic level: prefill attention at ``prune_layer - 1``) or to the actions (action level: the
+    """VLA-Pruner (2025; reference code MINT-SJTU/VLA-Pruner): keep the visual tokens that matter
+    to the instruction (semantic level: prefill attention at ``prune_layer - 1``) or to the actions
+    (action level: the
     attention of the queries that emit the action tokens, at ``action_layer``). A frame's action
     level exists only after it is decoded, so each frame is pruned with the decayed mean of the
     previous ``window`` frames' (:mod:`~vtoken_plugins.temporal_smoother.smoother`); the union of
