@@ -20,6 +20,11 @@ calls after the smoother's warm-up. The bundled 4-layer VLAs are bound by per-ca
 CPU, so their own ratios say little about the saving.
 
     python -m vtoken_plugins.temporal_smoother.bench latency --out demos/results/temporal_smoother
+
+``gifs``: one episode of a task with the smoother (``configs/temporal_smoother.yaml``) and one with
+FastV at the same budget, each as a GIF (frame | kept tokens | the smoother's maps)::
+
+    python -m vtoken_plugins.temporal_smoother.bench gifs --env vtoken/TabletopPush-v0 --seed 0
 """
 
 from __future__ import annotations
@@ -238,6 +243,32 @@ def _median_ratio(records: list[EpisodeRecord], base: list[EpisodeRecord], skip:
     return float(np.median(mine) / np.median(theirs))
 
 
+def _gifs(args: argparse.Namespace) -> None:
+    import shutil
+    import tempfile
+
+    import gymnasium as gym
+
+    import vtoken
+    import vtoken.robot.envs  # noqa: F401  (registers the ids)
+    from vtoken.robot.showcase import run_showcase
+
+    instruction = gym.make(args.env).reset(seed=args.seed)[1]["task"]  # the one the seed draws
+    stacks = {
+        "smoother25": vtoken.create_plugins(["configs/temporal_smoother.yaml"]),
+        "fastv25": [vtoken.create_plugin("token_pruning", scorer="fastv", keep_ratio=0.25, layers=(2,))],
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    task = args.env.split("/")[-1]
+    for name, stack in stacks.items():
+        shown = run_showcase(args.env, instruction, args.seed, stack, tempfile.mkdtemp())
+        target = out / f"{task}_seed{args.seed}_{name}.gif"
+        shutil.copy(shown.plugged_gif, target)
+        print(f"{name}: success {shown.plugged.success} in {shown.plugged.steps} steps (unplugged: "
+              f"{shown.base.success} in {shown.base.steps}); wrote {target}")  # fmt: skip
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +286,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     latency.add_argument("--runs", default="runs/smoother")
     latency.add_argument("--out", default="demos/results/temporal_smoother")
     latency.set_defaults(fn=_latency)
+    gifs = sub.add_parser("gifs", help="GIFs of one episode with the smoother and with FastV")
+    gifs.add_argument("--env", default="vtoken/TabletopPush-v0")
+    gifs.add_argument("--seed", type=int, default=0)
+    gifs.add_argument("--out", default="demos/results/temporal_smoother")
+    gifs.set_defaults(fn=_gifs)
     args = parser.parse_args(argv)
     args.fn(args)
 
