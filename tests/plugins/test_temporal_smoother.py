@@ -198,3 +198,20 @@ def test_overlay_draws_the_three_panels():
             generate(model, frame("llava", processor, t))
         drawn = session.plugins[0].overlay(image)
     assert drawn.width == 3 * 192 and drawn.height > 16
+
+
+def test_rows_with_different_token_counts_each_keep_their_budget():
+    """Qwen2-VL rows holding images of different sizes (left-padded): each row keeps its own share."""
+    model, processor = tiny("qwen2_vl")
+    smoother = TemporalSmoother(keep_ratio=0.25, window=1)
+    prompt = tiny_prompt("qwen2_vl", "pick the red cube")
+    with vtoken.attach(model, smoother) as session:
+        for t in range(3):
+            images = [[random_image(t, 32, 32)], [random_image(t + 50, 48, 64)]]
+            inputs = processor(images=images, text=[prompt, prompt], padding=True, return_tensors="pt")
+            generate(model, inputs)
+        counts = [session.kept_visual(row).shape[1] for row in (0, 1)]
+        kept = [int(session.kept_visual(row)[-1].sum()) for row in (0, 1)]
+    assert counts[0] != counts[1] and kept == [math.ceil(0.25 * n) for n in counts]
+    maps = smoother.frame_maps()[-1]
+    assert maps.kept.sum(-1).tolist() == kept and maps.estimate.shape == (2, max(counts))
