@@ -327,13 +327,15 @@ def play_episode(models: Models, task: str, instruction: str, seed, max_steps, k
     """
     from vtoken.robot.showcase import run_showcase
 
-    if seed is None or int(seed) < 0:
+    if seed is None or seed < 0 or seed != int(seed):
         raise gr.Error("The seed must be a whole number >= 0.")
+    if max_steps is not None and (max_steps < 0 or max_steps != int(max_steps)):
+        raise gr.Error("Max steps must be a whole number >= 0 (0: the task's own length).")
     try:
         stack = build_stack(knobs, values)
         out = tempfile.mkdtemp(prefix="vtoken_rollout_")
         shown = run_showcase(
-            task, instruction, int(seed), stack, out, int(max_steps) or None, models.device, models.dtype
+            task, instruction, int(seed), stack, out, int(max_steps or 0) or None, models.device, models.dtype
         )
     except (vtoken.VTokenError, ValueError, OSError) as exc:
         raise gr.Error(str(exc)) from None

@@ -15,7 +15,7 @@ from vtoken_plugins.temporal_smoother.selection import union_top_k
 from vtoken_plugins.token_pruning import TokenPruning
 
 import vtoken
-from vtoken import UnsupportedModelError
+from vtoken import UnsupportedInputError, UnsupportedModelError
 from vtoken.robot.policy import ActionTokenizer, VLAPolicy
 from vtoken.testing import random_image
 from vtoken.tiny import TINY_FAMILIES, tiny_prompt
@@ -141,6 +141,7 @@ def test_policy_reset_starts_a_new_independent_episode():
     smoother = TemporalSmoother(keep_ratio=0.25, window=1)
     with vtoken.attach(policy.model, smoother):
         alone = episode(policy, 50, 4)
+        alone_maps = smoother.frame_maps()
     with vtoken.attach(policy.model, smoother):
         episode(policy, 0, 3)
         assert len(smoother.history.frames) == 1 and len(smoother.frame_maps()) == 3
@@ -149,6 +150,9 @@ def test_policy_reset_starts_a_new_independent_episode():
         after = episode(policy, 50, 4)
         assert [m.warmup for m in smoother.frame_maps()] == [True, False, False, False]
     np.testing.assert_array_equal(np.stack(after), np.stack(alone))
+    for a, b in zip(smoother.frame_maps(), alone_maps, strict=True):  # the same selections and maps
+        assert (a.kept is None and b.kept is None) or torch.equal(a.kept, b.kept)
+        assert (a.estimate is None and b.estimate is None) or torch.equal(a.estimate, b.estimate)
 
 
 def test_a_prompt_of_another_shape_restarts_the_stream():
@@ -205,13 +209,56 @@ def test_rows_with_different_token_counts_each_keep_their_budget():
     model, processor = tiny("qwen2_vl")
     smoother = TemporalSmoother(keep_ratio=0.25, window=1)
     prompt = tiny_prompt("qwen2_vl", "pick the red cube")
+
+    def frame_of(t: int, side: str) -> dict:
+        images = [[random_image(t, 32, 32)], [random_image(t + 50, 48, 64)]]
+        kwargs = dict(padding=True, padding_side=side, return_tensors="pt")
+        return processor(images=images, text=[prompt, prompt], **kwargs)
+
     with vtoken.attach(model, smoother) as session:
         for t in range(3):
-            images = [[random_image(t, 32, 32)], [random_image(t + 50, 48, 64)]]
-            inputs = processor(images=images, text=[prompt, prompt], padding=True, return_tensors="pt")
-            generate(model, inputs)
+            generate(model, frame_of(t, "left"))
         counts = [session.kept_visual(row).shape[1] for row in (0, 1)]
         kept = [int(session.kept_visual(row)[-1].sum()) for row in (0, 1)]
     assert counts[0] != counts[1] and kept == [math.ceil(0.25 * n) for n in counts]
     maps = smoother.frame_maps()[-1]
     assert maps.kept.sum(-1).tolist() == kept and maps.estimate.shape == (2, max(counts))
+    with (
+        vtoken.attach(model, TemporalSmoother(keep_ratio=0.25, window=1)),
+        pytest.raises(UnsupportedInputError, match="right-padded.*padding_side='left'"),
+    ):
+        for t in range(2):  # refused once it prunes (the first frame is warm-up)
+            generate(model, frame_of(t, "right"))
+
+
+def test_beams_share_their_prompts_history_and_selection():
+    model, processor = tiny("llava")
+    smoother = TemporalSmoother(keep_ratio=0.25, window=1)
+    with vtoken.attach(model, smoother) as session:
+        generate(model, frame("llava", processor, 0))  # greedy warm-up frame
+        generate(model, frame("llava", processor, 1), num_beams=2)  # pruned, two beams of one prompt
+        kept = session.kept_visual(0)[-1], session.kept_visual(1)[-1]
+        generate(model, frame("llava", processor, 2))  # greedy again: the same stream
+        assert session.report().extras["temporal_smoother"]["restarts"] == 0
+    assert torch.equal(kept[0], kept[1]) and not kept[0].all()
+    maps = smoother.frame_maps()
+    assert [m.kept is None for m in maps] == [True, False, False]
+    assert all(m.semantic.shape[0] == 1 for m in maps) and maps[1].action.shape[0] == 1
+
+
+def test_beside_a_layer_zero_pruner_and_refused_beside_drafting():
+    model, processor = tiny("llava")
+    stack = [
+        TokenPruning(scorer="random", keep_ratio=0.5, layers=(0,)),
+        TemporalSmoother(keep_ratio=0.5, window=1),
+    ]
+    with vtoken.attach(model, stack) as session:
+        for t in range(2):
+            generate(model, frame("llava", processor, t))
+        kept = session.kept_visual(0)
+    n = kept.shape[1]
+    assert kept[0].sum() == math.ceil(n / 2) and kept[-1].sum() == math.ceil(math.ceil(n / 2) / 2)
+    from vtoken_plugins.spec_decoding import SpecDecoding
+
+    with pytest.raises(vtoken.UnsupportedInputError, match="temporal_smoother"):
+        vtoken.attach(model, [SpecDecoding(draft="random"), TemporalSmoother()])

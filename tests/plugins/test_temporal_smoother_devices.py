@@ -1,6 +1,7 @@
-"""temporal_smoother's maps, history and selection stay on the device they meet: they run under
-``FakeTensorMode`` on fake CUDA tensors on this CPU-only machine (see tests/test_devices.py), in
-float32 and bfloat16."""
+"""temporal_smoother's building blocks (attention-to-map mapping, the history, the selection) stay
+on the device they meet: they run under ``FakeTensorMode`` on fake CUDA tensors on this CPU-only
+machine (see tests/test_devices.py), in float32 and bfloat16. The plugin's wiring around them
+(``select``, the frame commit) runs on real CPU models only (tests/plugins/test_temporal_smoother.py)."""
 
 from __future__ import annotations
 

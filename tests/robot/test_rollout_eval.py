@@ -212,7 +212,7 @@ def test_bad_rollout_requests_are_named(suites):
         evaluate_rollouts(suites[env_id], "vtoken/Nope-v0", CONDITIONS, 1)
 
 
-def test_a_cut_run_resumes_from_its_stored_episodes(suites, tmp_path, monkeypatch):
+def test_a_cut_run_resumes_from_its_stored_episodes(suites, tmp_path, monkeypatch, caplog):
     """Episodes finished before a cut are read back, only the missing seeds run (whatever the shard
     size), a condition added later runs alone, and the result equals an uncut run's."""
     from vtoken.robot import evaluation
@@ -244,6 +244,11 @@ def test_a_cut_run_resumes_from_its_stored_episodes(suites, tmp_path, monkeypatc
     assert _per_seed(resumed) == _per_seed(uncut) and resumed.seeds == [0, 1, 2]
     ran.clear()
     assert _per_seed(run(CONDITIONS, 2)) == _per_seed(uncut) and ran == []  # all stored: nothing runs
+    with caplog.at_level("WARNING", logger="vtoken.robot.evaluation"):  # stored: no GIF can be made
+        evaluation.evaluate_rollouts(
+            suites[env_id], env_id, CONDITIONS, 3, shard_size=2, env_kwargs=short, out_dir=tmp_path, gifs=1
+        )
+    assert "no GIF for baseline/seed_0, fastv25/seed_0" in caplog.text and ran == []
     other = [CONDITIONS[0], parse_condition("fastv25=token_pruning,token_pruning.keep_ratio=0.5")]
     with pytest.raises(ConfigError, match="holds episodes of another run.*delete"):
         run(other, 2)

@@ -15,6 +15,7 @@ the same whichever runs them.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +27,8 @@ from vtoken.robot.episodes import SCRIPTED, RolloutJob, run_job
 from vtoken.robot.policy import check_policy_source
 from vtoken.robot.report import RolloutResult
 from vtoken.robot.store import EpisodeStore
+
+logger = logging.getLogger(__name__)
 
 
 def plan_jobs(
@@ -109,12 +112,31 @@ def evaluate_rollouts(
     results = run_jobs(
         run_job, jobs, workers=workers, ray_address=ray_address, desc="rollout shards", on_result=save
     )
+    _warn_missing_gifs(gif_dir, conditions, seeds[:gifs])
     by_condition: dict[str, list] = {c.name: list(stored.get(c.name, [])) for c in conditions}
     for job, records in zip(jobs, results, strict=True):
         by_condition[job.condition.name] += records
     for records in by_condition.values():
         records.sort(key=lambda e: e.seed)
     return RolloutResult.of(model, env_id, conditions, by_condition, compare)
+
+
+def _warn_missing_gifs(gif_dir: str | None, conditions: Sequence[Condition], seeds: Sequence[int]) -> None:
+    """GIFs are recorded when a seed runs: say which asked-for ones a resumed run could not make."""
+    if gif_dir is None:
+        return
+    missing = [
+        f"{c.name}/seed_{s}"
+        for c in conditions
+        for s in seeds
+        if not (Path(gif_dir) / c.name / f"seed_{s}.gif").exists()
+    ]
+    if missing:
+        logger.warning(
+            "no GIF for %s: those episodes were read back from an earlier run without GIFs; delete "
+            "their files under episodes/ to run them again with GIFs",
+            ", ".join(missing),
+        )
 
 
 def _check_env(env_id: str) -> None:

@@ -12,7 +12,10 @@ from vtoken import ConfigError, PluginConfig, check_range
 class TemporalSmootherConfig(PluginConfig):
     """VLA-Pruner's dual-level importance with the action level smoothed over a policy's frames
     ("Temporal-Aware Dual-Level Visual Token Pruning for Efficient Vision-Language-Action
-    Inference", 2025; reference code MINT-SJTU/VLA-Pruner). Defaults follow the paper.
+    Inference", 2025; reference code MINT-SJTU/VLA-Pruner). Defaults follow the paper except
+    ``prune_layer`` (2, FastV's K; the paper prunes at 3 of OpenVLA's 32). On shallow models the
+    paper's middle ``action_layer`` can be the pruning layer itself, where dropped tokens are unseen:
+    on the bundled 4-layer VLAs read it at 1 (``configs/temporal_smoother.yaml``; README).
 
     Args:
         keep_ratio: share of each row's visual tokens kept from ``prune_layer`` on, in (0, 1]
@@ -41,7 +44,9 @@ class TemporalSmootherConfig(PluginConfig):
             (the frame's own estimate for them, rescaled to the frame's attention on the tokens
             it saw).
         warmup_frames: frames run unpruned at the start of an episode; ``None``: ``window`` when the
-            action level is used (the reference waits for a full history), else 0.
+            action level is used (the reference waits for a full history), else 0. Frames pruned
+            before any history have no action level: ``levels="both"`` keeps the semantic top-k,
+            ``levels="action"`` chooses by diversity alone.
         level_share: share of the budget each level's top-k takes before the union,
             ``max(1, floor(share * k))`` tokens (1.0: each level proposes the whole budget, the
             reference; 0.5: half each, so the union fits and diversity only fills the rest).

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from vtoken import Plugin, ProbeSpec, PruneView, RunState, UnsupportedModelError
+from vtoken import Plugin, ProbeSpec, PruneView, RunState, UnsupportedInputError, UnsupportedModelError
 from vtoken.families import ModelParts
 from vtoken_plugins.temporal_smoother.config import TemporalSmootherConfig
 from vtoken_plugins.temporal_smoother.importance import on_view, probe_to_visual, to_visual
@@ -20,11 +20,13 @@ if TYPE_CHECKING:
     from PIL import Image
 
 ACTION = ProbeSpec(rows="last", decode=True)  # the query emitting each action token
+MAX_MAPS = 1000  # frames of maps kept per stream (the oldest are dropped beyond)
 
 
 @dataclass
 class FrameMaps:
-    """One frame's maps, ``(B, N)`` over each row's visual tokens in prompt order (CPU).
+    """One frame's maps, ``(B, N)`` over each prompt row's visual tokens in prompt order (CPU; the
+    rows ``generate`` repeats for beam search or ``num_return_sequences`` share one map).
 
     Args:
         frame: index in the episode.
@@ -59,7 +61,10 @@ class TemporalSmoother(Plugin):
     a stream: :meth:`start_episode` (called by ``VLAPolicy.reset()`` or ``session.start_episode()``)
     clears it, and the first ``warmup`` frames of a stream run unpruned. A prompt whose batch size or
     visual token count differs from the history's starts a new stream (counted in
-    ``report_extras()["restarts"]``): frames of another shape cannot share a history.
+    ``report_extras()["restarts"]``): frames of another shape cannot share a history. The rows
+    ``generate`` repeats for beam search or ``num_return_sequences`` share their prompt's history
+    and selection (their action maps are averaged). Batches must be left-padded (the last prompt
+    token is a row's own).
 
     Example:
         >>> session = vtoken.attach(policy.model, TemporalSmoother(keep_ratio=0.25))  # doctest: +SKIP
@@ -68,7 +73,17 @@ class TemporalSmoother(Plugin):
 
     name = "temporal_smoother"
     config_class = TemporalSmootherConfig
-    knobs = ("keep_ratio", "levels", "action_layer", "window", "decay", "direction", "fill", "prune_layer")
+    knobs = (
+        "keep_ratio",
+        "levels",
+        "action_layer",
+        "level_share",
+        "window",
+        "decay",
+        "direction",
+        "fill",
+        "prune_layer",
+    )
     config: TemporalSmootherConfig
 
     def __init__(self, config: TemporalSmootherConfig | None = None, /, **overrides: Any) -> None:
@@ -84,7 +99,10 @@ class TemporalSmoother(Plugin):
         self._sum: Tensor | None = None  # (B, N) its action rows' attention, summed
         self._rows = 0
         self._observed: Tensor | None = None  # (B, N) bool
-        self._embeddings: Tensor | None = None  # (B, L, D) entering layer 0 in the prefill
+        self._embedded: tuple[Tensor, Tensor | None] | None = None  # entering layer 0 in the prefill:
+        # (B, T, D) hidden states and their (B, T) prompt positions (None: the whole prompt)
+        self._expansion = 1  # rows per prompt row in the prefill (beam search)
+        self._stream: tuple | None = None  # (rows, per-row visual counts) of the history's frames
 
     @classmethod
     def do_nothing(cls) -> TemporalSmootherConfig:
@@ -121,12 +139,18 @@ class TemporalSmoother(Plugin):
     def start_episode(self) -> None:
         """A new stream: forget the history, the frame count and the maps."""
         self.history.clear()
-        self.frames_done, self.log, self._frame, self._sum = 0, [], None, None
+        self.frames_done, self.log, self._frame, self._sum, self._stream = 0, [], None, None, None
 
     def reset(self, state: RunState) -> None:
         """A new prompt is the next frame: store the previous one's action level first."""
         self._commit()
-        self._embeddings = None
+        self._embedded = None
+
+    @property
+    def multi_token_decode(self) -> bool:  # type: ignore[override]
+        """The action level reads one query per decode forward (each action token's): a verify
+        forward of several drafted tokens would mix accepted and rejected ones."""
+        return not self.config.uses_action
 
     # -- override points -------------------------------------------------------------------------
     def prune_layers(self) -> tuple[int, ...]:
@@ -154,6 +178,7 @@ class TemporalSmoother(Plugin):
 
     def select(self, layer_idx: int, view: PruneView) -> Tensor | None:
         state, c = view.state, self.config
+        _refuse_right_padding(state)
         length = state.prompt_ids.shape[1]
         self._frame = frame = self._new_frame(state)
         if frame.warmup:
@@ -162,10 +187,11 @@ class TemporalSmoother(Plugin):
         if frame.estimate is not None:
             levels.append(frame.estimate)
         positions = view.visual_positions
-        levels = [on_view(m.to(view.visual.device), state.layout, length, positions) for m in levels]
-        k, steps = self.budget(view), view.visual.shape[1]
-        keep = dual_select(levels, self._features(view), view.visual_pad, k, c.level_share, steps)
-        frame.kept = to_visual(keep.float(), positions, state.layout, length)[0] > 0
+        levels = [on_view(self._rows_of(m, view), state.layout, length, positions) for m in levels]
+        k = self.budget(view)
+        keep = dual_select(levels, self._features(view), view.visual_pad, k, c.level_share, int(k.max()))
+        frame.kept = (to_visual(keep.float(), positions, state.layout, length)[0] > 0)[:: self._expansion]
+        self._embedded = None
         return keep
 
     def budget(self, view: PruneView) -> Tensor:
@@ -204,25 +230,34 @@ class TemporalSmoother(Plugin):
     def _new_frame(self, state: RunState) -> FrameMaps:
         """The prompt's frame: its semantic level and the estimate it is pruned with (a prompt of
         another shape than the history's first restarts the stream)."""
-        if self.history.shape not in (None, tuple(state.layout.positions.shape)):
+        e = self._expansion = state.expansion
+        layout = state.layout
+        stream = (layout.positions.shape[0] // e, tuple(layout.counts[::e].tolist()))
+        if self._stream not in (None, stream):
             self._restart()
+        self._stream = stream
         probe = state.probes.get((self.config.prune_layer - 1, self.semantic_spec))
-        length = state.prompt_ids.shape[1]
-        semantic = probe_to_visual(probe, state.layout, length)[0] if probe is not None else None
+        semantic = None
+        if probe is not None:
+            semantic = probe_to_visual(probe, layout, state.prompt_ids.shape[1])[0][::e]
         estimate = self.history.shown() if self.config.uses_action else None
         return FrameMaps(self.frames_done, self.frames_done < self.config.warmup, semantic, estimate)
 
     def _commit(self) -> None:
-        """Store the decoded frame's action level and log its maps."""
+        """Store the decoded frame's action level (the mean over a prompt's repeated rows) and log
+        its maps."""
         frame, self._frame = self._frame, None
         if frame is None:
             return
         if self._sum is not None:
+            action = self._sum / self._rows  # (B * e, N)
+            e = self._expansion
+            action = action.view(-1, e, action.shape[-1]).mean(1)
             estimate = self.history.estimate()
-            frame.action = self.history.push(self._sum / self._rows, self._observed, estimate)
+            frame.action = self.history.push(action, self._observed[::e], estimate)
             self._sum = None
         if self.config.keep_maps:
-            self.log.append(_on_cpu(frame))
+            self.log = [*self.log, _on_cpu(frame)][-MAX_MAPS:]
         self.frames_done += 1
 
     def _restart(self) -> None:
@@ -230,18 +265,44 @@ class TemporalSmoother(Plugin):
         self.frames_done, self.log = 0, []
         self.restarts += 1
 
+    def _rows_of(self, maps: Tensor, view: PruneView) -> Tensor:
+        """A ``(B, N)`` map per prompt row -> the prefill's rows, on the view's device."""
+        return maps.to(view.visual.device).repeat_interleave(self._expansion, dim=0)
+
     def _capture_embeddings(self, module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs["hidden_states"]
-        if self.session.state.phase == "prefill":
-            self._embeddings = hidden  # (B, L, D) the sequence entering the language model
+        state = self.session.state
+        if state.phase == "prefill":  # a plugin dropping tokens at layer 0 ran first: keep positions
+            self._embedded = (args[0] if args else kwargs["hidden_states"], state.seq_positions)
 
     def _features(self, view: PruneView) -> Tensor:
         """``(B, N', D)`` features of the view's visual tokens for the diversity filter."""
-        if self.config.diversity_features == "embeddings" and self._embeddings is not None:
-            source, index = self._embeddings.to(view.visual.device), view.visual_positions.clamp(min=0)
+        wanted = view.visual_positions.clamp(min=0)  # (B, N') prompt positions
+        if self.config.diversity_features == "embeddings" and self._embedded is not None:
+            source, positions = self._embedded
+            source = source.to(view.visual.device)
+            index = wanted if positions is None else _index_of(positions.to(wanted.device), wanted)
         else:
             source, index = view.hidden, view.visual
         return source.gather(1, index[..., None].expand(-1, -1, source.shape[-1]))
+
+
+def _index_of(positions: Tensor, wanted: Tensor) -> Tensor:
+    """``(B, N')`` index into a ``(B, T)`` sequence of prompt ``positions`` (``PAD`` slots) of each
+    ``wanted`` prompt position (present there)."""
+    length = int(positions.max()) + 2
+    table = torch.zeros(positions.shape[0], length, dtype=torch.long, device=positions.device)
+    slots = torch.arange(positions.shape[1], device=positions.device).expand_as(positions)
+    table.scatter_(1, positions.clamp(min=-1) % length, slots)  # PAD (-1) lands in the spare last column
+    return table.gather(1, wanted)
+
+
+def _refuse_right_padding(state: RunState) -> None:
+    mask = state.prompt_mask
+    if mask is not None and not bool(mask[:, -1].all()):
+        raise UnsupportedInputError(
+            "temporal_smoother reads each row's last prompt token, but this batch is right-padded "
+            "(a row ends with padding): build it with padding_side='left'."
+        )
 
 
 def _on_cpu(frame: FrameMaps) -> FrameMaps:

@@ -66,11 +66,11 @@ def dual_select(
         pad: ``(B, N)`` bool, padding entries.
         k: ``(B,)`` budget per row.
         share: each level's share of the budget.
-        steps: Python bound on ``k`` (see :func:`max_min_diversity`).
+        steps: Python bound on ``k`` (``max(k)``; see :func:`max_min_diversity`).
     """
     level_k = torch.floor(k * share).long().clamp(min=1)
     union = union_top_k(levels, pad, level_k)  # (B, N)
-    none = torch.zeros_like(pad)
-    cut = max_min_diversity(features, union, none, k, steps)
-    filled = max_min_diversity(features, ~pad, union, k, steps)
-    return torch.where((union.sum(-1) > k)[:, None], cut, filled)
+    cut = (union.sum(-1) > k)[:, None]  # (B, 1) the union is too large: choose among it
+    candidates = torch.where(cut, union, ~pad)
+    seeds = union & ~cut
+    return max_min_diversity(features, candidates, seeds, k, steps)
