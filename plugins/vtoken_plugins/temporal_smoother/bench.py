@@ -51,8 +51,16 @@ ENVIRONMENTS = {
     "MuJoCo tabletop": ("tabletop_reach", "tabletop_push"),
     "MetaWorld": ("metaworld_reach", "metaworld_push"),
 }
-METHODS = ("smoother", "fastv", "random", "semantic", "action")  # condition name = method + ratio
+METHODS = ("smoother", "fastv", "random", "semantic", "action", "smoother_paper")  # name = method + ratio
 RATIOS = {"50": 0.5, "25": 0.25, "12": 0.125}
+LABELS = {
+    "smoother": "smoother (action level at layer 1)",
+    "fastv": "FastV",
+    "random": "random (fixed mask)",
+    "semantic": "semantic level only",
+    "action": "action level only (layer 1)",
+    "smoother_paper": "smoother, paper's action layer (2)",
+}
 
 
 def run_rollouts(
@@ -158,7 +166,7 @@ def plot(tables: dict[str, list[dict]], path: Path) -> Path:
             x = [100 * p[0] for p in points]
             y = [p[1][0] for p in points]
             err = [[p[1][0] - p[1][1] for p in points], [p[1][2] - p[1][0] for p in points]]
-            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=method)
+            ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=LABELS[method])
         ax.set_xscale("log", base=2)
         ax.set_xticks([12.5, 25, 50], ["12.5%", "25%", "50%"])
         ax.set_xlabel("visual tokens kept from decoder layer 2 on")
