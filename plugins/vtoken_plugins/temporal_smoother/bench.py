@@ -137,6 +137,18 @@ def markdown(tables: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def task_rows(found: dict[str, dict[str, list[EpisodeRecord]]]) -> str:
+    """Per task: the unplugged success and, at each budget, the smoother's and FastV's."""
+    names = [f"{m}{r}" for r in RATIOS for m in ("smoother", "fastv")]
+    lines = ["| task | unplugged | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for task, episodes in found.items():
+        cells = [
+            f"{summary(episodes[n])['success']:.3f}" if n in episodes else "" for n in [BASELINE, *names]
+        ]
+        lines.append(f"| `{TASKS[task][1]}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def _interval(v: Sequence[float]) -> str:
     return f"{v[0]:.3f} [{v[1]:.3f}, {v[2]:.3f}]"
 
@@ -192,7 +204,7 @@ def _rollouts(args: argparse.Namespace) -> None:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(markdown(tables))
+    (out / "results.md").write_text(markdown(tables) + "\nPer task (success):\n\n" + task_rows(found))
     data = {"provenance": provenance(), "episodes": args.episodes, "environments": tables}
     (out / "results.json").write_text(json.dumps(data, indent=2))
     print(markdown(tables))
