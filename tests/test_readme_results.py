@@ -160,7 +160,24 @@ REGION_DERIVED = {
 def test_every_region_proposal_figure_comes_from_its_committed_outputs():
     """The region_proposal section's numbers (and its plugins-table row) are in its benchmark
     outputs (as written, or rounded to the decimals shown), or derived as listed above."""
-    _assert_from_outputs("region_proposal", "## Measuring", "*/bench.json", REGION_DERIVED)
+    _assert_from_outputs("region_proposal", "### `temporal_smoother`", "*/bench.json", REGION_DERIVED)
+
+
+#: figures of the temporal_smoother section that no output holds, with the reason they are right
+SMOOTHER_DERIVED = {
+    "0.8": "VLA-Pruner's decay, also TemporalSmootherConfig.decay",
+    "0.25": "TemporalSmootherConfig.keep_ratio",
+    "0.95": "the issue's target retention at 25%",
+    "1.0": "TemporalSmootherConfig.level_share",
+    "0.5": "a level share of the sweep",
+    "1.6": "the bundled VLAs' parameter count in millions (their cards)",
+}
+
+
+def test_every_temporal_smoother_figure_comes_from_its_committed_outputs():
+    """The temporal_smoother section's numbers (and its plugins-table row) are in its benchmark's
+    and tuning sweep's outputs (as written, or rounded to the decimals shown), or derived above."""
+    _assert_from_outputs("temporal_smoother", "## Measuring", "*.json", SMOOTHER_DERIVED)
 
 
 def _assert_from_outputs(plugin: str, section_end: str, pattern: str, derived: dict[str, str]) -> None:

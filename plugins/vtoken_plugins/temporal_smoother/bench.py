@@ -205,7 +205,10 @@ def _rollouts(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(markdown(tables) + "\nPer task (success):\n\n" + task_rows(found))
-    data = {"provenance": provenance(), "episodes": args.episodes, "environments": tables}
+    per_task = {
+        task: {c: summary(records)["success"] for c, records in eps.items()} for task, eps in found.items()
+    }
+    data = {"provenance": provenance(), "episodes": args.episodes, "environments": tables, "tasks": per_task}
     (out / "results.json").write_text(json.dumps(data, indent=2))
     print(markdown(tables))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {plot(tables, out / 'success.png')}")
