@@ -276,7 +276,9 @@ def _gifs(args: argparse.Namespace) -> None:
     import vtoken.robot.envs  # noqa: F401  (registers the ids)
     from vtoken.robot.showcase import run_showcase
 
-    instruction = gym.make(args.env).reset(seed=args.seed)[1]["task"]  # the one the seed draws
+    env = gym.make(args.env)
+    instruction = env.reset(seed=args.seed)[1]["task"]  # the one the seed draws
+    env.close()
     stacks = {
         "smoother25": vtoken.create_plugins(["configs/temporal_smoother.yaml"]),
         "fastv25": [vtoken.create_plugin("token_pruning", scorer="fastv", keep_ratio=0.25, layers=(2,))],
