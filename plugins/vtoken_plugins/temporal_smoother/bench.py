@@ -19,7 +19,8 @@ the median model-call time of each condition over the unplugged one's, over all 
 calls after the smoother's warm-up. The bundled 4-layer VLAs are bound by per-call overhead on a
 CPU, so their own ratios say little about the saving.
 
-    python -m vtoken_plugins.temporal_smoother.bench latency --out demos/results/temporal_smoother
+    python -m vtoken_plugins.temporal_smoother.bench latency                       # the shaped model
+    python -m vtoken_plugins.temporal_smoother.bench latency --model tabletop-vla-tiny --episodes 20
 
 ``gifs``: one episode of a task with the smoother (``configs/temporal_smoother.yaml``) and one with
 FastV at the same budget, each as a GIF (frame | kept tokens | the smoother's maps)::
@@ -237,23 +238,30 @@ def _latency(args: argparse.Namespace) -> None:
     from vtoken.robot.conditions import parse_condition
     from vtoken.robot.evaluation import evaluate_rollouts
 
-    model = shaped_policy(Path(args.runs) / "llava_shaped_vla")
+    shaped = args.model == "llava-shaped"
+    model = shaped_policy(Path(args.runs) / "llava_shaped_vla") if shaped else args.model
     conditions = [Condition(BASELINE), parse_condition("fastv25=token_pruning,token_pruning.layers=[2]"),
-                  parse_condition("smoother25=temporal_smoother")]  # fmt: skip
+                  parse_condition("smoother25=configs/temporal_smoother.yaml")]  # fmt: skip
     result = evaluate_rollouts(
-        model, "vtoken/TabletopPush-v0", conditions, args.episodes, out_dir=Path(args.runs) / "latency",
+        model, args.env, conditions, args.episodes, out_dir=Path(args.runs) / f"latency_{args.model}",
         env_kwargs=(("max_steps", args.steps),), shard_size=1,  # one episode per job: conditions interleave
     )  # fmt: skip
-    warmup = 3  # the smoother's default window
+    warmup = 3  # the smoother's unpruned warm-up frames
     base = result.episodes[BASELINE]
     rows = {}
     for name, records in result.episodes.items():
-        every = _median_ratio(records, base, 0)
-        rows[name] = {"all_calls": every, "after_warmup": _median_ratio(records, base, warmup)}
+        rows[name] = {
+            "all_calls": _median_ratio(records, base, 0),
+            "after_warmup": _median_ratio(records, base, warmup),
+            "median_call_ms_after_warmup": float(
+                np.median(np.concatenate([e.call_ms[warmup:] for e in records]))
+            ),
+        }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"provenance": provenance(), "episodes": args.episodes, "steps": args.steps, "ratios": rows}
-    (out / "latency.json").write_text(json.dumps(data, indent=2))
+    data = {"provenance": provenance(), "model": args.model, "env": args.env, "episodes": args.episodes,
+            "steps": args.steps, "ratios": rows}  # fmt: skip
+    (out / f"latency_{args.model}.json").write_text(json.dumps(data, indent=2))
     for name, row in rows.items():
         print(f"{name}: median call time / unplugged: all calls {row['all_calls']:.3f}, "
               f"after the warm-up {row['after_warmup']:.3f}")  # fmt: skip
@@ -306,6 +314,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     rollouts.add_argument("--out", default="demos/results/temporal_smoother")
     rollouts.set_defaults(fn=_rollouts)
     latency = sub.add_parser("latency", help="per-call latency on a LLaVA-1.5-shaped random VLA")
+    latency.add_argument(
+        "--model", default="llava-shaped",
+        help="llava-shaped (a random LLaVA-1.5-shaped VLA, built once) or a VLA, e.g. tabletop-vla-tiny",
+    )  # fmt: skip
+    latency.add_argument("--env", default="vtoken/TabletopPush-v0")
     latency.add_argument("--episodes", type=int, default=5)
     latency.add_argument("--steps", type=int, default=20, help="steps per episode")
     latency.add_argument("--runs", default="runs/smoother")
