@@ -171,6 +171,8 @@ SMOOTHER_DERIVED = {
     "1.0": "TemporalSmootherConfig.level_share",
     "0.5": "a level share of the sweep",
     "1.6": "the bundled VLAs' parameter count in millions (their cards)",
+    "1.5": "LLaVA-1.5, a model's name",
+    "0.6": "the issue's target latency ratio at 25%",
 }
 
 

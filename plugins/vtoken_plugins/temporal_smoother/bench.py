@@ -193,9 +193,17 @@ def plot(tables: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
-def _rollouts(args: argparse.Namespace) -> None:
+def _provenance() -> dict:
+    """The machine and versions, with the thread count every rollout job ran with (one)."""
+    import torch
+
     from vtoken.bench.provenance import provenance
 
+    torch.set_num_threads(1)  # RolloutJob's default, which every job here runs with
+    return provenance()
+
+
+def _rollouts(args: argparse.Namespace) -> None:
     conditions = [Condition(BASELINE), *load_conditions(args.conditions)]
     found = run_rollouts(Path(args.runs), args.episodes, args.workers, args.tasks, conditions)
     tables = {
@@ -209,7 +217,7 @@ def _rollouts(args: argparse.Namespace) -> None:
     per_task = {
         task: {c: summary(records)["success"] for c, records in eps.items()} for task, eps in found.items()
     }
-    data = {"provenance": provenance(), "episodes": args.episodes, "environments": tables, "tasks": per_task}
+    data = {"provenance": _provenance(), "episodes": args.episodes, "environments": tables, "tasks": per_task}
     (out / "results.json").write_text(json.dumps(data, indent=2))
     print(markdown(tables))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {plot(tables, out / 'success.png')}")
@@ -234,7 +242,6 @@ def shaped_policy(folder: Path) -> str:
 
 
 def _latency(args: argparse.Namespace) -> None:
-    from vtoken.bench.provenance import provenance
     from vtoken.robot.conditions import parse_condition
     from vtoken.robot.evaluation import evaluate_rollouts
 
@@ -252,6 +259,7 @@ def _latency(args: argparse.Namespace) -> None:
     for name, records in result.episodes.items():
         rows[name] = {
             "all_calls": _median_ratio(records, base, 0),
+            "all_calls_mean": _mean_ratio(records, base),
             "after_warmup": _median_ratio(records, base, warmup),
             "median_call_ms_after_warmup": float(
                 np.median(np.concatenate([e.call_ms[warmup:] for e in records]))
@@ -259,19 +267,38 @@ def _latency(args: argparse.Namespace) -> None:
         }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = {"provenance": provenance(), "model": args.model, "env": args.env, "episodes": args.episodes,
+    data = {"provenance": _provenance(), "model": args.model, "env": args.env, "episodes": args.episodes,
             "steps": args.steps, "ratios": rows}  # fmt: skip
     (out / f"latency_{args.model}.json").write_text(json.dumps(data, indent=2))
     for name, row in rows.items():
-        print(f"{name}: median call time / unplugged: all calls {row['all_calls']:.3f}, "
-              f"after the warm-up {row['after_warmup']:.3f}")  # fmt: skip
+        every, after = (_interval(row[key]) for key in ("all_calls", "after_warmup"))
+        print(f"{name}: median call time / unplugged: all calls {every}, after the warm-up {after}; "
+              f"mean over all calls {row['all_calls_mean']:.3f}")  # fmt: skip
 
 
-def _median_ratio(records: list[EpisodeRecord], base: list[EpisodeRecord], skip: int) -> float:
-    """Median per-call time over the unplugged one's, calls ``skip ..`` of every episode."""
-    mine = np.concatenate([e.call_ms[skip:] for e in records])
-    theirs = np.concatenate([e.call_ms[skip:] for e in base])
-    return float(np.median(mine) / np.median(theirs))
+def _mean_ratio(records: list[EpisodeRecord], base: list[EpisodeRecord]) -> float:
+    """Mean per-call time over the unplugged one's, every call (warm-up frames included)."""
+    return float(
+        np.mean(np.concatenate([e.call_ms for e in records]))
+        / np.mean(np.concatenate([e.call_ms for e in base]))
+    )
+
+
+def _median_ratio(records: list[EpisodeRecord], base: list[EpisodeRecord], skip: int) -> list[float]:
+    """Median per-call time over the unplugged one's, calls ``skip ..`` of every episode, with a
+    95% bootstrap interval over episodes (paired: the same seeds are drawn for both)."""
+    mine = [np.asarray(e.call_ms[skip:]) for e in records]
+    theirs = [np.asarray(e.call_ms[skip:]) for e in base]
+
+    def ratio(picks) -> float:
+        return float(
+            np.median(np.concatenate([mine[i] for i in picks]))
+            / np.median(np.concatenate([theirs[i] for i in picks]))
+        )
+
+    rng = np.random.default_rng(0)
+    samples = [ratio(rng.integers(0, len(mine), len(mine))) for _ in range(1000)]
+    return [ratio(range(len(mine))), *np.quantile(samples, [0.025, 0.975]).tolist()]
 
 
 def _gifs(args: argparse.Namespace) -> None:
