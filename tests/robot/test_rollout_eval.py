@@ -108,18 +108,10 @@ def test_conditions_from_names_yaml_and_overrides(tmp_path):
 
 def _tiny_vla(folder, vocabulary: str, dims: int) -> str:
     """A random-weight VLA saved like an exported one (folder + action_tokenizer.json)."""
-    import torch
-
-    from vtoken.zoo.vla.model import VLAModelConfig, action_tokenizer, build_model, build_processor
+    from vtoken.zoo.vla.model import VLAModelConfig, save_random_vla
 
     sizes = {"vision_hidden": 32, "vision_layers": 1, "text_hidden": 32, "text_layers": 4}
-    config = VLAModelConfig(**sizes, action_dims=dims, vocabulary=vocabulary)
-    torch.manual_seed(0)
-    processor = build_processor(config)
-    build_model(config, processor.tokenizer).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    action_tokenizer(processor.tokenizer, config).save(folder)
-    return str(folder)
+    return save_random_vla(VLAModelConfig(**sizes, action_dims=dims, vocabulary=vocabulary), folder)
 
 
 @pytest.fixture(scope="module")

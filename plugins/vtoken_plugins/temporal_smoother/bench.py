@@ -226,19 +226,12 @@ def _rollouts(args: argparse.Namespace) -> None:
 def shaped_policy(folder: Path) -> str:
     """A random-weight VLA exported to ``folder``: LLaVA-1.5-7B's 576 visual tokens (336 px, patch
     14) and a 16-layer, 768-wide decoder (a scaled-down 7B), two action tokens."""
-    import torch
-
-    from vtoken.zoo.vla.model import VLAModelConfig, action_tokenizer, build_model, build_processor
+    from vtoken.zoo.vla.model import VLAModelConfig, save_random_vla
 
     if (folder / "action_tokenizer.json").is_file():
         return str(folder)
     config = VLAModelConfig(image_size=336, patch_size=14, text_hidden=768, text_layers=16, text_heads=12)
-    torch.manual_seed(0)
-    processor = build_processor(config)
-    build_model(config, processor.tokenizer).save_pretrained(folder)
-    processor.save_pretrained(folder)
-    action_tokenizer(processor.tokenizer, config).save(folder)
-    return str(folder)
+    return save_random_vla(config, folder)
 
 
 def _latency(args: argparse.Namespace) -> None:

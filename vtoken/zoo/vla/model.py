@@ -13,6 +13,7 @@ The 256 action tokens ``<act_0>`` ... ``<act_255>`` are reserved ids right after
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import (
@@ -131,6 +132,17 @@ def build_model(config: VLAModelConfig, tokenizer: PreTrainedTokenizerFast) -> L
     """Randomly initialised LLaVA (SigLIP tower without its pooling head) for ``tokenizer``."""
     vision = SiglipVisionConfig(**vision_sizes(config), vision_use_head=False)
     return llava_over(vision, config, tokenizer, max_positions=256, select_strategy="full")
+
+
+def save_random_vla(config: VLAModelConfig, folder: str | Path, seed: int = 0) -> str:
+    """A random-weight VLA of ``config`` saved like an exported one (the model and processor
+    folder plus ``action_tokenizer.json``), for tests and shape benchmarks; returns the folder."""
+    torch.manual_seed(seed)
+    processor = build_processor(config)
+    build_model(config, processor.tokenizer).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    action_tokenizer(processor.tokenizer, config).save(folder)
+    return str(folder)
 
 
 def pixel_values(images: torch.Tensor) -> torch.Tensor:
