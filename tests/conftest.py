@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
 from vtoken.compat import forget_last_prompt
 from vtoken.testing import random_image, sample_inputs
@@ -24,6 +26,21 @@ sys.path.insert(0, str(Path(__file__).parent / "mini_plugin"))
 
 # the deterministic images and processor inputs every test builds on
 image, make_inputs = random_image, sample_inputs
+
+CUDA = "cuda"  # with fake_mode, tensors made on this device are fake CUDA tensors
+
+
+@pytest.fixture
+def fake_mode():
+    """The test body runs with fake tensors (``FakeTensorMode``): ``device=CUDA`` makes fake CUDA
+    ones, so device placement is checked on a CPU-only machine (device-test modules use it for every
+    test: ``pytestmark = pytest.mark.usefixtures("fake_mode")``)."""
+    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
+        yield mode
+
+
+def on_cuda(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == CUDA for t in tensors)
 
 
 @functools.cache

@@ -14,9 +14,9 @@ import types
 
 import pytest
 import torch
+from conftest import CUDA, on_cuda
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch._subclasses.fake_tensor import unset_fake_temporarily as disable_fake_mode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from vtoken_plugins.token_pruning import decode, scorers
 from vtoken_plugins.token_pruning.config import TokenPruningConfig
 from vtoken_plugins.token_pruning.predictors import Predictors, PredictorSpec
@@ -28,17 +28,12 @@ from vtoken.probe import LanguageAttention, Probe, ProbeSpec, attention_rows, se
 from vtoken.runtime import PruneView, TokenRuntime
 from vtoken.vision_probe import VisionProbe
 
-CUDA = "cuda"
 B, L, D = 2, 10, 16  # batch, prompt length, hidden size
 POSITIONS = [[1, 2, 3, 4, 6, 7], [4, 5, -1, -1, -1, -1]]  # visual tokens of each row (-1 pads)
 SEGMENTS = [[0, 0, 0, 0, 1, 1], [0, 0, -1, -1, -1, -1]]
 
 
-@pytest.fixture(autouse=True)
-def fake_mode():
-    """Every test body runs with fake tensors; ``device=CUDA`` makes fake CUDA ones."""
-    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
-        yield mode
+pytestmark = pytest.mark.usefixtures("fake_mode")  # every test on fake CUDA tensors (conftest)
 
 
 def cuda(values, dtype=None) -> torch.Tensor:
@@ -52,10 +47,6 @@ def randn(*shape: int, dtype=torch.float32) -> torch.Tensor:
 def full(*shape: int, value=True) -> torch.Tensor:
     """A constant fake CUDA tensor (bool by default)."""
     return torch.full(shape, value, device=CUDA)
-
-
-def on_cuda(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == CUDA for t in tensors)
 
 
 def layout() -> VisualLayout:

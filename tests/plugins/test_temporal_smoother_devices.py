@@ -7,26 +7,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from conftest import CUDA, on_cuda
 from vtoken_plugins.temporal_smoother.importance import on_view, to_visual
 from vtoken_plugins.temporal_smoother.selection import dual_select
 from vtoken_plugins.temporal_smoother.smoother import History
 
 from vtoken import VisualLayout
 
-CUDA = "cuda"
 B, N, T, D = 2, 6, 10, 8
 
 
-@pytest.fixture(autouse=True)
-def fake_mode():
-    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
-        yield mode
-
-
-def on_cuda(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == CUDA for t in tensors)
+pytestmark = pytest.mark.usefixtures("fake_mode")  # every test on fake CUDA tensors (conftest)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import ShapeEnv
+from conftest import CUDA, on_cuda
 from vtoken_plugins.zipvl.cache import ZipLayer
 from vtoken_plugins.zipvl.quant import quantize_keys, quantize_values
 from vtoken_plugins.zipvl.ratio import (
@@ -20,18 +19,10 @@ from vtoken_plugins.zipvl.ratio import (
 )
 from vtoken_plugins.zipvl.sparse import sparse_attention
 
-CUDA = "cuda"
 B, H, G, T, D = 2, 4, 2, 10, 8
 
 
-@pytest.fixture(autouse=True)
-def fake_mode():
-    with FakeTensorMode(shape_env=ShapeEnv()) as mode:
-        yield mode
-
-
-def on_cuda(*tensors: torch.Tensor) -> bool:
-    return all(t.device.type == CUDA for t in tensors)
+pytestmark = pytest.mark.usefixtures("fake_mode")  # every test on fake CUDA tensors (conftest)
 
 
 def randn(*shape: int, dtype=torch.float32) -> torch.Tensor:
