@@ -8,15 +8,21 @@ import torch
 from conftest import image, make_inputs, tiny
 from PIL import Image
 from transformers import CLIPImageProcessor, LlavaImageProcessor, SiglipImageProcessor
-from vtoken_plugins.region_proposal.crops import box_to_pixels, crop_square, view_kind, view_region
+from vtoken_plugins.region_proposal.crops import (
+    box_to_pixels,
+    candidate_squares,
+    crop_square,
+    view_kind,
+    view_region,
+)
 from vtoken_plugins.region_proposal.grid import first_image_grids
 from vtoken_plugins.region_proposal.labels import IGNORE, LabelRules, pseudo_labels
 from vtoken_plugins.region_proposal.originals import Originals
 from vtoken_plugins.region_proposal.plugin import build_crop
 from vtoken_plugins.region_proposal.postprocess import BoxRules, boxes_from_map
-from vtoken_plugins.region_proposal.propose import region_maps
+from vtoken_plugins.region_proposal.propose import last_rows, region_maps
 from vtoken_plugins.region_proposal.splice import block_end, splice
-from vtoken_plugins.region_proposal.twig import Twig, run_to_layer
+from vtoken_plugins.region_proposal.twig import Twig, run_to_layer, run_whole
 
 from vtoken.families import locate_parts
 from vtoken.layout import VisualLayout
@@ -169,6 +175,45 @@ def test_crop_squares_stay_inside_and_keep_the_bundled_models_rule():
         assert crop_square(box, 384, 384, 1.25, 0.25) == crop_box(box)
     left, top, right, bottom = crop_square((150, 10, 170, 30), 200, 100, 1.25, 0.25)
     assert right - left == bottom - top == 25 and 0 <= left and right <= 200 and (left, top) == (148, 8)
+
+
+def test_search_candidates_move_and_scale_the_crop_inside_the_image():
+    square = (100, 40, 200, 140)  # side 100, centre (150, 90) in a 400 x 300 image
+    found = candidate_squares(square, 400, 300, 0.2, (1.0, 0.5), 0.25)
+    assert found == [
+        (100, 40, 200, 140), (112, 52, 187, 127),  # the crop, then at half side: 75 = 0.25 * 300 px
+        (80, 40, 180, 140), (92, 52, 167, 127),  # 20 px left
+        (120, 40, 220, 140), (132, 52, 207, 127),  # right
+        (100, 20, 200, 120), (112, 32, 187, 107),  # up
+        (100, 60, 200, 160), (112, 72, 187, 147),  # down
+    ]  # fmt: skip
+    assert candidate_squares(square, 400, 300, 0.0, (1.0,), 0.25) == [square]
+    corner = candidate_squares((0, 0, 100, 100), 400, 300, 0.3, (1.5,), 0.25)
+    assert all(0 <= x0 and 0 <= y0 and x1 <= 400 and y1 <= 300 for x0, y0, x1, y1 in corner)
+    assert corner[1] == (0, 0, 150, 150)  # moved left of the image: pushed back inside
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma"])
+def test_the_whole_pass_reads_each_rows_last_token_and_keeps_the_partial_pass_branch(family):
+    model, processor = tiny(family)
+    processor.tokenizer.padding_side = "right"
+    texts = [tiny_prompt(family), tiny_prompt(family, "how many red square are there in the image ?")]
+    inputs = dict(
+        processor(
+            images=[[image(0, 40, 56)], [image(1, 64, 32)]], text=texts, return_tensors="pt", padding=True
+        )
+    )
+    inputs.pop("labels", None)
+    rows = last_rows(inputs)
+    assert rows[0] < rows[1]  # right padding: the rows end at different places
+    parts = locate_parts(model)
+    with torch.no_grad():
+        branch, probs = run_whole(model, parts, inputs, rows, layer=2)
+        logits = model(**inputs).logits.float()
+        partial = run_to_layer(parts, inputs, 2)
+    assert torch.allclose(probs, logits[torch.arange(2), rows].softmax(-1), atol=1e-6)
+    assert torch.allclose(branch.hidden, partial.hidden, atol=1e-6)
+    assert run_whole(model, parts, inputs, rows)[0] is None
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

@@ -113,6 +113,14 @@ def test_refusals_name_the_problem():
         vtoken.attach(model, RegionProposal(proposer="twig"), processor=processor)
     with pytest.raises(ConfigError, match="threshold"):
         RegionProposal(threshold=0.0)
+    for bad, name in [
+        (dict(confidence_gate=0.0), "confidence_gate"),
+        (dict(refine_shift=0.6), "refine_shift"),
+        (dict(refine_scales=()), "refine_scales"),
+        (dict(refine_scales=(1.0, -0.5)), "refine_scales"),
+    ]:
+        with pytest.raises(ConfigError, match=name):
+            RegionProposal(**bad)
     inputs = make_inputs("llava", processor, batch=False)  # made before attach: not recorded
     with vtoken.attach(model, RegionProposal(**NEVER), processor=processor):
         with pytest.raises(UnsupportedInputError, match="processor"):
@@ -142,3 +150,64 @@ def test_a_family_whose_image_format_is_unknown_is_refused():
     check_family(parts)
     with pytest.raises(UnsupportedModelError, match="does not know"):
         check_family(dataclasses.replace(parts, spec=dataclasses.replace(parts.spec, name="newfamily")))
+
+
+def _confidence(model, inputs) -> torch.Tensor:
+    """``(B,)`` the unplugged model's largest next-token probability after each (left-padded) row."""
+    with torch.no_grad():
+        return model(**inputs).logits[:, -1].float().softmax(-1).max(-1).values
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_5_vl", "paligemma", "idefics3"])
+def test_the_confidence_gate_crops_only_the_rows_the_model_is_unsure_of(family):
+    model, processor = tiny(family)
+    batch = family not in ONE_IMAGE_ROWS
+    sure = _confidence(model, make_inputs(family, processor, batch=batch))
+    for gate in (float(sure.min()) / 2, float(sure.max()) * 1.01):  # below / above every row: none / all
+        inputs, out, report = _plugged(
+            model, processor, family, batch, RegionProposal(**ALWAYS, confidence_gate=min(gate, 1.0))
+        )
+        extras = report.extras["region_proposal"]
+        assert torch.allclose(torch.tensor(extras["confidence"]), sure, atol=1e-5)
+        cropped = [bool(c) for c in extras["crops"]]
+        assert cropped == [bool(c < gate) for c in sure.tolist()]
+        if not any(cropped):
+            assert torch.equal(out, _plain(model, inputs))
+    if batch:  # between the two rows: only the less sure row is cropped
+        gate = float(sure.mean())
+        _, _, report = _plugged(
+            model, processor, family, batch, RegionProposal(**ALWAYS, confidence_gate=gate)
+        )
+        assert [bool(c) for c in report.extras["region_proposal"]["crops"]] == (sure < gate).tolist()
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "smolvlm"])
+def test_the_search_keeps_the_candidate_the_model_is_surest_with(family):
+    model, processor = tiny(family)
+    batch = family not in ONE_IMAGE_ROWS
+    search = RegionProposal(**ALWAYS, refine_shift=0.2, refine_scales=(1.0, 0.7))
+    inputs, out, report = _plugged(model, processor, family, batch, search)
+    extras = report.extras["region_proposal"]
+    single = _plugged(model, processor, family, batch, RegionProposal(**ALWAYS))[2].extras["region_proposal"]
+    parts = locate_parts(model)
+    layout = VisualLayout.from_input_ids(inputs["input_ids"], parts.image_token_ids, parts.tokens_per_image)
+    ends = [block_end(parts, layout, b) for b in range(len(inputs["input_ids"]))]
+    pad = processor.tokenizer.pad_token_id or 0
+    per_row = [1, 2][: len(ends)]
+    patcher = Patcher()
+    try:
+        originals = Originals(processor, patcher)
+        for b, (options, chosen) in enumerate(zip(extras["candidates"], extras["crops"])):
+            assert len(options) == 1 and len(options[0]) == 10  # one crop: 5 places x 2 scales
+            assert options[0][0] == single["crops"][b][0]  # the first candidate: the proposed crop
+            sure = []
+            for box in options[0]:  # each candidate spliced alone into its row, by hand
+                crops = [build_crop(parts, originals, b, FIRST_IMAGES[b].crop(tuple(box)))]
+                spliced, _ = splice(parts, inputs, ends, crops, per_row, pad)
+                sure.append(float(_confidence(model, spliced)[b]))
+            assert torch.allclose(
+                torch.tensor(extras["candidate_confidence"][b]), torch.tensor(sure), atol=1e-5
+            )
+            assert chosen == [options[0][max(range(10), key=sure.__getitem__)]]
+    finally:
+        patcher.undo_all()

@@ -7,7 +7,10 @@ answered by each arm back to back (order rotated per question), batch 1, greedy:
   (the same crop rule as the plugin's); ``gt_shift{s}`` (with ``--gt-shifts``): that crop moved by
   ``s`` pixels right and down (how precisely must a crop sit for this model?);
 - ``attention``: the plugin with the unmodified model's attention at ``label_layer``;
-- ``twig``: the plugin with the trained twig (SD-RPN).
+- ``twig``: the plugin with the trained twig (SD-RPN);
+- ``attention_search`` / ``twig_search``: the same with ``confidence_gate`` (crop only where the
+  model is unsure of the single view) and the confidence-guided search around the crop
+  (``refine_shift`` / ``refine_scales``): not part of SD-RPN, ours (see ``RegionProposalConfig``).
 
 Reported per arm and family: accuracy with its 95% bootstrap interval, the paired difference to the
 base view (interval over questions), how often the plugin cropped, the IoU of its first proposal
@@ -22,6 +25,7 @@ left alone).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections import defaultdict
@@ -41,7 +45,7 @@ from vtoken_plugins.region_proposal.config import RegionProposalConfig
 from vtoken_plugins.region_proposal.crops import crop_square
 from vtoken_plugins.region_proposal.plugin import RegionProposal
 
-ARMS = ("base", "attention", "twig", "gt")
+ARMS = ("base", "attention", "twig", "attention_search", "twig_search", "gt")
 
 
 def _answer(model, processor, images: list, text: str, new_tokens: int) -> tuple[str, float]:
@@ -143,7 +147,11 @@ def summarize(items: list[VQAItem], out: dict, fine: str) -> dict[str, Any]:
     return summary
 
 
-LABELS = {"base": "base view", "attention": "attention\ncrop", "twig": "SD-RPN", "gt": "ground-truth\ncrop"}
+LABELS = {
+    "base": "base view", "attention": "attention\ncrop", "twig": "SD-RPN",
+    "attention_search": "attention\n+ gate, search", "twig_search": "SD-RPN\n+ gate, search",
+    "gt": "ground-truth\ncrop",
+}  # fmt: skip
 
 
 def plot(results: list[Path], path: Path) -> None:
@@ -216,6 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated arms (base is needed)")
     parser.add_argument("--twig-threshold", type=float, default=RegionProposalConfig.threshold)
     parser.add_argument("--attention-threshold", type=float, default=RegionProposalConfig.threshold)
+    parser.add_argument(
+        "--gate", type=float, default=0.5, help="the *_search arms' confidence_gate (see the config)"
+    )
+    parser.add_argument("--refine-shift", type=float, default=0.1, help="the *_search arms' refine_shift")
+    parser.add_argument(
+        "--refine-scales", default="1.0,0.8,0.65", help="the *_search arms' refine_scales, comma-separated"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="demos/results/region_proposal")
     parser.add_argument("--plot", nargs="+", help="only plot these bench.json files to OUT/accuracy.png")
@@ -244,6 +259,13 @@ def main(argv: list[str] | None = None) -> None:
             proposer="twig", weights=args.weights, max_boxes=args.max_boxes, threshold=args.twig_threshold
         ),
     }  # fmt: skip
+    search = dict(
+        confidence_gate=args.gate,
+        refine_shift=args.refine_shift,
+        refine_scales=tuple(float(v) for v in args.refine_scales.split(",")),
+    )
+    for name in ("attention", "twig"):
+        configs[f"{name}_search"] = dataclasses.replace(configs[name], **search)
     shifts = tuple(f"gt_shift{int(v)}" for v in args.gt_shifts.split(",") if v)
     arms = tuple(a for a in args.arms.split(",") if a) + shifts
     if args.examples:

@@ -29,6 +29,16 @@ class RegionProposalConfig(PluginConfig):
             post-processing (:class:`~vtoken_plugins.region_proposal.postprocess.BoxRules`).
         crop_scale: a crop is a square ``crop_scale`` times the box's longer side, centred on it.
         crop_min: the crop's least side as a share of the image's shorter side.
+        confidence_gate: crop a row only when the unmodified model is unsure of the single view:
+            the largest probability of its first answer token is below this (one whole forward of
+            the caller's prompt replaces the partial pass; its layer-``K`` input feeds the
+            proposer). ``None``: every row with a box is cropped (SD-RPN).
+        refine_shift, refine_scales: a confidence-guided search around each crop (ours, in the
+            spirit of ZoomEye, Shen et al., 2024): the candidates are the crop moved by
+            ``refine_shift`` of its side left, right, up and down (none when 0) and the crop itself,
+            each at every scale of ``refine_scales``; the candidate whose prompt gives the most
+            probable first answer token wins (one forward per candidate). ``0.0`` and ``(1.0,)``:
+            the crop as proposed (SD-RPN).
     """
 
     proposer: Literal["twig", "attention", "none"] = "twig"
@@ -42,6 +52,9 @@ class RegionProposalConfig(PluginConfig):
     max_boxes: int = BoxRules.max_boxes
     crop_scale: float = 1.25
     crop_min: float = 0.25
+    confidence_gate: float | None = None
+    refine_shift: float = 0.0
+    refine_scales: tuple[float, ...] = (1.0,)
 
     def validate(self) -> None:
         check_range("region_proposal.threshold", self.threshold, 0.0, 1.0, low_inclusive=False)
@@ -52,8 +65,22 @@ class RegionProposalConfig(PluginConfig):
         check_range("region_proposal.max_boxes", self.max_boxes, 1, 8)
         check_range("region_proposal.crop_scale", self.crop_scale, 1.0, 4.0)
         check_range("region_proposal.crop_min", self.crop_min, 0.0, 1.0)
+        if self.confidence_gate is not None:
+            gate = self.confidence_gate
+            check_range("region_proposal.confidence_gate", gate, 0.0, 1.0, low_inclusive=False)
+        check_range("region_proposal.refine_shift", self.refine_shift, 0.0, 0.5)
+        self.refine_scales = tuple(self.refine_scales)
+        if not self.refine_scales:
+            raise ConfigError("region_proposal.refine_scales needs at least one scale, e.g. (1.0,).")
+        for scale in self.refine_scales:
+            check_range("region_proposal.refine_scales", scale, 0.0, 4.0, low_inclusive=False)
         if self.label_layer is not None and self.label_layer < 0:
             raise ConfigError(f"region_proposal.label_layer must be >= 0 or None, got {self.label_layer}.")
+
+    @property
+    def refines(self) -> bool:
+        """Whether crops are searched around (more than one candidate)."""
+        return self.refine_shift > 0 or self.refine_scales != (1.0,)
 
     @property
     def rules(self) -> BoxRules:

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from PIL import Image
-
 from vtoken_plugins.region_proposal.postprocess import Box
 
 View = Literal["center_crop", "pad", "whole"]
@@ -74,11 +72,32 @@ def crop_square(pixels: Region, width: int, height: int, scale: float, least: fl
     return left, top, left + side, top + side
 
 
-def crop_image(
-    image: Image.Image, box: Box, grid: tuple[int, int], image_processor: Any, scale: float, least: float
-) -> tuple[Image.Image, tuple[int, ...], Region]:
-    """The crop of the original ``image`` for grid ``box``, the crop's pixel box and the grid box's."""
-    region = view_region(view_kind(image_processor), image.width, image.height, image_processor)
+def crop_for(
+    size: tuple[int, int], box: Box, grid: tuple[int, int], image_processor: Any, scale: float, least: float
+) -> tuple[tuple[int, ...], Region]:
+    """The crop square of a ``(width, height)`` original for grid ``box`` and the grid box itself,
+    both in original pixels."""
+    width, height = size
+    region = view_region(view_kind(image_processor), width, height, image_processor)
     proposal = box_to_pixels(box, grid, region)
-    pixels = crop_square(proposal, image.width, image.height, scale, least)
-    return image.crop(pixels), pixels, proposal
+    return crop_square(proposal, width, height, scale, least), proposal
+
+
+def candidate_squares(
+    square: tuple[int, ...], width: int, height: int, shift: float, scales: tuple[float, ...], least: float
+) -> list[tuple[int, ...]]:
+    """The squares a confidence-guided search tries around crop ``square`` of a ``width x height``
+    image: its centre, then moved by ``shift`` of its side left, right, up and down (no moves when
+    ``shift`` is 0), each at every scale of ``scales`` (at least ``least`` of the shorter image
+    side, moved inside the image); centre-major, scales in the given order. The first candidate is
+    ``square`` itself when ``scales[0]`` is 1."""
+    side = square[2] - square[0]
+    cx, cy = (square[0] + square[2]) / 2, (square[1] + square[3]) / 2
+    moves = [(0.0, 0.0)] + ([(-shift, 0.0), (shift, 0.0), (0.0, -shift), (0.0, shift)] if shift else [])
+    out = []
+    for dx, dy in moves:
+        x, y = cx + dx * side, cy + dy * side
+        for scale in scales:
+            half = scale * side / 2
+            out.append(crop_square((x - half, y - half, x + half, y + half), width, height, 1.0, least))
+    return out

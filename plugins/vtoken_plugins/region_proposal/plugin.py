@@ -13,11 +13,11 @@ from torch import Tensor
 from vtoken import ConfigError, Plugin, UnsupportedInputError
 from vtoken.session import IMAGE_INPUTS
 from vtoken_plugins.region_proposal.config import RegionProposalConfig
-from vtoken_plugins.region_proposal.crops import crop_image, view_kind, view_region
+from vtoken_plugins.region_proposal.crops import candidate_squares, crop_for, view_kind, view_region
 from vtoken_plugins.region_proposal.grid import Grid, first_image_grids
 from vtoken_plugins.region_proposal.originals import Originals
 from vtoken_plugins.region_proposal.postprocess import Box, boxes_from_map
-from vtoken_plugins.region_proposal.propose import region_maps
+from vtoken_plugins.region_proposal.propose import last_rows, region_maps
 from vtoken_plugins.region_proposal.splice import (
     PER_TOKEN,
     TILED,
@@ -27,7 +27,7 @@ from vtoken_plugins.region_proposal.splice import (
     crop_tokens,
     splice,
 )
-from vtoken_plugins.region_proposal.twig import Twig
+from vtoken_plugins.region_proposal.twig import Twig, run_whole
 from vtoken_plugins.region_proposal.weights import find_twig
 
 MODEL_INPUTS = ("input_ids", *PER_TOKEN, "pixel_values", *IMAGE_INPUTS)
@@ -63,6 +63,9 @@ class RegionProposal(Plugin):
         self.boxes: list[list[Box]] = []  # per row, grid boxes (empty: no crop)
         self.crops: list[list[tuple[int, ...]]] = []  # per row, crop boxes in original pixels
         self.proposals: list[list[tuple[float, ...]]] = []  # per row, the grid boxes in original pixels
+        self.confidence: list[float] | None = None  # per row, with confidence_gate
+        self.candidates: list[list[list[tuple[int, ...]]]] = []  # per row and crop, when refining
+        self.candidate_confidence: list[list[float]] = []  # per row and candidate, when refining
         self.proposal_s = 0.0
 
     @classmethod
@@ -117,20 +120,20 @@ class RegionProposal(Plugin):
         if per_row is None or len(per_row) != len(inputs["input_ids"]):  # a flat list: one run per image
             per_row = [int(n) for n in session.state.layout.num_images.tolist()]
         grids = first_image_grids(session.parts, session.state.layout, inputs, per_row)
-        with torch.no_grad():
-            self.maps = region_maps(
-                session.parts, self.twig, self.branch, inputs, grids, self.config.proposer
-            )
-        self.boxes = [boxes_from_map(m, self.config.rules) if m is not None else [] for m in self.maps]
-        crops = self._crops(images, grids, per_row)
-        self.proposal_s = time.perf_counter() - started
-        if not crops:
-            return base_generate(**kwargs)
-        pad = getattr(getattr(session.processor, "tokenizer", None), "pad_token_id", None) or 0
         layout = session.state.layout
         ends = [
             block_end(session.parts, layout, b) if grid is not None else 0 for b, grid in enumerate(grids)
         ]
+        pad = getattr(getattr(session.processor, "tokenizer", None), "pad_token_id", None) or 0
+        with torch.no_grad():
+            self._propose(inputs, grids)
+            self._squares(images, grids, per_row)
+            if self.config.refines and any(self.crops):
+                self._refine(inputs, ends, per_row, images, pad)
+        self.proposal_s = time.perf_counter() - started
+        if not any(self.crops):
+            return base_generate(**kwargs)
+        crops = self._built(images, per_row, self.crops)
         new, inserted = splice(session.parts, inputs, ends, crops, per_row, pad)
         self._restarting = True
         try:
@@ -140,28 +143,65 @@ class RegionProposal(Plugin):
         output = base_generate(**{**kwargs, **new})
         return _with_prompt(output, inputs["input_ids"], new["input_ids"].shape[1])
 
-    def _crops(self, images: list, grids: list[Grid | None], per_row: list[int]) -> list[Crop]:
-        """The crops of each row's first original image for its boxes."""
-        out, self.crops, self.proposals = [], [], []
-        image_processor = self.originals.image_processor
+    def _propose(self, inputs: dict[str, Any], grids: list[Grid | None]) -> None:
+        """Each row's map and boxes; with ``confidence_gate``, a whole forward gives the rows'
+        confidence (no boxes where it reaches the gate) and the proposer's branch."""
+        parts, config = self.session.parts, self.config
+        branch = None
+        if config.confidence_gate is not None:
+            branch, probs = run_whole(self.session.model, parts, inputs, last_rows(inputs), self.branch)
+            self.confidence = probs.max(-1).values.tolist()
+        self.maps = region_maps(parts, self.twig, self.branch, inputs, grids, config.proposer, branch)
+        self.boxes = [boxes_from_map(m, config.rules) if m is not None else [] for m in self.maps]
+        if self.confidence is not None:
+            gate = config.confidence_gate
+            self.boxes = [boxes if c < gate else [] for boxes, c in zip(self.boxes, self.confidence)]
+
+    def _squares(self, images: list, grids: list[Grid | None], per_row: list[int]) -> None:
+        """The crop square (original pixels) of each row's boxes, and the boxes in original pixels."""
+        self.crops, self.proposals = [], []
+        processor, config = self.originals.image_processor, self.config
         for b, (boxes, grid) in enumerate(zip(self.boxes, grids)):
-            row_crops, row_proposals = [], []
-            for box in boxes:
-                image = images[sum(per_row[:b])]
-                crop, pixels, proposal = crop_image(
-                    image,
-                    box,
-                    (grid.height, grid.width),
-                    image_processor,
-                    self.config.crop_scale,
-                    self.config.crop_min,
-                )
-                out.append(build_crop(self.session.parts, self.originals, b, crop))
-                row_crops.append(pixels)
-                row_proposals.append(proposal)
-            self.crops.append(row_crops)
-            self.proposals.append(row_proposals)
-        return out
+            size = images[sum(per_row[:b])].size
+            found = [
+                crop_for(size, box, (grid.height, grid.width), processor, config.crop_scale, config.crop_min)
+                for box in boxes
+            ]
+            self.crops.append([square for square, _ in found])
+            self.proposals.append([proposal for _, proposal in found])
+
+    def _refine(
+        self, inputs: dict[str, Any], ends: list[int], per_row: list[int], images: list, pad: int
+    ) -> None:
+        """Each row's crops become the candidate (see ``refine_shift``) under which the model is most
+        sure of its first answer token; one whole forward of the batch per candidate."""
+        config, session = self.config, self.session
+        candidates = []
+        for b, squares in enumerate(self.crops):
+            width, height = images[sum(per_row[:b])].size
+            shift, scales, least = config.refine_shift, config.refine_scales, config.crop_min
+            candidates.append([candidate_squares(sq, width, height, shift, scales, least) for sq in squares])
+        count = len(config.refine_scales) * (5 if config.refine_shift else 1)
+        scores = torch.full((len(self.crops), count), -1.0)
+        for j in range(count):
+            squares = [[options[j] for options in row] for row in candidates]
+            new, _ = splice(session.parts, inputs, ends, self._built(images, per_row, squares), per_row, pad)
+            _, probs = run_whole(session.model, session.parts, new, last_rows(new))
+            scores[:, j] = probs.max(-1).values.cpu()
+        best = scores.argmax(1).tolist()
+        self.candidates = candidates
+        self.candidate_confidence = [
+            row.tolist() if squares else [] for row, squares in zip(scores, self.crops)
+        ]
+        self.crops = [[options[j] for options in row] for row, j in zip(candidates, best)]
+
+    def _built(self, images: list, per_row: list[int], squares: list[list[tuple[int, ...]]]) -> list[Crop]:
+        """The crops of each row's first original image at ``squares`` (original pixels)."""
+        return [
+            build_crop(self.session.parts, self.originals, b, images[sum(per_row[:b])].crop(square))
+            for b, row in enumerate(squares)
+            for square in row
+        ]
 
     def overlay(self, image: Image.Image) -> Image.Image | None:
         """The first row's map (red, over the region the model's grid covers), its proposals
@@ -187,8 +227,9 @@ class RegionProposal(Plugin):
 
     def report_extras(self) -> dict[str, Any]:
         """Per row the grid boxes, the same in original pixels (``proposals``) and the crops (original
-        pixels), the share of rows cropped and the proposal's wall time (partial pass,
-        post-processing, cropping)."""
+        pixels, the chosen candidates when refining), the share of rows cropped, the proposal's wall
+        time (partial or gate pass, post-processing, cropping, the refinement's forwards), and, when
+        set, each row's gate confidence and the refinement's candidates with their confidence."""
         rows = len(self.boxes)
         return {
             "boxes": [list(map(list, b)) for b in self.boxes],
@@ -196,6 +237,9 @@ class RegionProposal(Plugin):
             "crops": [list(map(list, c)) for c in self.crops],
             "cropped_share": sum(bool(b) for b in self.boxes) / rows if rows else 0.0,
             "proposal_s": self.proposal_s,
+            "confidence": self.confidence,
+            "candidates": [[list(map(list, options)) for options in row] for row in self.candidates],
+            "candidate_confidence": self.candidate_confidence,
         }
 
 

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from vtoken.families import ModelParts
 from vtoken_plugins.region_proposal.grid import Grid, stack_positions
-from vtoken_plugins.region_proposal.twig import Twig, run_to_layer
+from vtoken_plugins.region_proposal.twig import Branch, Twig, run_to_layer
 
 
 def last_rows(inputs: dict[str, Any]) -> Tensor:
@@ -30,11 +30,13 @@ def last_rows(inputs: dict[str, Any]) -> Tensor:
 
 def region_maps(
     parts: ModelParts, twig: Twig, branch_layer: int, inputs: dict[str, Any], grids: list[Grid | None],
-    kind: str,
+    kind: str, branch: Branch | None = None,
 ) -> list[Tensor | None]:  # fmt: skip
     """Per row, the ``(h, w)`` map in ``[0, 1]`` of ``kind`` (``"twig"`` or ``"attention"``), from a
-    partial pass to ``branch_layer`` and ``twig`` (for ``"attention"``: a copy of that layer)."""
-    branch = run_to_layer(parts, inputs, branch_layer)
+    partial pass to ``branch_layer`` (or the ``branch`` a whole pass kept there) and ``twig`` (for
+    ``"attention"``: a copy of that layer)."""
+    if branch is None:
+        branch = run_to_layer(parts, inputs, branch_layer)
     device = branch.hidden.device
     keys = stack_positions(grids, inputs["input_ids"].shape[1]).to(device)
     at_keys, every = twig(branch, last_rows(inputs).to(device), keys)  # (B, H, K), (B, H, L)

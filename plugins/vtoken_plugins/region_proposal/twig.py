@@ -63,6 +63,33 @@ def run_to_layer(parts: ModelParts, inputs: dict[str, Any], layer: int) -> Branc
     raise RuntimeError(f"decoder layer {layer} never ran: the partial pass did not reach it")
 
 
+def run_whole(
+    model: nn.Module, parts: ModelParts, inputs: dict[str, Any], rows: Tensor, layer: int | None = None
+) -> tuple[Branch | None, Tensor]:
+    """The whole forward of ``model`` on ``inputs``: ``(B, V)`` float32 next-token probabilities at
+    ``rows`` ``(B,)`` (each row's last prompt token) and, given ``layer``, the :class:`Branch` at
+    that decoder layer's input (else ``None``). The model's own ``forward`` runs, called past an
+    attached session's prompt hook on the top module: a look at the unmodified model (plugins act
+    in a prefill or a decode only), the vision tower included."""
+    kept: list[Branch] = []
+
+    def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        kept.append(Branch(hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+    length = inputs["input_ids"].shape[1]
+    last_only = bool((rows == length - 1).all())
+    patcher = Patcher()
+    if layer is not None:
+        patcher.pre_hook(parts.layers[layer], keep)
+    try:
+        logits = type(model).forward(model, **inputs, use_cache=False, logits_to_keep=int(last_only)).logits
+    finally:
+        patcher.undo_all()
+    picked = logits[:, -1] if last_only else logits[torch.arange(len(rows)), rows.to(logits.device)]
+    return (kept[0] if kept else None), picked.float().softmax(-1)
+
+
 def _capture_qk(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask=None, **kwargs):
     raise _Stop((query, key, kwargs.get("scaling", query.shape[-1] ** -0.5)))
 
