@@ -154,6 +154,8 @@ REGION_DERIVED = {
     "2.5": "Qwen2.5-VL, a model's name",
     "0.1": "SD-RPN's background ratio",
     "0.2": "SD-RPN's foreground ratio",
+    "0.8": "a scale of configs/region_proposal_search.yaml (refine_scales)",
+    "0.65": "a scale of configs/region_proposal_search.yaml (refine_scales)",
 }
 
 

@@ -320,3 +320,29 @@ def test_twig_training_resumes_exactly(bundled_labels):
     assert any(
         not torch.equal(a, b) for a, b in zip(first.state_dict().values(), straight.state_dict().values())
     )
+
+
+def test_the_bench_summary_pairs_each_arm_with_the_base_view_and_the_ground_truth_crop():
+    from pathlib import Path
+
+    from vtoken_plugins.region_proposal.bench import summarize
+
+    from vtoken.eval.vqa import VQAItem
+
+    items = [VQAItem(Path("x.png"), f"q{i}", str(i % 10), "label") for i in range(40)]
+    items += [VQAItem(Path("x.png"), "q", "red", "colour") for _ in range(10)]
+    truth = [it.answer for it in items]
+
+    def arm(right: int) -> dict:  # the first `right` label questions answered right, the others too
+        answers = [a if i < right or i >= 40 else "no" for i, a in enumerate(truth)]
+        return {"answer": answers, "cropped": [True] * 50, "iou": [0.5] * 50, "seconds": [2.0] * 50}
+
+    out = {"base": {**arm(4), "cropped": [False] * 50, "seconds": [1.0] * 50}, "twig": arm(30), "gt": arm(36)}
+    fine = summarize(items, out, "label")["fine"]
+    assert fine["twig"]["accuracy"][0] == pytest.approx(0.75)
+    assert fine["twig"]["minus_base"][0] == pytest.approx(0.65) and fine["twig"]["minus_gt"][
+        0
+    ] == pytest.approx(-0.15)
+    low, high = fine["twig"]["minus_gt"][1:]
+    assert -0.3 < low < -0.15 < high <= 0.0  # paired: the twig is never right where the crop is wrong
+    assert fine["gt"]["minus_gt"] == [0.0, 0.0, 0.0] and fine["twig"]["time_vs_base"] == 2.0

@@ -108,10 +108,18 @@ def run(
     return out
 
 
+def _paired(arm: np.ndarray, other: np.ndarray, by_family: dict, picks: list) -> list[float]:
+    """``arm`` minus ``other`` (per-question scores): the mean over families of the accuracy
+    difference and its 95% interval over the same bootstrap draws of questions."""
+    point = np.mean([arm[v].mean() - other[v].mean() for v in by_family.values()])
+    diff = np.mean([arm[v][p].mean(1) - other[v][p].mean(1) for v, p in zip(by_family.values(), picks)], 0)
+    return [float(point), *map(float, np.percentile(diff, [2.5, 97.5]))]
+
+
 def summarize(items: list[VQAItem], out: dict, fine: str) -> dict[str, Any]:
-    arms = tuple(out)
     """Per arm and family (the fine-grained one, and the others together): accuracy, paired
-    difference to the base view, crop rate, IoU, time ratio."""
+    difference to the base view and to the ground-truth crop, crop rate, IoU, time ratio."""
+    arms = tuple(out)
     scores = {arm: np.asarray(question_scores(items, out[arm]["answer"])) for arm in arms}
     groups = {"fine": [i for i, it in enumerate(items) if it.family == fine]}
     groups["others"] = [i for i, it in enumerate(items) if it.family != fine]
@@ -126,17 +134,16 @@ def summarize(items: list[VQAItem], out: dict, fine: str) -> dict[str, Any]:
         section = {}
         for arm in arms:
             acc = mean_of_groups({f: scores[arm][v] for f, v in by_family.items()})
-            diff = [
-                scores[arm][v][p].mean(1) - scores["base"][v][p].mean(1)
-                for v, p in zip(by_family.values(), picks)
-            ]
-            diff = np.mean(diff, axis=0)
-            point = np.mean([scores[arm][v].mean() - scores["base"][v].mean() for v in by_family.values()])
+            paired = {
+                f"minus_{other}": _paired(scores[arm], scores[other], by_family, picks)
+                for other in ("base", "gt")
+                if other in scores
+            }
             cropped = np.asarray(out[arm]["cropped"])[index]
             iou = np.asarray(out[arm]["iou"])[index]
             section[arm] = {
                 "accuracy": [acc.value, acc.low, acc.high], "questions": acc.n,
-                "minus_base": [float(point), *map(float, np.percentile(diff, [2.5, 97.5]))],
+                **paired,
                 "cropped_share": float(cropped.mean()),
                 "iou_all": float(iou.mean()),
                 "iou_cropped": float(iou[cropped].mean()) if cropped.any() else None,
@@ -161,7 +168,7 @@ def plot(results: list[Path], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 3.4))
+    fig, ax = plt.subplots(figsize=(9.5, 3.6))
     width = 0.8 / len(results)
     for k, result in enumerate(results):
         data = json.loads(Path(result).read_text())
@@ -277,6 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "model": args.model, "data": args.data, "threads": torch.get_num_threads(), "fine": args.fine,
         "configs": {k: vars(v) for k, v in configs.items()}, "summary": summarize(items, out, args.fine),
+        "per_question": {"family": [it.family for it in items], **{arm: dict(v) for arm, v in out.items()}},
     }  # fmt: skip
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
