@@ -303,8 +303,9 @@ def _knob_widget(knob: Knob):
         return gr.Checkbox(value=knob.default, label=label, info=info)
     if knob.kind == "ints":
         return gr.Textbox(value=", ".join(map(str, knob.default)), label=label, info=info)
-    if knob.kind == "float" and 0.0 <= knob.default <= 1.0:
-        return gr.Slider(0.01, 1.0, value=knob.default, step=0.01, label=label, info=info)
+    if knob.kind == "float" and knob.default is not None and 0.0 <= knob.default <= 1.0:
+        low = 0.0 if knob.default == 0.0 else 0.01  # a share; 0 where 0 is the default (off)
+        return gr.Slider(low, 1.0, value=knob.default, step=0.01, label=label, info=info)
     return gr.Number(value=knob.default, label=label, info=info, precision=0 if knob.kind == "int" else None)
 
 

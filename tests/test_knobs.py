@@ -36,3 +36,26 @@ def test_an_optional_int_is_an_int_knob_whose_empty_value_is_none():
     knob = config_knobs(TemporalSmootherConfig, ("action_layer",))[0]
     assert (knob.kind, knob.default) == ("int", None)
     assert knob.parse(None) is None and knob.parse("") is None and knob.parse(2.0) == 2
+
+
+def test_an_optional_float_is_a_float_knob_whose_empty_value_is_none():
+    from vtoken_plugins.region_proposal import RegionProposalConfig
+
+    knob = config_knobs(RegionProposalConfig, ("confidence_gate",))[0]
+    assert (knob.kind, knob.default) == ("float", None)
+    assert knob.parse(None) is None and knob.parse("") is None and knob.parse("0.5") == 0.5
+
+
+def test_every_registered_plugins_knobs_have_their_docstring_help():
+    from vtoken.registry import available_plugins, get_plugin_class
+
+    built_in = [name for name, target in available_plugins().items() if target.startswith("vtoken_plugins.")]
+    assert len(built_in) >= 5
+    for name in built_in:
+        plugin = get_plugin_class(name)
+        for knob in config_knobs(plugin.config_class, plugin.knobs):
+            assert knob.help, f"{name}.{knob.name} has no entry in its config's Args section"
+    from vtoken_plugins.region_proposal import RegionProposalConfig
+
+    grouped = {k.name: k.help for k in config_knobs(RegionProposalConfig, ("threshold", "max_boxes"))}
+    assert grouped["threshold"] == grouped["max_boxes"] and "post-processing" in grouped["threshold"]

@@ -27,9 +27,9 @@ class Knob:
 
     Args:
         name: config field name.
-        kind: ``"choice"`` (a ``Literal``), ``"float"``, ``"int"`` (also ``int | None``: empty is
-            None), ``"bool"`` or ``"ints"`` (a tuple of ints, e.g. layers, edited as comma-separated
-            text).
+        kind: ``"choice"`` (a ``Literal``), ``"float"`` / ``"int"`` (also ``float | None`` /
+            ``int | None``: empty is None), ``"bool"`` or ``"ints"`` (a tuple of ints, e.g. layers,
+            edited as comma-separated text).
         default: the field's default value.
         choices: allowed values of a ``"choice"``.
         help: the field's description from the config docstring, on one line, as Markdown
@@ -53,7 +53,7 @@ class Knob:
         if self.kind == "int":
             return None if value is None or value == "" else int(value)  # empty: None (optional ints)
         if self.kind == "float":
-            return float(value)
+            return None if value is None or value == "" else float(value)  # empty: None (optional floats)
         return value
 
 
@@ -82,8 +82,8 @@ def _kind(hint: Any) -> tuple[KnobKind, tuple[Any, ...]]:
         return "bool", ()
     if hint is int or (origin in (typing.Union, types.UnionType) and set(args) == {int, type(None)}):
         return "int", ()  # an optional int: an empty widget means None
-    if hint is float:
-        return "float", ()
+    if hint is float or (origin in (typing.Union, types.UnionType) and set(args) == {float, type(None)}):
+        return "float", ()  # an optional float: an empty widget means None
     if origin is tuple and args and args[0] is int:
         return "ints", ()
     raise ConfigError(f"No widget for a field of type {hint!r}; knobs are Literal, bool, int, float or ints.")
@@ -93,12 +93,13 @@ def _field_help(config_class: type) -> dict[str, str]:
     """Each field's entry in the ``Args:`` section of the class docstring, on one line."""
     doc = inspect.getdoc(config_class) or ""
     args = doc.split("Args:", 1)[-1] if "Args:" in doc else ""
-    entries = re.split(r"\n(?=\S)|\n {4}(?=\w+:)", args)
+    entries = re.split(r"\n(?=\S)|\n {4}(?=\w+(?:, \w+)*:)", args)
     helps = {}
     for entry in entries:
-        match = re.match(r"\s*(\w+):\s*(.*)", entry, re.S)
+        match = re.match(r"\s*(\w+(?:, \w+)*):\s*(.*)", entry, re.S)  # "a, b: ..." documents both
         if match:
-            helps[match.group(1)] = rst_to_markdown(" ".join(match.group(2).split()))
+            for name in match.group(1).split(", "):
+                helps[name] = rst_to_markdown(" ".join(match.group(2).split()))
     return helps
 
 

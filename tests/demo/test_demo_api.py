@@ -131,7 +131,7 @@ def test_speculative_decoding_marks_the_accepted_draft_tokens(app):
 def test_region_proposal_draws_its_map_and_crop_beside_the_answer(app):
     """On the bundled model with its trained twig: the details image shows the overlay."""
     knobs = app.plugin_knobs(("region_proposal",))
-    values = [True, "twig", 0.15, 1]  # attach, then RegionProposal.knobs in order
+    values = [True, "twig", 0.15, 1, None, 0.0]  # attach, then RegionProposal.knobs in order
     assert len(values) == 1 + len(knobs["region_proposal"])
     models = app.Models(("synth-llava-tiny",))
     scene = Image.open(app.sample_scenes(Path(tempfile.mkdtemp()))[0][0])
@@ -139,6 +139,11 @@ def test_region_proposal_draws_its_map_and_crop_beside_the_answer(app):
         models, "synth-llava-tiny", scene, "what colour is the star ?", 0, knobs, values
     )
     assert details is not None and plugged.strip() and base.strip()
+    gated = [True, "twig", 0.15, 1, 0.5, 0.1]  # the gate and the search, from the widgets
+    answer, details = app.compare(
+        models, "synth-llava-tiny", scene, "what colour is the star ?", 0, knobs, gated
+    )[1::3]
+    assert answer.strip() == base.strip() and details is not None  # sure of a colour: the single view
     values[1] = "none"  # no proposal: nothing to draw (and no chart)
     assert (
         app.compare(models, "synth-llava-tiny", scene, "what colour is the star ?", 0, knobs, values)[4]

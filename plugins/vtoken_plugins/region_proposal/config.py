@@ -33,12 +33,14 @@ class RegionProposalConfig(PluginConfig):
             the largest probability of its first answer token is below this (one whole forward of
             the caller's prompt replaces the partial pass; its layer-``K`` input feeds the
             proposer). ``None``: every row with a box is cropped (SD-RPN).
-        refine_shift, refine_scales: a confidence-guided search around each crop (ours, in the
-            spirit of ZoomEye, Shen et al., 2024): the candidates are the crop moved by
-            ``refine_shift`` of its side left, right, up and down (none when 0) and the crop itself,
-            each at every scale of ``refine_scales``; the candidate whose prompt gives the most
-            probable first answer token wins (one forward per candidate). ``0.0`` and ``(1.0,)``:
-            the crop as proposed (SD-RPN).
+        refine_shift: a confidence-guided search around each crop (ours, in the spirit of ZoomEye,
+            Shen et al., 2024): the candidates are the crop moved by ``refine_shift`` of its side
+            left, right, up and down (none when 0) and the crop itself, each at every scale of
+            ``refine_scales``; the candidate whose prompt gives the most probable first answer
+            token wins (one forward per candidate). ``0.0`` with ``refine_scales=(1.0,)``: the crop
+            as proposed (SD-RPN).
+        refine_scales: the search's crop sizes, relative to the proposed crop (see
+            ``refine_shift``).
     """
 
     proposer: Literal["twig", "attention", "none"] = "twig"

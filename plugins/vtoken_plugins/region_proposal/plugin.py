@@ -48,7 +48,7 @@ class RegionProposal(Plugin):
 
     name = "region_proposal"
     config_class = RegionProposalConfig
-    knobs = ("proposer", "threshold", "max_boxes")
+    knobs = ("proposer", "threshold", "max_boxes", "confidence_gate", "refine_shift")
     config: RegionProposalConfig
 
     def __init__(self, config: RegionProposalConfig | None = None, /, **overrides: Any) -> None:
