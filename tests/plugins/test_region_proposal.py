@@ -86,13 +86,16 @@ def test_several_images_in_an_idefics3_row_are_refused():
 
 
 @pytest.mark.parametrize("family", ["llava", "qwen2_vl", "idefics3"])
-def test_with_token_pruning_the_crops_are_in_the_layout_it_prunes(family):
+@pytest.mark.parametrize(
+    "search", [{}, dict(confidence_gate=1.0, refine_shift=0.2)], ids=["crop", "gate-search"]
+)
+def test_with_token_pruning_the_crops_are_in_the_layout_it_prunes(family, search):
     model, processor = tiny(family)
     pruning = TokenPruning(scorer="fastv", layers=(1,), keep_ratio=0.5)
     _, _, alone = _plugged(
         model, processor, family, False, TokenPruning(scorer="fastv", layers=(1,), keep_ratio=0.5)
     )
-    _, out, both = _plugged(model, processor, family, False, RegionProposal(**ALWAYS), pruning)
+    _, out, both = _plugged(model, processor, family, False, RegionProposal(**ALWAYS, **search), pruning)
     assert both.extras["region_proposal"]["cropped_share"] == 1.0
     assert both.visual_tokens > alone.visual_tokens  # the crop's tokens joined the pruned prompt
     crop = both.visual_tokens - alone.visual_tokens
