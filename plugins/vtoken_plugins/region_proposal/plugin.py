@@ -174,14 +174,15 @@ class RegionProposal(Plugin):
         self, inputs: dict[str, Any], ends: list[int], per_row: list[int], images: list, pad: int
     ) -> None:
         """Each row's crops become the candidate (see ``refine_shift``) under which the model is most
-        sure of its first answer token; one whole forward of the batch per candidate."""
+        sure of its first answer token; one whole forward of the batch per candidate (a row's
+        crops move together)."""
         config, session = self.config, self.session
         candidates = []
         for b, squares in enumerate(self.crops):
             width, height = images[sum(per_row[:b])].size
             shift, scales, least = config.refine_shift, config.refine_scales, config.crop_min
             candidates.append([candidate_squares(sq, width, height, shift, scales, least) for sq in squares])
-        count = len(config.refine_scales) * (5 if config.refine_shift else 1)
+        count = next(len(options) for row in candidates for options in row)  # the same for every crop
         scores = torch.full((len(self.crops), count), -1.0)
         for j in range(count):
             squares = [[options[j] for options in row] for row in candidates]
