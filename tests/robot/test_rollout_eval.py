@@ -261,3 +261,13 @@ def test_gifs_add_what_a_plugin_draws(suites, tmp_path):
         assert gif.size[1] == 256 and gif.size[0] > 512  # frame | kept tokens | the smoother's maps
     with Image.open(tmp_path / "gifs" / BASELINE / "seed_0.gif") as gif:
         assert gif.size == (512, 256)
+
+
+def test_every_shipped_rollout_config_loads_and_subsets_share_their_specs():
+    from pathlib import Path
+
+    shipped = {p.name: load_conditions(p) for p in sorted(Path("configs").glob("rollout_*.yaml"))}
+    assert len(shipped) >= 4 and all(shipped.values())
+    full = {c.name: c.describe() for c in shipped["rollout_temporal_smoother.yaml"]}
+    core = {c.name: c.describe() for c in shipped["rollout_temporal_smoother_core.yaml"]}
+    assert core.items() <= full.items()  # same names, same stacks: the stored episodes are shared
