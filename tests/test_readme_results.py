@@ -181,7 +181,7 @@ SMOOTHER_DERIVED = {
 def test_every_temporal_smoother_figure_comes_from_its_committed_outputs():
     """The temporal_smoother section's numbers (and its plugins-table row) are in its benchmark's
     and tuning sweep's outputs (as written, or rounded to the decimals shown), or derived above."""
-    _assert_from_outputs("temporal_smoother", "## Measuring", "*.json", SMOOTHER_DERIVED)
+    _assert_from_outputs("temporal_smoother", "## Measuring", "**/*.json", SMOOTHER_DERIVED)
 
 
 def _assert_from_outputs(plugin: str, section_end: str, pattern: str, derived: dict[str, str]) -> None:
