@@ -120,6 +120,7 @@ class RegionProposal(Plugin):
         if per_row is None or len(per_row) != len(inputs["input_ids"]):  # a flat list: one run per image
             per_row = [int(n) for n in session.state.layout.num_images.tolist()]
         grids = first_image_grids(session.parts, session.state.layout, inputs, per_row)
+        firsts = [images[sum(per_row[:b])] for b in range(len(per_row))]  # each row's first original
         layout = session.state.layout
         ends = [
             block_end(session.parts, layout, b) if grid is not None else 0 for b, grid in enumerate(grids)
@@ -127,13 +128,13 @@ class RegionProposal(Plugin):
         pad = getattr(getattr(session.processor, "tokenizer", None), "pad_token_id", None) or 0
         with torch.no_grad():
             self._propose(inputs, grids)
-            self._squares(images, grids, per_row)
+            self._squares(firsts, grids)
             if self.config.refines and any(self.crops):
-                self._refine(inputs, ends, per_row, images, pad)
+                self._refine(inputs, ends, per_row, firsts, pad)
         self.proposal_s = time.perf_counter() - started
         if not any(self.crops):
             return base_generate(**kwargs)
-        crops = self._built(images, per_row, self.crops)
+        crops = self._built(firsts, self.crops)
         new, inserted = splice(session.parts, inputs, ends, crops, per_row, pad)
         self._restarting = True
         try:
@@ -157,12 +158,12 @@ class RegionProposal(Plugin):
             gate = config.confidence_gate
             self.boxes = [boxes if c < gate else [] for boxes, c in zip(self.boxes, self.confidence)]
 
-    def _squares(self, images: list, grids: list[Grid | None], per_row: list[int]) -> None:
+    def _squares(self, firsts: list, grids: list[Grid | None]) -> None:
         """The crop square (original pixels) of each row's boxes, and the boxes in original pixels."""
         self.crops, self.proposals = [], []
         processor, config = self.originals.image_processor, self.config
         for b, (boxes, grid) in enumerate(zip(self.boxes, grids)):
-            size = images[sum(per_row[:b])].size
+            size = firsts[b].size
             found = [
                 crop_for(size, box, (grid.height, grid.width), processor, config.crop_scale, config.crop_min)
                 for box in boxes
@@ -171,7 +172,7 @@ class RegionProposal(Plugin):
             self.proposals.append([proposal for _, proposal in found])
 
     def _refine(
-        self, inputs: dict[str, Any], ends: list[int], per_row: list[int], images: list, pad: int
+        self, inputs: dict[str, Any], ends: list[int], per_row: list[int], firsts: list, pad: int
     ) -> None:
         """Each row's crops become the candidate (see ``refine_shift``) under which the model is most
         sure of its first answer token; one whole forward of the batch per candidate (a row's
@@ -179,14 +180,14 @@ class RegionProposal(Plugin):
         config, session = self.config, self.session
         candidates = []
         for b, squares in enumerate(self.crops):
-            width, height = images[sum(per_row[:b])].size
+            width, height = firsts[b].size
             shift, scales, least = config.refine_shift, config.refine_scales, config.crop_min
             candidates.append([candidate_squares(sq, width, height, shift, scales, least) for sq in squares])
         count = next(len(options) for row in candidates for options in row)  # the same for every crop
         scores = torch.full((len(self.crops), count), -1.0)
         for j in range(count):
             squares = [[options[j] for options in row] for row in candidates]
-            new, _ = splice(session.parts, inputs, ends, self._built(images, per_row, squares), per_row, pad)
+            new, _ = splice(session.parts, inputs, ends, self._built(firsts, squares), per_row, pad)
             _, probs = run_whole(session.model, session.parts, new, last_rows(new))
             scores[:, j] = probs.max(-1).values.cpu()
         best = scores.argmax(1).tolist()
@@ -196,10 +197,10 @@ class RegionProposal(Plugin):
         ]
         self.crops = [[options[j] for options in row] for row, j in zip(candidates, best)]
 
-    def _built(self, images: list, per_row: list[int], squares: list[list[tuple[int, ...]]]) -> list[Crop]:
+    def _built(self, firsts: list, squares: list[list[tuple[int, ...]]]) -> list[Crop]:
         """The crops of each row's first original image at ``squares`` (original pixels)."""
         return [
-            build_crop(self.session.parts, self.originals, b, images[sum(per_row[:b])].crop(square))
+            build_crop(self.session.parts, self.originals, b, firsts[b].crop(square))
             for b, row in enumerate(squares)
             for square in row
         ]
