@@ -22,6 +22,7 @@ NEW = 12
 SHAPES = {
     "tree": dict(tree="dynamic", top_k=3, depth=4, total_tokens=10),
     "chain": dict(tree="chain", depth=4),
+    "chain-stop": dict(tree="chain", depth=4, stop_below=0.1),  # random drafts: 1-3 tokens, by round
 }
 
 
@@ -90,6 +91,17 @@ def test_a_trained_draft_is_accepted_and_still_exact():
     assert torch.equal(_greedy(model, inputs, plugin, new=40), _greedy(model, inputs, new=40))
     accepted = [n for round_ in plugin.rounds for n in round_]
     assert sum(accepted) / len(accepted) >= 3.0  # the committed draft accepts 4.2 per round on the test split
+
+
+def test_a_chain_with_a_stop_drafts_fewer_tokens_where_the_draft_is_unsure_and_stays_exact():
+    model, processor = load_model("synth-llava-tiny")
+    items = [it for it in split_items("val", 8) if it.family == "describe"][:3]
+    inputs = encode(processor, items, with_answers=False)
+    plugin = SpecDecoding(tree="chain", depth=10, stop_below=0.5)
+    assert torch.equal(_greedy(model, inputs, plugin, new=40), _greedy(model, inputs, new=40))
+    assert 1 <= min(plugin.drafted) < max(plugin.drafted) <= 10  # stopped early in some rounds only
+    extras = plugin.report_extras()
+    assert extras["drafted_per_round"] == sum(plugin.drafted) / len(plugin.drafted)
 
 
 def test_calls_do_not_share_state():
@@ -168,6 +180,8 @@ def test_flash_attention_is_refused_when_attaching():
         (dict(top_k=2, depth=2, total_tokens=8), "exceeds"),
         (dict(tree="wide"), "tree"),
         (dict(compressor="crop"), "compressor"),
+        (dict(stop_below=1.5), "stop_below"),
+        (dict(stop_below=0.5), "chain"),  # the default dynamic tree
     ],
 )
 def test_bad_config_values_are_refused(fields, message):

@@ -118,6 +118,48 @@ def test_rerank_keeps_parents_when_a_saturated_draft_ties_every_score():
     assert (kept_scores[tree.depth[0, 1:] == 1] == 0).any()
 
 
+def _sure_draft(sureness: list[float]):
+    """A draft whose top token has probability ``sureness[b]`` in row ``b`` at every level; it
+    counts its steps."""
+    vocab, steps = 4, []
+    top = torch.tensor(sureness)[:, None, None]  # (B, 1, 1)
+
+    def logp(hidden):  # (B, q, D) -> (B, q, V): token 0 has the row's sureness, the rest share the remainder
+        rest = (1 - top) / (vocab - 1)
+        return torch.cat([top, rest.expand(-1, -1, vocab - 1)], -1).expand(*hidden.shape[:2], vocab).log()
+
+    def step(tokens, features, level, visible):
+        steps.append(level)
+        return features
+
+    return step, logp, steps
+
+
+@pytest.mark.parametrize(
+    "sureness, active, stop_below, drafted",
+    [
+        ([0.9], None, 0.7, 4),  # path 0.9, 0.81, 0.729, 0.656 < 0.7: four tokens, three steps
+        ([0.9], None, 0.0, 6),  # no stop: the whole depth
+        ([0.9], None, 0.95, 1),  # the first token already: one token, no step
+        ([0.9, 0.5], None, 0.6, 2),  # mean (0.9 + 0.5) / 2 = 0.7, then (0.81 + 0.25) / 2 = 0.53
+        ([0.9, 0.5], [True, False], 0.6, 5),  # a finished row does not count: 0.9^5 = 0.59
+    ],
+)
+def test_a_chain_stops_once_its_mean_path_probability_falls_below_stop_below(
+    sureness, active, stop_below, drafted
+):
+    step, logp, steps = _sure_draft(sureness)
+    batch = len(sureness)
+    active = None if active is None else torch.tensor(active)
+    tree = draft_tree(
+        torch.zeros(batch, dtype=torch.long), torch.zeros(batch, 2), step, logp, 1, 6, 7, stop_below, active
+    )
+    assert tree.size == drafted + 1 and tree.chain
+    assert steps == list(range(1, drafted))  # nothing drafted after the last verified token
+    path = torch.tensor(sureness)[:, None].log() * torch.arange(drafted + 1)
+    assert torch.allclose(tree.scores, path, atol=1e-5)
+
+
 def _path_search(tree: Tree, predicted: torch.Tensor, b: int) -> tuple[list[int], int]:
     """Walk from the root to the child holding the target's prediction, as long as one exists."""
     node, path = 0, [0]

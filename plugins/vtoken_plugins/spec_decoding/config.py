@@ -28,6 +28,12 @@ class SpecDecodingConfig(PluginConfig):
         compressor: how the draft sees the image: ``"gate"`` (the trained gate picks a branch per
             input), a fixed branch (``prune``, ``pool``, ``conv``, ``resampler``, ``text_only``), or
             ``"none"`` (every visual token).
+        stop_below: a chain's dynamic length: a round's drafting ends once the draft's probability
+            of its whole chain (the product over the chain's tokens), averaged over the unfinished
+            rows, is below this; the last drafted token is still verified. 0: always ``depth``
+            tokens. A chain with a stop drafts deep where the draft is sure and saves the draft
+            steps (and verified tokens) the target would likely reject where it is not. Chains
+            only (EAGLE-2's dynamic tree ranks its nodes by the same path probability).
         seed: seed of a ``"random"`` draft.
         table_mb: precompute the token half of the draft's input for the whole vocabulary when that
             float32 ``(V, D)`` table takes at most this many MiB (once per attach; a draft step then
@@ -41,6 +47,7 @@ class SpecDecodingConfig(PluginConfig):
     total_tokens: int = 60
     draft: str = "auto"
     compressor: Literal["gate", "prune", "pool", "conv", "resampler", "text_only", "none"] = "gate"
+    stop_below: float = 0.0
     seed: int = 0
     table_mb: float = 64.0
 
@@ -49,6 +56,13 @@ class SpecDecodingConfig(PluginConfig):
         check_range("spec_decoding.top_k", self.top_k, 1, 64)
         check_range("spec_decoding.depth", self.depth, 1, 32)
         check_range("spec_decoding.total_tokens", self.total_tokens, 2, 1024)
+        check_range("spec_decoding.stop_below", self.stop_below, 0.0, 1.0)
+        if self.stop_below > 0 and self.shape[0] > 1:
+            raise ConfigError(
+                f"spec_decoding.stop_below={self.stop_below} ends draft chains early; a dynamic tree "
+                f"(top_k={self.top_k}) ranks its nodes by draft probability instead. Set tree='chain' "
+                "(or top_k=1), or leave stop_below at 0."
+            )
         most = 1 + self.top_k + (self.depth - 1) * self.top_k**2
         if self.tree == "dynamic" and self.total_tokens > most:
             raise ConfigError(

@@ -21,6 +21,7 @@ or registered, so the draft's state dict holds its own weights only.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -78,14 +79,19 @@ class Rotary:
         self.inv = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)  # (d/2,)
         self.table = torch.zeros(0, 2, head_dim)
 
-    def __call__(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """``cos, sin`` ``(B, 1, q, d)`` for ``positions`` ``(B, q)``."""
-        top = int(positions.max()) + 1 if positions.numel() else 0
+    def __call__(
+        self, positions: Tensor, dtype: torch.dtype, top: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """``cos, sin`` ``(B, 1, q, d)`` for ``positions`` ``(B, q)``; ``top``: a known bound above
+        every position (saves reading the largest one back from the device)."""
+        if top is None:
+            top = int(positions.max()) + 1 if positions.numel() else 0
         if top > len(self.table) or self.table.device != positions.device:
             angles = torch.arange(max(top, 2 * len(self.table), 64), dtype=torch.float32)[:, None] * self.inv
             angles = torch.cat([angles, angles], -1)
             self.table = torch.stack([angles.cos(), angles.sin()], 1).to(positions.device)  # (P, 2, d)
-        cos, sin = self.table[positions].to(dtype).unbind(2)  # (B, q, d) each
+        table = self.table if self.table.dtype == dtype else self.table.to(dtype)
+        cos, sin = table[positions].unbind(2)  # (B, q, d) each
         return cos[:, None], sin[:, None]
 
 
@@ -112,7 +118,12 @@ class DraftLayer(nn.Module):
         self._joined: tuple[tuple, Tensor] | None = None  # (weight versions, joined q|kv weight)
 
     def forward(
-        self, x: Tensor, positions: Tensor, mask: Tensor, past: tuple[Tensor, Tensor] | None = None
+        self,
+        x: Tensor,
+        positions: Tensor,
+        mask: Tensor | None,
+        past: tuple[Tensor, Tensor] | None = None,
+        top: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Run the layer on new elements.
 
@@ -121,6 +132,7 @@ class DraftLayer(nn.Module):
             mask: ``(B, q, T + q)`` bool, True where a new element may attend: the ``T`` past keys,
                 then the new ones; ``None``: every key.
             past: ``(B, H_kv, T, d)`` keys and values, or ``None`` (T = 0).
+            top: a bound above every position, when the caller knows one (see :class:`Rotary`).
 
         Returns:
             ``(B, q, D)`` outputs and the keys and values attended to, ``(B, H_kv, T + q, d)``
@@ -131,7 +143,7 @@ class DraftLayer(nn.Module):
         heads = s.heads + s.kv_heads  # rotated: the queries and keys
         h = F.rms_norm(x, (dim,), self.norm1.weight, self.norm1.eps)
         qkv = F.linear(h, self._qkv()).view(b, q, heads + s.kv_heads, s.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos, sin = self.rotary(positions, x.dtype, top)
         rotated = rotate(qkv[:, :heads], cos, sin)
         query, key, value = rotated[:, : s.heads], rotated[:, s.heads :], qkv[:, heads:]
         keys, values = (
@@ -148,14 +160,26 @@ class DraftLayer(nn.Module):
 
     def _qkv(self) -> Tensor:
         """The query and key/value projections as one ``(H d + 2 H_kv d, D)`` weight (one matmul
-        per step): joined on every call while training, once per weight version when frozen."""
-        weights = (self.q.weight, self.kv.weight)
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            return torch.cat(weights)
-        version = tuple((w._version, w.data_ptr(), w.device, w.dtype) for w in weights)
-        if self._joined is None or self._joined[0] != version:
-            self._joined = (version, torch.cat(weights).detach())
-        return self._joined[1]
+        per step)."""
+        self._joined, weight = derived(self._joined, (self.q.weight, self.kv.weight), torch.cat)
+        return weight
+
+
+def derived(
+    kept: tuple[tuple, Tensor] | None, weights: tuple[Tensor, ...], build: Callable[[tuple], Tensor]
+) -> tuple[tuple[tuple, Tensor] | None, Tensor]:
+    """A weight built from ``weights`` (joined, sliced): rebuilt on every call while training (so
+    gradients reach the parameters), kept while frozen and rebuilt when a weight changes.
+
+    Returns:
+        What to keep for the next call (the weights' versions and the built weight) and the weight.
+    """
+    if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+        return kept, build(weights)
+    version = tuple((w._version, w.data_ptr(), w.device, w.dtype) for w in weights)
+    if kept is None or kept[0] != version:
+        kept = (version, build(weights).detach())
+    return kept, kept[1]
 
 
 class DraftModel(nn.Module):
@@ -171,6 +195,7 @@ class DraftModel(nn.Module):
         self.layer = DraftLayer(spec)
         self.f_vis = nn.Parameter(torch.zeros(d))
         self.compressor = Compressor(d, spec.compressor)
+        self._feature_half: tuple[tuple, Tensor] | None = None  # (weight version, fc's feature half)
 
     def elements(self, inputs: Tensor, features: Tensor, no_feature: Tensor | None) -> Tensor:
         """``(B, S, D)`` elements from inputs ``(B, S, D)`` (token embeddings or visual slots) and
@@ -188,7 +213,10 @@ class DraftModel(nn.Module):
 
     def feature_part(self, features: Tensor) -> Tensor:
         """``fc``'s feature half over normalised features ``(..., D)``."""
-        return F.linear(self.norm_feature(features), self.fc.weight[:, self.spec.hidden_size :])
+        d = self.spec.hidden_size
+        half = derived(self._feature_half, (self.fc.weight,), lambda w: w[0][:, d:].contiguous())
+        self._feature_half, weight = half
+        return F.linear(F.rms_norm(features, (d,), self.norm_feature.weight, self.norm_feature.eps), weight)
 
     def forward(
         self,

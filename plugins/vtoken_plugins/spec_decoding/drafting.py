@@ -46,6 +46,7 @@ class Drafter:
         self.keys = self.values = self.valid = self.next_pos = self.last = None
         self.dense = True  # no padding or hole among the committed entries
         self.committed = 0  # entries before the temporary tree entries
+        self.top = 0  # the largest next position of a row (next_pos's largest, kept on the host)
 
     def start(self, inputs: DraftInputs) -> None:
         """Run the draft over a prompt's elements (left-padded; the last one is real in every row)."""
@@ -56,6 +57,7 @@ class Drafter:
         self.valid, self.committed = x.valid, x.valid.shape[1]
         self.dense = bool(x.valid.all())
         self.next_pos = x.valid.sum(1)
+        self.top = int(self.next_pos.max())
         self.last = hidden[:, -1]
 
     def log_probs(self, hidden: Tensor) -> Tensor:
@@ -66,19 +68,23 @@ class Drafter:
         """``(B, q, V)`` the target head's logits (float32) for draft outputs ``(B, q, D)``."""
         return self.head(hidden.to(self.head.weight.dtype)).float()
 
-    def tree_step(self, tokens: Tensor, features: Tensor, level: int, visible: Tensor) -> Tensor:
-        """Append the frontier's entries (see :data:`.tree.DraftStep`); returns their outputs."""
+    def tree_step(self, tokens: Tensor, features: Tensor, level: int, visible: Tensor | None) -> Tensor:
+        """Append the frontier's entries (see :data:`.tree.DraftStep`); returns their outputs.
+        The tree entries are never read as committed ones: :meth:`commit` cuts them."""
         b, k = tokens.shape
-        positions = (self.next_pos + level - 1)[:, None].expand(b, k)
+        positions = (self.next_pos + (level - 1))[:, None]
         mask = None  # a chain over a cache without padding or holes sees every entry
         if k > 1 or not self.dense:
+            positions = positions.expand(b, k)
             past = self.valid[:, None, : self.committed].expand(b, k, -1)  # then the tree entries
+            if visible is None:  # a chain: every earlier tree entry
+                drafted = self.keys.shape[2] - self.committed
+                visible = torch.ones(b, k, drafted, dtype=torch.bool, device=self.device)
             eye = torch.eye(k, dtype=torch.bool, device=self.device).expand(b, k, k)
             mask = torch.cat([past, visible, eye], -1)
         hidden, self.keys, self.values = self.draft.layer(
-            self._elements(tokens, features), positions, mask, (self.keys, self.values)
+            self._elements(tokens, features), positions, mask, (self.keys, self.values), self.top + level
         )
-        self.valid = torch.cat([self.valid, torch.zeros(b, k, dtype=torch.bool, device=self.device)], 1)
         return hidden
 
     def commit(self, tokens: Tensor, features: Tensor, real: Tensor) -> None:
@@ -91,20 +97,26 @@ class Drafter:
         """
         self._cut(self.committed)
         b, m = tokens.shape
-        positions = self.next_pos[:, None] + real.long().cumsum(1) - 1
-        new = torch.ones(m, m, dtype=torch.bool, device=self.device).tril() & real[:, None, :]
-        new = new | torch.eye(m, dtype=torch.bool, device=self.device)
-        mask = torch.cat([self.valid[:, None, :].expand(b, m, -1), new], -1)
+        all_real = bool(real.all())
+        new = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()
+        if all_real:
+            positions = self.next_pos[:, None] + torch.arange(m, device=self.device)
+        else:
+            positions = (self.next_pos[:, None] + real.long().cumsum(1) - 1).clamp(min=0)
+            new = (new & real[:, None, :]) | torch.eye(m, dtype=torch.bool, device=self.device)
+        mask = torch.cat([self.valid[:, None, :].expand(b, m, -1), new.expand(b, m, m)], -1)
         hidden, self.keys, self.values = self.draft.layer(
             self._elements(tokens, features.to(self.dtype)),
-            positions.clamp(min=0),
+            positions,
             mask,
             (self.keys, self.values),
+            self.top + m,
         )
         self.valid = torch.cat([self.valid, real], 1)
         self.committed = self.valid.shape[1]
-        self.dense = self.dense and bool(real.all())
+        self.dense = self.dense and all_real
         self.next_pos = self.next_pos + real.sum(1)
+        self.top = int(self.next_pos.max())
         self.last = hidden[:, -1]
 
     def _cut(self, length: int) -> None:

@@ -155,10 +155,13 @@ class SpecLoop:
         eos = sorted(rows.eos)
         while not all(rows.finished):
             depth = self._depth(len(prompt))
+            active = ~torch.tensor(rows.finished)
             tree = draft_tree(
-                root, drafter.last, drafter.tree_step, drafter.log_probs, self.top_k, depth, self.total
-            )
+                root, drafter.last, drafter.tree_step, drafter.log_probs, self.top_k, depth, self.total,
+                self.plugin.config.stop_below, active,
+            )  # fmt: skip
             self.plugin.draft_s += _clock(drafter.device) - clock
+            self.plugin.drafted.append(tree.size - 1)
             ancestors = tree.ancestors()
             mask = as_attention_mask(tree_mask(key_valid, ancestors), self.model.dtype, self.plugin.eager)
             session.state.speculating = True

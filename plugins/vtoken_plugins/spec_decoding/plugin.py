@@ -96,6 +96,7 @@ class SpecDecoding(Plugin):
     def reset(self, state) -> None:
         """A new prompt: forget the last call's measurements."""
         self.rounds: list[list[int]] = []  # accepted drafts per round and unfinished row
+        self.drafted: list[int] = []  # draft tokens verified per row in each round
         self.draft_s = 0.0  # wall time the draft took (prefill, trees, commits)
         self.branches: list[str] = []  # the compressor branch each row's image went through
         self.marks: list[tuple[int, str | None]] = []  # row 0's tokens: "draft" (accepted) or "target"
@@ -107,14 +108,16 @@ class SpecDecoding(Plugin):
 
     def report_extras(self) -> dict[str, Any]:
         """Rounds, accepted drafts and committed tokens per round (mean over rounds and unfinished
-        rows: EAGLE's "accepted length" counts the bonus token too, ``tokens_per_round``), the draft's
-        wall time and the compressor branch per row."""
+        rows: EAGLE's "accepted length" counts the bonus token too, ``tokens_per_round``), the
+        draft tokens verified per round and row (``drafted_per_round``: a chain's length, below
+        ``depth`` where ``stop_below`` ended it), the draft's wall time and the compressor branch per row."""
         counts = [n for round_ in self.rounds for n in round_]
         mean = sum(counts) / len(counts) if counts else 0.0
         return {
             "rounds": len(self.rounds),
             "accepted_per_round": mean,
             "tokens_per_round": mean + 1 if counts else 0.0,
+            "drafted_per_round": sum(self.drafted) / len(self.drafted) if self.drafted else 0.0,
             "draft_s": self.draft_s,
             "branches": list(self.branches),
         }

@@ -18,10 +18,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-# step(tokens (B, k), features (B, k, D), level, visible (B, k, E)) -> hidden (B, k, D): run the
-# draft on the frontier (level = its depth); each new entry sees the earlier entries ``visible``
-# marks (its ancestors) and itself. logp(hidden (B, q, D)) -> (B, q, V) log-probabilities.
-DraftStep = Callable[[Tensor, Tensor, int, Tensor], Tensor]
+# step(tokens (B, k), features (B, k, D), level, visible (B, k, E) | None) -> hidden (B, k, D): run
+# the draft on the frontier (level = its depth); each new entry sees the earlier entries ``visible``
+# marks (its ancestors; None: every one, a chain) and itself.
+# logp(hidden (B, q, D)) -> (B, q, V) log-probabilities.
+DraftStep = Callable[[Tensor, Tensor, int, Tensor | None], Tensor]
 LogProbs = Callable[[Tensor], Tensor]
 
 
@@ -80,19 +81,28 @@ class Tree:
 
 
 def draft_tree(
-    root: Tensor, root_hidden: Tensor, step: DraftStep, logp: LogProbs, top_k: int, depth: int, total: int
+    root: Tensor,
+    root_hidden: Tensor,
+    step: DraftStep,
+    logp: LogProbs,
+    top_k: int,
+    depth: int,
+    total: int,
+    stop_below: float = 0.0,
+    active: Tensor | None = None,
 ) -> Tree:
     """Draft one tree per row (see the module).
 
     Args:
         root: ``(B,)`` the last committed tokens. root_hidden: ``(B, D)`` the draft's output there.
         step, logp: the draft (see ``DraftStep``). top_k, depth, total: the tree's shape.
+        stop_below, active: a chain's early stop (see :func:`_draft_chain`).
 
     Returns:
         A :class:`Tree` of ``min(total, 1 + pool size)`` nodes.
     """
     if top_k == 1 or depth == 0:
-        return _draft_chain(root, root_hidden, step, logp, depth)
+        return _draft_chain(root, root_hidden, step, logp, depth, stop_below, active)
     batch = root.shape[0]
     scores, tokens = logp(root_hidden[:, None])[:, 0].topk(top_k, -1)  # (B, k)
     pool_tokens, pool_scores = [tokens], [scores]
@@ -125,9 +135,25 @@ def draft_tree(
     )  # fmt: skip
 
 
-def _draft_chain(root: Tensor, hidden: Tensor, step: DraftStep, logp: LogProbs, depth: int) -> Tree:
-    """A tree of width 1: the draft's greedy continuation, ``depth`` tokens long (0: the root alone,
-    a plain decoding step)."""
+def _draft_chain(
+    root: Tensor,
+    hidden: Tensor,
+    step: DraftStep,
+    logp: LogProbs,
+    depth: int,
+    stop_below: float = 0.0,
+    active: Tensor | None = None,
+) -> Tree:
+    """A tree of width 1: the draft's greedy continuation, at most ``depth`` tokens long (0: the root
+    alone, a plain decoding step).
+
+    With ``stop_below`` > 0 the chain ends early (a dynamic draft length): once the draft's
+    probability of its whole chain so far (the product over its tokens, EAGLE-2's path score),
+    averaged over the ``active`` ``(B,)`` rows, falls below ``stop_below``. That mean is the
+    expected share of rows whose drafts are all still right, so it weighs what one more draft step
+    can still bring against its cost, the same for every row of the batch. The last drafted token
+    is verified; nothing is drafted after it.
+    """
     batch = root.shape[0]
     tokens, scores = [root], [torch.zeros(batch, device=root.device)]
     hidden = hidden[:, None]  # (B, 1, D)
@@ -135,11 +161,20 @@ def _draft_chain(root: Tensor, hidden: Tensor, step: DraftStep, logp: LogProbs, 
         score, token = logp(hidden)[:, 0].max(-1)  # (B,)
         tokens.append(token)
         scores.append(scores[-1] + score)
-        if level < depth:
-            visible = torch.ones(batch, 1, level - 1, dtype=torch.bool, device=root.device)
-            hidden = step(token[:, None], hidden, level, visible)
-    index = torch.arange(depth + 1, device=root.device).expand(batch, -1)
+        if level == depth or (stop_below > 0 and _unlikely(scores[-1], stop_below, active)):
+            break
+        hidden = step(token[:, None], hidden, level, None)
+    index = torch.arange(len(tokens), device=root.device).expand(batch, -1)
     return Tree(torch.stack(tokens, 1), index - 1, index, torch.stack(scores, 1), chain=True)
+
+
+def _unlikely(path: Tensor, stop_below: float, active: Tensor | None) -> bool:
+    """Whether the mean over ``active`` ``(B,)`` rows (all when ``None``) of the chains' path
+    probabilities (``exp`` of the path log-probabilities ``path`` ``(B,)``) is below ``stop_below``."""
+    probs = path.exp()
+    if active is not None:
+        probs = probs[active.to(path.device)]
+    return not probs.numel() or bool(probs.mean() < stop_below)
 
 
 def _rerank(root: Tensor, tokens: Tensor, scores: Tensor, parent: Tensor, levels: Tensor, total: int) -> Tree:
