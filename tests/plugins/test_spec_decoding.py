@@ -100,6 +100,8 @@ def test_a_chain_with_a_stop_drafts_fewer_tokens_where_the_draft_is_unsure_and_s
     plugin = SpecDecoding(tree="chain", depth=10, stop_below=0.5)
     assert torch.equal(_greedy(model, inputs, plugin, new=40), _greedy(model, inputs, new=40))
     assert 1 <= min(plugin.drafted) < max(plugin.drafted) <= 10  # stopped early in some rounds only
+    assert plugin.batch_rows[0] == 3 and plugin.batch_rows[-1] < 3  # finished rows left the batch
+    assert plugin.batch_rows == sorted(plugin.batch_rows, reverse=True)
     extras = plugin.report_extras()
     assert extras["drafted_per_round"] == sum(plugin.drafted) / len(plugin.drafted)
 
@@ -115,16 +117,42 @@ def test_calls_do_not_share_state():
     assert torch.equal(second, _greedy(model, one))
 
 
-def test_budget_and_eos_end_rows_as_plain_generate_does():
-    model, processor = tiny("llava")
-    inputs = _batch_of_three("llava", processor)
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])  # 1-D and multi-axis (M-RoPE) positions
+def test_rows_that_end_leave_the_batch_and_the_rest_decode_as_plain_generate_does(family, shape):
+    model, processor = tiny(family)
+    inputs = _batch_of_three(family, processor)
     reference = _greedy(model, inputs, new=9)
     eos = int(reference[0, -4])  # a token the first row emits: it ends that row mid-round
+    options = dict(max_new_tokens=9, do_sample=False, eos_token_id=eos, return_dict_in_generate=True,
+                   output_scores=True)  # fmt: skip
+    plugin = _random(shape)
     with torch.no_grad():
-        plain = model.generate(**inputs, max_new_tokens=9, do_sample=False, eos_token_id=eos)
-        with vtoken.attach(model, _random("chain")):
-            spec = model.generate(**inputs, max_new_tokens=9, do_sample=False, eos_token_id=eos)
-    assert torch.equal(spec, plain)
+        plain = model.generate(**inputs, **options)
+        with vtoken.attach(model, plugin):
+            spec = model.generate(**inputs, **options)
+    assert torch.equal(spec.sequences, plain.sequences)
+    assert plugin.batch_rows[0] == 3 and plugin.batch_rows[-1] < 3  # the ended row left the batch
+    new = plain.sequences[:, inputs["input_ids"].shape[1] :]
+    assert len(spec.scores) == len(plain.scores)
+    for step, (ours, theirs) in enumerate(zip(spec.scores, plain.scores)):
+        live = ~(new[:, :step] == eos).any(1)  # rows that had not ended (plain scores padding after)
+        assert torch.allclose(ours[live], theirs[live], atol=1e-4)
+
+
+def test_rows_that_end_stay_in_the_batch_beside_token_pruning():
+    model, processor = tiny("llava")
+    inputs = _batch_of_three("llava", processor)
+    pruning = dict(scorer="fastv", layers=(2,), keep_ratio=0.5)
+    reference = _greedy(model, inputs, TokenPruning(**pruning), new=9)
+    eos = int(reference[0, -4])
+    plugin = _random("chain")
+    with torch.no_grad(), vtoken.attach(model, TokenPruning(**pruning)):
+        alone = model.generate(**inputs, max_new_tokens=9, do_sample=False, eos_token_id=eos)
+    with torch.no_grad(), vtoken.attach(model, [TokenPruning(**pruning), plugin]):
+        both = model.generate(**inputs, max_new_tokens=9, do_sample=False, eos_token_id=eos)
+    assert torch.equal(both, alone)
+    assert set(plugin.batch_rows) == {3}  # token_pruning keeps per-row state: no row leaves
 
 
 def test_do_nothing_is_exact_and_detach_restores_generate():

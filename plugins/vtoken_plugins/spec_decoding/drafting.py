@@ -119,6 +119,14 @@ class Drafter:
         self.top = int(self.next_pos.max())
         self.last = hidden[:, -1]
 
+    def select(self, rows: Tensor) -> None:
+        """Keep the batch rows ``rows`` ``(b,)`` of the cache (the others finished)."""
+        rows = rows.to(self.device)
+        self.keys, self.values = self.keys[rows], self.values[rows]
+        self.valid, self.next_pos, self.last = self.valid[rows], self.next_pos[rows], self.last[rows]
+        self.dense = bool(self.valid.all())
+        self.top = int(self.next_pos.max())
+
     def _cut(self, length: int) -> None:
         self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
         self.valid = self.valid[:, :length]

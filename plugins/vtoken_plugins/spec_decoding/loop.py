@@ -12,7 +12,9 @@
 
 Rows of a batch keep the same number of new cache slots per round: a row that accepted fewer tokens
 keeps some rejected nodes as holes, masked from then on like left padding, so every cache keeps one
-logical length. Finished rows ride along with nothing accepted.
+logical length. Finished rows leave the batch (its caches are indexed down to the unfinished rows)
+when spec_decoding is the only plugin attached; beside another plugin, which may keep per-row state,
+they ride along with nothing accepted.
 
 Output as ``generate``'s, with two documented differences at batch > 1: ``scores`` / ``logits`` of a
 row that has finished are zeros (plain ``generate`` scores the padding it feeds such rows), and
@@ -85,6 +87,23 @@ class Rows:
         return taken
 
 
+@dataclass
+class Live:
+    """The batch the target and the draft decode: the rows still decoding where finished rows leave
+    it (:meth:`SpecLoop._drop_finished`), else every row.
+
+    Attributes:
+        rows: the caller's row of each batch row. root: ``(b,)`` each row's last committed token.
+        key_valid: ``(b, T)`` bool, the target's cache entries each row attends to (False on
+            padding and holes). next_pos: ``(b,)`` or ``(A, b)`` the next token's position ids.
+    """
+
+    rows: list[int]
+    root: Tensor
+    key_valid: Tensor
+    next_pos: Tensor
+
+
 class SpecLoop:
     """One ``generate`` call of the ``spec_decoding`` plugin (all state lives here)."""
 
@@ -149,33 +168,33 @@ class SpecLoop:
         drafter = self.plugin.drafter
         clock = _clock(drafter.device)
         drafter.start(self._draft_prompt(prompt, real, sequences))
-        next_pos = capture.next_position()
-        root = sequences[:, -1]
+        live = Live(list(range(len(prompt))), sequences[:, -1], key_valid, capture.next_position())
         minimum = min_new_tokens(self.config, prompt.shape[1])
-        eos = sorted(rows.eos)
+        eos, dtype = sorted(rows.eos), self.model.dtype
         while not all(rows.finished):
             depth = self._depth(len(prompt))
-            active = ~torch.tensor(rows.finished)
+            done = torch.tensor([rows.finished[r] for r in live.rows])
             tree = draft_tree(
-                root, drafter.last, drafter.tree_step, drafter.log_probs, self.top_k, depth, self.total,
-                self.plugin.config.stop_below, active,
+                live.root, drafter.last, drafter.tree_step, drafter.log_probs, self.top_k, depth,
+                self.total, self.plugin.config.stop_below, ~done,
             )  # fmt: skip
             self.plugin.draft_s += _clock(drafter.device) - clock
             self.plugin.drafted.append(tree.size - 1)
+            self.plugin.batch_rows.append(len(live.rows))
             ancestors = tree.ancestors()
-            mask = as_attention_mask(tree_mask(key_valid, ancestors), self.model.dtype, self.plugin.eager)
+            mask = as_attention_mask(tree_mask(live.key_valid, ancestors), dtype, self.plugin.eager)
             session.state.speculating = True
             try:
                 logits = self.model(
                     input_ids=tree.tokens,
                     attention_mask=mask,
-                    position_ids=tree_positions(next_pos, tree.depth),
+                    position_ids=tree_positions(live.next_pos, tree.depth),
                     use_cache=True,
                     **{session._cache_arg: cache},
                 ).logits
             finally:
                 session.state.speculating = False
-            generated = torch.tensor([len(t) for t in rows.tokens])
+            generated = torch.tensor([len(rows.tokens[r]) for r in live.rows])
             scores = node_scores(logits, self.config, tree.depth, generated, eos, minimum)
             if self.config.do_sample:
                 accepted = sample_accept(tree, scores.softmax(-1))
@@ -186,15 +205,39 @@ class SpecLoop:
             keep_recent(cache, slots, tree.size, prefix=tree.chain)
             for plugin in session.plugins:
                 plugin.after_accept(session.state)
-            done = torch.tensor(rows.finished, device=key_valid.device)
-            key_valid = torch.cat([key_valid, on_path.to(key_valid.device) & ~done[:, None]], 1)
+            done = done.to(live.key_valid.device)
+            live.key_valid = torch.cat([live.key_valid, on_path.to(done.device) & ~done[:, None]], 1)
             clock = _clock(drafter.device)
-            self._commit(drafter, tree, accepted, (capture.hidden, scores, logits), done, rows, streamer)
-            next_pos = next_pos + (accepted.count + 1).to(next_pos.device)
-            root = accepted.bonus
+            verified = (capture.hidden, scores, logits)
+            self._commit(drafter, tree, accepted, verified, done, rows, live.rows, streamer)
+            live.next_pos = live.next_pos + (accepted.count + 1).to(live.next_pos.device)
+            live.root = accepted.bonus
             if self.config.max_time is not None and time.perf_counter() - self.started > self.config.max_time:
                 rows.finished = [True] * len(rows.finished)
+            if self._compacts():
+                self._drop_finished(live, rows, cache, drafter)
         self.plugin.draft_s += _clock(drafter.device) - clock
+
+    def _compacts(self) -> bool:
+        """Whether finished rows may leave the batch: when no other plugin (nor the token runtime)
+        keeps per-row state that a smaller batch would misalign."""
+        return self.session.runtime is None and all(p is self.plugin for p in self.session.plugins)
+
+    def _drop_finished(self, live: Live, rows: Rows, cache: Any, drafter: Any) -> None:
+        """Take the rows that finished out of the batch (the target's cache, the draft's, the
+        loop's), so that later rounds verify and draft the unfinished rows only (plain ``generate``
+        keeps decoding padding for them)."""
+        keep = [i for i, r in enumerate(live.rows) if not rows.finished[r]]
+        if not keep or len(keep) == len(live.rows):
+            return
+        index = torch.tensor(keep)
+        cache.batch_select_indices(index)
+        drafter.select(index)
+        live.rows = [live.rows[i] for i in keep]
+        device = live.root.device
+        live.root = live.root[index.to(device)]
+        live.key_valid = live.key_valid[index.to(live.key_valid.device)]
+        live.next_pos = live.next_pos[..., index.to(live.next_pos.device)]
 
     def _depth(self, batch: int) -> int:
         """This round's tree depth: the configured one, or less where another plugin must act on
@@ -214,10 +257,10 @@ class SpecLoop:
         return max(0, min(self.depth, min(budgets.values()) - 1))
 
     def _commit(
-        self, drafter, tree, accepted, verified: tuple[Tensor, Tensor, Tensor], done, rows, streamer
+        self, drafter, tree, accepted, verified: tuple[Tensor, Tensor, Tensor], done, rows, order, streamer
     ) -> None:
         """Give the draft the accepted path and bonus (with the target's features) and the rows
-        their new tokens (with the scores behind them)."""
+        their new tokens (with the scores behind them); ``order``: the caller's row of each batch row."""
         hidden, scores, logits = verified
         index, real = accepted.commit_order()  # (B, m): root, accepted nodes; left-padded
         tokens = torch.cat([tree.tokens.gather(1, index)[:, 1:], accepted.bonus[:, None]], 1)
@@ -229,12 +272,12 @@ class SpecLoop:
         for b, (row, n) in enumerate(zip(tokens.tolist(), counts)):
             nodes = index[b, len(row) - n - 1 :]  # the node predicting each new token
             taken = rows.add(
-                b, row[len(row) - n - 1 :],
+                order[b], row[len(row) - n - 1 :],
                 scores[b, nodes] if rows.scores is not None else None,
                 logits[b, nodes].float() if rows.logits is not None else None,
             )  # fmt: skip
             new = row[len(row) - n - 1 :][:taken]
-            if b == 0 and taken:
+            if order[b] == 0 and taken:
                 self.plugin.marks += list(zip(new, ["draft"] * n + ["target"]))
                 self.plugin.row0_rounds.append(taken)
             if streamer is not None and taken:

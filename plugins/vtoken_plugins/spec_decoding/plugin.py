@@ -97,6 +97,7 @@ class SpecDecoding(Plugin):
         """A new prompt: forget the last call's measurements."""
         self.rounds: list[list[int]] = []  # accepted drafts per round and unfinished row
         self.drafted: list[int] = []  # draft tokens verified per row in each round
+        self.batch_rows: list[int] = []  # rows in the batch each round verified (finished rows leave)
         self.draft_s = 0.0  # wall time the draft took (prefill, trees, commits)
         self.branches: list[str] = []  # the compressor branch each row's image went through
         self.marks: list[tuple[int, str | None]] = []  # row 0's tokens: "draft" (accepted) or "target"
