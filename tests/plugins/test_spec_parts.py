@@ -260,6 +260,29 @@ def test_compressor_branches_make_the_documented_sizes(count, grid):
     assert set(BRANCHES) <= set(sizes)
 
 
+@pytest.mark.parametrize("branch", [*BRANCHES, "none"])
+def test_grouped_compression_equals_one_image_at_a_time(branch):
+    """Images of one branch and size go through the compressor together (one call at batch > 1):
+    each image's slots are those it gets alone. Rows: two images of 16, one of 16, one of 9."""
+    from vtoken_plugins.spec_decoding.plugin import _compress_grouped
+
+    compressor = Compressor(8, CompressorSpec()).eval()
+    embeds = torch.randn(3, 40, 8)
+    images = [
+        (0, torch.arange(2, 18)),
+        (0, torch.arange(20, 36)),
+        (1, torch.arange(4, 20)),
+        (2, torch.arange(9)),
+    ]
+    calls = []
+    compressor.register_forward_pre_hook(lambda module, args: calls.append(args[1].shape[0]))
+    with torch.no_grad():
+        grouped = _compress_grouped(compressor, embeds, images, [branch] * 3)
+        assert sorted(calls) == [1, 3]  # the three 16-token images in one call, the 9-token one alone
+        for (b, pos), slots in zip(images, grouped):
+            assert torch.allclose(slots, compressor(branch, embeds[b, pos][None])[0], atol=1e-5)
+
+
 def test_conv_and_pool_start_as_the_same_average():
     compressor = Compressor(8, CompressorSpec(pool_stride=2, conv_stride=2))
     visual = torch.randn(3, 16, 8)

@@ -42,6 +42,7 @@ from vtoken_plugins.spec_decoding.plugin import SpecDecoding
 SETTINGS: dict[str, SpecDecodingConfig] = {
     "chain-d5": SpecDecodingConfig(tree="chain", depth=5),
     "chain-d7": SpecDecodingConfig(tree="chain", depth=7),
+    "chain-d10-stop0.5": SpecDecodingConfig(tree="chain", depth=10, stop_below=0.5),
     "tree-k2d8n12": SpecDecodingConfig(top_k=2, depth=8, total_tokens=12),
     "tree-k4d6n16": SpecDecodingConfig(top_k=4, depth=6, total_tokens=16),
     "eagle2-k10d6n60": SpecDecodingConfig(),
@@ -97,7 +98,7 @@ def run_speed(
         arms["assisted-1layer"] = _plain_arm(model, max_new_tokens=new_tokens, assistant_model=assistant)
     prefill = _plain_arm(model, max_new_tokens=1)
     times = {label: [[] for _ in batches] for label in [*arms, "prefill"]}
-    stats = {label: {"equal": True, "accepted": [], "draft_s": 0.0} for label in arms}
+    stats = {label: {"equal": True, "accepted": [], "drafted": [], "draft_s": 0.0} for label in arms}
     reference = [None] * len(batches)
     order = list(arms)
     total = (repeats + 1) * len(batches)
@@ -147,6 +148,7 @@ def _check(stats: dict, out: torch.Tensor, reference: torch.Tensor, arm: Any) ->
     extras = getattr(arm, "extras", None)
     if extras:
         stats["accepted"].append(extras["accepted_per_round"])
+        stats["drafted"].append(extras["drafted_per_round"])
         stats["draft_s"] += extras["draft_s"]
 
 
@@ -173,6 +175,7 @@ def _summary(times: dict, stats: dict, decoded: int) -> dict[str, Any]:
             "tokens_per_s": decoded / statistics.median(own),
             "accepted_per_round": mean_accepted,
             "tokens_per_round": None if mean_accepted is None else mean_accepted + 1,
+            "drafted_per_round": statistics.mean(stats[label]["drafted"]) if accepted else None,
             "equal_to_greedy": stats[label]["equal"],
             "draft_share": stats[label]["draft_s"] / max(sum(own), 1e-9) if accepted else None,
         }
@@ -184,9 +187,12 @@ def projection(
     settings: dict[str, SpecDecodingConfig],
     repeats: int = 5,
     shape: Any = None,
+    drafted: dict[str, float] | None = None,
 ) -> dict:
     """Draft-step and verify costs on the random-weight ``small`` shape, relative to a decode step,
-    and the speedup they imply at each setting's measured tokens per round (see the module)."""
+    and the speedup they imply at each setting's measured tokens per round (see the module). A
+    chain that stops early (``stop_below``) is costed at its measured mean length (``drafted``:
+    draft tokens per round), rounded, instead of its depth."""
     from transformers import DynamicCache
 
     from vtoken.bench.shapes import SMALL, build_inputs, build_model
@@ -231,6 +237,9 @@ def projection(
         out = {"shape": shape.describe(), "decode_step_s": step, "settings": {}}
         for label, config in settings.items():
             top_k, depth, total = config.shape
+            if config.stop_below > 0 and drafted and drafted.get(label):
+                depth = max(1, round(drafted[label]))
+                total = depth + 1
             verify, drafting = median(forward(total)), median(draft_step(top_k))
             tau = tokens_per_round.get(label)
             round_s = verify + depth * drafting
@@ -271,12 +280,10 @@ def main(argv: list[str] | None = None) -> None:
             model, processor, items, size, settings, args.repeats, args.new_tokens, not args.no_peers
         )
     if not args.no_projection:
-        taus = {
-            k: v["tokens_per_round"]
-            for k, v in results["batch1"].items()
-            if isinstance(v, dict) and k in settings
-        }
-        results["projection"] = projection(taus, settings)
+        measured = {k: v for k, v in results["batch1"].items() if isinstance(v, dict) and k in settings}
+        taus = {k: v["tokens_per_round"] for k, v in measured.items()}
+        drafted = {k: v["drafted_per_round"] for k, v in measured.items()}
+        results["projection"] = projection(taus, settings, drafted=drafted)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")
     print(json.dumps(results, indent=2))
 

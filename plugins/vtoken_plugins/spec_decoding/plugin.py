@@ -200,16 +200,36 @@ class SpecDecoding(Plugin):
             seen = (embeds * vis).sum(1) / vis.sum(1).clamp(min=1)
             branches = [BRANCHES[i] for i in compressor.gate_logits(question, seen).argmax(-1).tolist()]
         self.branches = branches
-        out = []
-        for b, branch in enumerate(branches):
-            row = layout.positions[b]
-            segments = layout.segments[b]
-            images = (
-                [row[(segments == s) & (row >= 0)] for s in range(int(segments.max()) + 1)]
-                if len(row)
-                else []
-            )
-            out.append(
-                [compressor(branch, embeds[b, pos.to(embeds.device)][None])[0] for pos in images if len(pos)]
-            )
+        images = [(b, pos) for b in range(len(embeds)) for pos in _images(layout, b, embeds.device)]
+        out: list[list[Tensor]] = [[] for _ in range(len(embeds))]
+        for (b, _), slots in zip(images, _compress_grouped(compressor, embeds, images, branches)):
+            out[b].append(slots)
         return out
+
+
+def _images(layout: VisualLayout, row: int, device: torch.device) -> list[Tensor]:
+    """The prompt positions ``(N_k,)`` of each image of ``row``, in order."""
+    positions, segments = layout.positions[row], layout.segments[row]
+    if not len(positions):
+        return []
+    images = [positions[(segments == s) & (positions >= 0)] for s in range(int(segments.max()) + 1)]
+    return [pos.to(device) for pos in images if len(pos)]
+
+
+def _compress_grouped(
+    compressor: nn.Module, embeds: Tensor, images: list[tuple[int, Tensor]], branches: list[str]
+) -> list[Tensor]:
+    """Each image's ``(M, D)`` slots, one compressor call per branch and image size.
+
+    Args:
+        embeds: ``(B, L, D)``. images: (row, positions) per image. branches: each row's branch.
+    """
+    groups: dict[tuple[str, int], list[int]] = {}
+    for i, (b, pos) in enumerate(images):
+        groups.setdefault((branches[b], len(pos)), []).append(i)
+    slots: list[Tensor] = [embeds.new_empty(0)] * len(images)
+    for (branch, _), members in groups.items():
+        stacked = torch.stack([embeds[images[i][0], images[i][1]] for i in members])  # (n, N, D)
+        for i, out in zip(members, compressor(branch, stacked)):
+            slots[i] = out
+    return slots
