@@ -283,6 +283,28 @@ def test_grouped_compression_equals_one_image_at_a_time(branch):
             assert torch.allclose(slots, compressor(branch, embeds[b, pos][None])[0], atol=1e-5)
 
 
+def test_the_draft_layer_on_a_preallocated_cache_equals_it_on_concatenated_keys():
+    from vtoken_plugins.spec_decoding.draft import KVBuffer
+
+    model, _ = build_tiny("llava")
+    layer = DraftModel(DraftSpec.from_target(model)).eval().layer
+    d, heads, dim = layer.spec.hidden_size, layer.spec.kv_heads, layer.spec.head_dim
+    past = (torch.randn(2, heads, 5, dim), torch.randn(2, heads, 5, dim))
+    buffer = KVBuffer(*past, spare=2)  # the third step outgrows it: the capacity doubles
+    keys, values = past
+    with torch.no_grad():
+        for step, q in enumerate([1, 1, 3]):
+            x, positions = torch.randn(2, q, d), torch.arange(5, 5 + q)[None].expand(2, q) + step
+            mask = torch.ones(2, q, keys.shape[2] + q, dtype=torch.bool)
+            expected, keys, values = layer(x, positions, mask, (keys, values))
+            got, seen_keys, seen_values = layer(x, positions, mask, buffer)
+            assert torch.allclose(got, expected, atol=1e-6)
+            assert torch.equal(seen_keys, keys) and torch.equal(seen_values, values)
+    assert buffer.length == 10 and buffer.keys.shape[2] >= 10
+    buffer.select(torch.tensor([1]))
+    assert torch.equal(buffer.keys[:, :, :10], keys[1:])
+
+
 def test_conv_and_pool_start_as_the_same_average():
     compressor = Compressor(8, CompressorSpec(pool_stride=2, conv_stride=2))
     visual = torch.randn(3, 16, 8)

@@ -101,6 +101,39 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat([-x[..., d:], x[..., :d]], -1) * sin
 
 
+class KVBuffer:
+    """Keys and values ``(B, H_kv, capacity, d)`` allocated ahead, filled to ``length``: appending
+    writes in place and returns views of the filled part, so a draft step does not copy the whole
+    past (as concatenation would); the capacity doubles when it runs out."""
+
+    def __init__(self, keys: Tensor, values: Tensor, spare: int = 256) -> None:
+        self.length = capacity = keys.shape[2]
+        capacity += spare
+        self.keys, self.values = self._room(keys, capacity), self._room(values, capacity)
+
+    @staticmethod
+    def _room(filled: Tensor, capacity: int) -> Tensor:
+        out = filled.new_empty(*filled.shape[:2], capacity, filled.shape[3])
+        out[:, :, : filled.shape[2]] = filled
+        return out
+
+    def append(self, key: Tensor, value: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``(B, H_kv, q, d)`` new keys and values after the filled part; returns every
+        filled key and value ``(B, H_kv, length, d)`` (views)."""
+        end = self.length + key.shape[2]
+        if end > self.keys.shape[2]:
+            self.keys = self._room(self.keys[:, :, : self.length], 2 * end)
+            self.values = self._room(self.values[:, :, : self.length], 2 * end)
+        self.keys[:, :, self.length : end] = key
+        self.values[:, :, self.length : end] = value
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def select(self, rows: Tensor) -> None:
+        """Keep the batch rows ``rows`` ``(b,)``."""
+        self.keys, self.values = self.keys[rows], self.values[rows]
+
+
 class DraftLayer(nn.Module):
     """One pre-norm decoder layer whose attention takes past keys and an explicit mask."""
 
@@ -122,7 +155,7 @@ class DraftLayer(nn.Module):
         x: Tensor,
         positions: Tensor,
         mask: Tensor | None,
-        past: tuple[Tensor, Tensor] | None = None,
+        past: tuple[Tensor, Tensor] | KVBuffer | None = None,
         top: int | None = None,
     ) -> tuple[Tensor, Tensor, Tensor]:
         """Run the layer on new elements.
@@ -131,7 +164,8 @@ class DraftLayer(nn.Module):
             x: ``(B, q, D)`` new elements. positions: ``(B, q)`` their draft-local positions.
             mask: ``(B, q, T + q)`` bool, True where a new element may attend: the ``T`` past keys,
                 then the new ones; ``None``: every key.
-            past: ``(B, H_kv, T, d)`` keys and values, or ``None`` (T = 0).
+            past: ``(B, H_kv, T, d)`` keys and values, a :class:`KVBuffer` holding them (the new
+                ones are written into it), or ``None`` (T = 0).
             top: a bound above every position, when the caller knows one (see :class:`Rotary`).
 
         Returns:
@@ -146,9 +180,12 @@ class DraftLayer(nn.Module):
         cos, sin = self.rotary(positions, x.dtype, top)
         rotated = rotate(qkv[:, :heads], cos, sin)
         query, key, value = rotated[:, : s.heads], rotated[:, s.heads :], qkv[:, heads:]
-        keys, values = (
-            (key, value) if past is None else (torch.cat([past[0], key], 2), torch.cat([past[1], value], 2))
-        )
+        if past is None:
+            keys, values = key, value
+        elif isinstance(past, KVBuffer):
+            keys, values = past.append(key, value)
+        else:
+            keys, values = torch.cat([past[0], key], 2), torch.cat([past[1], value], 2)
         attn_mask, gqa = None if mask is None else mask[:, None], s.heads != s.kv_heads
         out = F.scaled_dot_product_attention(
             query, keys, values, attn_mask=attn_mask, scale=1 / math.sqrt(s.head_dim), enable_gqa=gqa

@@ -1,10 +1,11 @@
 """The draft at decoding time: its own KV cache, tree steps and commits.
 
 The draft cache holds one entry per committed token (and per visual slot): keys and values
-``(B, H_kv, S, d)``, ``valid (B, S)`` (False on padding and on the holes rows of a batch leave when
-they commit fewer tokens than others) and each row's next draft position. Tree steps append
-temporary entries that :meth:`Drafter.commit` drops before appending the accepted tokens again with
-the target's true features (EAGLE's rule), so rollback is always a suffix cut.
+``(B, H_kv, S, d)`` in a :class:`~.draft.KVBuffer` (written in place), ``valid (B, S)`` (False on
+padding and on the holes rows of a batch leave when they commit fewer tokens than others) and each
+row's next draft position. Tree steps append temporary entries that :meth:`Drafter.commit` drops
+before appending the accepted tokens again with the target's true features (EAGLE's rule), so
+rollback is always a suffix cut (a shorter filled length).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from vtoken_plugins.spec_decoding.draft import DraftModel
+from vtoken_plugins.spec_decoding.draft import DraftModel, KVBuffer
 from vtoken_plugins.spec_decoding.elements import DraftInputs
 
 
@@ -43,7 +44,8 @@ class Drafter:
         self.draft, self.embed, self.head, self.table = draft, embed, head, table
         param = next(draft.parameters())
         self.device, self.dtype = param.device, param.dtype
-        self.keys = self.values = self.valid = self.next_pos = self.last = None
+        self.kv: KVBuffer | None = None
+        self.valid = self.next_pos = self.last = None
         self.dense = True  # no padding or hole among the committed entries
         self.committed = 0  # entries before the temporary tree entries
         self.top = 0  # the largest next position of a row (next_pos's largest, kept on the host)
@@ -51,9 +53,8 @@ class Drafter:
     def start(self, inputs: DraftInputs) -> None:
         """Run the draft over a prompt's elements (left-padded; the last one is real in every row)."""
         x = _to(inputs, self.device, self.dtype)
-        hidden, self.keys, self.values = self.draft(
-            x.inputs, x.features, x.no_feature, x.positions, x.causal_mask()
-        )
+        hidden, keys, values = self.draft(x.inputs, x.features, x.no_feature, x.positions, x.causal_mask())
+        self.kv = KVBuffer(keys, values)
         self.valid, self.committed = x.valid, x.valid.shape[1]
         self.dense = bool(x.valid.all())
         self.next_pos = x.valid.sum(1)
@@ -77,15 +78,14 @@ class Drafter:
         if k > 1 or not self.dense:
             positions = positions.expand(b, k)
             past = self.valid[:, None, : self.committed].expand(b, k, -1)  # then the tree entries
-            if visible is None:  # a chain: every earlier tree entry
-                drafted = self.keys.shape[2] - self.committed
-                visible = torch.ones(b, k, drafted, dtype=torch.bool, device=self.device)
-            eye = torch.eye(k, dtype=torch.bool, device=self.device).expand(b, k, k)
-            mask = torch.cat([past, visible, eye], -1)
-        hidden, self.keys, self.values = self.draft.layer(
-            self._elements(tokens, features), positions, mask, (self.keys, self.values), self.top + level
-        )
-        return hidden
+            if visible is None:  # a chain (k = 1): every tree entry, itself included
+                drafted = self.kv.length - self.committed + 1
+                mask = torch.cat([past, past.new_ones(b, k, drafted)], -1)
+            else:
+                eye = torch.eye(k, dtype=torch.bool, device=self.device).expand(b, k, k)
+                mask = torch.cat([past, visible, eye], -1)
+        elements = self._elements(tokens, features)
+        return self.draft.layer(elements, positions, mask, self.kv, self.top + level)[0]
 
     def commit(self, tokens: Tensor, features: Tensor, real: Tensor) -> None:
         """Drop the tree entries, then append committed elements (holes first in each row, so the
@@ -105,13 +105,9 @@ class Drafter:
             positions = (self.next_pos[:, None] + real.long().cumsum(1) - 1).clamp(min=0)
             new = (new & real[:, None, :]) | torch.eye(m, dtype=torch.bool, device=self.device)
         mask = torch.cat([self.valid[:, None, :].expand(b, m, -1), new.expand(b, m, m)], -1)
-        hidden, self.keys, self.values = self.draft.layer(
-            self._elements(tokens, features.to(self.dtype)),
-            positions,
-            mask,
-            (self.keys, self.values),
-            self.top + m,
-        )
+        hidden = self.draft.layer(
+            self._elements(tokens, features.to(self.dtype)), positions, mask, self.kv, self.top + m
+        )[0]
         self.valid = torch.cat([self.valid, real], 1)
         self.committed = self.valid.shape[1]
         self.dense = self.dense and all_real
@@ -122,13 +118,13 @@ class Drafter:
     def select(self, rows: Tensor) -> None:
         """Keep the batch rows ``rows`` ``(b,)`` of the cache (the others finished)."""
         rows = rows.to(self.device)
-        self.keys, self.values = self.keys[rows], self.values[rows]
+        self.kv.select(rows)
         self.valid, self.next_pos, self.last = self.valid[rows], self.next_pos[rows], self.last[rows]
         self.dense = bool(self.valid.all())
         self.top = int(self.next_pos.max())
 
     def _cut(self, length: int) -> None:
-        self.keys, self.values = self.keys[:, :, :length], self.values[:, :, :length]
+        self.kv.length = length
         self.valid = self.valid[:, :length]
 
     def _elements(self, tokens: Tensor, features: Tensor) -> Tensor:

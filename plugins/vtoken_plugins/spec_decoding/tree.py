@@ -12,6 +12,7 @@ the same with ``top_k = 1``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -157,24 +158,23 @@ def _draft_chain(
     batch = root.shape[0]
     tokens, scores = [root], [torch.zeros(batch, device=root.device)]
     hidden = hidden[:, None]  # (B, 1, D)
+    live = [True] * batch if active is None else active.tolist()
     for level in range(1, depth + 1):
         score, token = logp(hidden)[:, 0].max(-1)  # (B,)
         tokens.append(token)
         scores.append(scores[-1] + score)
-        if level == depth or (stop_below > 0 and _unlikely(scores[-1], stop_below, active)):
+        if level == depth or (stop_below > 0 and _unlikely(scores[-1], stop_below, live)):
             break
         hidden = step(token[:, None], hidden, level, None)
     index = torch.arange(len(tokens), device=root.device).expand(batch, -1)
     return Tree(torch.stack(tokens, 1), index - 1, index, torch.stack(scores, 1), chain=True)
 
 
-def _unlikely(path: Tensor, stop_below: float, active: Tensor | None) -> bool:
-    """Whether the mean over ``active`` ``(B,)`` rows (all when ``None``) of the chains' path
-    probabilities (``exp`` of the path log-probabilities ``path`` ``(B,)``) is below ``stop_below``."""
-    probs = path.exp()
-    if active is not None:
-        probs = probs[active.to(path.device)]
-    return not probs.numel() or bool(probs.mean() < stop_below)
+def _unlikely(path: Tensor, stop_below: float, live: list[bool]) -> bool:
+    """Whether the mean over the ``live`` rows of the chains' path probabilities (``exp`` of the
+    path log-probabilities ``path`` ``(B,)``) is below ``stop_below`` (read back once, on the host)."""
+    probs = [math.exp(p) for p, on in zip(path.tolist(), live) if on]
+    return not probs or sum(probs) / len(probs) < stop_below
 
 
 def _rerank(root: Tensor, tokens: Tensor, scores: Tensor, parent: Tensor, levels: Tensor, total: int) -> Tree:
