@@ -112,7 +112,7 @@ def test_speculative_decoding_marks_the_accepted_draft_tokens(app):
     """On the bundled model (its draft is trained): the plugged answer equals the baseline, the
     marked view spells it with draft and target pieces, the chart shows tokens per round."""
     knobs = app.plugin_knobs(("spec_decoding",))
-    values = [True, "chain", 10, 5, 60, "gate"]  # attach, then SpecDecoding.knobs in order
+    values = [True, "chain", 10, 7, 60, 0.5, "gate"]  # attach, then SpecDecoding.knobs in order
     assert len(values) == 1 + len(knobs["spec_decoding"])
     models = app.Models(("synth-llava-tiny",))
     scene = Image.open(app.sample_scenes(Path(tempfile.mkdtemp()))[0][0])
