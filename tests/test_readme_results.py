@@ -132,7 +132,7 @@ SPEC_DERIVED = {
 def test_every_spec_decoding_figure_comes_from_its_committed_outputs():
     """The spec_decoding section's numbers are in its benchmark's and scaling curve's outputs (as
     written, or rounded to the decimals shown), or derived as listed above."""
-    _assert_from_outputs("spec_decoding", "### `region_proposal`", "*.json", SPEC_DERIVED)
+    _assert_from_outputs("spec_decoding", "### `region_proposal`", "**/*.json", SPEC_DERIVED)
     bench = json.loads((RESULTS / "spec_decoding" / "bench.json").read_text())
     for batch in ("batch1", "batch4"):
         assert all(v["equal_to_greedy"] for v in bench[batch].values() if isinstance(v, dict))
