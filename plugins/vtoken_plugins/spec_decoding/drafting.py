@@ -77,7 +77,7 @@ class Drafter:
         mask = None  # a chain over a cache without padding or holes sees every entry
         if k > 1 or not self.dense:
             positions = positions.expand(b, k)
-            past = self.valid[:, None, : self.committed].expand(b, k, -1)  # then the tree entries
+            past = self.valid[:, None, :].expand(b, k, -1)  # the committed entries, then the tree's
             if visible is None:  # a chain (k = 1): every tree entry, itself included
                 drafted = self.kv.length - self.committed + 1
                 mask = torch.cat([past, past.new_ones(b, k, drafted)], -1)
@@ -95,7 +95,7 @@ class Drafter:
             tokens: ``(B, m)`` committed tokens. features: ``(B, m, D)`` the target feature of each
                 one's predecessor. real: ``(B, m)`` bool, False on holes.
         """
-        self._cut(self.committed)
+        self.kv.length = self.committed  # drop the tree entries
         b, m = tokens.shape
         all_real = bool(real.all())
         new = torch.ones(m, m, dtype=torch.bool, device=self.device).tril()
@@ -122,10 +122,6 @@ class Drafter:
         self.valid, self.next_pos, self.last = self.valid[rows], self.next_pos[rows], self.last[rows]
         self.dense = bool(self.valid.all())
         self.top = int(self.next_pos.max())
-
-    def _cut(self, length: int) -> None:
-        self.kv.length = length
-        self.valid = self.valid[:, :length]
 
     def _elements(self, tokens: Tensor, features: Tensor) -> Tensor:
         """``(B, k, D)`` the draft's elements for tokens ``(B, k)`` after features ``(B, k, D)``."""
