@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
 from transformers.cache_utils import DynamicLayer
 from vtoken_plugins.spec_decoding.compressor import BRANCHES, Compressor, CompressorSpec
 from vtoken_plugins.spec_decoding.draft import DraftModel, DraftSpec
@@ -426,3 +427,56 @@ def test_token_table_and_joined_projections_compute_the_draft_step_they_replace(
     x.requires_grad_(True)
     draft.layer(x, positions, None)[0].sum().backward()  # training: gradients reach both projections
     assert draft.layer.q.weight.grad is not None and draft.layer.kv.weight.grad is not None
+
+
+def _textbook_layer(draft: DraftModel, x: Tensor, positions: Tensor, mask: Tensor) -> Tensor:
+    """The draft layer as written in the papers (RMSNorm modules, separate projections, RoPE by
+    rotate-half, masked softmax attention with repeated key heads, SwiGLU), for ``x`` ``(B, q, D)``."""
+    layer, s = draft.layer, draft.spec
+    b, q, _ = x.shape
+
+    def heads(t: Tensor, n: int) -> Tensor:
+        return t.view(b, q, n, s.head_dim).transpose(1, 2)
+
+    def rope(t: Tensor) -> Tensor:
+        inv = s.rope_theta ** (-torch.arange(0, s.head_dim, 2).float() / s.head_dim)
+        angles = positions[:, None, :, None].float() * inv  # (B, 1, q, d/2)
+        cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+        half = s.head_dim // 2
+        return t * cos + torch.cat([-t[..., half:], t[..., :half]], -1) * sin
+
+    h = layer.norm1(x)
+    key_value = layer.kv(h)
+    query = rope(heads(layer.q(h), s.heads))
+    key = rope(heads(key_value[..., : s.kv_heads * s.head_dim], s.kv_heads))
+    value = heads(key_value[..., s.kv_heads * s.head_dim :], s.kv_heads)
+    repeat = s.heads // s.kv_heads
+    key, value = key.repeat_interleave(repeat, 1), value.repeat_interleave(repeat, 1)
+    weights = (query @ key.transpose(-1, -2) / math.sqrt(s.head_dim)).masked_fill(~mask[:, None], -math.inf)
+    x = x + layer.o((weights.softmax(-1) @ value).transpose(1, 2).reshape(b, q, -1))
+    gate, up = layer.gate_up(layer.norm2(x)).chunk(2, -1)
+    return x + layer.down(torch.nn.functional.silu(gate) * up)
+
+
+def test_the_draft_with_folded_norms_and_rotation_computes_the_textbook_layer():
+    spec = DraftSpec(hidden_size=32, heads=4, kv_heads=2, head_dim=8, intermediate_size=48, rope_theta=100.0)
+    torch.manual_seed(0)
+    draft = DraftModel(spec).eval()
+    with torch.no_grad():
+        for norm in (draft.norm_input, draft.norm_feature, draft.layer.norm1, draft.layer.norm2):
+            norm.weight.uniform_(0.5, 2.0)  # gains other than one, or folding them is not tested
+    x, features = torch.randn(2, 5, 32) * 3, torch.randn(2, 5, 32)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [0, 0, 1, 2, 3]])
+    mask = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 5, 5).clone()
+    mask[1, :, 0] = False  # row 1's first element is padding
+    mask[1, 0, 0] = True  # (every element sees itself)
+    with torch.no_grad():
+        expected = _textbook_layer(draft, x, positions, mask)
+        assert torch.allclose(draft.layer(x, positions, mask)[0], expected, atol=1e-5)
+        joined = torch.cat([draft.norm_input(x), draft.norm_feature(features)], -1)
+        assert torch.allclose(draft.elements(x, features, None), draft.fc(joined), atol=1e-5)
+    draft.train()
+    loss = draft.layer(x, positions, mask)[0].square().sum() + draft.elements(x, features, None).sum()
+    loss.backward()  # training: the folded weights are rebuilt from the parameters, gradients reach the gains
+    for norm in (draft.norm_input, draft.norm_feature, draft.layer.norm1, draft.layer.norm2):
+        assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0

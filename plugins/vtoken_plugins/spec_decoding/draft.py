@@ -95,10 +95,26 @@ class Rotary:
         return cos[:, None], sin[:, None]
 
 
-def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Apply RoPE to ``x`` ``(B, H, q, d)`` with :class:`Rotary`'s tables."""
-    d = x.shape[-1] // 2
-    return x * cos + torch.cat([-x[..., d:], x[..., :d]], -1) * sin
+def rotate_half_rows(weight: Tensor, head_dim: int) -> Tensor:
+    """The rows of a projection ``(H d, D)`` whose output is RoPE's half rotation of the original
+    one's, per head: ``[-x_2, x_1]`` for head outputs ``[x_1, x_2]`` (so that ``x cos + R(x) sin``,
+    RoPE, needs no shuffling of activations at every step)."""
+    heads = weight.view(-1, head_dim, weight.shape[-1])
+    half = head_dim // 2
+    return torch.cat([-heads[:, half:], heads[:, :half]], 1).reshape(weight.shape)
+
+
+def unit_rms(x: Tensor, floor: Tensor) -> Tensor:
+    """RMSNorm without its gain, over ``sqrt(D)``: ``x / sqrt(|x|^2 + D eps)`` for ``x`` ``(..., D)``
+    and ``floor = sqrt(D eps)`` (a 0-d tensor). The gain and ``sqrt(D)`` are folded into the weight
+    that reads the result (:func:`gain_folded`): two small kernels where ``F.rms_norm`` runs about
+    eight on CPU, which a draft step of a few tokens pays in launches, not arithmetic."""
+    return x / torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), floor)
+
+
+def gain_folded(weight: Tensor, norm: nn.RMSNorm) -> Tensor:
+    """``weight`` ``(out, D)`` reading ``norm``'s output, rescaled to read :func:`unit_rms`'s."""
+    return weight * (norm.weight * math.sqrt(weight.shape[-1]))
 
 
 class KVBuffer:
@@ -148,7 +164,9 @@ class DraftLayer(nn.Module):
         self.gate_up = nn.Linear(d, 2 * spec.intermediate_size, bias=False)
         self.down = nn.Linear(spec.intermediate_size, d, bias=False)
         self.rotary = Rotary(spec.head_dim, spec.rope_theta)
-        self._joined: tuple[tuple, Tensor] | None = None  # (weight versions, joined q|kv weight)
+        self.register_buffer("floor", torch.tensor(math.sqrt(d * spec.eps)), persistent=False)
+        self._joined: tuple[tuple, Tensor] | None = None  # (weight versions, see _qkv)
+        self._mlp: tuple[tuple, Tensor] | None = None  # (weight versions, gate_up with norm2's gain)
 
     def forward(
         self,
@@ -173,13 +191,13 @@ class DraftLayer(nn.Module):
             (the past ones, then the new ones).
         """
         s = self.spec
-        b, q, dim = x.shape
+        b, q, _ = x.shape
         heads = s.heads + s.kv_heads  # rotated: the queries and keys
-        h = F.rms_norm(x, (dim,), self.norm1.weight, self.norm1.eps)
-        qkv = F.linear(h, self._qkv()).view(b, q, heads + s.kv_heads, s.head_dim).transpose(1, 2)
+        qkv = F.linear(unit_rms(x, self.floor), self._qkv())
+        qkv = qkv.view(b, q, 2 * heads + s.kv_heads, s.head_dim).transpose(1, 2)
         cos, sin = self.rotary(positions, x.dtype, top)
-        rotated = rotate(qkv[:, :heads], cos, sin)
-        query, key, value = rotated[:, : s.heads], rotated[:, s.heads :], qkv[:, heads:]
+        rotated = torch.addcmul(qkv[:, :heads] * cos, qkv[:, heads + s.kv_heads :], sin)
+        query, key, value = rotated[:, : s.heads], rotated[:, s.heads :], qkv[:, heads : heads + s.kv_heads]
         if past is None:
             keys, values = key, value
         elif isinstance(past, KVBuffer):
@@ -191,15 +209,28 @@ class DraftLayer(nn.Module):
             query, keys, values, attn_mask=attn_mask, scale=1 / math.sqrt(s.head_dim), enable_gqa=gqa
         )  # (B, H, q, d)
         x = x + F.linear(out.transpose(1, 2).reshape(b, q, -1), self.o.weight)
-        h = F.rms_norm(x, (dim,), self.norm2.weight, self.norm2.eps)
-        gate, up = F.linear(h, self.gate_up.weight).chunk(2, -1)
+        gate, up = F.linear(unit_rms(x, self.floor), self._gate_up()).chunk(2, -1)
         return x + F.linear(F.silu(gate) * up, self.down.weight), keys, values
 
-    def _qkv(self) -> Tensor:
-        """The query and key/value projections as one ``(H d + 2 H_kv d, D)`` weight (one matmul
-        per step)."""
-        self._joined, weight = derived(self._joined, (self.q.weight, self.kv.weight), torch.cat)
+    def _gate_up(self) -> Tensor:
+        """``gate_up``'s weight with norm2's gain folded in."""
+        weights = (self.gate_up.weight, self.norm2.weight)
+        self._mlp, weight = derived(self._mlp, weights, lambda w: gain_folded(w[0], self.norm2))
         return weight
+
+    def _qkv(self) -> Tensor:
+        """One ``((2 H + 3 H_kv) d, D)`` weight for the queries, keys, values and the queries' and
+        keys' half rotations (:func:`rotate_half_rows`), with norm1's gain folded in: one matmul and
+        one fused multiply-add per step where RoPE and the norm would take a dozen small kernels."""
+        weights = (self.q.weight, self.kv.weight, self.norm1.weight)
+        self._joined, weight = derived(self._joined, weights, self._join)
+        return weight
+
+    def _join(self, weights: tuple[Tensor, ...]) -> Tensor:
+        q, kv = weights[0], weights[1]
+        key = kv[: self.spec.kv_heads * self.spec.head_dim]
+        turned = [rotate_half_rows(w, self.spec.head_dim) for w in (q, key)]
+        return gain_folded(torch.cat([q, kv, *turned]), self.norm1)
 
 
 def derived(
@@ -232,7 +263,7 @@ class DraftModel(nn.Module):
         self.layer = DraftLayer(spec)
         self.f_vis = nn.Parameter(torch.zeros(d))
         self.compressor = Compressor(d, spec.compressor)
-        self._feature_half: tuple[tuple, Tensor] | None = None  # (weight version, fc's feature half)
+        self._fc_halves: tuple[tuple, Tensor] | None = None  # (weight versions, see _halves)
 
     def elements(self, inputs: Tensor, features: Tensor, no_feature: Tensor | None) -> Tensor:
         """``(B, S, D)`` elements from inputs ``(B, S, D)`` (token embeddings or visual slots) and
@@ -246,14 +277,23 @@ class DraftModel(nn.Module):
         """``fc``'s input half over normalised inputs ``(..., D)`` (``fc`` over the concatenation is
         the sum of its two halves; a token's half can thus be tabulated, see
         :func:`vtoken_plugins.spec_decoding.drafting.token_table`)."""
-        return F.linear(self.norm_input(inputs), self.fc.weight[:, : self.spec.hidden_size])
+        return F.linear(unit_rms(inputs, self.layer.floor), self._halves()[0])
 
     def feature_part(self, features: Tensor) -> Tensor:
         """``fc``'s feature half over normalised features ``(..., D)``."""
+        return F.linear(unit_rms(features, self.layer.floor), self._halves()[1])
+
+    def _halves(self) -> Tensor:
+        """``(2, D, D)``: fc's input and feature halves, each with its norm's gain folded in."""
         d = self.spec.hidden_size
-        half = derived(self._feature_half, (self.fc.weight,), lambda w: w[0][:, d:].contiguous())
-        self._feature_half, weight = half
-        return F.linear(F.rms_norm(features, (d,), self.norm_feature.weight, self.norm_feature.eps), weight)
+
+        def build(w: tuple[Tensor, ...]) -> Tensor:
+            halves = (gain_folded(w[0][:, :d], self.norm_input), gain_folded(w[0][:, d:], self.norm_feature))
+            return torch.stack(halves)
+
+        weights = (self.fc.weight, self.norm_input.weight, self.norm_feature.weight)
+        self._fc_halves, halves = derived(self._fc_halves, weights, build)
+        return halves
 
     def forward(
         self,
