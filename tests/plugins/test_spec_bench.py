@@ -3,7 +3,14 @@
 from __future__ import annotations
 
 import torch
-from vtoken_plugins.spec_decoding.bench import SETTINGS, _decoded, description_prompts, projection, run_speed
+from vtoken_plugins.spec_decoding.bench import (
+    INFERENCE_MODE,
+    SETTINGS,
+    _decoded,
+    description_prompts,
+    projection,
+    run_speed,
+)
 
 from vtoken.bench.shapes import QUICK
 from vtoken.loading import load_model
@@ -18,8 +25,8 @@ def test_speed_run_checks_outputs_and_reports_every_arm():
     model, processor = load_model("synth-llava-tiny")
     items = description_prompts(processor, "test", 2)
     result = run_speed(model, processor, items, 1, {"chain-d5": SETTINGS["chain-d5"]}, 1, 24, peers=True)
-    assert {"greedy", "chain-d5", "prompt-lookup", "assisted-1layer"} <= set(result)
-    for arm in ("chain-d5", "prompt-lookup", "assisted-1layer"):
+    assert {"greedy", INFERENCE_MODE, "chain-d5", "prompt-lookup", "assisted-1layer"} <= set(result)
+    for arm in (INFERENCE_MODE, "chain-d5", "prompt-lookup", "assisted-1layer"):
         assert result[arm]["equal_to_greedy"] and result[arm]["decode_s"] > 0
     assert result["chain-d5"]["tokens_per_round"] > 2 and result["greedy"]["speedup"] == 1.0
 

@@ -247,6 +247,21 @@ def test_scores_and_logits_match_plain_generate():
     assert spec.past_key_values is None  # holes in a batch's cache: not handed out
 
 
+def test_outputs_are_ordinary_tensors_though_the_rounds_run_in_inference_mode():
+    model, processor = tiny("llava")
+    inputs = make_inputs("llava", processor, batch=False)
+    options = dict(max_new_tokens=NEW, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad(), vtoken.attach(model, _random("chain")):
+        out = model.generate(**inputs, **options)
+    assert not out.sequences.is_inference() and not any(s.is_inference() for s in out.scores)
+    out.sequences[:, -1] = 0  # a user may edit the output in place
+    layer = out.past_key_values.layers[0]
+    keys = layer.keys
+    with torch.no_grad():  # and go on with the cache outside inference mode
+        out.past_key_values.update(keys[:, :, -1:], keys[:, :, -1:], 0)
+    assert layer.keys.shape[2] == keys.shape[2] + 1
+
+
 def test_min_new_tokens_and_max_length_are_honoured():
     model, processor = tiny("llava")
     inputs = _batch_of_three("llava", processor)

@@ -9,6 +9,9 @@ Measured (``python -m vtoken_plugins.spec_decoding.bench``, CPU, one thread by d
   (the prefill, identical in every arm); a speculative arm's draft work is inside it;
 - committed tokens per round (accepted drafts + the bonus token, EAGLE's accepted length) and
   accepted drafts per round; whether every output equals plain greedy's (lossless check);
+- plain greedy decoding under ``torch.inference_mode``, the mode the speculative rounds run in
+  (plain ``generate`` runs under ``no_grad``, with autograd's view and version tracking): the part of
+  a speedup that the mode alone gives;
 - peers at batch 1 (transformers refuses batch > 1 for both): prompt-lookup decoding and assisted
   generation with a one-layer truncation of the target as the assistant (same vision tower and
   tokenizer; a weak but training-free peer: no trained small VLM exists for this model);
@@ -38,6 +41,10 @@ from tqdm.auto import tqdm
 import vtoken
 from vtoken_plugins.spec_decoding.config import SpecDecodingConfig
 from vtoken_plugins.spec_decoding.plugin import SpecDecoding
+
+# plain greedy decoding under ``torch.inference_mode`` (the speculative loop's rounds run in it; plain
+# ``generate`` runs under ``no_grad``): how much of a speedup the mode alone would give
+INFERENCE_MODE = "greedy-inference-mode"
 
 SETTINGS: dict[str, SpecDecodingConfig] = {
     "chain-d5": SpecDecodingConfig(tree="chain", depth=5),
@@ -88,7 +95,8 @@ def run_speed(
     untimed: users attach once and generate many times)."""
     batches = _batches(processor, items, batch_size)
     arms: dict[str, Callable[[dict], tuple[float, Any]]] = {
-        "greedy": _plain_arm(model, max_new_tokens=new_tokens)
+        "greedy": _plain_arm(model, max_new_tokens=new_tokens),
+        INFERENCE_MODE: _inference_mode(_plain_arm(model, max_new_tokens=new_tokens)),
     }
     for label, config in settings.items():
         arms[label] = _spec_arm(model, config, new_tokens)
@@ -126,6 +134,14 @@ def _decoded(new: torch.Tensor, eos: torch.Tensor) -> int:
     ended = torch.isin(new, eos).int().cumsum(1)
     real = (ended == 0) | ((ended == 1) & torch.isin(new, eos))
     return int((real.sum(1) - 1).clamp(min=0).sum())
+
+
+def _inference_mode(arm: Callable[[dict], tuple[float, Any]]) -> Callable[[dict], tuple[float, Any]]:
+    def run(batch: dict) -> tuple[float, Any]:
+        with torch.inference_mode():
+            return arm(batch)
+
+    return run
 
 
 def _plain_arm(model, **options: Any) -> Callable[[dict], tuple[float, Any]]:
