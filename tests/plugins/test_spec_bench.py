@@ -29,6 +29,7 @@ def test_speed_run_checks_outputs_and_reports_every_arm():
     for arm in (INFERENCE_MODE, "chain-d5", "prompt-lookup", "assisted-1layer"):
         assert result[arm]["equal_to_greedy"] and result[arm]["decode_s"] > 0
     assert result["chain-d5"]["tokens_per_round"] > 2 and result["greedy"]["speedup"] == 1.0
+    assert result[INFERENCE_MODE]["speedup_over_inference_mode"] == 1.0
 
 
 def test_projection_prices_draft_and_verify_against_a_decode_step():

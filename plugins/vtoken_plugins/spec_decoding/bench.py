@@ -178,9 +178,11 @@ def _summary(times: dict, stats: dict, decoded: int) -> dict[str, Any]:
     out: dict[str, Any] = {"repeats": repeats, "batches": count, "decoded_tokens": decoded,
                            "threads": torch.get_num_threads()}  # fmt: skip
     base = [decode("greedy", r) for r in range(repeats)]
+    mode = [decode(INFERENCE_MODE, r) for r in range(repeats)] if INFERENCE_MODE in stats else None
     for label in stats:
         own = [decode(label, r) for r in range(repeats)]
         speedups = [b / o for b, o in zip(base, own)]
+        over_mode = None if mode is None else statistics.median(m / o for m, o in zip(mode, own))
         accepted = stats[label]["accepted"]
         mean_accepted = statistics.mean(accepted) if accepted else None
         out[label] = {
@@ -188,6 +190,7 @@ def _summary(times: dict, stats: dict, decoded: int) -> dict[str, Any]:
             "decode_s_range": [min(own), max(own)],
             "speedup": statistics.median(speedups),
             "speedup_range": [min(speedups), max(speedups)],
+            "speedup_over_inference_mode": over_mode,  # against plain greedy in the loop's mode
             "tokens_per_s": decoded / statistics.median(own),
             "accepted_per_round": mean_accepted,
             "tokens_per_round": None if mean_accepted is None else mean_accepted + 1,
