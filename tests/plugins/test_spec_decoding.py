@@ -104,6 +104,10 @@ def test_a_chain_with_a_stop_drafts_fewer_tokens_where_the_draft_is_unsure_and_s
     assert plugin.batch_rows == sorted(plugin.batch_rows, reverse=True)
     extras = plugin.report_extras()
     assert extras["drafted_per_round"] == sum(plugin.drafted) / len(plugin.drafted)
+    committed = sum(n + 1 for round_ in plugin.rounds for n in round_)  # accepted + bonus, every row
+    assert extras["round_tokens"] <= committed  # (less where a row's eos or budget cut a round)
+    assert extras["round_tokens"] >= committed - 3 * 10 and extras["rounds_s"] > 0
+    assert extras["tokens_per_s"] == extras["round_tokens"] / extras["rounds_s"]
 
 
 def test_calls_do_not_share_state():

@@ -133,8 +133,11 @@ class SpecLoop:
             if streamer is not None:
                 streamer.put(out.sequences.cpu())
             if not all(rows.finished):
+                before, start = sum(map(len, rows.tokens)), _clock(self.plugin.drafter.device)
                 with torch.inference_mode():
                     self._rounds(inputs, out.sequences, rows, streamer)
+                self.plugin.rounds_s = _clock(self.plugin.drafter.device) - start
+                self.plugin.round_tokens = sum(map(len, rows.tokens)) - before
         finally:
             capture.stop()
         if streamer is not None:

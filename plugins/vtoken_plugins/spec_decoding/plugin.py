@@ -99,6 +99,8 @@ class SpecDecoding(Plugin):
         self.drafted: list[int] = []  # draft tokens verified per row in each round
         self.batch_rows: list[int] = []  # rows in the batch each round verified (finished rows leave)
         self.draft_s = 0.0  # wall time the draft took (prefill, trees, commits)
+        self.rounds_s = 0.0  # wall time of the rounds (the draft's prompt, drafts, verifies, commits)
+        self.round_tokens = 0  # tokens the rounds committed, every row
         self.branches: list[str] = []  # the compressor branch each row's image went through
         self.marks: list[tuple[int, str | None]] = []  # row 0's tokens: "draft" (accepted) or "target"
         self.row0_rounds: list[int] = []  # tokens row 0 committed in each round
@@ -120,6 +122,9 @@ class SpecDecoding(Plugin):
             "tokens_per_round": mean + 1 if counts else 0.0,
             "drafted_per_round": sum(self.drafted) / len(self.drafted) if self.drafted else 0.0,
             "draft_s": self.draft_s,
+            "rounds_s": self.rounds_s,
+            "round_tokens": self.round_tokens,
+            "tokens_per_s": self.round_tokens / self.rounds_s if self.rounds_s > 0 else 0.0,
             "branches": list(self.branches),
         }
 
