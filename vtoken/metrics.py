@@ -41,7 +41,8 @@ class Report:
         prefill_flops: FLOPs of the prefill, vision tower and projector included.
         decode_flops: FLOPs of all decode forwards.
         prefill_kv_bytes: bytes of the key/value tensors held right after the prefill (the prompt's).
-        kv_bytes: bytes of the key/value tensors held by the cache at the end.
+        kv_bytes: bytes of the key/value tensors held by the cache at the end (rows that left the
+            batch earlier count with what they held when they left).
         vision_s: wall time of the vision tower and projector, seconds.
         prefill_s: wall time of the prefill, vision encoding included.
         decode_s: wall time of all decode forwards.
@@ -226,7 +227,7 @@ class Recorder:
             report.decode_s += now - start
             report.decode_steps += 1
             report.decode_flops = report.decode_flops + flops
-        report.kv_bytes = cache_bytes(self.state.cache)
+        report.kv_bytes = cache_bytes(self.state.cache) + self.state.released_kv_bytes
         if self._gpus:
             report.peak_memory_bytes = sum(torch.cuda.max_memory_allocated(gpu) for gpu in self._gpus)
 
@@ -259,14 +260,16 @@ class Recorder:
     def _forward_flops(self, output: Any) -> FlopsBreakdown:
         """Decoder and LM-head FLOPs of the forward that just ran, from what each layer held."""
         config = self.model.config.get_text_config()
-        batch, query = self._report.batch_size or 1, self.state.query_length
+        logits = getattr(output, "logits", None)
+        # the rows this forward ran (fewer than the prompt's once a speculative loop dropped some)
+        batch = logits.shape[0] if logits is not None else self._report.batch_size or 1
+        query = self.state.query_length
         layers = []
         for idx in range(self.parts.num_layers):
             width = self.state.layer_tokens.get(idx, query) if self.state.phase == "prefill" else query
             n_kv = _held(self.state.cache, idx, default=width + self.state.past_length)
             pairs = self.state.attention_pairs.get(idx) if self.state.phase == "prefill" else None
             layers.append(batch * decoder_layer_flops(config, width, n_kv, pairs))
-        logits = getattr(output, "logits", None)
         n_logits = logits.shape[1] if logits is not None else 0
         return FlopsBreakdown(layers=layers, lm_head=batch * lm_head_flops(config, n_logits))
 

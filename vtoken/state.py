@@ -45,6 +45,8 @@ class RunState:
         speculating: True while a decode forward verifies drafted tokens (several new tokens, some
             of which will be rolled back); plugins defer per-token work to
             :meth:`~vtoken.Plugin.after_accept`.
+        released_kv_bytes: bytes of cache rows that left the batch before the end (a speculative
+            loop takes finished rows out); the report counts them in the cache at the end.
         extras: scratch space for plugins, cleared at every prefill.
     """
 
@@ -66,13 +68,20 @@ class RunState:
     probes: dict[tuple[int, Any], Any] = field(default_factory=dict)
     attention_pairs: dict[int, float] = field(default_factory=dict)
     speculating: bool = False
+    released_kv_bytes: int = 0
     extras: dict[str, object] = field(default_factory=dict)
 
     def start_prompt(self, prompt_ids: Tensor | None, layout: VisualLayout | None) -> None:
         """A new prompt begins (before its images are encoded and its prefill runs)."""
         self.prompt_ids, self.layout = prompt_ids, layout
-        self.decode_steps, self.expansion = 0, 1
+        self.decode_steps, self.expansion, self.released_kv_bytes = 0, 1, 0
         self.seq_positions = None
-        for table in (self.layer_tokens, self.layer_visual, self.layer_positions, self.probes, self.extras,
-                      self.attention_pairs):
+        for table in (
+            self.layer_tokens,
+            self.layer_visual,
+            self.layer_positions,
+            self.probes,
+            self.extras,
+            self.attention_pairs,
+        ):
             table.clear()

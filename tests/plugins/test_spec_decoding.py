@@ -13,6 +13,7 @@ from vtoken_plugins.token_pruning import TokenPruning
 import vtoken
 from vtoken import ConfigError, UnsupportedInputError
 from vtoken.bench.exactness import reproduces_unplugged
+from vtoken.flops import lm_head_flops
 from vtoken.loading import load_model
 from vtoken.tiny import TINY_FAMILIES, build_tiny, tiny_prompt
 from vtoken.zoo.data import encode
@@ -98,12 +99,19 @@ def test_a_chain_with_a_stop_drafts_fewer_tokens_where_the_draft_is_unsure_and_s
     items = [it for it in split_items("val", 8) if it.family == "describe"][:3]
     inputs = encode(processor, items, with_answers=False)
     plugin = SpecDecoding(tree="chain", depth=10, stop_below=0.5)
-    assert torch.equal(_greedy(model, inputs, plugin, new=40), _greedy(model, inputs, new=40))
+    with torch.no_grad(), vtoken.attach(model, plugin) as session:
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+        report = session.report()
+    assert torch.equal(out, _greedy(model, inputs, new=40))
     assert 1 <= min(plugin.drafted) < max(plugin.drafted) <= 10  # stopped early in some rounds only
     assert plugin.batch_rows[0] == 3 and plugin.batch_rows[-1] < 3  # finished rows left the batch
     assert plugin.batch_rows == sorted(plugin.batch_rows, reverse=True)
     extras = plugin.report_extras()
     assert extras["drafted_per_round"] == sum(plugin.drafted) / len(plugin.drafted)
+    # costs count the rows each verify ran (the head reads every node of every row still in the batch)
+    nodes = sum(rows * (drafted + 1) for rows, drafted in zip(plugin.batch_rows, plugin.drafted))
+    assert report.decode_flops.lm_head == nodes * lm_head_flops(model.config.get_text_config(), 1)
+    assert report.kv_bytes > report.prefill_kv_bytes  # rows that left count with what they held
     committed = sum(n + 1 for round_ in plugin.rounds for n in round_)  # accepted + bonus, every row
     assert extras["round_tokens"] <= committed  # (less where a row's eos or budget cut a round)
     assert extras["round_tokens"] >= committed - 3 * 10 and extras["rounds_s"] > 0

@@ -40,6 +40,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 from vtoken import UnsupportedInputError
 from vtoken.cache import keep_recent
 from vtoken.masks import as_attention_mask
+from vtoken.metrics import cache_bytes
 from vtoken_plugins.spec_decoding.elements import draft_inputs, image_starts
 from vtoken_plugins.spec_decoding.scoring import min_new_tokens, node_scores
 from vtoken_plugins.spec_decoding.tree import draft_tree
@@ -239,6 +240,8 @@ class SpecLoop:
         if not keep or len(keep) == len(live.rows):
             return
         index = torch.tensor(keep)
+        left = len(live.rows) - len(keep)  # every row holds as many entries: its share of the bytes
+        self.session.state.released_kv_bytes += cache_bytes(cache) * left // len(live.rows)
         cache.batch_select_indices(index)
         drafter.select(index)
         live.rows = [live.rows[i] for i in keep]
