@@ -386,7 +386,11 @@ def test_zipvl_compressed_cache_composes_at_batch_one(family, cache):
     inputs = make_inputs(family, processor, batch=False)
     zipvl = dict(tau=0.9, cache=cache, interval=3)
     alone = _greedy(model, inputs, ZipVL(**zipvl), new=16)
-    assert torch.equal(_greedy(model, inputs, ZipVL(**zipvl), _random("tree"), new=16), alone)
+    beside = ZipVL(**zipvl)
+    with torch.no_grad(), vtoken.attach(model, [beside, _random("tree")]):
+        for _ in range(2):  # a second call: nothing the first one's rounds (inference mode) left breaks it
+            assert torch.equal(model.generate(**inputs, max_new_tokens=16, do_sample=False), alone)
+    assert torch.equal(_greedy(model, inputs, beside, new=16), alone)  # the same plugin, outside the mode
 
 
 def test_zipvl_compressed_cache_beside_it_is_refused_at_batch_size_two():
