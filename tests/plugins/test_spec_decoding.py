@@ -13,6 +13,7 @@ from vtoken_plugins.token_pruning import TokenPruning
 import vtoken
 from vtoken import ConfigError, UnsupportedInputError
 from vtoken.bench.exactness import reproduces_unplugged
+from vtoken.eval.costs import run_costs
 from vtoken.flops import lm_head_flops
 from vtoken.loading import load_model
 from vtoken.tiny import TINY_FAMILIES, build_tiny, tiny_prompt
@@ -112,6 +113,9 @@ def test_a_chain_with_a_stop_drafts_fewer_tokens_where_the_draft_is_unsure_and_s
     nodes = sum(rows * (drafted + 1) for rows, drafted in zip(plugin.batch_rows, plugin.drafted))
     assert report.decode_flops.lm_head == nodes * lm_head_flops(model.config.get_text_config(), 1)
     assert report.kv_bytes > report.prefill_kv_bytes  # rows that left count with what they held
+    costs = run_costs([report])  # per generated token, not per round (several tokens per decode forward)
+    assert costs["decode_gflops_per_token"] == pytest.approx(report.decode_flops_per_token / 1e9)
+    assert costs["kv_per_token_kib"] == pytest.approx(report.kv_bytes_per_token / 2**10)
     committed = sum(n + 1 for round_ in plugin.rounds for n in round_)  # accepted + bonus, every row
     assert extras["round_tokens"] <= committed  # (less where a row's eos or budget cut a round)
     assert extras["round_tokens"] >= committed - 3 * 10 and extras["rounds_s"] > 0

@@ -34,14 +34,15 @@ COST_NAMES = {
 
 def run_costs(reports: Sequence[Report]) -> dict[str, float | None]:
     """Per-question means of ``reports`` (batches weighted by their rows); per-token figures are
-    means over every row's decode steps; the first-token time is per batch and ``peak_gpu_mib`` the
+    means over every row's generated tokens after the first (each batch's longest answer); the first-token time is per batch and ``peak_gpu_mib`` the
     largest batch's (``None``: not measured, a model on the CPU).
 
     Returns:
         one value per key of :data:`COST_NAMES`.
     """
     rows = sum(r.batch_size for r in reports) or 1
-    steps = sum(r.decode_steps * r.batch_size for r in reports) or 1  # generated tokens cached
+    # generated tokens cached, every row: one per decode step, several per step of a speculative loop
+    steps = sum(r.decoded_tokens * r.batch_size for r in reports) or 1
     total = lambda f: sum(f(r) for r in reports)  # noqa: E731
     return {
         "visual_tokens": total(lambda r: r.visual_tokens) / rows,
