@@ -43,6 +43,8 @@ def test_bench_quick_writes_table_json_and_plots_for_every_setting(tmp_path, cap
     runnable = {f"token_pruning:{k}" for k in TokenPruning.bench_settings() if not k.startswith("learned")}
     assert set(result["accuracy"]["accuracy"]) == {"baseline"} | runnable
     assert set(result["speed"]) == runnable  # every setting timed against the baseline
+    learned = {f"token_pruning:{k}" for k in TokenPruning.bench_settings()} - runnable
+    assert learned and set(result["skipped"]["accuracy"]) == learned and not result["skipped"]["speed"]
     for speed in result["speed"].values():
         assert speed["repeats"] == 2 and speed["warmup"] == 1 and speed["threads"] == 1
         assert len(speed["prefill_ratios"]) == len(speed["decode_step_ratios"]) == 2
@@ -52,6 +54,8 @@ def test_bench_quick_writes_table_json_and_plots_for_every_setting(tmp_path, cap
     assert table.startswith("`vtoken bench --quick --model tiny:llava --data ") and "Machine:" in table
     assert "--repeats 2 --threads 1 --out-dir" in table.splitlines()[0] and f"commit {head[:12]}" in table
     assert "language model 8 x 256" in table  # the speed model's real shape
+    left_out = next(line for line in table.splitlines() if line.startswith("Not in the accuracy tables"))
+    assert all(f"`{label}`: " in left_out for label in learned)  # with the reason, not only a log line
     assert table.count("\n| token_pruning:") == 4 * len(runnable)  # quality, families, costs, speed
     speed_row = next(
         line

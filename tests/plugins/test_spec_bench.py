@@ -11,6 +11,7 @@ from vtoken_plugins.spec_decoding.bench import (
     projection,
     run_speed,
 )
+from vtoken_plugins.spec_decoding.plugin import SpecDecoding
 
 from vtoken.bench.shapes import QUICK
 from vtoken.loading import load_model
@@ -38,3 +39,13 @@ def test_projection_prices_draft_and_verify_against_a_decode_step():
     assert (
         priced["verify_over_step"] > 0 and priced["draft_over_step"] > 0 and priced["projected_speedup"] > 0
     )
+
+
+def test_the_suite_speed_bench_leaves_it_out_with_the_reason():
+    """`vtoken bench` times plugins on a random-weight model, which has no trained draft."""
+    from vtoken.bench.speed import run_speed_all
+
+    skipped: dict[str, str] = {}
+    plugins = {"spec": SpecDecoding(SETTINGS["chain-d5"]), "off": SpecDecoding(enabled=False)}
+    timed = run_speed_all(plugins, QUICK, repeats=1, skipped=skipped)
+    assert set(timed) == {"off"} and set(skipped) == {"spec"} and "No trained draft" in skipped["spec"]

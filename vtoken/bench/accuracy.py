@@ -20,9 +20,12 @@ from vtoken.registry import BUILTIN_PLUGINS, get_plugin_class
 logger = logging.getLogger(__name__)
 
 
-def bench_stacks(model, plugins: Sequence[str] = ()) -> dict[str, list[vtoken.Plugin]]:
+def bench_stacks(
+    model, plugins: Sequence[str] = (), skipped: dict[str, str] | None = None
+) -> dict[str, list[vtoken.Plugin]]:
     """``{"plugin:setting": [plugin]}`` for every setting of ``plugins`` (default: the built-ins)
-    that can run on ``model``; settings that cannot (e.g. untrained predictors) are logged, skipped."""
+    that can run on ``model``; settings that cannot (e.g. untrained predictors) are logged, skipped
+    (with their reason in ``skipped``, if given)."""
     stacks = {}
     for name in plugins or BUILTIN_PLUGINS:
         cls = get_plugin_class(name)
@@ -32,6 +35,8 @@ def bench_stacks(model, plugins: Sequence[str] = ()) -> dict[str, list[vtoken.Pl
                 vtoken.attach(model, plugin).detach()
             except (VTokenError, ValueError) as exc:
                 logger.warning("skipping %s:%s: %s", name, label, exc)
+                if skipped is not None:
+                    skipped[f"{name}:{label}"] = str(exc)
                 continue
             stacks[f"{name}:{label}"] = [plugin]
     return stacks

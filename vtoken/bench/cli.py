@@ -63,6 +63,10 @@ def bench_header(args: argparse.Namespace, result) -> str:
             f"Speed: {plan.shape.describe()} (only the token count is LLaVA-1.5's unless `--shape "
             f"llava-1.5-7b`); {plan.repeats} interleaved repetitions after 1 discarded warm-up."
         )
+    for part, reasons in result.skipped.items():
+        if reasons:
+            left = "; ".join(f"`{label}`: {reason}" for label, reason in reasons.items())
+            lines.append(f"Not in the {part} tables (could not attach there): {left}")
     dirty = f" with {len(where['dirty'])} uncommitted files" if where["dirty"] else ""
     commit = (where["commit"] or "unknown")[:12]
     lines.append(f"Machine: {where['machine']}. Code: commit {commit}{dirty}.")

@@ -120,6 +120,7 @@ def run_speed_all(
     warmup: int = 1,
     device: str = "cpu",
     dtype: str = "auto",
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, SpeedResult]:
     """Time each of ``plugins`` (by label) against the unplugged model, one model for all.
 
@@ -127,12 +128,13 @@ def run_speed_all(
         device: ``"cpu"``, ``"cuda[:index]"``, or ``"auto"`` (the first GPU when there is one; one
             device either way, the model is small enough or meant for one GPU).
         dtype: ``"float32"``, ``"bfloat16"``, ``"float16"`` or ``"auto"`` (float32).
+        skipped: filled with the reason of each plugin left out (see :func:`time_plugins`).
 
     A plugin that cannot attach to the benchmark model (e.g. learned predictors trained for another
     model) is left out of the result with a log message.
     """
     model, inputs = build_on(shape, device, dtype)
-    return time_plugins(model, inputs, plugins, shape, repeats, warmup)
+    return time_plugins(model, inputs, plugins, shape, repeats, warmup, skipped)
 
 
 def build_on(shape: SpeedShape, device: str = "cpu", dtype: str = "auto"):
@@ -150,15 +152,18 @@ def time_plugins(
     shape: SpeedShape,
     repeats: int = 5,
     warmup: int = 1,
+    skipped: dict[str, str] | None = None,
 ) -> dict[str, SpeedResult]:
     """Time each of ``plugins`` (by label) against the unplugged ``model`` on ``inputs``; a plugin
-    that cannot attach is left out with a log message."""
+    that cannot attach is left out with a log message (and its reason in ``skipped``, if given)."""
     results = {}
     for label, plugin in tqdm(plugins.items(), desc="speed bench", leave=False):
         try:
             results[label] = _time(model, inputs, plugin, shape, repeats, warmup)
         except vtoken.VTokenError as exc:
             logger.warning("speed bench: skipping %s: %s", label, exc)
+            if skipped is not None:
+                skipped[label] = str(exc)
     return results
 
 

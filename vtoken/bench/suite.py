@@ -16,7 +16,7 @@ versions and machine) and plots.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -63,13 +63,15 @@ QUICK_PLAN = BenchPlan(per_family=10, repeats=3, shape=QUICK)
 @dataclass
 class BenchResult:
     """Accuracy/costs (on ``model``) and speed (on the random-weight model) of every setting, and
-    where they were measured (:func:`vtoken.bench.provenance.provenance`)."""
+    where they were measured (:func:`vtoken.bench.provenance.provenance`); ``skipped``: the settings
+    left out of each part (``"accuracy"``, ``"speed"``), with the reason."""
 
     model: str
     plan: BenchPlan
     accuracy: VQAResult
     speed: dict[str, SpeedResult]
     provenance: dict
+    skipped: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {
@@ -78,6 +80,7 @@ class BenchResult:
             "plan": asdict(self.plan),
             "accuracy": self.accuracy.to_dict(),
             "speed": {k: asdict(v) for k, v in self.speed.items()},
+            "skipped": self.skipped,
         }
 
 
@@ -95,11 +98,14 @@ def run_bench(
         torch.set_num_threads(plan.threads)
     where = provenance(plan.device)  # the code as it is when the run starts
     items = items if items is not None else split_items(cache, plan.per_family)
-    stacks = bench_stacks(model, plugins)
+    skipped: dict[str, dict[str, str]] = {"accuracy": {}, "speed": {}}
+    stacks = bench_stacks(model, plugins, skipped["accuracy"])
     accuracy = evaluate(model, processor, items, stacks, plan.batch_size, plan.max_new_tokens)
     plugins = {label: stack[0] for label, stack in stacks.items()}
-    speed = run_speed_all(plugins, plan.shape, plan.repeats, device=plan.device, dtype=plan.dtype)
-    return BenchResult(model_name, plan, accuracy, speed, where)
+    speed = run_speed_all(
+        plugins, plan.shape, plan.repeats, device=plan.device, dtype=plan.dtype, skipped=skipped["speed"]
+    )
+    return BenchResult(model_name, plan, accuracy, speed, where, skipped)
 
 
 def speed_table(result: BenchResult) -> str:
