@@ -132,7 +132,7 @@ SPEC_DERIVED = {
 def test_every_spec_decoding_figure_comes_from_its_committed_outputs():
     """The spec_decoding section's numbers are in its benchmark's and scaling curve's outputs (as
     written, or rounded to the decimals shown), or derived as listed above."""
-    _assert_from_outputs("spec_decoding", "### `region_proposal`", "**/*.json", SPEC_DERIVED)
+    _assert_from_outputs("spec_decoding", "### `region_proposal`", ("**/*.json", "**/*.md"), SPEC_DERIVED)
     bench = json.loads((RESULTS / "spec_decoding" / "bench.json").read_text())
     for batch in ("batch1", "batch4"):
         assert all(v["equal_to_greedy"] for v in bench[batch].values() if isinstance(v, dict))
@@ -184,12 +184,15 @@ def test_every_temporal_smoother_figure_comes_from_its_committed_outputs():
     _assert_from_outputs("temporal_smoother", "## Measuring", "**/*.json", SMOOTHER_DERIVED)
 
 
-def _assert_from_outputs(plugin: str, section_end: str, pattern: str, derived: dict[str, str]) -> None:
+def _assert_from_outputs(
+    plugin: str, section_end: str, pattern: str | tuple[str, ...], derived: dict[str, str]
+) -> None:
     """Every number of ``plugin``'s README section and plugins-table row is in its result files
     (as written, or rounded to the decimals shown), or in ``derived``."""
     section = _section(f"### `{plugin}`", section_end)
     row = next(line for line in README.splitlines() if line.startswith(f"| `{plugin}` |"))
-    sources = [p.read_text() for p in sorted((RESULTS / plugin).glob(pattern))]
+    patterns = (pattern,) if isinstance(pattern, str) else pattern
+    sources = [p.read_text() for glob in patterns for p in sorted((RESULTS / plugin).glob(glob))]
     values = [float(v) for v in NUMBER.findall(" ".join(sources))]
     for figure in sorted(_figures(section + row) - set(derived)):
         decimals = len(figure.split(".")[1])
