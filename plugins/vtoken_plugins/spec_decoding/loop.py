@@ -134,11 +134,7 @@ class SpecLoop:
             if streamer is not None:
                 streamer.put(out.sequences.cpu())
             if not all(rows.finished):
-                before, start = sum(map(len, rows.tokens)), _clock(self.plugin.drafter.device)
-                with torch.inference_mode():
-                    self._rounds(inputs, out.sequences, rows, streamer)
-                self.plugin.rounds_s = _clock(self.plugin.drafter.device) - start
-                self.plugin.round_tokens = sum(map(len, rows.tokens)) - before
+                self._timed_rounds(inputs, out.sequences, rows, streamer)
         finally:
             capture.stop()
         if streamer is not None:
@@ -165,6 +161,15 @@ class SpecLoop:
             if b == 0:
                 self.plugin.marks += [(t, "target") for t in new[:taken]]
         return rows
+
+    def _timed_rounds(self, inputs: dict[str, Any], sequences: Tensor, rows: Rows, streamer: Any) -> None:
+        """The rounds under ``torch.inference_mode`` (see the module), with their wall time and the
+        tokens they commit (every row) kept for the report."""
+        before, start = sum(map(len, rows.tokens)), _clock(self.plugin.drafter.device)
+        with torch.inference_mode():
+            self._rounds(inputs, sequences, rows, streamer)
+        self.plugin.rounds_s = _clock(self.plugin.drafter.device) - start
+        self.plugin.round_tokens = sum(map(len, rows.tokens)) - before
 
     def _rounds(self, inputs: dict[str, Any], sequences: Tensor, rows: Rows, streamer: Any) -> None:
         capture, session = self.plugin.capture, self.session
