@@ -18,6 +18,7 @@ from conftest import make_inputs, tiny
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from vtoken.compat import cache_argument
 from vtoken.errors import UnsupportedModelError
 from vtoken.families import locate_parts
 from vtoken.flops import FlopsBreakdown, decoder_layer_flops, lm_head_flops, vision_flops
@@ -148,7 +149,7 @@ def test_decoder_layer_tracks_dropped_tokens(name: str) -> None:
         prefill = _measure(model, inputs_embeds=embeds[:, :n])[layer]
         assert decoder_layer_flops(config, n, n) == pytest.approx(prefill, rel=TOL)
         cache = model(inputs_embeds=embeds[:, :n], use_cache=True).past_key_values
-        step = _measure(model, inputs_embeds=embeds[:, n:], past_key_values=cache)[layer]
+        step = _measure(model, inputs_embeds=embeds[:, n:], **{cache_argument(model.forward): cache})[layer]
         assert decoder_layer_flops(config, 1, n + 1) == pytest.approx(step, rel=TOL)
 
 

@@ -12,7 +12,7 @@ from oracle import FixedDrop, masked_reference, schedule_for
 from vtoken_plugins.token_pruning import TokenPruning
 
 import vtoken
-from vtoken.compat import GENERATE_ENCODES_IMAGES_ONCE
+from vtoken.compat import GENERATE_ENCODES_IMAGES_ONCE, cache_argument
 from vtoken.tiny import TINY_FAMILIES, tiny_prompt
 
 FAMILIES = ("llava", "qwen2_vl", "idefics3", "paligemma")
@@ -129,7 +129,8 @@ def test_multi_turn_continues_from_the_pruned_cache(family):
             turn = _second_turn(processor, first.sequences, "how many red square are there ?")
             if family == "paligemma":  # its prefix mask needs the token types of the whole text
                 turn["token_type_ids"] = torch.ones_like(turn["input_ids"])
-            second = model.generate(**turn, **options, past_key_values=first.past_key_values)
+            cache = {cache_argument(model.forward): first.past_key_values}  # its name in this release
+            second = model.generate(**turn, **options, **cache)
         results.append((first.sequences, second))
     (ref_first, ref_second), (first, second) = results
     assert torch.equal(first, ref_first) and torch.equal(second, ref_second)
@@ -147,7 +148,7 @@ def test_a_continuation_with_new_images_is_refused():
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 pixel_values=more.pixel_values,
-                past_key_values=first.past_key_values,
+                **{cache_argument(model.forward): first.past_key_values},
                 max_new_tokens=2,
             )
 
